@@ -1,0 +1,5 @@
+import sys
+
+from ._daemon import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""`expman-collector`: command line, config file, logging and signals around the Collector."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from expman._identity import resolve_root
+from expman._schema import write_yaml_atomic
+
+from ._server import Collector
+
+log = logging.getLogger("expman.collector")
+
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
+    p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
+    p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
+    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
+    p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        config = yaml.safe_load(fh) or {}
+    if not isinstance(config, dict):
+        raise SystemExit(f"expman-collector: {path}: expected a mapping at the top level")
+    unknown = set(config) - _CONFIG_KEYS
+    if unknown:
+        raise SystemExit(f"expman-collector: {path}: unknown settings {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = load_config(args.config)
+    level = (args.log_level or config.get("log_level") or "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s expman-collector[%(process)d] %(levelname)s %(message)s")
+    binds = args.bind or config.get("bind") or []
+    if isinstance(binds, str):
+        binds = [binds]
+    if not binds:
+        raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
+    root = resolve_root(args.root or config.get("root"))
+    root.mkdir(parents=True, exist_ok=True)
+    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
+    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout))
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: flushing and exiting", signum)
+        collector.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("listening on %s, writing under %s", ", ".join(collector.endpoints), root)
+    if args.ready_file:
+        write_yaml_atomic(Path(args.ready_file), {"pid": os.getpid(), "endpoints": collector.endpoints, "root": str(root)})
+    collector.serve()
+    return 0

@@ -1,0 +1,229 @@
+"""One run's directory as the collector keeps it: run.yaml, config.yaml, run.log, metrics.
+
+The collector is the only writer of a run directory. run.yaml and config.yaml are
+rewritten atomically; run.log is appended; metrics go through the MetricsStore.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from expman._errors import ProtocolError
+from expman._protocol import Frame
+from expman._schema import (
+    CONFIG_YAML,
+    FINAL_STATUSES,
+    RUN_LOG,
+    RUN_YAML,
+    check_name,
+    read_yaml,
+    run_dir_name,
+    write_yaml_atomic,
+)
+
+from ._metrics_store import MetricsStore
+
+log = logging.getLogger("expman.collector")
+
+RUN_YAML_MIN_INTERVAL_S = 1.0
+# Worst first: the run's status is the worst of its ranks' final statuses.
+_SEVERITY = ("crashed", "failed", "killed", "finished")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def find_run_dir(root: Path, uid: str) -> Path | None:
+    for run_yaml in root.glob(f"*/*-{uid}/{RUN_YAML}"):
+        if read_yaml(run_yaml).get("id") == uid:
+            return run_yaml.parent
+    return None
+
+
+class Run:
+    """A run the collector is writing (or has written, and may reopen for late frames)."""
+
+    def __init__(self, run_dir: Path, info: dict[str, Any]) -> None:
+        self.dir = run_dir
+        self.info = info
+        self.params: dict[str, Any] = read_yaml(run_dir / CONFIG_YAML)
+        self._log = open(run_dir / RUN_LOG, "a", encoding="utf-8")
+        self._log_dirty = False
+        self.store: MetricsStore | None = MetricsStore(run_dir)
+        self._info_dirty = True
+        self._info_written_at = 0.0
+        self.final_since: float | None = None
+        self.flushed_at = 0.0
+        self.rank_seen: dict[int, float] = {}  # monotonic time of each rank's last frame
+        self.write_info(force=True)
+
+    @classmethod
+    def from_hello(cls, root: Path, frame: Frame) -> Run:
+        body = frame.body
+        try:
+            experiment = check_name("experiment", body.get("experiment"))
+            name = check_name("run", body.get("name"))
+            dir_name = check_name("run folder", body.get("dir") or run_dir_name(name, frame.run))
+            check_name("run id", frame.run)
+        except ValueError as exc:
+            raise ProtocolError("bad-values", str(exc)) from None
+        existing = find_run_dir(root, frame.run) if body.get("reopen") else None
+        run_dir = existing or root / experiment / dir_name
+        info = read_yaml(run_dir / RUN_YAML)
+        if info and info.get("id") != frame.run:
+            raise ProtocolError("bad-values", f"{run_dir} belongs to run {info.get('id')!r}")
+        if not info:
+            started = body.get("started_at") or frame.sent_at
+            info = {
+                "id": frame.run,
+                "name": name,
+                "experiment": experiment,
+                "status": "running",
+                "started_at": iso(started),
+                "ended_at": None,
+                "duration_s": None,
+                "tags": list(body.get("tags") or []),
+                "parent": body.get("parent"),
+                "children": [],
+                "world_size": int(body.get("world_size") or 1),
+                "hosts": [],
+                "ranks": {},
+                "software": body.get("software") or {},
+            }
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(run_dir, info)
+
+    # --- frames ----------------------------------------------------------------------
+    def hello(self, frame: Frame) -> None:
+        body = frame.body
+        if body.get("reopen") or self.info.get("status") in FINAL_STATUSES:
+            if self.info.get("status") in FINAL_STATUSES:
+                self.info.setdefault("reopened_at", []).append(iso(frame.sent_at))
+            self.info["status"] = "running"
+            self.info["ended_at"] = None
+            self.final_since = None
+        self.info["world_size"] = max(int(self.info.get("world_size") or 1), int(body.get("world_size") or 1))
+        if frame.host not in self.info["hosts"]:
+            self.info["hosts"].append(frame.host)
+        rank = self.info["ranks"].setdefault(frame.rank, {})
+        rank.update(
+            host=frame.host,
+            pid=body.get("pid"),
+            status="running",
+            started_at=rank.get("started_at") or iso(body.get("started_at") or frame.sent_at),
+            ended_at=None,
+            last_heartbeat=iso(frame.sent_at),
+        )
+        rank.setdefault("last_step", None)
+        self.touch(force=True)
+
+    def heartbeat(self, frame: Frame) -> None:
+        rank = self.info["ranks"].get(frame.rank)
+        if rank is None:
+            return
+        rank["last_heartbeat"] = iso(frame.sent_at)
+        last_step = frame.body.get("last_step")
+        if isinstance(last_step, int):
+            rank["last_step"] = last_step
+        self.touch()
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+        write_yaml_atomic(self.dir / CONFIG_YAML, self.params)
+
+    def log_lines(self, frame: Frame) -> None:
+        for entry in frame.body.get("lines") or ():
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise ProtocolError("bad-shape", "log lines are [time, level, text]")
+            when, level, text = entry
+            prefix = f"{iso(float(when))} [{frame.host}:{frame.rank}] {str(level).upper()}"
+            self._log.write(f"{prefix} {str(text).replace(chr(10), chr(10) + '    ')}\n")
+        self._log_dirty = True
+
+    def finish_rank(self, frame: Frame) -> bool:
+        """Record one rank's end; return True when the whole run has ended."""
+        body = frame.body
+        status = body.get("status")
+        if status not in FINAL_STATUSES:
+            raise ProtocolError("bad-values", f"unknown final status {status!r}")
+        if isinstance(body.get("last_step"), int):
+            self.info["ranks"].setdefault(frame.rank, {})["last_step"] = body["last_step"]
+        self.end_rank(frame.rank, status, body.get("ended_at") or frame.sent_at, body.get("error"))
+        return self.final_since is not None
+
+    def end_rank(self, rank_id: int, status: str, ended_at: float, error: Any = None) -> None:
+        rank = self.info["ranks"].setdefault(rank_id, {})
+        rank.update(status=status, ended_at=iso(ended_at))
+        if error:
+            rank["error"] = error
+        ranks = self.info["ranks"].values()
+        if len(self.info["ranks"]) >= self.info["world_size"] and all(r.get("status") in FINAL_STATUSES for r in ranks):
+            statuses = {r["status"] for r in ranks}
+            self.info["status"] = next(s for s in _SEVERITY if s in statuses)
+            self.info["ended_at"] = iso(ended_at)
+            started = dt.datetime.fromisoformat(self.info["started_at"]).timestamp()
+            self.info["duration_s"] = round(ended_at - started, 3)
+            if error and self.info["status"] != "finished":
+                self.info["error"] = error
+            self.final_since = time.monotonic()
+        self.touch(force=True)
+
+    def add_child(self, uid: str) -> None:
+        if uid not in self.info["children"]:
+            self.info["children"].append(uid)
+            self.touch(force=True)
+
+    # --- persistence ----------------------------------------------------------------------
+    def metrics_store(self) -> MetricsStore:
+        if self.store is None:  # late frames after the run ended reopen the store
+            self.store = MetricsStore(self.dir)
+        return self.store
+
+    def running_ranks(self) -> list[int]:
+        return [r for r, v in self.info["ranks"].items() if v.get("status") == "running"]
+
+    def touch(self, force: bool = False) -> None:
+        self._info_dirty = True
+        if force:
+            self.write_info(force=True)
+
+    def write_info(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._info_dirty and (force or now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S):
+            write_yaml_atomic(self.dir / RUN_YAML, self.info)
+            self._info_dirty = False
+            self._info_written_at = now
+
+    def sync(self) -> None:
+        """Make everything appended since the last sync durable before acks go out."""
+        if self.store is not None:
+            self.store.sync()
+        if self._log_dirty:
+            self._log.flush()
+            self._log_dirty = False
+
+    def flush_metrics(self, final: bool = False) -> None:
+        if self.store is None:
+            return
+        if final:
+            self.store.compact()
+            self.store.close()
+            self.store = None
+        else:
+            self.store.flush()
+
+    def close(self) -> None:
+        self.sync()
+        self.flush_metrics(final=self.final_since is not None)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.write_info(force=True)
+        self._log.close()

@@ -1,0 +1,279 @@
+"""The collector's receive loop: frames in, write-ahead log, acknowledgements out.
+
+One thread. Each turn it takes every frame that is waiting (up to a batch), persists
+them (WAL append, run.log, YAML), makes the batch durable with one fsync per run, and
+only then acknowledges the sequence numbers to their senders. Periodic work (Parquet
+flushes, run.yaml updates, missing heartbeats) happens between turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from expman import _protocol as proto
+from expman._columns import frame_table
+from expman._errors import ProtocolError
+from expman._schema import RUN_YAML, read_yaml, write_yaml_atomic
+
+from ._runs import Run, find_run_dir
+
+log = logging.getLogger("expman.collector")
+
+RECV_BATCH = 512
+FLUSH_INTERVAL_S = 0.5
+FLUSH_ROWS = 1_000_000
+FORGET_FINISHED_AFTER_S = 600.0
+
+
+class SeqWindow:
+    """The sequence numbers seen from one sender: a floor plus the few seen above it."""
+
+    __slots__ = ("floor", "above")
+
+    def __init__(self) -> None:
+        self.floor = 0  # every seq below this has been seen
+        self.above: set[int] = set()
+
+    def seen(self, seq: int) -> bool:
+        return seq < self.floor or seq in self.above
+
+    def add(self, seq: int) -> None:
+        self.above.add(seq)
+        while self.floor in self.above:
+            self.above.discard(self.floor)
+            self.floor += 1
+
+
+class Collector:
+    def __init__(
+        self,
+        root: Path,
+        binds: list[str],
+        *,
+        parent_pid: int | None = None,
+        heartbeat_timeout: float = 60.0,
+        max_frame_bytes: int = proto.MAX_FRAME_BYTES,
+    ) -> None:
+        self.root = root
+        self.parent_pid = parent_pid
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.runs: dict[str, Run] = {}
+        self.windows: dict[str, SeqWindow] = defaultdict(SeqWindow)
+        self.counters: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
+        self._router.setsockopt(zmq.RCVHWM, 10000)
+        self.endpoints = [self._bind(b) for b in binds]
+        self._stop_pull = self._ctx.socket(zmq.PULL)
+        self._stop_addr = f"inproc://collector-stop-{id(self)}"
+        self._stop_pull.bind(self._stop_addr)
+        self._stopping = False
+
+    def _bind(self, endpoint: str) -> str:
+        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+            endpoint = endpoint[:-2] + ":*"  # let the kernel pick; report what it chose
+        if endpoint.startswith("ipc://"):
+            Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
+        self._router.bind(endpoint)
+        return self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler or another thread: the loop wakes and exits cleanly."""
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.connect(self._stop_addr)
+        sock.send(b"stop")
+        sock.close(1000)
+
+    # --- the loop ----------------------------------------------------------------------
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._stop_pull, zmq.POLLIN)
+        next_periodic = 0.0
+        try:
+            while not self._stopping:
+                events = dict(poller.poll(100))
+                if self._stop_pull in events:
+                    break
+                if self._router in events:
+                    self._turn()
+                now = time.monotonic()
+                if now >= next_periodic:
+                    next_periodic = now + 0.1
+                    self._periodic(now)
+        finally:
+            self._shutdown()
+
+    def _turn(self) -> None:
+        messages = []
+        for _ in range(RECV_BATCH):
+            try:
+                messages.append(self._router.recv_multipart(zmq.NOBLOCK, copy=True))
+            except zmq.Again:
+                break
+        acks: dict[bytes, list[int]] = defaultdict(list)
+        infos: dict[bytes, dict[int, dict[str, Any]]] = defaultdict(dict)
+        touched: set[Run] = set()
+        for parts in messages:
+            if len(parts) != 2:
+                self._reject("bad-envelope", f"{len(parts)} message parts")
+                continue
+            identity, data = parts
+            try:
+                frame = proto.decode_frame(data, self.max_frame_bytes)
+            except ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                continue
+            self.counters["frames"] += 1
+            if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
+                self.counters["duplicates"] += 1
+                acks[identity].append(frame.seq)  # the first ack may have been lost
+                continue
+            try:
+                info, run = self._apply(frame, data)
+            except ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
+                    self.windows[frame.sender].add(frame.seq)
+                    acks[identity].append(frame.seq)
+                    infos[identity][frame.seq] = {"rejected": f"{exc.reason}: {exc.detail}"}
+                continue
+            if run is None:
+                continue  # not persisted (no hello yet): no ack, the sender resends
+            touched.add(run)
+            if frame.seq is not None:
+                self.windows[frame.sender].add(frame.seq)
+                acks[identity].append(frame.seq)
+                if info:
+                    infos[identity][frame.seq] = info
+        for run in touched:
+            run.sync()
+        for identity, seqs in acks.items():
+            try:
+                self._router.send_multipart([identity, proto.encode_ack(seqs, infos.get(identity))], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the sender resends and gets a fresh ack
+
+    def _apply(self, frame: proto.Frame, data: bytes) -> tuple[dict[str, Any] | None, Run | None]:
+        kind = frame.kind
+        if kind == proto.HELLO:
+            run = self.runs.get(frame.run)
+            if run is None:
+                run = self.runs[frame.run] = Run.from_hello(self.root, frame)
+                log.info("run %s started in %s", frame.run, run.dir)
+                parent = frame.body.get("parent")
+                if parent:
+                    self._link_child(str(parent), frame.run)
+            run.hello(frame)
+            return {"run_dir": str(run.dir)}, run
+        run = self.runs.get(frame.run)
+        if run is None:
+            self.counters["waiting-for-hello"] += 1
+            return None, None
+        if kind == proto.METRICS:
+            table = frame_table(frame)
+            run.metrics_store().add(data, table)
+            self.counters["points"] += table.num_rows
+        elif kind == proto.PARAMS:
+            params = frame.body.get("params")
+            if not isinstance(params, dict):
+                raise ProtocolError("bad-shape", "params body must be a map")
+            run.set_params(params)
+        elif kind == proto.LOG:
+            run.log_lines(frame)
+        elif kind == proto.HEARTBEAT:
+            run.heartbeat(frame)
+        elif kind == proto.FINISH:
+            run.sync()
+            ended = run.finish_rank(frame)
+            run.flush_metrics(final=ended)
+            log.info("run %s rank %d: %s", frame.run, frame.rank, frame.body.get("status"))
+        run.rank_seen[frame.rank] = time.monotonic()
+        return None, run
+
+    def _link_child(self, parent_uid: str, child_uid: str) -> None:
+        parent = self.runs.get(parent_uid)
+        if parent is not None:
+            parent.add_child(child_uid)
+            return
+        run_dir = find_run_dir(self.root, parent_uid)
+        if run_dir is None:
+            log.warning("run %s names parent %s, which is not under %s", child_uid, parent_uid, self.root)
+            return
+        info = read_yaml(run_dir / RUN_YAML)
+        if child_uid not in info.setdefault("children", []):
+            info["children"].append(child_uid)
+            write_yaml_atomic(run_dir / RUN_YAML, info)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejects[reason] += 1
+        count = self.rejects[reason]
+        if count <= 10 or count % 1000 == 0:
+            log.warning("rejected frame (%s, %d so far): %s", reason, count, detail[:200])
+
+    # --- between turns ------------------------------------------------------------------
+    def _periodic(self, now: float) -> None:
+        parent_gone = self.parent_pid is not None and not _alive(self.parent_pid)
+        for uid, run in list(self.runs.items()):
+            store = run.store
+            if store is not None and store.pending_rows and (
+                store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
+            ):
+                run.flush_metrics(final=run.final_since is not None)
+                run.flushed_at = now
+            elif store is not None and run.final_since is not None:
+                run.flush_metrics(final=True)  # late frames after the end: fold them in
+            lost = [r for r in run.running_ranks()
+                    if parent_gone or now - run.rank_seen.get(r, now) > self.heartbeat_timeout]
+            if lost:
+                why = "the training process exited without finishing" if parent_gone else "no heartbeat"
+                for rank in lost:
+                    log.warning("run %s rank %d: %s; marking it crashed", uid, rank, why)
+                    run.end_rank(rank, "crashed", time.time(), {"type": "Crashed", "message": why})
+                run.flush_metrics(final=run.final_since is not None)
+            run.write_info()
+            if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
+                run.close()
+                del self.runs[uid]
+        if parent_gone:
+            log.info("parent process %d is gone; exiting", self.parent_pid)
+            self._stopping = True
+
+    def _shutdown(self) -> None:
+        local = self.parent_pid is not None
+        for uid, run in list(self.runs.items()):
+            if local and run.running_ranks():
+                for rank in run.running_ranks():
+                    run.end_rank(rank, "crashed", time.time(),
+                                 {"type": "Crashed", "message": "the collector stopped before the rank finished"})
+            try:
+                run.close()
+            except Exception:
+                log.exception("could not close run %s cleanly", uid)
+        self.runs.clear()
+        log.info("collector stopped: %s; rejected: %s", dict(self.counters), dict(self.rejects))
+        self._router.close(1000)
+        self._stop_pull.close(0)
+        self._ctx.term()
+
+
+def _alive(pid: int) -> bool:
+    if os.getppid() != pid:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True

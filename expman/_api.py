@@ -1,0 +1,175 @@
+"""`start_experiment` and the process-wide plumbing behind it (senders, local collectors, exit)."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ._errors import RunNotFoundError
+from ._experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
+from ._identity import COLLECTOR_ENV, detect_rank, detect_world_size, hostname, new_uid, resolve_root, software_info
+from ._local import LocalCollector
+from ._schema import RUN_YAML, check_name, read_yaml
+from ._sender import Sender
+
+log = logging.getLogger("expman")
+
+DEFAULT_EXPERIMENT = "default"
+
+_lock = threading.Lock()
+_senders: dict[str, Sender] = {}
+_local_collectors: dict[Path, LocalCollector] = {}
+_hooks_installed = False
+
+
+def start_experiment(
+    space: str | None = None,
+    name: str | None = None,
+    *,
+    code_dir: str | os.PathLike[str] | None = None,
+    log_hardware: bool = False,
+    experiment_uid: str | None = None,
+    tags: list[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    collector: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+    flush_interval: float | None = None,
+    max_points_per_frame: int | None = None,
+    _parent: Experiment | None = None,
+) -> Experiment:
+    """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
+
+    `space` is the experiment (a folder under the root), `name` the run's name. With no
+    `collector` argument and no $EXPMAN_COLLECTOR, a private collector process is started.
+    """
+    root_path = resolve_root(root)
+    endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
+    reopen = experiment_uid is not None
+    if reopen:
+        space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)
+        uid = str(experiment_uid)
+    else:
+        uid = new_uid()
+    experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
+    run_name = check_name("run", name if name is not None else time.strftime("run-%Y%m%d-%H%M%S"))
+    tag_list = [str(t) for t in (tags or [])]
+    if code_dir is not None:
+        log.warning("expman: code_dir= is accepted but code capture is not implemented yet; nothing is captured")
+    if log_hardware:
+        log.warning("expman: log_hardware=True is accepted but hardware sampling is not implemented yet")
+    local = None
+    if endpoint is None:
+        local = _local_collector(root_path)
+        endpoint = local.endpoint
+    sender = _sender_for(endpoint, local)
+    sender.tune(flush_interval, max_points_per_frame)
+    _install_exit_hooks()
+    return Experiment(
+        sender=sender,
+        root=root_path,
+        experiment=experiment,
+        name=run_name,
+        uid=uid,
+        rank=detect_rank() if rank is None else int(rank),
+        world_size=detect_world_size() if world_size is None else int(world_size),
+        host=hostname(),
+        parent=_parent.uid if _parent is not None else None,
+        tags=tag_list,
+        reopen=reopen,
+        finish_timeout=finish_timeout,
+        hello_extra={"software": software_info()},
+    )
+
+
+def _find_existing(root: Path, uid: str, space: str | None, name: str | None, must_exist: bool) -> tuple[str, str]:
+    for run_yaml in root.glob(f"*/*-{uid}/{RUN_YAML}"):
+        info = read_yaml(run_yaml)
+        if info.get("id") == uid:
+            return info.get("experiment", run_yaml.parent.parent.name), info.get("name", name or uid)
+    if must_exist:
+        raise RunNotFoundError(f"no run with id {uid!r} under {root}")
+    return space or DEFAULT_EXPERIMENT, name or uid
+
+
+def _local_collector(root: Path) -> LocalCollector:
+    with _lock:
+        local = _local_collectors.get(root)
+        if local is None:
+            local = _local_collectors[root] = LocalCollector(root)
+        else:
+            local.ensure_running()
+        return local
+
+
+def _sender_for(endpoint: str, local: LocalCollector | None) -> Sender:
+    with _lock:
+        sender = _senders.get(endpoint)
+        if sender is None:
+            sender = _senders[endpoint] = Sender(endpoint, on_idle_check=local.ensure_running if local else None)
+        return sender
+
+
+def active_experiments() -> list[Experiment]:
+    with _lock:
+        senders = list(_senders.values())
+    return [exp for s in senders for exp in s.active() if exp.finish_request is None]
+
+
+def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float | None = None) -> None:
+    # Children first, so a parent's finish does not wait on them twice.
+    for exp in sorted(active_experiments(), key=lambda e: e.parent is None):
+        try:
+            exp.finish(status, timeout, error=error)
+        except Exception:
+            log.exception("expman: could not finish run %s", exp.uid)
+
+
+def _shutdown_local_collectors() -> None:
+    with _lock:
+        locals_ = list(_local_collectors.values())
+    for local in locals_:
+        local.shutdown()
+
+
+def _at_exit() -> None:
+    _finish_all("finished")
+    _shutdown_local_collectors()
+
+
+def _install_exit_hooks() -> None:
+    """Interpreter exit finishes open runs; an uncaught exception marks them failed;
+    SIGTERM marks them killed (only if nobody else handles SIGTERM)."""
+    global _hooks_installed
+    with _lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    atexit.register(_at_exit)
+
+    previous_hook = sys.excepthook
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        _finish_all(status, describe_exception(exc))
+        previous_hook(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            _finish_all("killed", {"type": "SIGTERM", "message": "terminated by SIGTERM", "traceback": ""}, 10.0)
+            _shutdown_local_collectors()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)

@@ -1,0 +1,186 @@
+"""The wire format between a rank and a collector: the one owner of frame layout.
+
+Every frame is one msgpack map (see docs/protocol.md). Ranks send frames over a ZeroMQ
+DEALER socket to the collector's ROUTER; the collector answers with ack frames naming
+the sequence numbers it has persisted. Nothing else in the code base packs or unpacks
+frames by hand.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ._errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+# Frame kinds, rank -> collector.
+HELLO = "hello"
+HEARTBEAT = "heartbeat"
+METRICS = "metrics"
+PARAMS = "params"
+LOG = "log"
+FINISH = "finish"
+# Collector -> rank.
+ACK = "ack"
+
+RANK_KINDS = frozenset({HELLO, HEARTBEAT, METRICS, PARAMS, LOG, FINISH})
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded rank -> collector frame. `body` is kind-specific (docs/protocol.md)."""
+
+    kind: str
+    run: str
+    host: str
+    rank: int
+    sender: str
+    seq: int | None
+    sent_at: float
+    body: dict[str, Any]
+
+
+def encode_frame(
+    kind: str,
+    *,
+    run: str,
+    host: str,
+    rank: int,
+    sender: str,
+    seq: int | None,
+    sent_at: float,
+    body: dict[str, Any] | None = None,
+) -> bytes:
+    return msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": kind,
+            "run": run,
+            "host": host,
+            "rank": rank,
+            "sender": sender,
+            "seq": seq,
+            "t": sent_at,
+            "body": body or {},
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Decode and check the envelope of one frame; raise ProtocolError naming what is wrong."""
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("not-msgpack", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad-shape", "frame is not a map")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("bad-version", f"version {version!r}, this collector speaks {PROTOCOL_VERSION}")
+    kind = obj.get("kind")
+    if kind not in RANK_KINDS:
+        raise ProtocolError("bad-kind", f"unknown kind {kind!r}")
+    run, host, rank, sender = obj.get("run"), obj.get("host"), obj.get("rank"), obj.get("sender")
+    seq, sent_at, body = obj.get("seq"), obj.get("t"), obj.get("body")
+    if not (isinstance(run, str) and run):
+        raise ProtocolError("bad-shape", "missing run id")
+    if not isinstance(host, str) or not isinstance(sender, str) or not sender:
+        raise ProtocolError("bad-shape", "missing host or sender")
+    if type(rank) is not int or rank < 0:
+        raise ProtocolError("bad-shape", f"bad rank {rank!r}")
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise ProtocolError("bad-shape", f"bad seq {seq!r}")
+    if not isinstance(sent_at, (int, float)):
+        raise ProtocolError("bad-shape", "missing send time")
+    if not isinstance(body, dict):
+        raise ProtocolError("bad-shape", "body is not a map")
+    return Frame(kind, run, host, rank, sender, seq, float(sent_at), body)
+
+
+def encode_ack(seqs: list[int], info: dict[int, dict[str, Any]] | None = None) -> bytes:
+    """An ack names the sequence numbers the collector has persisted (and maybe facts about them)."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": ACK, "seqs": seqs, "info": info or {}}, use_bin_type=True)
+
+
+def decode_ack(data: bytes) -> tuple[list[int], dict[int, dict[str, Any]]]:
+    obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(obj, dict) or obj.get("kind") != ACK or obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("bad-shape", "not an ack frame")
+    return list(obj.get("seqs") or ()), dict(obj.get("info") or {})
+
+
+# --- metrics batches -------------------------------------------------------------------
+# A batch is columnar: key ids (int32), values (float64) and steps (int64, or a list
+# with None for missing) as little-endian binary fields, so packing costs the rank a
+# memcpy and the collector decodes millions of points per second without Python loops.
+
+
+def metrics_body(
+    keys: dict[int, str],
+    ids: bytes,
+    values: bytes,
+    steps: bytes | list[int | None],
+    times: list[float | None] | None,
+    texts: list[list[Any]] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"keys": keys, "ids": ids, "values": values, "steps": steps}
+    if times is not None:
+        body["times"] = times
+    if texts:
+        body["texts"] = texts
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsBatch:
+    """The checked fields of a metrics body; binary columns stay as bytes."""
+
+    keys: dict[int, str]
+    ids: bytes
+    values: bytes
+    steps: bytes | list[int | None]
+    times: list[float | None] | None
+    texts: list[list[Any]]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids) // 4
+
+
+def read_metrics_body(body: dict[str, Any]) -> MetricsBatch:
+    keys, ids, values, steps = body.get("keys"), body.get("ids"), body.get("values"), body.get("steps")
+    times, texts = body.get("times"), body.get("texts") or []
+    if not isinstance(keys, dict) or not all(isinstance(k, int) and isinstance(v, str) for k, v in keys.items()):
+        raise ProtocolError("bad-shape", "metrics keys must map int ids to names")
+    if not isinstance(ids, bytes) or not isinstance(values, bytes) or len(ids) % 4:
+        raise ProtocolError("bad-shape", "metrics ids/values must be binary")
+    n = len(ids) // 4
+    if len(values) != 8 * n:
+        raise ProtocolError("bad-shape", f"{n} ids but {len(values) // 8} values")
+    if isinstance(steps, bytes):
+        if len(steps) != 8 * n:
+            raise ProtocolError("bad-shape", "steps length differs from ids")
+    elif not isinstance(steps, list) or len(steps) != n:
+        raise ProtocolError("bad-shape", "steps must be binary or a list as long as ids")
+    if times is not None and (not isinstance(times, list) or len(times) != n):
+        raise ProtocolError("bad-shape", "times must be a list as long as ids")
+    if not isinstance(texts, list) or not all(isinstance(t, list) and len(t) == 4 for t in texts):
+        raise ProtocolError("bad-shape", "texts must be [id, text, step, time] rows")
+    return MetricsBatch(keys, ids, values, steps, times, texts)
+
+
+def require_little_endian() -> None:
+    """Binary columns are little-endian; refuse to run where packing would silently differ."""
+    if not _LITTLE_ENDIAN:
+        raise ProtocolError("unsupported-platform", "expman's wire format needs a little-endian host")

@@ -1,0 +1,139 @@
+"""The run directory: one owner for file names, column names and the Parquet schema.
+
+The collector writes this layout, the reader and the CLI read it, and docs/storage.md
+describes it. pyarrow is imported lazily so `import expman` stays light on ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+RUN_YAML = "run.yaml"
+CONFIG_YAML = "config.yaml"
+RUN_LOG = "run.log"
+METRICS_DIR = "metrics"
+ARTIFACTS_DIR = "artifacts"
+WAL_DIR = ".wal"
+
+# Metrics columns, one row per point.
+KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
+METRIC_COLUMNS = (KEY, VALUE, TEXT, STEP, RANK, HOST, TIME)
+
+STATUSES = ("running", "finished", "failed", "killed", "crashed")
+FINAL_STATUSES = frozenset(STATUSES[1:])
+
+_NAME_LIMIT = 128
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
+
+
+def metrics_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field(KEY, pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field(VALUE, pa.float64()),
+            pa.field(TEXT, pa.string()),
+            pa.field(STEP, pa.int64()),
+            pa.field(RANK, pa.int32(), nullable=False),
+            pa.field(HOST, pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field(TIME, pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
+
+
+def check_name(what: str, name: str) -> str:
+    """Experiment and run names become folder names: refuse anything that could escape."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} name must be a non-empty string, got {name!r}")
+    if len(name) > _NAME_LIMIT:
+        raise ValueError(f"{what} name is longer than {_NAME_LIMIT} characters: {name[:40]!r}...")
+    if name in (".", "..") or _BAD_NAME.search(name):
+        raise ValueError(f"{what} name {name!r} may not contain path separators or control characters")
+    return name
+
+
+def run_dir_name(name: str, uid: str) -> str:
+    return f"{name}-{uid}"
+
+
+def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write a temp file beside the target, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        return {}
+
+
+# --- metrics parts -----------------------------------------------------------------
+# metrics/part-<level>-<first WAL segment>-<last WAL segment>.parquet. The segment range
+# says which write-ahead segments a part holds, so a crash between writing a part and
+# deleting its segments, or mid-compaction, never counts a point twice.
+_PART = re.compile(r"^part-(\d+)-(\d{8})-(\d{8})\.parquet$")
+
+
+@dataclass(frozen=True, order=True)
+class Part:
+    first: int
+    last: int
+    level: int
+    path: Path
+
+
+def part_name(level: int, first: int, last: int) -> str:
+    return f"part-{level}-{first:08d}-{last:08d}.parquet"
+
+
+def list_parts(metrics_dir: Path) -> list[Part]:
+    """The parts that hold the data, oldest first; parts inside a wider one are left out."""
+    try:
+        names = os.listdir(metrics_dir)
+    except FileNotFoundError:
+        return []
+    parts = []
+    for name in names:
+        m = _PART.match(name)
+        if m:
+            parts.append(Part(int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
+    return [p for p in sorted(parts) if not any(q is not p and _covers(q, p) for q in parts)]
+
+
+def stale_parts(metrics_dir: Path) -> list[Path]:
+    """Parts whose rows also sit in a wider part (left behind by an interrupted compaction)."""
+    live = {p.path for p in list_parts(metrics_dir)}
+    if not metrics_dir.exists():
+        return []
+    return [path for path in metrics_dir.glob("part-*.parquet") if _PART.match(path.name) and path not in live]
+
+
+def _covers(outer: Part, inner: Part) -> bool:
+    wider = (outer.last - outer.first, outer.level) > (inner.last - inner.first, inner.level)
+    return outer.first <= inner.first and inner.last <= outer.last and wider

@@ -1,0 +1,364 @@
+"""The background thread that moves a process's logged data to its collector.
+
+Every few milliseconds it drains each Experiment's buffers into frames, gives each
+frame a sequence number, and keeps it until the collector acknowledges it. Frames that
+stay unacknowledged are sent again (the collector drops duplicates), so a collector
+that starts late, restarts or loses a connection costs nothing but time. Memory is
+bounded: past `max_pending_bytes` new metric frames are dropped, counted and reported.
+
+The thread owns its ZeroMQ sockets; other threads talk to it only through an inproc
+PUSH socket it polls (`wake`, `stop`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import _protocol as proto
+
+if TYPE_CHECKING:
+    from ._experiment import Experiment
+
+log = logging.getLogger("expman")
+
+FLUSH_INTERVAL_S = 0.005
+HEARTBEAT_INTERVAL_S = 2.0
+RESEND_AFTER_S = 2.0
+MAX_POINTS_PER_FRAME = 16384
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+_FULL_KEY_TABLE = 256  # below this many keys every frame carries the whole table
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    exp: Experiment
+    kind: str
+    data: bytes
+    points: int
+    sent_at: float | None = None  # None: not sent yet (or due for a resend)
+
+
+@dataclass(slots=True)
+class _Counters:
+    sent: int = 0
+    acked: int = 0
+    dropped: int = 0
+    pending: int = 0
+    unacked_frames: int = 0
+
+
+class Sender:
+    """One per process and collector endpoint; shared by all Experiments that use it."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        flush_interval: float = FLUSH_INTERVAL_S,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        on_idle_check: Any = None,
+    ) -> None:
+        proto.require_little_endian()
+        self.endpoint = endpoint
+        self.sender_id = uuid.uuid4().hex
+        self.flush_interval = flush_interval
+        self.max_pending_bytes = max_pending_bytes
+        self.max_points_per_frame = MAX_POINTS_PER_FRAME
+        self._on_idle_check = on_idle_check  # called on resend rounds: restarts a dead local collector
+        self._ctx = zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._experiments: list[Experiment] = []
+        self._counters: dict[int, _Counters] = {}
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._unsent: deque[int] = deque()  # seqs to send, in order
+        self._pending_bytes = 0
+        self._next_seq = 0
+        self._wake_addr = f"inproc://expman-sender-{self.sender_id}"
+        self._wake_ready = threading.Event()
+        self._wake_socket: zmq.Socket | None = None
+        self._thread = threading.Thread(target=self._run, name="expman-sender", daemon=True)
+        self._thread.start()
+        self._wake_ready.wait(5.0)
+
+    # --- called from user threads ------------------------------------------------------
+    def tune(self, flush_interval: float | None, max_points_per_frame: int | None) -> None:
+        """Shared by every run of the process: the most eager request wins."""
+        if flush_interval is not None:
+            self.flush_interval = min(self.flush_interval, max(flush_interval, 0.001))
+        if max_points_per_frame is not None:
+            self.max_points_per_frame = min(self.max_points_per_frame, max(int(max_points_per_frame), 1))
+
+    def register(self, exp: Experiment) -> None:
+        with self._lock:
+            self._experiments.append(exp)
+            self._counters[id(exp)] = _Counters()
+        self.wake()
+
+    def unregister(self, exp: Experiment) -> None:
+        with self._lock:
+            if exp in self._experiments and exp.finished.is_set():
+                self._experiments.remove(exp)
+
+    def stats_for(self, exp: Experiment) -> dict[str, int]:
+        c = self._counters.get(id(exp)) or _Counters()
+        in_buffer = len(exp._buf) // 4 + len(exp.texts) + len(exp.final_buffer or ()) // 4
+        return {
+            "sent": c.sent,
+            "acked": c.acked,
+            "buffered": in_buffer + c.pending,
+            "dropped": c.dropped + exp._late_points,
+            "unacked_frames": c.unacked_frames,
+        }
+
+    def wake(self) -> None:
+        self._signal(b"wake")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._signal(b"stop")
+        self._thread.join(timeout)
+
+    def _signal(self, msg: bytes) -> None:
+        with self._lock:
+            if self._wake_socket is None:
+                self._wake_socket = self._ctx.socket(zmq.PUSH)
+                self._wake_socket.setsockopt(zmq.LINGER, 0)
+                self._wake_socket.connect(self._wake_addr)
+            try:
+                self._wake_socket.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is already queued
+
+    def active(self) -> list[Experiment]:
+        with self._lock:
+            return list(self._experiments)
+
+    # --- the thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        wake = self._ctx.socket(zmq.PULL)
+        wake.bind(self._wake_addr)
+        self._wake_ready.set()
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails and we keep the frame
+        dealer.setsockopt(zmq.RECONNECT_IVL, 20)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.setsockopt(zmq.SNDHWM, 1000)
+        dealer.connect(self.endpoint)
+        self._dealer = dealer
+        poller = zmq.Poller()
+        poller.register(wake, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        next_heartbeat = 0.0
+        next_resend_check = time.monotonic() + RESEND_AFTER_S
+        try:
+            while True:
+                events = dict(poller.poll(self.flush_interval * 1000))
+                if wake in events:
+                    msgs = [wake.recv()]
+                    while wake.poll(0):
+                        msgs.append(wake.recv())
+                    if b"stop" in msgs:
+                        break
+                if dealer in events:
+                    self._read_acks(dealer)
+                now = time.monotonic()
+                heartbeat = now >= next_heartbeat
+                if heartbeat:
+                    next_heartbeat = now + HEARTBEAT_INTERVAL_S
+                for exp in self.active():
+                    self._drain(exp, heartbeat)
+                if now >= next_resend_check:
+                    next_resend_check = now + RESEND_AFTER_S / 2
+                    self._mark_stale_for_resend(now)
+                    if self._pending and self._on_idle_check is not None:
+                        self._on_idle_check()
+                self._send_pending(dealer)
+        except zmq.ContextTerminated:
+            pass
+        except Exception:  # never let a bug here take the training process down
+            log.exception("expman: the sender thread failed; logged data is no longer delivered")
+        finally:
+            dealer.close(0)
+            wake.close(0)
+
+    def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0) -> None:
+        c = self._counters[id(exp)]
+        seq = self._next_seq
+        data = proto.encode_frame(
+            kind, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
+            seq=seq, sent_at=time.time(), body=body,
+        )
+        if kind == proto.METRICS and self._pending_bytes + len(data) > self.max_pending_bytes:
+            c.dropped += points
+            log.error(
+                "expman: run %s: collector at %s has not confirmed %d MB of data; DROPPING %d points "
+                "(raise max_pending_bytes or check the collector)",
+                exp.uid, self.endpoint, self._pending_bytes >> 20, points,
+            )
+            return
+        self._next_seq += 1
+        self._pending[seq] = _Pending(seq, exp, kind, data, points)
+        self._unsent.append(seq)
+        self._pending_bytes += len(data)
+        c.pending += points
+        c.unacked_frames += 1
+
+    def _drain(self, exp: Experiment, heartbeat: bool) -> None:
+        if not exp.hello_sent:
+            exp.hello_sent = True
+            self._enqueue(exp, proto.HELLO, self._hello_body(exp))
+        request = exp.finish_request
+        buf = exp.final_buffer if request is not None else exp._buf
+        if buf:  # type: ignore[truthy-bool]
+            self._drain_points(exp, buf)  # type: ignore[arg-type]
+        elif exp.texts:
+            self._drain_points(exp, [])
+        while exp.control:
+            kind, payload = exp.control.popleft()
+            if kind == "params":
+                self._enqueue(exp, proto.PARAMS, {"params": payload})
+            else:
+                lines = [payload]
+                while exp.control and exp.control[0][0] == "log":
+                    lines.append(exp.control.popleft()[1])
+                self._enqueue(exp, proto.LOG, {"lines": lines})
+        if request is not None and not exp.finish_sent:
+            exp.finish_sent = True
+            self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step})
+            self._check_finished(exp)
+        elif heartbeat and request is None:
+            self._send_heartbeat(exp)
+
+    def _hello_body(self, exp: Experiment) -> dict[str, Any]:
+        return {
+            "experiment": exp.experiment,
+            "name": exp.name,
+            "dir": exp._predicted_run_dir.name,
+            "root": str(exp.root),
+            "reopen": exp.reopen,
+            "parent": exp.parent,
+            "tags": exp.tags,
+            "world_size": exp.world_size,
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            **exp.hello_extra,
+        }
+
+    def _drain_points(self, exp: Experiment, buf: list[Any]) -> None:
+        n = len(buf)
+        chunk = buf[:n]
+        del buf[:n]  # the hot path only appends, so the first n items are ours alone
+        texts: list[list[Any]] = []
+        if exp.texts:
+            m = len(exp.texts)
+            texts = exp.texts[:m]
+            del exp.texts[:m]
+        step_width = 4 * self.max_points_per_frame
+        for start in range(0, max(n, 1), step_width):
+            part = chunk[start : start + step_width]
+            ids = part[0::4]
+            steps = part[2::4]
+            times = part[3::4]
+            try:
+                steps_field: bytes | list[Any] = array("q", steps).tobytes()
+            except (TypeError, OverflowError):
+                steps_field = steps  # some steps are None: msgpack keeps them as nil
+            used_texts, texts = texts, []
+            names = exp.key_names
+            if len(names) <= _FULL_KEY_TABLE:
+                keys = dict(enumerate(names[:]))
+            else:
+                keys = {i: names[i] for i in set(ids).union(t[0] for t in used_texts)}
+            body = proto.metrics_body(
+                keys,
+                array("i", ids).tobytes(),
+                array("d", part[1::4]).tobytes(),
+                steps_field,
+                None if times.count(None) == len(times) else times,
+                used_texts,
+            )
+            if steps:
+                last = next((s for s in reversed(steps) if s is not None), None)
+                if last is not None:
+                    exp.last_step = last
+            self._enqueue(exp, proto.METRICS, body, points=len(ids) + len(used_texts))
+
+    def _send_heartbeat(self, exp: Experiment) -> None:
+        data = proto.encode_frame(
+            proto.HEARTBEAT, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
+            seq=None, sent_at=time.time(),
+            body={"pid": os.getpid(), "last_step": exp.last_step},
+        )
+        try:
+            self._dealer.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # heartbeats are not kept: the next one says the same
+
+    def _send_pending(self, dealer: zmq.Socket) -> None:
+        now = time.monotonic()
+        while self._unsent:
+            item = self._pending.get(self._unsent[0])
+            if item is None or item.sent_at is not None:
+                self._unsent.popleft()  # acked meanwhile, or already resent
+                continue
+            try:
+                dealer.send(item.data, zmq.NOBLOCK, copy=len(item.data) < 65536)
+            except zmq.Again:
+                return  # no connection or queue full: try again next tick
+            self._unsent.popleft()
+            item.sent_at = now
+            if item.kind == proto.METRICS:
+                self._counters[id(item.exp)].sent += item.points
+
+    def _mark_stale_for_resend(self, now: float) -> None:
+        for item in self._pending.values():
+            if item.sent_at is not None and now - item.sent_at > RESEND_AFTER_S:
+                item.sent_at = None
+                self._unsent.append(item.seq)
+                if item.kind == proto.METRICS:
+                    self._counters[id(item.exp)].sent -= item.points  # counted again when resent
+
+    def _read_acks(self, dealer: zmq.Socket) -> None:
+        while True:
+            try:
+                data = dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                seqs, info = proto.decode_ack(data)
+            except Exception as exc:
+                log.warning("expman: ignoring a reply from the collector that is not an ack: %s", exc)
+                continue
+            for seq in seqs:
+                item = self._pending.pop(seq, None)
+                if item is None:
+                    continue  # a duplicate ack after a resend
+                self._pending_bytes -= len(item.data)
+                c = self._counters[id(item.exp)]
+                c.pending -= item.points
+                c.unacked_frames -= 1
+                if item.kind == proto.METRICS:
+                    c.acked += item.points
+                    if item.sent_at is None:  # acked while waiting for a resend
+                        c.sent += item.points
+                details = info.get(seq)
+                if details and details.get("run_dir"):
+                    item.exp.confirmed_run_dir = Path(details["run_dir"])
+                self._check_finished(item.exp)
+
+    def _check_finished(self, exp: Experiment) -> None:
+        c = self._counters[id(exp)]
+        if exp.finish_sent and c.unacked_frames == 0:
+            exp.finished.set()
