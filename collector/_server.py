@@ -124,6 +124,7 @@ class Collector:
                 break
         acks: dict[bytes, list[int]] = defaultdict(list)
         infos: dict[bytes, dict[int, dict[str, Any]]] = defaultdict(dict)
+        unknown: dict[bytes, set[str]] = defaultdict(set)
         touched: set[Run] = set()
         for parts in messages:
             if len(parts) != 2:
@@ -149,8 +150,10 @@ class Collector:
                     acks[identity].append(frame.seq)
                     infos[identity][frame.seq] = {"rejected": f"{exc.reason}: {exc.detail}"}
                 continue
-            if run is None:
-                continue  # not persisted (no hello yet): no ack, the sender resends
+            if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
+                if frame.kind != proto.HEARTBEAT:
+                    unknown[identity].add(frame.run)
+                continue
             touched.add(run)
             if frame.seq is not None:
                 self.windows[frame.sender].add(frame.seq)
@@ -159,9 +162,10 @@ class Collector:
                     infos[identity][frame.seq] = info
         for run in touched:
             run.sync()
-        for identity, seqs in acks.items():
+        for identity in set(acks) | set(unknown):
+            reply = proto.encode_ack(acks.get(identity, []), infos.get(identity), sorted(unknown.get(identity, ())))
             try:
-                self._router.send_multipart([identity, proto.encode_ack(seqs, infos.get(identity))], zmq.NOBLOCK)
+                self._router.send_multipart([identity, reply], zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the sender resends and gets a fresh ack
 

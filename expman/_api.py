@@ -133,16 +133,21 @@ def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float
             log.exception("expman: could not finish run %s", exp.uid)
 
 
-def _shutdown_local_collectors() -> None:
+def shutdown(status: str = "finished") -> None:
+    """Finish every open run, stop the sender threads and the local collectors.
+
+    Runs at interpreter exit; call it yourself to release everything earlier.
+    """
+    _finish_all(status)
     with _lock:
+        senders = list(_senders.values())
         locals_ = list(_local_collectors.values())
+        _senders.clear()
+        _local_collectors.clear()
+    for sender in senders:
+        sender.stop()
     for local in locals_:
         local.shutdown()
-
-
-def _at_exit() -> None:
-    _finish_all("finished")
-    _shutdown_local_collectors()
 
 
 def _install_exit_hooks() -> None:
@@ -153,7 +158,7 @@ def _install_exit_hooks() -> None:
         if _hooks_installed:
             return
         _hooks_installed = True
-    atexit.register(_at_exit)
+    atexit.register(shutdown)
 
     previous_hook = sys.excepthook
 
@@ -168,7 +173,7 @@ def _install_exit_hooks() -> None:
 
         def on_sigterm(signum: int, frame: Any) -> None:
             _finish_all("killed", {"type": "SIGTERM", "message": "terminated by SIGTERM", "traceback": ""}, 10.0)
-            _shutdown_local_collectors()
+            shutdown()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 

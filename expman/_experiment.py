@@ -94,7 +94,8 @@ class Experiment:
         self.final_buffer: list[Any] | None = None
         self.finish_request: dict[str, Any] | None = None
         self.finished = threading.Event()
-        self.hello_sent = False  # these three belong to the Sender thread
+        self.hello_body: dict[str, Any] | None = None  # these four belong to the Sender thread
+        self.hello_sent = False
         self.finish_sent = False
         self.last_step: int | None = None
         self.status = "running"

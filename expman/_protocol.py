@@ -108,16 +108,28 @@ def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     return Frame(kind, run, host, rank, sender, seq, float(sent_at), body)
 
 
-def encode_ack(seqs: list[int], info: dict[int, dict[str, Any]] | None = None) -> bytes:
-    """An ack names the sequence numbers the collector has persisted (and maybe facts about them)."""
-    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": ACK, "seqs": seqs, "info": info or {}}, use_bin_type=True)
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Collector -> rank: `seqs` are persisted; `info` adds facts per seq (run_dir, rejected);
+    `unknown_runs` asks the sender to say hello again (the collector restarted, say)."""
+
+    seqs: list[int]
+    info: dict[int, dict[str, Any]]
+    unknown_runs: list[str]
 
 
-def decode_ack(data: bytes) -> tuple[list[int], dict[int, dict[str, Any]]]:
+def encode_ack(seqs: list[int], info: dict[int, dict[str, Any]] | None = None, unknown_runs: list[str] | None = None) -> bytes:
+    obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": ACK, "seqs": seqs, "info": info or {}}
+    if unknown_runs:
+        obj["unknown_runs"] = unknown_runs
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def decode_ack(data: bytes) -> Ack:
     obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
     if not isinstance(obj, dict) or obj.get("kind") != ACK or obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError("bad-shape", "not an ack frame")
-    return list(obj.get("seqs") or ()), dict(obj.get("info") or {})
+    return Ack(list(obj.get("seqs") or ()), dict(obj.get("info") or {}), list(obj.get("unknown_runs") or ()))
 
 
 # --- metrics batches -------------------------------------------------------------------

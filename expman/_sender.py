@@ -128,6 +128,10 @@ class Sender:
     def stop(self, timeout: float = 2.0) -> None:
         self._signal(b"stop")
         self._thread.join(timeout)
+        with self._lock:
+            if self._wake_socket is not None:
+                self._wake_socket.close(0)
+                self._wake_socket = None
 
     def _signal(self, msg: bytes) -> None:
         with self._lock:
@@ -242,6 +246,11 @@ class Sender:
             self._send_heartbeat(exp)
 
     def _hello_body(self, exp: Experiment) -> dict[str, Any]:
+        if exp.hello_body is None:
+            exp.hello_body = self._first_hello_body(exp)
+        return exp.hello_body
+
+    def _first_hello_body(self, exp: Experiment) -> dict[str, Any]:
         return {
             "experiment": exp.experiment,
             "name": exp.name,
@@ -337,11 +346,13 @@ class Sender:
             except zmq.Again:
                 return
             try:
-                seqs, info = proto.decode_ack(data)
+                ack = proto.decode_ack(data)
             except Exception as exc:
                 log.warning("expman: ignoring a reply from the collector that is not an ack: %s", exc)
                 continue
-            for seq in seqs:
+            if ack.unknown_runs:
+                self._hello_again(set(ack.unknown_runs))
+            for seq in ack.seqs:
                 item = self._pending.pop(seq, None)
                 if item is None:
                     continue  # a duplicate ack after a resend
@@ -353,10 +364,21 @@ class Sender:
                     c.acked += item.points
                     if item.sent_at is None:  # acked while waiting for a resend
                         c.sent += item.points
-                details = info.get(seq)
-                if details and details.get("run_dir"):
+                details = ack.info.get(seq) or {}
+                if details.get("run_dir"):
                     item.exp.confirmed_run_dir = Path(details["run_dir"])
+                if details.get("rejected"):
+                    c.dropped += item.points
+                    c.acked -= item.points if item.kind == proto.METRICS else 0
+                    log.error("expman: run %s: the collector rejected a %s frame (%d points): %s",
+                              item.exp.uid, item.kind, item.points, details["rejected"])
                 self._check_finished(item.exp)
+
+    def _hello_again(self, run_ids: set[str]) -> None:
+        """The collector does not know these runs (it restarted): introduce them again."""
+        for exp in self.active():
+            if exp.uid in run_ids and not any(p.exp is exp and p.kind == proto.HELLO for p in self._pending.values()):
+                self._enqueue(exp, proto.HELLO, {**self._hello_body(exp), "reopen": True})
 
     def _check_finished(self, exp: Experiment) -> None:
         c = self._counters[id(exp)]

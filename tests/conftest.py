@@ -1,0 +1,108 @@
+"""Fixtures that start real collector processes and real training scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import yaml
+from _helpers import wait_for
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short temp path: ipc:// socket paths must stay under ~100 characters."""
+    path = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+@dataclass
+class CollectorProcess:
+    proc: subprocess.Popen
+    endpoint: str
+    root: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM, wait, SIGKILL as a last resort; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_collector(root: Path, workdir: Path, bind: str | None = None, *extra: str) -> CollectorProcess:
+    ready = workdir / f"ready-{time.monotonic_ns()}.yaml"
+    log_path = workdir / f"collector-{time.monotonic_ns()}.log"
+    bind = bind or f"ipc://{workdir}/c.sock"
+    cmd = [sys.executable, "-m", "expman.collector", "--root", str(root), "--bind", bind,
+           "--ready-file", str(ready), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
+    try:
+        wait_for(lambda: ready.exists() or proc.poll() is not None, 15, "the collector to report ready")
+    except AssertionError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"collector exited with {proc.returncode}: {log_path.read_text()}")
+    endpoint = yaml.safe_load(ready.read_text())["endpoints"][0]
+    return CollectorProcess(proc, endpoint, root, log_path)
+
+
+@pytest.fixture
+def collector(root: Path, short_dir: Path) -> Iterator[CollectorProcess]:
+    """A real expman-collector process on an ipc socket; stopped and checked at teardown."""
+    c = start_collector(root, short_dir)
+    yield c
+    assert c.stop() == 0, c.log()
+
+
+@pytest.fixture
+def run_script(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run a Python training script in a fresh interpreter (so exit hooks run for real)."""
+
+    def run(source: str, *, timeout: float = 60, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        script = tmp_path / f"script_{time.monotonic_ns()}.py"
+        script.write_text(textwrap.dedent(source))
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, **(env or {})})
+        if check and result.returncode != 0:
+            raise AssertionError(f"script failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _release_expman() -> Iterator[None]:
+    """Each test leaves no open runs, sender threads or local collector processes behind."""
+    yield
+    from expman import _api
+
+    _api.shutdown()

@@ -1,0 +1,149 @@
+"""The collector as its own process: late start, bad frames, crashes, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import zmq
+
+import expman
+from expman import _protocol as proto
+from _helpers import wait_for
+from conftest import start_collector
+
+
+def test_collector_not_running_at_first_then_started(root, short_dir):
+    endpoint = f"ipc://{short_dir}/late.sock"
+    exp = expman.start_experiment("e", "late", root=root, collector=endpoint)
+    t0 = time.perf_counter()
+    for step in range(20_000):
+        exp.log_metric("loss", 1.0, step=step)
+    exp.log_parameters({"lr": 0.1})
+    exp.info("logged before the collector existed")
+    assert time.perf_counter() - t0 < 2.0, "logging must not wait for a collector"
+    assert exp.stats()["acked"] == 0
+    c = start_collector(root, short_dir, endpoint)
+    try:
+        assert exp.finish(timeout=20) is True
+        run = expman.open_run(exp.run_dir)
+        assert run.status == "finished"
+        assert run.metrics().num_rows == 20_000
+        assert run.params == {"lr": 0.1}
+        assert "before the collector existed" in run.log_text()
+    finally:
+        assert c.stop() == 0
+
+
+def test_tcp_endpoint_with_port_zero(root, short_dir):
+    c = start_collector(root, short_dir, "tcp://127.0.0.1:0")
+    try:
+        assert c.endpoint.startswith("tcp://127.0.0.1:") and not c.endpoint.endswith(":0")
+        with expman.start_experiment("e", "tcp", root=root, collector=c.endpoint) as exp:
+            exp.log_metric("loss", 0.5, step=1)
+        assert expman.open_run(exp.run_dir).metrics().num_rows == 1
+    finally:
+        assert c.stop() == 0
+
+
+def test_env_var_selects_the_collector(root, collector, monkeypatch):
+    monkeypatch.setenv("EXPMAN_COLLECTOR", collector.endpoint)
+    with expman.start_experiment("e", "env") as exp:
+        exp.log_metric("x", 1.0)
+    assert exp.run_dir.parent.parent == root  # the collector's root, reported back in the hello ack
+    assert expman.open_run(exp.run_dir).metrics().num_rows == 1
+
+
+def test_bad_frames_are_rejected_counted_and_the_collector_keeps_serving(root, collector):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(collector.endpoint)
+    good_envelope = dict(v=1, kind="metrics", run="r1", host="h", rank=0, sender="s", seq=0, t=0.0, body={})
+    bad = [
+        b"\xc1 not msgpack",                                                   # not-msgpack
+        msgpack.packb([1, 2, 3]),                                             # bad-shape
+        msgpack.packb({**good_envelope, "v": 99}),                            # bad-version
+        msgpack.packb({**good_envelope, "kind": "explode"}),                  # bad-kind
+        msgpack.packb({**good_envelope, "rank": -1}),                         # bad-shape
+        b"x" * (proto.MAX_FRAME_BYTES + 10),                                  # oversized
+    ]
+    for frame in bad:
+        sock.send(frame)
+    # A hello that tries to escape the root, then metrics with a broken body.
+    sock.send(proto.encode_frame("hello", run="evil", host="h", rank=0, sender="s", seq=1, sent_at=0.0,
+                                 body={"experiment": "..", "name": "x", "dir": "x"}))
+    assert sock.poll(5000), "a rejected hello is still acknowledged, so the sender stops resending"
+    ack = proto.decode_ack(sock.recv())
+    assert ack.seqs == [1] and "rejected" in ack.info[1]
+    wait_for(lambda: "not-msgpack" in collector.log() and "bad-version" in collector.log(), 10, "reject log lines")
+    with expman.start_experiment("e", "after", root=root, collector=collector.endpoint) as exp:
+        exp.log_metric("loss", 0.5, step=1)
+    assert expman.open_run(exp.run_dir).metrics().num_rows == 1
+    assert not (root.parent / "x").exists() and not any(root.glob("../x*"))
+    assert collector.stop() == 0
+    summary = collector.log()
+    for reason in ("not-msgpack", "bad-shape", "bad-version", "bad-kind", "bad-values"):
+        assert reason in summary, reason
+    sock.close()
+
+
+def test_sigterm_flushes_and_exits_cleanly(root, short_dir):
+    c = start_collector(root, short_dir)
+    exp = expman.start_experiment("e", "sigterm", root=root, collector=c.endpoint)
+    for step in range(1000):
+        exp.log_metric("loss", 0.5, step=step)
+    wait_for(lambda: exp.stats()["acked"] == 1000, 10, "acks")
+    assert c.stop() == 0
+    run = expman.open_run(exp.run_dir)
+    assert run.metrics().num_rows == 1000
+    assert not list((run.path / ".wal").glob("*.wal")) or all(p.stat().st_size == 0 for p in (run.path / ".wal").glob("*.wal"))
+    exp.finish(timeout=0.5)  # nobody listens any more: bounded, no hang
+
+
+def test_kill_9_collector_keeps_acknowledged_data_readable_and_restart_recovers(root, short_dir):
+    c = start_collector(root, short_dir)
+    exp = expman.start_experiment("e", "crash", root=root, collector=c.endpoint)
+    for step in range(5000):
+        exp.log_metric("loss", float(step), step=step)
+    wait_for(lambda: exp.stats()["acked"] == 5000, 10, "acks")
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait()
+    # Everything acknowledged is readable straight away (Parquet parts plus the WAL tail).
+    run = expman.open_run(exp.run_dir)
+    assert sorted(run.metrics()["step"].to_pylist()) == list(range(5000))
+    # A new collector on the same root and socket: the rank keeps going and finishes.
+    c2 = start_collector(root, short_dir, c.endpoint)
+    try:
+        for step in range(5000, 6000):
+            exp.log_metric("loss", float(step), step=step)
+        assert exp.finish(timeout=20) is True
+        steps = run.metrics()["step"].to_pylist()
+        assert sorted(steps) == list(range(6000)), "no point lost, none duplicated"
+        assert run.status == "finished"
+        assert not list((run.path / ".wal").glob("*.wal"))
+    finally:
+        assert c2.stop() == 0
+
+
+def test_heartbeat_timeout_marks_a_vanished_rank_crashed(root, short_dir, run_script):
+    c = start_collector(root, short_dir, None, "--heartbeat-timeout", "1")
+    try:
+        result = run_script(f"""
+            import os, expman
+            exp = expman.start_experiment("e", "vanish", root={str(root)!r}, collector={c.endpoint!r})
+            exp.log_metric("loss", 1.0, step=1)
+            exp.finish  # never called: the process dies without a word
+            import time
+            while exp.stats()["acked"] < 1:
+                time.sleep(0.01)
+            print(exp.run_dir, flush=True)
+            os._exit(0)
+        """)
+        run_dir = result.stdout.strip()
+        wait_for(lambda: expman.open_run(run_dir).status == "crashed", 10, "crashed status")
+        assert expman.open_run(run_dir).metrics().num_rows == 1
+    finally:
+        assert c.stop() == 0
