@@ -1,0 +1,96 @@
+"""How a training script's end shows up in the run: real interpreters, real exit paths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import expman
+from _helpers import wait_for
+
+PRELUDE = """
+import expman, sys, time
+exp = expman.start_experiment("e", "script", root={root!r})
+print(exp.run_dir, flush=True)
+for step in range(1000):
+    exp.log_metric("loss", 1.0 / (step + 1), step=step)
+"""
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout.splitlines()[0].strip()
+
+
+def test_script_that_just_ends_is_finished_and_complete(root, run_script):
+    result = run_script(PRELUDE.format(root=str(root)), check=True)
+    run = expman.open_run(run_dir_of(result))
+    assert run.status == "finished"
+    assert run.metrics().num_rows == 1000, "interpreter exit flushes and waits for the collector"
+
+
+def test_uncaught_exception_marks_failed(root, run_script):
+    result = run_script(PRELUDE.format(root=str(root)) + "raise RuntimeError('diverged')\n")
+    assert result.returncode == 1 and "RuntimeError: diverged" in result.stderr
+    run = expman.open_run(run_dir_of(result))
+    assert run.status == "failed"
+    assert run.info["error"]["type"] == "RuntimeError" and run.info["error"]["message"] == "diverged"
+    assert run.metrics().num_rows == 1000
+
+
+def test_sigterm_marks_killed(root, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(PRELUDE.format(root=str(root)) + "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    run_dir = proc.stdout.readline().strip()
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == -signal.SIGTERM
+    run = expman.open_run(run_dir)
+    assert run.status == "killed"
+    assert run.metrics().num_rows == 1000
+
+
+def test_kill_9_of_the_training_process_marks_crashed(root, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(PRELUDE.format(root=str(root)) + """
+while exp.stats()["acked"] < 1000:
+    time.sleep(0.01)
+print('ready', flush=True)
+time.sleep(60)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    run_dir = proc.stdout.readline().strip()
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: expman.open_run(run_dir).status == "crashed", 15, "the local collector to mark the run crashed")
+    run = expman.open_run(run_dir)
+    assert run.metrics().num_rows == 1000
+    assert "exited without finishing" in run.info["ranks"][0]["error"]["message"]
+
+
+def test_exit_is_bounded_when_the_collector_hangs(root, short_dir, run_script):
+    from conftest import start_collector
+
+    c = start_collector(root, short_dir)
+    try:
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        result = run_script(f"""
+            import expman, time
+            exp = expman.start_experiment("e", "hang", root={str(root)!r}, collector={c.endpoint!r}, finish_timeout=1.0)
+            exp.log_metric("loss", 1.0)
+            t = time.monotonic()
+            print(exp.finish(), exp.stats()["buffered"], round(time.monotonic() - t, 1))
+        """)
+        assert time.monotonic() - t0 < 15
+        assert result.returncode == 0, result.stderr
+        confirmed, buffered, waited = result.stdout.split()
+        assert confirmed == "False" and int(buffered) == 1 and float(waited) <= 2.0
+        assert "did not confirm" in result.stderr
+    finally:
+        os.kill(c.proc.pid, signal.SIGCONT)
+        assert c.stop() == 0

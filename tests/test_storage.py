@@ -1,0 +1,113 @@
+"""The run directory as other tools see it, and the write-ahead log and parts underneath."""
+
+from __future__ import annotations
+
+import duckdb
+import polars as pl
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+import expman
+from expman import _protocol as proto
+from expman._columns import frame_table
+from expman._schema import list_parts, part_name
+from expman._wal import SegmentWriter, read_records, segment_path
+from expman.collector._metrics_store import MERGE_FANIN, MetricsStore
+
+
+def metrics_frame(seq: int, n: int, key: str = "loss") -> bytes:
+    from array import array
+
+    body = proto.metrics_body({0: key}, array("i", [0] * n).tobytes(), array("d", [float(seq)] * n).tobytes(),
+                              array("q", range(seq * n, seq * n + n)).tobytes(), None, None)
+    return proto.encode_frame("metrics", run="r", host="h", rank=2, sender="s", seq=seq, sent_at=1.0, body=body)
+
+
+def add(store: MetricsStore, raw: bytes) -> None:
+    store.add(raw, frame_table(proto.decode_frame(raw)))
+
+
+def test_run_is_readable_by_pyarrow_duckdb_and_polars_without_expman(root):
+    with expman.start_experiment("vision", "resnet", root=root) as exp:
+        for step in range(300):
+            exp.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 300}, step=step)
+        exp.log_metric("phase", "done", step=300)
+    pattern = str(exp.run_dir / "metrics" / "*.parquet")
+    table = ds.dataset(str(exp.run_dir / "metrics"), format="parquet").to_table()
+    assert table.num_rows == 601
+    (rows,) = duckdb.sql(f"select count(*) from read_parquet('{pattern}') where key = 'loss'").fetchall()[0]
+    assert rows == 300
+    (last,) = duckdb.sql(f"select value from read_parquet('{pattern}') where key = 'loss' order by step desc limit 1").fetchall()[0]
+    assert last == 1.0 / 300
+    frame = pl.read_parquet(pattern)
+    assert frame.filter(pl.col("key") == "acc").height == 300
+    assert frame.filter(pl.col("key") == "phase")["text"].to_list() == ["done"]
+    # Whole experiments too: a glob over every run.
+    (runs,) = duckdb.sql(f"select count(distinct rank) from read_parquet('{root}/*/*/metrics/*.parquet')").fetchall()[0]
+    assert runs == 1
+
+
+def test_parts_stay_bounded_and_compact_to_one(tmp_path):
+    store = MetricsStore(tmp_path)
+    for seq in range(40):
+        add(store, metrics_frame(seq, 10))
+        store.flush()
+        assert len(list_parts(tmp_path / "metrics")) < 2 * MERGE_FANIN
+    store.compact()
+    parts = list_parts(tmp_path / "metrics")
+    assert len(parts) == 1
+    table = pq.read_table(parts[0].path)
+    assert sorted(table["step"].to_pylist()) == list(range(400))
+    assert set(table["rank"].to_pylist()) == {2}
+    store.close()
+    assert not (tmp_path / ".wal").exists()
+
+
+def test_restart_recovers_unflushed_wal_and_ignores_what_parts_hold(tmp_path):
+    store = MetricsStore(tmp_path)
+    add(store, metrics_frame(0, 5))
+    store.flush()                                # in a part
+    add(store, metrics_frame(1, 5))
+    add(store, metrics_frame(2, 5))
+    store.sync()                                 # only in the WAL: the collector "crashes" here
+    again = MetricsStore(tmp_path)
+    steps = sorted(s for p in list_parts(tmp_path / "metrics") for s in pq.read_table(p.path)["step"].to_pylist())
+    assert steps == list(range(15))
+    add(again, metrics_frame(3, 5))
+    again.compact()
+    (part,) = list_parts(tmp_path / "metrics")
+    assert sorted(pq.read_table(part.path)["step"].to_pylist()) == list(range(20))
+
+
+def test_interrupted_merge_never_counts_a_point_twice(tmp_path):
+    store = MetricsStore(tmp_path)
+    for seq in range(3):
+        add(store, metrics_frame(seq, 4))
+        store.flush()
+    metrics = tmp_path / "metrics"
+    parts = list_parts(metrics)
+    # A merge that wrote its output but died before deleting its inputs.
+    merged = metrics / part_name(1, parts[0].first, parts[-1].last)
+    pq.write_table(pq.ParquetDataset([str(p.path) for p in parts]).read(), merged)
+    run_dir = tmp_path
+    (run_dir / "run.yaml").write_text("id: r\nstatus: running\n")
+    assert expman.open_run(run_dir).metrics().num_rows == 12  # the reader skips covered parts
+    MetricsStore(tmp_path)                                      # the collector deletes them
+    assert [p.path for p in list_parts(metrics)] == [merged]
+    assert len(list(metrics.glob("*.parquet"))) == 1
+
+
+def test_torn_wal_tail_is_recovered_up_to_the_last_whole_record(tmp_path):
+    writer = SegmentWriter(tmp_path, 0)
+    records = [metrics_frame(i, 3) for i in range(4)]
+    for r in records:
+        writer.append(r)
+    writer.close()
+    path = segment_path(tmp_path, 0)
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])  # power loss mid-record
+    assert list(read_records(path)) == records[:3]
+    corrupted = bytearray(data)
+    corrupted[20] ^= 0xFF        # a flipped bit in the first record
+    path.write_bytes(bytes(corrupted))
+    assert list(read_records(path)) == []
