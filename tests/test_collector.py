@@ -147,3 +147,31 @@ def test_heartbeat_timeout_marks_a_vanished_rank_crashed(root, short_dir, run_sc
         assert expman.open_run(run_dir).metrics().num_rows == 1
     finally:
         assert c.stop() == 0
+
+
+def test_config_file_sets_root_and_endpoints(tmp_path, short_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path / "from-config"
+    config = tmp_path / "collector.yaml"
+    config.write_text(yaml.safe_dump({"root": str(root), "bind": [f"ipc://{short_dir}/cfg.sock"], "log_level": "DEBUG"}))
+    ready = tmp_path / "ready.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "expman.collector", "--config", str(config), "--ready-file", str(ready)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready.exists, 15, "ready file")
+        endpoint = yaml.safe_load(ready.read_text())["endpoints"][0]
+        assert endpoint == f"ipc://{short_dir}/cfg.sock"
+        with expman.start_experiment("e", "cfg", collector=endpoint, root=tmp_path / "ignored") as exp:
+            exp.log_metric("x", 1.0)
+        assert exp.run_dir.parent.parent == root
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rooot: /tmp\n")
+    result = subprocess.run([sys.executable, "-m", "expman.collector", "--config", str(bad)], capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown settings ['rooot']" in result.stderr
