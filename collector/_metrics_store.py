@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from expman._columns import wal_table
+from expman._columns import frame_table
+from expman._protocol import decode_frame
 from expman._schema import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._wal import SegmentWriter, list_segments, read_records, segment_path
 
@@ -48,6 +49,7 @@ class MetricsStore:
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
         self.rows_written = 0
+        self.recovered_frames: list[tuple[str, int]] = []  # (sender, seq) replayed from the WAL
         self._recover()
 
     def _recover(self) -> None:
@@ -65,8 +67,10 @@ class MetricsStore:
                 path.unlink(missing_ok=True)
         next_segment = max([covered] + [n for n, _ in segments]) + 1
         if leftover:
-            table = wal_table(rec for _, path in leftover for rec in read_records(path))
-            if table is not None and table.num_rows:
+            frames = [decode_frame(rec) for _, path in leftover for rec in read_records(path)]
+            self.recovered_frames = [(f.sender, f.seq) for f in frames if f.seq is not None]
+            if frames:
+                table = pa.concat_tables([frame_table(f) for f in frames])
                 _write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0]))
                 log.warning("recovered %d points from %d write-ahead segments in %s",
                             table.num_rows, len(leftover), self.wal_dir.parent)

@@ -61,7 +61,9 @@ class Run:
         self._info_written_at = 0.0
         self.final_since: float | None = None
         self.flushed_at = 0.0
-        self.rank_seen: dict[int, float] = {}  # monotonic time of each rank's last frame
+        # Monotonic time of each rank's last frame; ranks that a previous collector left
+        # running count from now, so they are marked crashed if they never come back.
+        self.rank_seen: dict[int, float] = {r: time.monotonic() for r in self.running_ranks()}
         self.write_info(force=True)
 
     @classmethod

@@ -33,19 +33,33 @@ FORGET_FINISHED_AFTER_S = 600.0
 
 
 class SeqWindow:
-    """The sequence numbers seen from one sender: a floor plus the few seen above it."""
+    """The sequence numbers seen from one sender: a floor plus the few seen above it.
+
+    Each frame also says below which seq the sender has everything acknowledged (`low`);
+    those never come again, so the floor moves up to it and the set stays small even
+    after a collector restart, when the early numbers were seen by its predecessor.
+    """
 
     __slots__ = ("floor", "above")
 
     def __init__(self) -> None:
-        self.floor = 0  # every seq below this has been seen
+        self.floor = 0  # every seq below this has been seen (or will never be sent again)
         self.above: set[int] = set()
+
+    def raise_floor(self, low: int) -> None:
+        if low > self.floor:
+            self.floor = low
+            self.above = {s for s in self.above if s >= low}
+            self._advance()
 
     def seen(self, seq: int) -> bool:
         return seq < self.floor or seq in self.above
 
     def add(self, seq: int) -> None:
         self.above.add(seq)
+        self._advance()
+
+    def _advance(self) -> None:
         while self.floor in self.above:
             self.above.discard(self.floor)
             self.floor += 1
@@ -137,6 +151,8 @@ class Collector:
                 self._reject(exc.reason, exc.detail)
                 continue
             self.counters["frames"] += 1
+            if frame.seq is not None:
+                self.windows[frame.sender].raise_floor(frame.low)
             if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
                 self.counters["duplicates"] += 1
                 acks[identity].append(frame.seq)  # the first ack may have been lost
@@ -176,6 +192,8 @@ class Collector:
             if run is None:
                 run = self.runs[frame.run] = Run.from_hello(self.root, frame)
                 log.info("run %s started in %s", frame.run, run.dir)
+                for sender, seq in run.store.recovered_frames if run.store else ():
+                    self.windows[sender].add(seq)  # persisted before a crash: a resend is a duplicate
                 parent = frame.body.get("parent")
                 if parent:
                     self._link_child(str(parent), frame.run)

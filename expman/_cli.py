@@ -121,12 +121,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("run", f"{info.get('experiment', run.path.parent.name)}/{info.get('name', run.path.name)}"),
         ("id", str(info.get("id", ""))),
         ("status", str(info.get("status", "unknown"))),
-        ("path", str(run.path)),
+        ("path", str(run.path.resolve())),
         ("started", _local_time(info.get("started_at"), offset=True)),
         ("ended", _local_time(info.get("ended_at"), offset=True)),
         ("duration", _duration(_run_seconds(info))),
         ("hosts", ", ".join(map(str, info.get("hosts") or [])) or "-"),
         ("ranks", _rank_summary(info)),
+        *(("", line) for line in _rank_lines(info)),
         ("parent", _run_label(run.path.parent, info.get("parent")) if info.get("parent") else "-"),
         ("children", ", ".join(_run_label(run.path.parent, c) for c in info.get("children") or []) or "-"),
     ]
@@ -138,8 +139,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name:<{width}}  {value}")
-    for line in _rank_lines(info):
-        print(f"{'':<{width}}  {line}")
 
     params = list(_flatten(run.params))
     print("\nparams" if params else "\nparams: none")

@@ -81,6 +81,7 @@ class Experiment:
         self.reopen = reopen
         self.finish_timeout = finish_timeout
         self.hello_extra = hello_extra
+        self.started_at = time.time()
         self._predicted_run_dir = root / experiment / run_dir_name(name, uid)
         self.confirmed_run_dir: Path | None = None
         # Hot-path state. The Sender reads and trims these from its own thread.
@@ -244,7 +245,7 @@ class Experiment:
         if self.finish_request is None:
             for child in self._children:
                 if child.finish_request is None:
-                    child.finish(status if status != "failed" else "finished", timeout)
+                    child.finish(status, timeout)
             buffer, self._buf = self._buf, _ClosedBuffer(self)
             self.final_buffer = buffer if isinstance(buffer, list) else []
             self.status = status

@@ -46,6 +46,7 @@ class Frame:
     seq: int | None
     sent_at: float
     body: dict[str, Any]
+    low: int = 0  # every seq below this one is acknowledged: the sender never resends it
 
 
 def encode_frame(
@@ -58,9 +59,11 @@ def encode_frame(
     seq: int | None,
     sent_at: float,
     body: dict[str, Any] | None = None,
+    low: int = 0,
 ) -> bytes:
     return msgpack.packb(
         {
+            "low": low,
             "v": PROTOCOL_VERSION,
             "kind": kind,
             "run": run,
@@ -105,7 +108,10 @@ def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise ProtocolError("bad-shape", "missing send time")
     if not isinstance(body, dict):
         raise ProtocolError("bad-shape", "body is not a map")
-    return Frame(kind, run, host, rank, sender, seq, float(sent_at), body)
+    low = obj.get("low", 0)
+    if type(low) is not int or low < 0:
+        raise ProtocolError("bad-shape", f"bad low {low!r}")
+    return Frame(kind, run, host, rank, sender, seq, float(sent_at), body, low)
 
 
 @dataclass(frozen=True, slots=True)

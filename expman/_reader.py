@@ -7,23 +7,26 @@ pyarrow is imported on first use, keeping `import expman` light.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ._errors import RunNotFoundError
+from ._errors import ExpmanError, RunNotFoundError
 from ._identity import resolve_root
 from ._schema import CONFIG_YAML, KEY, METRICS_DIR, RUN_LOG, RUN_YAML, WAL_DIR, list_parts, read_yaml
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+log = logging.getLogger("expman")
+
 
 class Run:
     """A run directory on disk. `info` and `params` are re-read on each access (runs may be live)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = Path(path).resolve()
         if not (self.path / RUN_YAML).is_file():
             raise RunNotFoundError(f"{self.path} is not a run directory (no {RUN_YAML})")
 
@@ -60,13 +63,15 @@ class Run:
 
         wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
         filters = [(KEY, "in", wanted)] if wanted is not None else None
-        parts = list_parts(self.path / METRICS_DIR)
-        tables = []
-        for part in parts:
+        for _attempt in range(10):
+            parts = list_parts(self.path / METRICS_DIR)
             try:
-                tables.append(pq.read_table(part.path, filters=filters, schema=metrics_schema()))
+                tables = [pq.read_table(p.path, filters=filters, schema=metrics_schema()) for p in parts]
+                break
             except FileNotFoundError:  # merged away meanwhile: its rows are in a newer part
-                return self.metrics(keys)
+                continue
+        else:
+            raise ExpmanError(f"{self.path}: metrics parts kept changing while being read; try again")
         covered = max((p.last for p in parts), default=-1)
         segments = [path for n, path in list_segments(self.path / WAL_DIR) if n > covered]
         tail = wal_table(rec for path in segments for rec in read_records(path))
@@ -106,6 +111,11 @@ def list_runs(root: str | os.PathLike[str] | None = None, experiment: str | None
     pattern = f"{experiment}/*/{RUN_YAML}" if experiment else f"*/*/{RUN_YAML}"
     runs = []
     for run_yaml in base.glob(pattern):
-        runs.append((str(read_yaml(run_yaml).get("started_at") or ""), Run(run_yaml.parent)))
+        try:
+            started = str(read_yaml(run_yaml).get("started_at") or "")
+        except ExpmanError as exc:
+            log.warning("expman: skipping a run: %s", exc)
+            continue
+        runs.append((started, Run(run_yaml.parent)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ._errors import ExpmanError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -86,11 +88,19 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file ({} if the file is missing); ExpmanError if it is not one."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh) or {}
+            data = yaml.safe_load(fh)
     except FileNotFoundError:
         return {}
+    except yaml.YAMLError as exc:
+        raise ExpmanError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ExpmanError(f"{path} holds a {type(data).__name__}, not a mapping")
+    return data
 
 
 # --- metrics parts -----------------------------------------------------------------

@@ -200,9 +200,10 @@ class Sender:
     def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0) -> None:
         c = self._counters[id(exp)]
         seq = self._next_seq
+        low = next(iter(self._pending), seq)  # the oldest unacknowledged frame
         data = proto.encode_frame(
             kind, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
-            seq=seq, sent_at=time.time(), body=body,
+            seq=seq, sent_at=time.time(), body=body, low=low,
         )
         if kind == proto.METRICS and self._pending_bytes + len(data) > self.max_pending_bytes:
             c.dropped += points
@@ -261,7 +262,7 @@ class Sender:
             "tags": exp.tags,
             "world_size": exp.world_size,
             "pid": os.getpid(),
-            "started_at": time.time(),
+            "started_at": exp.started_at,
             **exp.hello_extra,
         }
 

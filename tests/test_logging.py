@@ -209,3 +209,14 @@ def test_root_from_environment(root, monkeypatch):
         exp.log_metric("x", 1.0)
     assert exp.run_dir.parent.parent == root
     assert expman.list_runs()[0].id == exp.uid
+
+
+def test_a_broken_run_yaml_is_named_not_a_traceback(root):
+    with expman.start_experiment("e", "good", root=root) as exp:
+        exp.log_metric("x", 1.0)
+    broken = root / "e" / "broken-00000000"
+    broken.mkdir()
+    (broken / "run.yaml").write_text("- just\n- a list\n")
+    assert [r.id for r in expman.list_runs(root)] == [exp.uid]  # skipped, with a warning
+    with pytest.raises(expman.ExpmanError, match="broken-00000000.*not a mapping"):
+        expman.open_run(broken).info

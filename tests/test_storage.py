@@ -111,3 +111,20 @@ def test_torn_wal_tail_is_recovered_up_to_the_last_whole_record(tmp_path):
     corrupted[20] ^= 0xFF        # a flipped bit in the first record
     path.write_bytes(bytes(corrupted))
     assert list(read_records(path)) == []
+
+
+def test_sequence_window_drops_duplicates_and_stays_small():
+    from expman.collector._server import SeqWindow
+
+    w = SeqWindow()
+    for seq in (0, 2, 1, 5):
+        assert not w.seen(seq)
+        w.add(seq)
+    assert all(w.seen(s) for s in (0, 1, 2, 5)) and not w.seen(3) and not w.seen(4)
+    assert w.floor == 3 and w.above == {5}
+    # After a restart the early numbers are never seen; `low` from the sender moves the floor.
+    fresh = SeqWindow()
+    for seq in range(1000, 1100):
+        fresh.raise_floor(seq - 2)
+        fresh.add(seq)
+    assert len(fresh.above) == 0 and fresh.floor == 1100
