@@ -22,20 +22,24 @@ from expman._wal import SegmentWriter, list_segments, read_records, segment_path
 log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
+ROW_GROUP = 131_072
 _SCHEMA = metrics_schema()
 
 
 def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
-    """Write to a hidden temp file, fsync, rename: a part is whole or absent."""
+    """Write to a hidden temp file, fsync, rename: a part is whole or absent.
+
+    Row groups of ROW_GROUP rows keep the collector's memory flat while it writes or
+    merges, whatever the size of the run.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
     with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
         if isinstance(table_or_parts, pa.Table):
-            writer.write_table(table_or_parts, row_group_size=1 << 20)
+            writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
         else:
             for part in table_or_parts:
-                source = pq.ParquetFile(part.path)
-                for i in range(source.num_row_groups):
-                    writer.write_table(source.read_row_group(i))
+                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                    writer.write_batch(batch, row_group_size=ROW_GROUP)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, target)

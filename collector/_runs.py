@@ -212,6 +212,7 @@ class Run:
             self._log_dirty = False
 
     def flush_metrics(self, final: bool = False) -> None:
+        """Write pending rows as a part; `final` also merges all parts and closes the WAL."""
         if self.store is None:
             return
         if final:

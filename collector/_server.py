@@ -28,7 +28,7 @@ log = logging.getLogger("expman.collector")
 
 RECV_BATCH = 512
 FLUSH_INTERVAL_S = 0.5
-FLUSH_ROWS = 1_000_000
+FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 
 
@@ -217,9 +217,11 @@ class Collector:
         elif kind == proto.HEARTBEAT:
             run.heartbeat(frame)
         elif kind == proto.FINISH:
+            # The ack waits for this rank's points to be in Parquet; merging the run's
+            # parts into one happens right after, between turns, off the ack's path.
             run.sync()
-            ended = run.finish_rank(frame)
-            run.flush_metrics(final=ended)
+            run.finish_rank(frame)
+            run.flush_metrics()
             log.info("run %s rank %d: %s", frame.run, frame.rank, frame.body.get("status"))
         run.rank_seen[frame.rank] = time.monotonic()
         return None, run

@@ -16,6 +16,7 @@ from ._protocol import Frame, MetricsBatch, decode_frame, read_metrics_body
 from ._schema import metrics_schema
 
 _SCHEMA = metrics_schema()
+_TIME = _SCHEMA.field("time").type
 
 
 def _column(buffer: bytes, type_: pa.DataType, n: int) -> pa.Array:
@@ -23,11 +24,10 @@ def _column(buffer: bytes, type_: pa.DataType, n: int) -> pa.Array:
 
 
 def _times_us(times: list | None, n: int, default: float) -> pa.Array:
-    if times is None:
-        seconds = pa.repeat(pa.scalar(default, pa.float64()), n)
-    else:
-        seconds = pc.fill_null(pa.array(times, pa.float64()), default)
-    return pc.cast(pc.multiply(seconds, 1e6), pa.int64(), safe=False).cast(pa.timestamp("us", tz="UTC"))
+    if times is None:  # the common case: every point takes the frame's time
+        return pa.repeat(pa.scalar(int(default * 1e6), _TIME), n)
+    seconds = pc.fill_null(pa.array(times, pa.float64()), default)
+    return pc.cast(pc.multiply(seconds, 1e6), pa.int64(), safe=False).cast(_TIME)
 
 
 def _key_dictionary(keys: dict[int, str], ids: pa.Array) -> pa.DictionaryArray:

@@ -43,7 +43,7 @@ class ExperimentConfig:
     name: str
     base_dir: str | os.PathLike[str] = "experiments"
     flush_interval_rows: int = 16384
-    flush_interval_ms: int = 5
+    flush_interval_ms: int = 2
     run_name: str | None = None
     collector: str | None = None
     tags: list[str] | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,12 @@ class LocalCollector:
         self.endpoint = f"ipc://{self._dir / 'collector.sock'}"
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
         self.ensure_running()
 
     def ensure_running(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._closed or (self._proc is not None and self._proc.poll() is None):
                 return
             if self._proc is not None:
                 log.warning("expman: the local collector exited (code %s); starting it again", self._proc.returncode)
@@ -59,13 +61,14 @@ class LocalCollector:
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """SIGTERM: the collector flushes every run it holds, then exits."""
         with self._lock:
+            self._closed = True
             proc = self._proc
-            if proc is None or proc.poll() is not None:
-                return
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("expman: the local collector did not exit within %.0f s; killing it", timeout)
-                proc.kill()
-                proc.wait()
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.error("expman: the local collector did not exit within %.0f s; killing it", timeout)
+                    proc.kill()
+                    proc.wait()
+            shutil.rmtree(self._dir, ignore_errors=True)

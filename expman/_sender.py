@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import sys
 import threading
 import time
 import uuid
-from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,68 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("expman")
 
-FLUSH_INTERVAL_S = 0.005
+FLUSH_INTERVAL_S = 0.002
+SWITCH_INTERVAL_S = 0.001
 HEARTBEAT_INTERVAL_S = 2.0
 RESEND_AFTER_S = 2.0
 MAX_POINTS_PER_FRAME = 16384
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 _FULL_KEY_TABLE = 256  # below this many keys every frame carries the whole table
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _fits_int64(step: Any) -> bool:
+    return step is not None and _INT64_MIN <= step <= _INT64_MAX
+
+
+def _pack_values(values: list[Any], exp: Experiment) -> bytes:
+    try:
+        return struct.pack(f"<{len(values)}d", *values)
+    except (OverflowError, struct.error):  # an int too large for a float64: store it as ±inf, and say so
+        log.error("expman: run %s: a metric value is too large for float64; stored as inf", exp.uid)
+        return struct.pack(f"<{len(values)}d", *(_clamp(v) for v in values))
+
+
+def _clamp(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
+def _pack_steps(steps: list[Any], exp: Experiment) -> bytes | list[int | None]:
+    """int64 binary when every point has a step, else a list with None (msgpack nil)."""
+    try:
+        return struct.pack(f"<{len(steps)}q", *steps)
+    except struct.error:  # a None (no step), or out of range
+        pass
+    if all(s is None or _fits_int64(s) for s in steps):
+        return steps
+    log.error("expman: run %s: a step outside the int64 range is stored as no step", exp.uid)
+    return [s if _fits_int64(s) else None for s in steps]
+
+
+def lower_switch_interval() -> None:
+    """Let the sender thread in every 1 ms instead of Python's default 5 ms.
+
+    While the training thread runs pure Python, this thread only gets the GIL when the
+    interpreter forces a switch. At 5 ms it finds ~10k points waiting and holds the GIL
+    ~1.5 ms packing them, which the training thread feels as one slow log call; at 1 ms
+    the batches, and the stall, are five times smaller. Only ever lowers the interval;
+    EXPMAN_SWITCH_INTERVAL=keep leaves it alone, a number of seconds sets the target.
+    """
+    setting = os.environ.get("EXPMAN_SWITCH_INTERVAL", "").strip()
+    if setting == "keep":
+        return
+    try:
+        target = float(setting) if setting else SWITCH_INTERVAL_S
+    except ValueError:
+        log.warning("expman: EXPMAN_SWITCH_INTERVAL=%r is not a number of seconds or 'keep'; ignored", setting)
+        return
+    if 0 < target < sys.getswitchinterval():
+        sys.setswitchinterval(target)
 
 
 @dataclass(slots=True)
@@ -71,6 +128,7 @@ class Sender:
         on_idle_check: Any = None,
     ) -> None:
         proto.require_little_endian()
+        lower_switch_interval()
         self.endpoint = endpoint
         self.sender_id = uuid.uuid4().hex
         self.flush_interval = flush_interval
@@ -182,7 +240,10 @@ class Sender:
                 if heartbeat:
                     next_heartbeat = now + HEARTBEAT_INTERVAL_S
                 for exp in self.active():
-                    self._drain(exp, heartbeat)
+                    try:
+                        self._drain(exp, heartbeat)
+                    except Exception:  # one run's bad data must not stop the others
+                        log.exception("expman: run %s: could not send its data", exp.uid)
                 if now >= next_resend_check:
                     next_resend_check = now + RESEND_AFTER_S / 2
                     self._mark_stale_for_resend(now)
@@ -267,9 +328,9 @@ class Sender:
         }
 
     def _drain_points(self, exp: Experiment, buf: list[Any]) -> None:
+        """Turn buffered points into metrics frames. This holds the GIL, so it is kept to
+        C-level list slicing and `struct.pack` (about 60 ns a point, no Python loop)."""
         n = len(buf)
-        chunk = buf[:n]
-        del buf[:n]  # the hot path only appends, so the first n items are ours alone
         texts: list[list[Any]] = []
         if exp.texts:
             m = len(exp.texts)
@@ -277,33 +338,36 @@ class Sender:
             del exp.texts[:m]
         step_width = 4 * self.max_points_per_frame
         for start in range(0, max(n, 1), step_width):
-            part = chunk[start : start + step_width]
-            ids = part[0::4]
-            steps = part[2::4]
-            times = part[3::4]
-            try:
-                steps_field: bytes | list[Any] = array("q", steps).tobytes()
-            except (TypeError, OverflowError):
-                steps_field = steps  # some steps are None: msgpack keeps them as nil
+            stop = min(n, start + step_width)
+            # Strided slices of the live list: items below n never move until the del below,
+            # and the hot path only appends past them.
+            ids = buf[start:stop:4]
+            steps = buf[start + 2 : stop : 4]
+            times = buf[start + 3 : stop : 4]
+            values = buf[start + 1 : stop : 4]
+            count = len(ids)
             used_texts, texts = texts, []
             names = exp.key_names
             if len(names) <= _FULL_KEY_TABLE:
                 keys = dict(enumerate(names[:]))
             else:
                 keys = {i: names[i] for i in set(ids).union(t[0] for t in used_texts)}
-            body = proto.metrics_body(
-                keys,
-                array("i", ids).tobytes(),
-                array("d", part[1::4]).tobytes(),
-                steps_field,
-                None if times.count(None) == len(times) else times,
-                used_texts,
-            )
-            if steps:
-                last = next((s for s in reversed(steps) if s is not None), None)
-                if last is not None:
-                    exp.last_step = last
-            self._enqueue(exp, proto.METRICS, body, points=len(ids) + len(used_texts))
+            try:
+                body = proto.metrics_body(
+                    keys,
+                    struct.pack(f"<{count}i", *ids),
+                    _pack_values(values, exp),
+                    _pack_steps(steps, exp),
+                    None if times.count(None) == count else times,
+                    used_texts,
+                )
+                if count and _fits_int64(steps[-1]):
+                    exp.last_step = steps[-1]
+                self._enqueue(exp, proto.METRICS, body, points=count + len(used_texts))
+            except Exception:  # a bug must cost this batch, loudly, never the thread
+                self._counters[id(exp)].dropped += count + len(used_texts)
+                log.exception("expman: run %s: could not pack %d points; DROPPED", exp.uid, count + len(used_texts))
+        del buf[:n]
 
     def _send_heartbeat(self, exp: Experiment) -> None:
         data = proto.encode_frame(

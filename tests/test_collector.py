@@ -123,7 +123,8 @@ def test_kill_9_collector_keeps_acknowledged_data_readable_and_restart_recovers(
         steps = run.metrics()["step"].to_pylist()
         assert sorted(steps) == list(range(6000)), "no point lost, none duplicated"
         assert run.status == "finished"
-        assert not list((run.path / ".wal").glob("*.wal"))
+        wait_for(lambda: not (run.path / ".wal").exists(), 5, "the WAL to be folded away after finish")
+        assert len(list((run.path / "metrics").glob("*.parquet"))) == 1
     finally:
         assert c2.stop() == 0
 

@@ -220,3 +220,15 @@ def test_a_broken_run_yaml_is_named_not_a_traceback(root):
     assert [r.id for r in expman.list_runs(root)] == [exp.uid]  # skipped, with a warning
     with pytest.raises(expman.ExpmanError, match="broken-00000000.*not a mapping"):
         expman.open_run(broken).info
+
+
+def test_extreme_numbers_are_kept_or_named(root, caplog):
+    with expman.start_experiment("e", "extreme", root=root) as exp:
+        exp.log_metric("big_int", 2**62, step=2**62)
+        exp.log_metric("huge_int", 10**400, step=1)      # no float64 holds it: ±inf, with an error
+        exp.log_metric("far_step", 1.0, step=2**70)      # no int64 holds it: no step, with an error
+    run = expman.open_run(exp.run_dir)
+    assert points(run, "big_int")[0]["value"] == float(2**62) and points(run, "big_int")[0]["step"] == 2**62
+    assert points(run, "huge_int")[0]["value"] == float("inf")
+    assert points(run, "far_step")[0]["step"] is None
+    assert "too large for float64" in caplog.text and "outside the int64 range" in caplog.text
