@@ -1,0 +1,102 @@
+"""Run every expman benchmark and print one summary table against the targets.
+
+    python benchmarks/run_all.py                  # defaults: 200k calls, 2M points (~1 min on 2 cores)
+    python benchmarks/run_all.py --calls 500000 --points 4000000
+
+Each benchmark runs in its own fresh interpreter(s); their detailed output streams
+first, the summary comes last. Exit status 1 if a data check failed (points missing);
+missed performance targets are reported, not treated as errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=200_000, help="timed log_metric calls per latency case")
+    p.add_argument("--dict-calls", type=int, default=20_000, help="timed log_metrics calls (10 keys each)")
+    p.add_argument("--points", type=int, default=2_000_000, help="points per end-to-end loop")
+    p.add_argument("--memory-points", type=int, default=5000, help="points logged in the memory benchmark")
+    args = p.parse_args(argv)
+
+    started = time.perf_counter()
+    print(f"expman benchmarks; machine: {c.machine_line()}", flush=True)
+    lat = c.run_child([str(HERE / "bench_log_metric.py"), "--calls", str(args.calls),
+                       "--dict-calls", str(args.dict_calls)], timeout=900)
+    e2e = c.run_child([str(HERE / "bench_end_to_end.py"), "--points", str(args.points)], timeout=900)
+    mem = c.run_child([str(HERE / "bench_memory.py"), "--points", str(args.memory_points)], timeout=300)
+
+    rows: list[list[str]] = []
+
+    def add(area: str, figure: str, measured: str, target: str, ok: bool | None, net: bool | None = None) -> None:
+        rows.append([area, figure, measured, target, "-" if ok is None else c.verdict(ok),
+                     "" if net is None else c.verdict(net)])
+
+    floor = lat["a"]["floor"]
+    for case, r in lat.items():
+        f = r["floor"]
+        add(f"floor (run of case {case})", "empty method, same timer",
+            f"p50 {c.fmt_ns(f['p50'])} p99 {c.fmt_ns(f['p99'])} p99.9 {c.fmt_ns(f['p999'])} max {c.fmt_ns(f['max'])}; "
+            f"{f['calls_per_s'] / 1e6:.1f} M calls/s", "(reference)", None)
+    for case, r in lat.items():
+        lm, f, many = r["log_metric"], r["floor"], r["log_metrics"]
+        area = f"log_metric {case}: {r['label']}"
+        add(area, "p50 (net of floor)", f"{c.fmt_ns(lm['p50'])} ({c.fmt_ns(lm['p50'] - f['p50'])})", "<= 0.4 µs",
+            lm["p50"] <= c.TARGET_P50_NS, lm["p50"] - f["p50"] <= c.TARGET_P50_NS)
+        add(area, "p99 (net of floor)", f"{c.fmt_ns(lm['p99'])} ({c.fmt_ns(lm['p99'] - f['p99'])})", "<= 2 µs",
+            lm["p99"] <= c.TARGET_P99_NS, lm["p99"] - f["p99"] <= c.TARGET_P99_NS)
+        add(area, "p99.9 (net of floor)", f"{c.fmt_ns(lm['p999'])} ({c.fmt_ns(lm['p999'] - f['p999'])})", "", None)
+        add(area, "max (calls > 10 µs, > 1 ms)", f"{c.fmt_ns(lm['max'])} ({lm['over_10us']}, {lm['over_1ms']})",
+            "<= 1 ms", lm["max"] <= c.TARGET_MAX_NS)
+        add(area, "throughput (untimed loop)", f"{lm['calls_per_s'] / 1e6:.2f} M calls/s", "", None)
+        add(area, "log_metrics 10 keys: per call p50 / per point",
+            f"{c.fmt_ns(many['p50'])} / {c.fmt_ns(many['ns_per_point'])} ({many['points_per_s'] / 1e6:.2f} M pts/s)",
+            "", None)
+        add(area, "data check", r["data_note"], "all points", r["data_ok"])
+    for mode, r in e2e.items():
+        area = f"end to end: {r['label']}"
+        add(area, "points/s (first log -> finish returned)",
+            f"{r['points_per_s'] / 1e6:.2f} M/s ({r['logged'] / 1e6:.0f} M in {r['total_s']:.2f} s)", ">= 2 M/s",
+            r["points_per_s"] >= c.TARGET_E2E_POINTS_PER_S)
+        add(area, "logging loop alone", f"{r['log_loop_points_per_s'] / 1e6:.2f} M/s", "", None)
+        add(area, "finish() alone", f"{r['finish_s'] * 1e3:.0f} ms", "", None)
+        peak = max(r["hwm_after_finish_mb"], r["collector_peak_sampled_mb"])
+        add(area, "collector peak RSS (VmHWM; sampled)",
+            f"{r['hwm_after_finish_mb']:.0f} MB; {r['collector_peak_sampled_mb']:.0f} MB "
+            f"(idle {r['collector_rss_idle_mb']:.0f} MB)", "<= 200 MB", peak <= c.TARGET_COLLECTOR_RSS_MB)
+        add(area, "rows read back", f"{r['rows']:,} (status {r['status']})", f"exactly {r['logged']:,}",
+            r["data_ok"])
+    add("rank memory", "import expman", f"+{mem['import_mb']:.1f} MB, {mem['open']['import_s'] * 1e3:.0f} ms",
+        "", None)
+    add("rank memory", "open experiment + points logged, over import",
+        f"+{mem['overhead_mb']:.1f} MB", "<= 20 MB", mem["overhead_mb"] <= c.TARGET_RANK_OVERHEAD_MB)
+    add("rank memory", "import expman pulls pyarrow/textual",
+        "no" if not mem["heavy_imported"] else ", ".join(mem["heavy_imported"]), "no", not mem["heavy_imported"])
+    if "stalled_mb" in mem:
+        add("rank memory", "1 M points held, collector unreachable", f"+{mem['stalled_mb']:.1f} MB", "", None)
+
+    print(f"\n{'=' * 30} SUMMARY {'=' * 30}")
+    print(f"machine: {c.machine_line()}")
+    print("latency figures include the timer (two perf_counter_ns calls); 'net of floor' subtracts the "
+          "same percentile of an empty method timed the same way")
+    print(c.table(rows, ["area", "figure", "measured", "target", "verdict", "net of floor"]))
+    missed = [r for r in rows if r[4] == "MISSED"]
+    print(f"\n{len([r for r in rows if r[4] == 'MET'])} met, {len(missed)} missed; "
+          f"total {time.perf_counter() - started:.0f} s")
+    data_ok = all(r["data_ok"] for r in lat.values()) and all(r["data_ok"] for r in e2e.values())
+    return 0 if data_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
