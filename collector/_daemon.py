@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
-    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout))
+    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
+                          idle_exit=args.idle_exit)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)

@@ -74,9 +74,12 @@ class Collector:
         parent_pid: int | None = None,
         heartbeat_timeout: float = 60.0,
         max_frame_bytes: int = proto.MAX_FRAME_BYTES,
+        idle_exit: float | None = None,
     ) -> None:
         self.root = root
         self.parent_pid = parent_pid
+        self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
+        self._last_frame_at = time.monotonic()
         self.heartbeat_timeout = heartbeat_timeout
         self.max_frame_bytes = max_frame_bytes
         self.runs: dict[str, Run] = {}
@@ -151,6 +154,7 @@ class Collector:
                 self._reject(exc.reason, exc.detail)
                 continue
             self.counters["frames"] += 1
+            self._last_frame_at = time.monotonic()
             if frame.seq is not None:
                 self.windows[frame.sender].raise_floor(frame.low)
             if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
@@ -272,6 +276,11 @@ class Collector:
                 del self.runs[uid]
         if parent_gone:
             log.info("parent process %d is gone; exiting", self.parent_pid)
+            self._stopping = True
+        elif self.idle_exit is not None and now - self._last_frame_at > self.idle_exit and not any(
+            run.running_ranks() for run in self.runs.values()
+        ):
+            log.info("no running run for %.0f s; exiting", self.idle_exit)
             self._stopping = True
 
     def _shutdown(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 log = logging.getLogger("expman")
 
 SHUTDOWN_TIMEOUT_S = 10.0
+IDLE_EXIT_S = 10.0  # the collector exits this long after its last run ended; restarted on demand
 
 
 def runtime_dir() -> Path:
@@ -47,13 +48,14 @@ class LocalCollector:
         with self._lock:
             if self._closed or (self._proc is not None and self._proc.poll() is None):
                 return
-            if self._proc is not None:
+            if self._proc is not None and self._proc.returncode != 0:
                 log.warning("expman: the local collector exited (code %s); starting it again", self._proc.returncode)
             cmd = [
                 sys.executable, "-m", "expman.collector",
                 "--root", str(self.root),
                 "--bind", self.endpoint,
                 "--parent-pid", str(os.getpid()),
+                "--idle-exit", str(IDLE_EXIT_S),
                 "--log-level", "WARNING",
             ]
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)

@@ -43,13 +43,14 @@ def test_uncaught_exception_marks_failed(root, run_script):
 def test_sigterm_marks_killed(root, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(PRELUDE.format(root=str(root)) + "print('ready', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = proc.stdout.readline().strip()
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == -signal.SIGTERM
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM, stderr
     run = expman.open_run(run_dir)
-    assert run.status == "killed"
+    assert run.status == "killed", (run.info, stderr)
     assert run.metrics().num_rows == 1000
 
 
@@ -94,3 +95,18 @@ def test_exit_is_bounded_when_the_collector_hangs(root, short_dir, run_script):
     finally:
         os.kill(c.proc.pid, signal.SIGCONT)
         assert c.stop() == 0
+
+
+def test_local_collector_exits_when_idle_and_comes_back_on_demand(root, monkeypatch):
+    from expman import _api, _local
+
+    monkeypatch.setattr(_local, "IDLE_EXIT_S", 0.5)
+    with expman.start_experiment("e", "first", root=root) as exp:
+        exp.log_metric("x", 1.0)
+    local = _api._local_collectors[root]
+    wait_for(lambda: local._proc.poll() is not None, 10, "the idle local collector to exit")
+    assert local._proc.returncode == 0
+    with expman.start_experiment("e", "second", root=root) as again:
+        again.log_metric("x", 2.0)
+    assert expman.open_run(again.run_dir).metrics()["value"].to_pylist() == [2.0]
+    assert expman.open_run(exp.run_dir).status == "finished"
