@@ -19,15 +19,17 @@ from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "hardware_interval"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level")
+    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, hardware_interval")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
+    p.add_argument("--hardware-interval", type=float,
+                   help="seconds between hardware samples for runs that do not choose (default 1)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
@@ -61,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
+    hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
-                          idle_exit=args.idle_exit)
+                          idle_exit=args.idle_exit, hardware_interval=float(hardware_interval))
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)

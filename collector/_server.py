@@ -22,6 +22,7 @@ from expman._columns import frame_table
 from expman._errors import ProtocolError
 from expman._schema import RUN_YAML, read_yaml, write_yaml_atomic
 
+from ._hardware import HardwareMonitor
 from ._runs import Run, find_run_dir
 
 log = logging.getLogger("expman.collector")
@@ -75,8 +76,10 @@ class Collector:
         heartbeat_timeout: float = 60.0,
         max_frame_bytes: int = proto.MAX_FRAME_BYTES,
         idle_exit: float | None = None,
+        hardware_interval: float = 1.0,
     ) -> None:
         self.root = root
+        self.hardware = HardwareMonitor(root, interval=hardware_interval)  # samples on its own thread
         self.parent_pid = parent_pid
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
         self._last_frame_at = time.monotonic()
@@ -202,6 +205,7 @@ class Collector:
                 if parent:
                     self._link_child(str(parent), frame.run)
             run.hello(frame)
+            self.hardware.hello(frame, run.dir)  # log_hardware=True: sample while the rank runs
             return {"run_dir": str(run.dir)}, run
         run = self.runs.get(frame.run)
         if run is None:
@@ -226,6 +230,7 @@ class Collector:
             run.sync()
             run.finish_rank(frame)
             run.flush_metrics()
+            self.hardware.rank_ended(frame.run, frame.rank)  # one last sample, then stop
             log.info("run %s rank %d: %s", frame.run, frame.rank, frame.body.get("status"))
         run.rank_seen[frame.rank] = time.monotonic()
         return None, run
@@ -269,6 +274,7 @@ class Collector:
                 for rank in lost:
                     log.warning("run %s rank %d: %s; marking it crashed", uid, rank, why)
                     run.end_rank(rank, "crashed", time.time(), {"type": "Crashed", "message": why})
+                    self.hardware.rank_ended(uid, rank)
                 run.flush_metrics(final=run.final_since is not None)
             run.write_info()
             if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
@@ -284,6 +290,7 @@ class Collector:
             self._stopping = True
 
     def _shutdown(self) -> None:
+        self.hardware.close()  # last samples of the runs still sampled, then its thread ends
         local = self.parent_pid is not None
         for uid, run in list(self.runs.items()):
             if local and run.running_ranks():

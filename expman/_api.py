@@ -14,7 +14,7 @@ from typing import Any
 
 from ._errors import RunNotFoundError
 from ._experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
-from ._identity import COLLECTOR_ENV, detect_rank, detect_world_size, hostname, new_uid, resolve_root, software_info
+from ._identity import COLLECTOR_ENV, detect_local_rank, detect_rank, detect_world_size, hostname, new_uid, resolve_root, software_info
 from ._local import LocalCollector
 from ._schema import RUN_YAML, check_name, read_yaml
 from ._sender import Sender
@@ -35,6 +35,7 @@ def start_experiment(
     *,
     code_dir: str | os.PathLike[str] | None = None,
     log_hardware: bool = False,
+    hardware_interval: float | None = None,
     experiment_uid: str | None = None,
     tags: list[str] | None = None,
     root: str | os.PathLike[str] | None = None,
@@ -50,6 +51,9 @@ def start_experiment(
 
     `space` is the experiment (a folder under the root), `name` the run's name. With no
     `collector` argument and no $EXPMAN_COLLECTOR, a private collector process is started.
+    `log_hardware=True` asks the host's collector to sample the host, this process and its
+    GPUs every `hardware_interval` seconds (default: the collector's setting, 1 s) while
+    the run is active (see docs/storage.md, "Hardware").
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
@@ -64,8 +68,7 @@ def start_experiment(
     tag_list = [str(t) for t in (tags or [])]
     if code_dir is not None:
         log.warning("expman: code_dir= is accepted but code capture is not implemented yet; nothing is captured")
-    if log_hardware:
-        log.warning("expman: log_hardware=True is accepted but hardware sampling is not implemented yet")
+    hardware = _hardware_hello(log_hardware, hardware_interval)
     local = None
     if endpoint is None:
         local = _local_collector(root_path)
@@ -86,8 +89,22 @@ def start_experiment(
         tags=tag_list,
         reopen=reopen,
         finish_timeout=finish_timeout,
-        hello_extra={"software": software_info()},
+        hello_extra={"software": software_info(), **hardware},
     )
+
+
+def _hardware_hello(log_hardware: bool, interval: float | None) -> dict[str, Any]:
+    """Hello fields the collector needs to sample this rank's hardware and attribute GPUs."""
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ValueError(f"hardware_interval must be a positive number of seconds, got {interval!r}")
+        interval = float(interval)
+    return {
+        "log_hardware": bool(log_hardware),
+        "hardware_interval": interval,
+        "local_rank": detect_local_rank(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def _find_existing(root: Path, uid: str, space: str | None, name: str | None, must_exist: bool) -> tuple[str, str]:

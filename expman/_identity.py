@@ -16,6 +16,7 @@ DEFAULT_ROOT = "experiments"
 # First variable found wins; EXPMAN_* overrides the launchers'.
 _RANK_VARS = ("EXPMAN_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _WORLD_VARS = ("EXPMAN_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 def hostname() -> str:
@@ -43,6 +44,14 @@ def detect_rank() -> int:
 
 def detect_world_size() -> int:
     return _first_int(_WORLD_VARS, 1)
+
+
+def detect_local_rank() -> int:
+    """The rank within this host (torchrun, Slurm, Open MPI), 0 if none is set or it is not a number."""
+    try:
+        return max(_first_int(_LOCAL_RANK_VARS, 0), 0)
+    except ValueError:
+        return 0
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:

@@ -85,6 +85,29 @@ class Run:
             return metrics_schema().empty_table()
         return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
 
+    def hardware(self, keys: str | Iterable[str] | None = None) -> pa.Table:
+        """Hardware samples (columns time, host, device, key, value, text, rank) of every host
+        that sampled this run, host by host in time order; empty if none was recorded."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ._schema import HARDWARE_DIR, hardware_schema, list_hardware_parts
+
+        wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
+        filters = [(KEY, "in", wanted)] if wanted is not None else None
+        for _attempt in range(10):
+            parts = list_hardware_parts(self.path / HARDWARE_DIR)
+            try:
+                tables = [pq.read_table(p.path, filters=filters, schema=hardware_schema()) for p in parts]
+                break
+            except FileNotFoundError:  # merged away meanwhile: its rows are in a newer part
+                continue
+        else:
+            raise ExpmanError(f"{self.path}: hardware parts kept changing while being read; try again")
+        if not tables:
+            return hardware_schema().empty_table()
+        return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"

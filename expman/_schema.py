@@ -147,3 +147,79 @@ def stale_parts(metrics_dir: Path) -> list[Path]:
 def _covers(outer: Part, inner: Part) -> bool:
     wider = (outer.last - outer.first, outer.level) > (inner.last - inner.first, inner.level)
     return outer.first <= inner.first and inner.last <= outer.last and wider
+
+
+# --- hardware samples ----------------------------------------------------------------
+# hardware/<host>-<level>-<first flush>-<last flush>.parquet, written by the collector of
+# <host> (docs/storage.md). One collector per host writes only its own files, so hosts
+# that share the run directory (a shared filesystem) never touch each other's samples.
+HARDWARE_DIR = "hardware"
+DEVICE = "device"
+# Long schema, one row per reading; `device` is null for host-wide and process readings,
+# `rank` is null for readings that belong to no rank of the run.
+HARDWARE_COLUMNS = (TIME, HOST, DEVICE, KEY, VALUE, TEXT, RANK)
+_HARDWARE_PART = re.compile(r"^(.+)-(\d+)-(\d{8})-(\d{8})\.parquet$")
+_HOST_LABEL_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def hardware_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field(TIME, pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field(HOST, pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field(DEVICE, pa.dictionary(pa.int32(), pa.string())),
+            pa.field(KEY, pa.dictionary(pa.int32(), pa.string()), nullable=False),
+            pa.field(VALUE, pa.float64()),
+            pa.field(TEXT, pa.string()),
+            pa.field(RANK, pa.int32()),
+        ]
+    )
+
+
+def host_label(host: str) -> str:
+    """A host name as it appears in file names: letters, digits, '.', '_' and '-' only."""
+    label = _HOST_LABEL_BAD.sub("_", host).lstrip(".")
+    return label or "host"
+
+
+def hardware_part_name(host: str, level: int, first: int, last: int) -> str:
+    return f"{host_label(host)}-{level}-{first:08d}-{last:08d}.parquet"
+
+
+@dataclass(frozen=True, order=True)
+class HardwarePart:
+    host: str  # the host label from the file name
+    first: int
+    last: int
+    level: int
+    path: Path
+
+
+def _hardware_parts(hardware_dir: Path) -> list[HardwarePart]:
+    try:
+        names = os.listdir(hardware_dir)
+    except FileNotFoundError:
+        return []
+    parts = []
+    for name in names:
+        m = _HARDWARE_PART.match(name)
+        if m:
+            parts.append(HardwarePart(m[1], int(m[3]), int(m[4]), int(m[2]), hardware_dir / name))
+    return sorted(parts)
+
+
+def list_hardware_parts(hardware_dir: Path, host: str | None = None) -> list[HardwarePart]:
+    """The parts that hold the samples (of one host, or all), per host oldest first;
+    parts whose range lies inside a wider part of the same host are left out."""
+    parts = _hardware_parts(hardware_dir)
+    if host is not None:
+        parts = [p for p in parts if p.host == host_label(host)]
+    return [p for p in parts if not any(q is not p and q.host == p.host and _covers(q, p) for q in parts)]  # type: ignore[arg-type]
+
+
+def stale_hardware_parts(hardware_dir: Path, host: str) -> list[Path]:
+    """One host's parts whose rows also sit in a wider part (an interrupted merge)."""
+    live = {p.path for p in list_hardware_parts(hardware_dir, host)}
+    return [p.path for p in _hardware_parts(hardware_dir) if p.host == host_label(host) and p.path not in live]

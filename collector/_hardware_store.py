@@ -1,0 +1,129 @@
+"""One run's hardware samples from this host, as Parquet parts under `<run>/hardware/`.
+
+Rows gather in memory and are written as a new part every few seconds; parts are merged
+eight at a time, and into one when the run's sampling ends. Only this host's files are
+ever touched (their names start with the host), so collectors on several hosts can share
+a run directory. Samples are not acknowledged to anyone: a collector crash loses at most
+the rows since the last part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from expman._schema import (
+    HARDWARE_DIR,
+    HardwarePart,
+    hardware_part_name,
+    hardware_schema,
+    host_label,
+    list_hardware_parts,
+    stale_hardware_parts,
+)
+
+log = logging.getLogger("expman.collector")
+
+MERGE_FANIN = 8
+_SCHEMA = hardware_schema()
+_TIME = _SCHEMA.field("time").type
+
+# One row: (key, value, device, rank, text); the time and host are per sample and per store.
+Row = tuple[str, "float | None", "str | None", "int | None", "str | None"]
+
+
+def _dictionary(values: list[Any]) -> pa.Array:
+    return pa.array(values, pa.string()).dictionary_encode()
+
+
+def _write_part(source: pa.Table | list[HardwarePart], target: Path) -> None:
+    """Temp file beside the target, fsync, rename: a part is whole or absent."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
+        if isinstance(source, pa.Table):
+            writer.write_table(source)
+        else:
+            for part in source:
+                writer.write_table(pq.read_table(part.path, schema=_SCHEMA))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+class HardwareStore:
+    def __init__(self, run_dir: Path, host: str) -> None:
+        self.dir = run_dir / HARDWARE_DIR
+        self.host = host
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for path in stale_hardware_parts(self.dir, host):  # left by an interrupted merge
+            path.unlink(missing_ok=True)
+        for tmp in self.dir.glob(f".{host_label(host)}-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self._next = max((p.last for p in list_hardware_parts(self.dir, host)), default=-1) + 1
+        self._times: list[int] = []
+        self._rows: list[Row] = []
+        self.rows_written = 0
+        self.flushed_at = 0.0  # when the monitor last flushed, on its clock
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._rows)
+
+    def add(self, time_us: int, rows: list[Row]) -> None:
+        self._times += [time_us] * len(rows)
+        self._rows += rows
+
+    def table(self) -> pa.Table:
+        n = len(self._rows)
+        keys, values, devices, ranks, texts = (list(column) for column in zip(*self._rows)) if n else ([], [], [], [], [])
+        return pa.Table.from_arrays(
+            [
+                pa.array(self._times, _TIME),
+                pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([self.host])),
+                _dictionary(devices),
+                _dictionary(keys),
+                pa.array(values, pa.float64()),
+                pa.array(texts, pa.string()),
+                pa.array(ranks, pa.int32()),
+            ],
+            schema=_SCHEMA,
+        )
+
+    def flush(self) -> None:
+        """Write the pending rows as a new part."""
+        if not self._rows:
+            return
+        table = self.table()
+        _write_part(table, self.dir / hardware_part_name(self.host, 0, self._next, self._next))
+        self._next += 1
+        self.rows_written += table.num_rows
+        self._times.clear()
+        self._rows.clear()
+        self._merge_levels()
+
+    def _merge_levels(self) -> None:
+        while True:
+            by_level: dict[int, list[HardwarePart]] = {}
+            for p in list_hardware_parts(self.dir, self.host):
+                by_level.setdefault(p.level, []).append(p)
+            full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
+            if full is None:
+                return
+            self._merge(by_level[full][:MERGE_FANIN], full + 1)
+
+    def _merge(self, parts: list[HardwarePart], level: int) -> None:
+        _write_part(parts, self.dir / hardware_part_name(self.host, level, parts[0].first, parts[-1].last))
+        for p in parts:
+            p.path.unlink(missing_ok=True)
+
+    def compact(self) -> None:
+        """Flush, then merge this host's parts into one (when the run's sampling ends)."""
+        self.flush()
+        parts = list_hardware_parts(self.dir, self.host)
+        if len(parts) > 1:
+            self._merge(parts, max(p.level for p in parts) + 1)
