@@ -182,7 +182,7 @@ class HardwarePlan:
 class _Sources:
     """The sources of one sampling session (from the first run on this host to the last)."""
 
-    def __init__(self, root: Path, nvml_spec: str | None, told: set[Any]) -> None:
+    def __init__(self, root: Path, nvml: Any, nvml_spec: str | None, told: set[Any]) -> None:
         from .samplers.host import HostSource
         from .samplers.process import ProcessSource
 
@@ -191,7 +191,7 @@ class _Sources:
         self.gpu: GpuSource | None = None
         self.gpu_note = ""
         try:
-            self.gpu = GpuSource(load_nvml(nvml_spec))
+            self.gpu = GpuSource(nvml if nvml is not None else load_nvml(nvml_spec))
         except GpuUnavailable as exc:
             self.gpu_note = str(exc)
         except Exception as exc:  # pynvml missing, or a stand-in that does not load
@@ -229,6 +229,7 @@ class HardwareMonitor:
         interval: float = DEFAULT_INTERVAL_S,
         host: str | None = None,
         nvml_spec: str | None = None,
+        nvml: Any = None,
         flush_interval: float = FLUSH_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -236,6 +237,7 @@ class HardwareMonitor:
         self.host = host or hostname()
         self.interval = clamp_interval(interval, DEFAULT_INTERVAL_S)
         self.nvml_spec = nvml_spec if nvml_spec is not None else os.environ.get(NVML_MODULE_ENV) or None
+        self.nvml = nvml  # a module object to use as NVML (tests); else pynvml or the one nvml_spec names
         self.flush_interval = flush_interval
         self.clock = clock
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -308,7 +310,7 @@ class HardwareMonitor:
                         if uid not in stores:
                             stores[uid] = HardwareStore(run_dir, self.host)
                         if sources is None:
-                            sources = _Sources(self.root, self.nvml_spec, self._told)
+                            sources = _Sources(self.root, self.nvml, self.nvml_spec, self._told)
                         if target.pid > 0:
                             sources.process.track(target.pid)
                         plan.add(uid, run_dir, target, interval, now)
