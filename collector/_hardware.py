@@ -351,8 +351,8 @@ class HardwareMonitor:
 
     def _sample(self, plan: HardwarePlan, due: list[RunTarget], sources: _Sources,
                 stores: dict[str, HardwareStore], now: float) -> None:
+        time_us = int(time.time() * 1e6)  # the moment it starts: NVML calls may take a while
         moment = sources.sample(plan.pids())
-        time_us = int(time.time() * 1e6)
         for run in due:
             store = stores.get(run.uid)
             if store is not None:

@@ -212,7 +212,7 @@ def test_without_nvml_host_and_process_only_intervals_and_start_stop(root, short
     assert {r["rank"] for r in rows(table, key="process.rss_bytes")} == {0}
     times = sorted(set(seconds(t) for t in table["time"].to_pylist()))
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert len(times) >= 4 and all(0.15 < g < 0.6 for g in gaps[:-1]), gaps  # the collector's 0.25 s
+    assert len(times) >= 4 and 0.2 <= sorted(gaps)[len(gaps) // 2] <= 0.35, gaps  # the collector's 0.25 s
 
     slow_times = set(expman.open_run(slow.run_dir).hardware()["time"].to_pylist())
     assert len(slow_times) == 2, "the first sample at once, the last one at finish"
