@@ -288,3 +288,25 @@ def test_empty_run_reads_an_empty_table(tmp_path):
     write_yaml_atomic(run_dir / "run.yaml", {"id": "3"})
     table = expman.open_run(run_dir).hardware()
     assert table.num_rows == 0 and "device" in table.column_names
+
+
+# --- the rank's side ------------------------------------------------------------------------
+
+
+def test_the_rank_tells_the_collector_what_it_needs(root, short_dir, monkeypatch):
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ab,GPU-cd")
+    nobody = f"ipc://{short_dir}/nobody.sock"
+    exp = expman.start_experiment("e", "hello", root=root, collector=nobody, log_hardware=True, hardware_interval=2)
+    assert {k: exp.hello_extra[k] for k in ("log_hardware", "hardware_interval", "local_rank", "cuda_visible_devices")} == {
+        "log_hardware": True, "hardware_interval": 2.0, "local_rank": 3, "cuda_visible_devices": "GPU-ab,GPU-cd"}
+    assert exp.finish(timeout=0.1) is False  # nobody listens: bounded
+    monkeypatch.setenv("SLURM_LOCALID", "not-a-number")
+    plain = expman.start_experiment("e", "plain", root=root, collector=nobody)
+    assert plain.hello_extra["log_hardware"] is False and plain.hello_extra["local_rank"] == 0
+    plain.finish(timeout=0.1)
+    for bad in (0, -1, "1", True, float("nan")):
+        with pytest.raises(ValueError, match="hardware_interval"):
+            expman.start_experiment("e", "bad", root=root, collector=nobody, log_hardware=True, hardware_interval=bad)
