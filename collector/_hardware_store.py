@@ -30,6 +30,7 @@ from expman._schema import (
 log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
+ROW_GROUP = 131_072
 _SCHEMA = hardware_schema()
 _TIME = _SCHEMA.field("time").type
 
@@ -42,14 +43,16 @@ def _dictionary(values: list[Any]) -> pa.Array:
 
 
 def _write_part(source: pa.Table | list[HardwarePart], target: Path) -> None:
-    """Temp file beside the target, fsync, rename: a part is whole or absent."""
+    """Temp file beside the target, fsync, rename: a part is whole or absent. Merges stream
+    row groups, so a long run's final merge does not hold the run in memory."""
     tmp = target.with_name(f".{target.name}.tmp")
     with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
         if isinstance(source, pa.Table):
-            writer.write_table(source)
+            writer.write_table(source, row_group_size=ROW_GROUP)
         else:
             for part in source:
-                writer.write_table(pq.read_table(part.path, schema=_SCHEMA))
+                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                    writer.write_batch(batch, row_group_size=ROW_GROUP)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, target)
