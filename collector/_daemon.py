@@ -19,7 +19,7 @@ from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,9 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
     p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
-    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
-    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
-                          idle_exit=args.idle_exit)
+    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
+    collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+                          heartbeat_timeout=float(timeout) if timeout else None,
+                          idle_exit=args.idle_exit, forward=args.forward or config.get("forward"))
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("listening on %s, writing under %s", ", ".join(collector.endpoints), root)
+    target = f"relaying to {collector.relay.head}" if collector.relay else f"writing under {root}"
+    log.info("listening on %s, %s", ", ".join(collector.endpoints), target)
     if args.ready_file:
         write_yaml_atomic(Path(args.ready_file), {"pid": os.getpid(), "endpoints": collector.endpoints, "root": str(root)})
     collector.serve()

@@ -30,8 +30,10 @@ from ._metrics_store import MetricsStore
 log = logging.getLogger("expman.collector")
 
 RUN_YAML_MIN_INTERVAL_S = 1.0
-# Worst first: the run's status is the worst of its ranks' final statuses.
-_SEVERITY = ("crashed", "failed", "killed", "finished")
+# Worst first: the run's status is the worst of its ranks' final statuses; a rank that
+# vanished is "lost", and makes the run "crashed".
+_SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
+RANK_FINAL = frozenset(rank for rank, _ in _SEVERITY)
 
 
 def iso(ts: float | None) -> str | None:
@@ -64,6 +66,9 @@ class Run:
         # Monotonic time of each rank's last frame; ranks that a previous collector left
         # running count from now, so they are marked crashed if they never come back.
         self.rank_seen: dict[int, float] = {r: time.monotonic() for r in self.running_ranks()}
+        self.heartbeat_interval: dict[int, float] = {}  # seconds, as each rank said in its hello
+        self.param_owner: dict[str, int] = {}
+        self.finished_at_seq: dict[str, int] = {}  # sender -> seq of its finish frame
         self.write_info(force=True)
 
     @classmethod
@@ -97,6 +102,8 @@ class Run:
                 "world_size": int(body.get("world_size") or 1),
                 "hosts": [],
                 "ranks": {},
+                "launcher": body.get("launcher") or "none",
+                "job": body.get("job"),
                 "software": body.get("software") or {},
             }
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +112,11 @@ class Run:
     # --- frames ----------------------------------------------------------------------
     def hello(self, frame: Frame) -> None:
         body = frame.body
+        if frame.seq is not None and frame.seq < self.finished_at_seq.get(frame.sender, -1):
+            return  # a resent hello from before this sender's finish: nothing to reopen
+        started = iso(body.get("started_at") or frame.sent_at)
+        if started and started < (self.info.get("started_at") or started):
+            self.info["started_at"] = started  # the run starts with its earliest rank
         if body.get("reopen") or self.info.get("status") in FINAL_STATUSES:
             if self.info.get("status") in FINAL_STATUSES:
                 self.info.setdefault("reopened_at", []).append(iso(frame.sent_at))
@@ -115,9 +127,12 @@ class Run:
         if frame.host not in self.info["hosts"]:
             self.info["hosts"].append(frame.host)
         rank = self.info["ranks"].setdefault(frame.rank, {})
+        self.heartbeat_interval[frame.rank] = float(body.get("heartbeat_interval") or 5.0)
         rank.update(
             host=frame.host,
             pid=body.get("pid"),
+            local_rank=body.get("local_rank", 0),
+            node_rank=body.get("node_rank", 0),
             status="running",
             started_at=rank.get("started_at") or iso(body.get("started_at") or frame.sent_at),
             ended_at=None,
@@ -136,8 +151,25 @@ class Run:
             rank["last_step"] = last_step
         self.touch()
 
-    def set_params(self, params: dict[str, Any]) -> None:
-        self.params.update(params)
+    def set_params(self, rank: int, params: dict[str, Any]) -> None:
+        """Merge one rank's parameters. A key's value comes from the lowest rank that set
+        it; a different value from another rank is kept in run.yaml, never overwritten."""
+        conflicts = self.info.setdefault("param_conflicts", {})
+        for key, value in params.items():
+            owner = self.param_owner.get(key, rank)
+            if key in self.params and owner != rank and self.params[key] != value:
+                seen = conflicts.setdefault(key, {owner: self.params[key]})
+                seen[rank] = value
+                self._log.write(f"{iso(time.time())} [collector] WARNING parameter {key!r}: rank {rank} "
+                                f"logged {value!r}, rank {owner} logged {self.params[key]!r}; both kept in run.yaml\n")
+                self._log_dirty = True
+                self.touch(force=True)
+                if rank > owner:
+                    continue
+            self.param_owner[key] = min(owner, rank)
+            self.params[key] = value
+        if not conflicts:
+            del self.info["param_conflicts"]
         write_yaml_atomic(self.dir / CONFIG_YAML, self.params)
 
     def log_lines(self, frame: Frame) -> None:
@@ -153,10 +185,12 @@ class Run:
         """Record one rank's end; return True when the whole run has ended."""
         body = frame.body
         status = body.get("status")
-        if status not in FINAL_STATUSES:
+        if status not in FINAL_STATUSES or status == "crashed":
             raise ProtocolError("bad-values", f"unknown final status {status!r}")
         if isinstance(body.get("last_step"), int):
             self.info["ranks"].setdefault(frame.rank, {})["last_step"] = body["last_step"]
+        if frame.seq is not None:
+            self.finished_at_seq[frame.sender] = frame.seq
         self.end_rank(frame.rank, status, body.get("ended_at") or frame.sent_at, body.get("error"))
         return self.final_since is not None
 
@@ -166,12 +200,12 @@ class Run:
         if error:
             rank["error"] = error
         ranks = self.info["ranks"].values()
-        if len(self.info["ranks"]) >= self.info["world_size"] and all(r.get("status") in FINAL_STATUSES for r in ranks):
+        if len(self.info["ranks"]) >= self.info["world_size"] and all(r.get("status") in RANK_FINAL for r in ranks):
             statuses = {r["status"] for r in ranks}
-            self.info["status"] = next(s for s in _SEVERITY if s in statuses)
-            self.info["ended_at"] = iso(ended_at)
-            started = dt.datetime.fromisoformat(self.info["started_at"]).timestamp()
-            self.info["duration_s"] = round(ended_at - started, 3)
+            self.info["status"] = next(run for rank, run in _SEVERITY if rank in statuses)
+            self.info["ended_at"] = max(r["ended_at"] for r in ranks if r.get("ended_at"))  # ISO strings sort
+            started = dt.datetime.fromisoformat(self.info["started_at"])
+            self.info["duration_s"] = round((dt.datetime.fromisoformat(self.info["ended_at"]) - started).total_seconds(), 3)
             if error and self.info["status"] != "finished":
                 self.info["error"] = error
             self.final_since = time.monotonic()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ._errors import ExpmanError, RunNotFoundError
 from ._identity import resolve_root
-from ._schema import CONFIG_YAML, KEY, METRICS_DIR, RUN_LOG, RUN_YAML, WAL_DIR, list_parts, read_yaml
+from ._schema import CONFIG_YAML, KEY, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, list_parts, read_yaml
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,8 +52,67 @@ class Run:
         except FileNotFoundError:
             return ""
 
-    def metrics(self, keys: str | Iterable[str] | None = None) -> pa.Table:
-        """One row per point (columns key, value, text, step, rank, host, time), in arrival order."""
+    def metrics(
+        self,
+        keys: str | Iterable[str] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        reduce: str | None = None,
+    ) -> pa.Table:
+        """One row per point (columns key, value, text, step, rank, host, time), in arrival order.
+
+        `ranks` keeps only those ranks. `reduce` ("mean", "min", "max", "median") instead
+        returns one row per key and step across ranks: key, step, value, ranks (how many
+        ranks had a value at that step), time (the latest). Median is t-digest based:
+        exact for up to about a hundred ranks.
+        """
+        table = self._points(keys)
+        if ranks is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            wanted_ranks = [ranks] if isinstance(ranks, int) else list(ranks)
+            table = table.filter(pc.is_in(table[RANK], pa.array(wanted_ranks, pa.int32())))
+        if reduce is None:
+            return table
+        return _reduce_across_ranks(table, reduce)
+
+    def rank_stats(self) -> pa.Table:
+        """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
+        the fastest rank), last_heartbeat. A straggler has a low rate and a large lag."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        points = self._points(None)
+        stepped = points.filter(pc.is_valid(points[STEP]))
+        grouped = stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")])
+        progress = {row[RANK]: row for row in grouped.to_pylist()}
+        ranks = self.info.get("ranks") or {}
+        fastest = max((row[f"{STEP}_max"] for row in progress.values()), default=None)
+        rows = []
+        for rank in sorted(set(ranks) | set(progress)):
+            state, seen = ranks.get(rank, {}), progress.get(rank)
+            rate = None
+            last_step = state.get("last_step")
+            if seen is not None:
+                last_step = seen[f"{STEP}_max"]
+                span = (seen[f"{TIME}_max"] - seen[f"{TIME}_min"]).total_seconds()
+                if span > 0:
+                    rate = (seen[f"{STEP}_max"] - seen[f"{STEP}_min"]) / span
+            rows.append({
+                "rank": rank,
+                "host": state.get("host"),
+                "status": state.get("status"),
+                "last_step": last_step,
+                "steps_per_s": rate,
+                "lag_steps": None if fastest is None or last_step is None else fastest - last_step,
+                "last_heartbeat": state.get("last_heartbeat"),
+            })
+        schema = pa.schema([("rank", pa.int32()), ("host", pa.string()), ("status", pa.string()),
+                            ("last_step", pa.int64()), ("steps_per_s", pa.float64()), ("lag_steps", pa.int64()),
+                            ("last_heartbeat", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -88,6 +147,31 @@ class Run:
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
+
+
+REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}
+
+
+def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if how not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
+    numeric = table.filter(pc.is_valid(table[VALUE]))
+    numeric = numeric.set_column(0, KEY, numeric[KEY].cast(pa.string()))
+    grouped = numeric.group_by([KEY, STEP]).aggregate(
+        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")]
+    )
+    reduced = f"{VALUE}_{REDUCTIONS[how]}"
+    out = pa.table({
+        KEY: grouped[KEY],
+        STEP: grouped[STEP],
+        VALUE: grouped[reduced],
+        "ranks": grouped[f"{RANK}_count_distinct"],
+        TIME: grouped[f"{TIME}_max"],
+    })
+    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
 
 
 def open_run(run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Run:
