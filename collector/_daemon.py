@@ -19,7 +19,7 @@ from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
     p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     collector = Collector(root, list(binds), parent_pid=args.parent_pid,
                           heartbeat_timeout=float(timeout) if timeout else None,
-                          idle_exit=args.idle_exit, forward=args.forward or config.get("forward"))
+                          idle_exit=args.idle_exit, forward=args.forward or config.get("forward"), name=args.name or config.get("name"))
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)

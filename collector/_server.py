@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,7 +21,7 @@ import zmq
 from expman import _protocol as proto
 from expman._columns import frame_table
 from expman._errors import ProtocolError
-from expman._schema import RUN_YAML, read_yaml, write_yaml_atomic
+from expman._schema import HOSTS_DIR, RUN_YAML, check_name, read_yaml, write_yaml_atomic
 
 from ._relay import Relay
 from ._runs import Run, find_run_dir
@@ -77,8 +78,10 @@ class Collector:
         max_frame_bytes: int = proto.MAX_FRAME_BYTES,
         idle_exit: float | None = None,
         forward: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.root = root
+        self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
         self.parent_pid = parent_pid
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
         self._last_frame_at = time.monotonic()
@@ -206,7 +209,7 @@ class Collector:
         if kind == proto.HELLO:
             run = self.runs.get(frame.run)
             if run is None:
-                run = self.runs[frame.run] = Run.from_hello(self.root, frame)
+                run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
                 log.info("run %s started in %s", frame.run, run.dir)
                 for sender, seq in run.store.recovered_frames if run.store else ():
                     self.windows[sender].add(seq)  # persisted before a crash: a resend is a duplicate
@@ -283,6 +286,9 @@ class Collector:
                     log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
                     run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})
                 run.flush_metrics(final=run.final_since is not None)
+            if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
+                run.merged_at = now
+                run.merge_remote()  # other hosts' collectors share this run folder
             run.write_info()
             if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
                 run.close()

@@ -7,6 +7,7 @@ pyarrow is imported on first use, keeping `import expman` light.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ._errors import ExpmanError, RunNotFoundError
 from ._identity import resolve_root
-from ._schema import CONFIG_YAML, KEY, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, list_parts, read_yaml
+from ._schema import CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, list_parts, read_yaml
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,10 +48,18 @@ class Run:
         return read_yaml(self.path / CONFIG_YAML)
 
     def log_text(self) -> str:
-        try:
-            return (self.path / RUN_LOG).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return ""
+        """run.log, merged in time order with the lines other hosts' collectors kept (logs/)."""
+        files = [self.path / RUN_LOG, *sorted((self.path / LOGS_DIR).glob("*.log"))]
+        texts = []
+        for path in files:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
+        if len(texts) <= 1:
+            return texts[0] if texts else ""
+        entries = [_log_entries(text) for text in texts]
+        return "".join(heapq.merge(*entries))  # each entry starts with its ISO time, so text order is time order
 
     def metrics(
         self,
@@ -131,8 +140,15 @@ class Run:
                 continue
         else:
             raise ExpmanError(f"{self.path}: metrics parts kept changing while being read; try again")
-        covered = max((p.last for p in parts), default=-1)
-        segments = [path for n, path in list_segments(self.path / WAL_DIR) if n > covered]
+        covered: dict[str, int] = {}
+        for part in parts:
+            covered[part.writer] = max(covered.get(part.writer, -1), part.last)
+        segments = [
+            path
+            for wal in sorted((self.path / WAL_DIR).glob("*/"))
+            for n, path in list_segments(wal)
+            if n > covered.get(wal.name, -1)
+        ]
         tail = wal_table(rec for path in segments for rec in read_records(path))
         if tail is not None:
             if wanted is not None:
@@ -147,6 +163,17 @@ class Run:
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
+
+
+def _log_entries(text: str) -> list[str]:
+    """Split a log into entries: a line plus its indented continuation lines."""
+    entries: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("    ") and entries:
+            entries[-1] += line
+        else:
+            entries.append(line)
+    return entries
 
 
 REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}

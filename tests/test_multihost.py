@@ -123,3 +123,51 @@ def test_relay_merges_two_hosts_into_one_run_with_every_point_once(two_hosts, sh
     finally:
         for proc in reversed(procs):
             assert stop(proc) == 0
+
+
+def test_shared_filesystem_hosts_write_their_own_parts_and_the_reader_merges(two_hosts, short_dir, tmp_path, root):
+    host_a, host_b = two_hosts
+    procs = []
+    try:
+        a, (a_ipc,) = start(host_a, ["--root", str(root), "--name", host_a.name, "--bind", f"ipc://{short_dir}/a.sock"],
+                            tmp_path / "a.ready", tmp_path / "a.log")
+        procs.append(a)
+        b, (b_ipc,) = start(host_b, ["--root", str(root), "--name", host_b.name, "--bind", f"ipc://{short_dir}/b.sock"],
+                            tmp_path / "b.ready", tmp_path / "b.log")
+        procs.append(b)
+        script = tmp_path / "rank.py"
+        script.write_text(textwrap.dedent(f"""
+            import expman
+            with expman.start_experiment("shared", "job") as exp:
+                exp.log_parameters({{"lr": 0.1, "seed": exp.rank}})
+                for step in range({POINTS}):
+                    exp.log_metric("loss", float(step), step=step)
+                exp.info(f"rank {{exp.rank}} says hi")
+        """))
+        world = 4
+        ranks = []
+        for rank in range(world):
+            host, endpoint = (host_a, a_ipc) if rank % 2 == 0 else (host_b, b_ipc)
+            env = {**os.environ, "EXPMAN_RUN_ID": "shared-job", "EXPMAN_RANK": str(rank),
+                   "EXPMAN_WORLD_SIZE": str(world), "EXPMAN_COLLECTOR": endpoint, "EXPMAN_HOST": host.name}
+            ranks.append(host.popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True))
+        for proc in ranks:
+            _, err = proc.communicate(timeout=90)
+            assert proc.returncode == 0, err
+        (run,) = expman.list_runs(root)
+        wait_for(lambda: run.status == "finished", 10, "the owner to fold in the other host's ranks")
+        info = run.info
+        assert sorted(info["ranks"]) == list(range(world)) and sorted(info["hosts"]) == ["node-a", "node-b"]
+        assert all(v["status"] == "finished" for v in info["ranks"].values())
+        writers = {p.name.split(".")[-2] for p in (run.path / "metrics").glob("*.parquet")}
+        assert writers == {"node-a", "node-b"}, "each host's collector writes its own parts"
+        table = run.metrics("loss")
+        for rank in range(world):
+            assert sorted(table.filter(table["rank"].to_numpy() == rank)["step"].to_pylist()) == list(range(POINTS))
+        assert run.params == {"lr": 0.1, "seed": 0}
+        assert sorted(info["param_conflicts"]["seed"]) == list(range(world))
+        text = run.log_text()
+        assert all(f"rank {r} says hi" in text for r in range(world))
+    finally:
+        for proc in reversed(procs):
+            assert stop(proc) == 0
