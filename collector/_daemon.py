@@ -19,19 +19,21 @@ from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "hardware_interval"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "hardware_interval"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, hardware_interval")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
+    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, hardware_interval")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--hardware-interval", type=float,
                    help="seconds between hardware samples for runs that do not choose (default 1)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
+    p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
@@ -62,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
-    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
+    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
-    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
-                          idle_exit=args.idle_exit, hardware_interval=float(hardware_interval))
+    collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+                          heartbeat_timeout=float(timeout) if timeout else None,
+                          idle_exit=args.idle_exit, forward=args.forward or config.get("forward"), name=args.name or config.get("name"),
+                          hardware_interval=float(hardware_interval))
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("listening on %s, writing under %s", ", ".join(collector.endpoints), root)
+    target = f"relaying to {collector.relay.head}" if collector.relay else f"writing under {root}"
+    log.info("listening on %s, %s", ", ".join(collector.endpoints), target)
     if args.ready_file:
         write_yaml_atomic(Path(args.ready_file), {"pid": os.getpid(), "endpoints": collector.endpoints, "root": str(root)})
     collector.serve()

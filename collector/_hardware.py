@@ -228,13 +228,15 @@ class HardwareMonitor:
         *,
         interval: float = DEFAULT_INTERVAL_S,
         host: str | None = None,
+        writer: str | None = None,
         nvml_spec: str | None = None,
         nvml: Any = None,
         flush_interval: float = FLUSH_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
-        self.host = host or hostname()
+        self.host = host or hostname()  # whose ranks are sampled; the rows' host
+        self.writer = writer or self.host  # the collector's name, in the part files
         self.interval = clamp_interval(interval, DEFAULT_INTERVAL_S)
         self.nvml_spec = nvml_spec if nvml_spec is not None else os.environ.get(NVML_MODULE_ENV) or None
         self.nvml = nvml  # a module object to use as NVML (tests); else pynvml or the one nvml_spec names
@@ -253,11 +255,12 @@ class HardwareMonitor:
             if key in self._registered:  # reopened without hardware logging
                 self.rank_ended(frame.run, frame.rank)
             return
-        if frame.host != self.host:
+        if frame.host not in (self.host, self.writer):  # the host name, or the --name it is known by
             if ("host", frame.host) not in self._told:
                 self._told.add(("host", frame.host))
-                log.warning("run %s rank %d asks for hardware sampling but runs on %s, not on this collector's host "
-                            "%s; a collector on %s samples it", frame.run, frame.rank, frame.host, self.host, frame.host)
+                log.warning("run %s rank %d asks for hardware sampling but runs on %s; this collector samples "
+                            "ranks on %s only (run a collector on %s that writes to this root)",
+                            frame.run, frame.rank, frame.host, self.host, frame.host)
             return
         pid, local_rank, cvd = body.get("pid"), body.get("local_rank", 0), body.get("cuda_visible_devices")
         if type(pid) is not int or pid <= 0:
@@ -308,7 +311,7 @@ class HardwareMonitor:
                     if command[0] == "add":
                         _, uid, run_dir, target, interval = command
                         if uid not in stores:
-                            stores[uid] = HardwareStore(run_dir, self.host)
+                            stores[uid] = HardwareStore(run_dir, self.host, self.writer)
                         if sources is None:
                             sources = _Sources(self.root, self.nvml, self.nvml_spec, self._told)
                         if target.pid > 0:

@@ -1,9 +1,9 @@
 """One run's hardware samples from this host, as Parquet parts under `<run>/hardware/`.
 
 Rows gather in memory and are written as a new part every few seconds; parts are merged
-eight at a time, and into one when the run's sampling ends. Only this host's files are
-ever touched (their names start with the host), so collectors on several hosts can share
-a run directory. Samples are not acknowledged to anyone: a collector crash loses at most
+eight at a time, and into one when the run's sampling ends. Parts are named like metrics
+parts, by their writer (this collector's name), and only this writer's parts are ever
+touched, so the collectors of several hosts can share a run directory. Samples are not acknowledged to anyone: a collector crash loses at most
 the rows since the last part.
 """
 
@@ -17,15 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from expman._schema import (
-    HARDWARE_DIR,
-    HardwarePart,
-    hardware_part_name,
-    hardware_schema,
-    host_label,
-    list_hardware_parts,
-    stale_hardware_parts,
-)
+from expman._schema import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
 
 log = logging.getLogger("expman.collector")
 
@@ -42,7 +34,7 @@ def _dictionary(values: list[Any]) -> pa.Array:
     return pa.array(values, pa.string()).dictionary_encode()
 
 
-def _write_part(source: pa.Table | list[HardwarePart], target: Path) -> None:
+def _write_part(source: pa.Table | list[Part], target: Path) -> None:
     """Temp file beside the target, fsync, rename: a part is whole or absent. Merges stream
     row groups, so a long run's final merge does not hold the run in memory."""
     tmp = target.with_name(f".{target.name}.tmp")
@@ -59,15 +51,18 @@ def _write_part(source: pa.Table | list[HardwarePart], target: Path) -> None:
 
 
 class HardwareStore:
-    def __init__(self, run_dir: Path, host: str) -> None:
+    """`host` goes in the rows, `writer` (the collector's name) in the file names."""
+
+    def __init__(self, run_dir: Path, host: str, writer: str) -> None:
         self.dir = run_dir / HARDWARE_DIR
         self.host = host
+        self.writer = writer
         self.dir.mkdir(parents=True, exist_ok=True)
-        for path in stale_hardware_parts(self.dir, host):  # left by an interrupted merge
+        for path in stale_parts(self.dir, writer):  # left by an interrupted merge
             path.unlink(missing_ok=True)
-        for tmp in self.dir.glob(f".{host_label(host)}-*.tmp"):
+        for tmp in self.dir.glob(f".part-*.{writer}.parquet.tmp"):
             tmp.unlink(missing_ok=True)
-        self._next = max((p.last for p in list_hardware_parts(self.dir, host)), default=-1) + 1
+        self._next = max((p.last for p in list_parts(self.dir, writer)), default=-1) + 1
         self._times: list[int] = []
         self._rows: list[Row] = []
         self.rows_written = 0
@@ -102,7 +97,7 @@ class HardwareStore:
         if not self._rows:
             return
         table = self.table()
-        _write_part(table, self.dir / hardware_part_name(self.host, 0, self._next, self._next))
+        _write_part(table, self.dir / part_name(0, self._next, self._next, self.writer))
         self._next += 1
         self.rows_written += table.num_rows
         self._times.clear()
@@ -111,22 +106,22 @@ class HardwareStore:
 
     def _merge_levels(self) -> None:
         while True:
-            by_level: dict[int, list[HardwarePart]] = {}
-            for p in list_hardware_parts(self.dir, self.host):
+            by_level: dict[int, list[Part]] = {}
+            for p in list_parts(self.dir, self.writer):
                 by_level.setdefault(p.level, []).append(p)
             full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
             if full is None:
                 return
             self._merge(by_level[full][:MERGE_FANIN], full + 1)
 
-    def _merge(self, parts: list[HardwarePart], level: int) -> None:
-        _write_part(parts, self.dir / hardware_part_name(self.host, level, parts[0].first, parts[-1].last))
+    def _merge(self, parts: list[Part], level: int) -> None:
+        _write_part(parts, self.dir / part_name(level, parts[0].first, parts[-1].last, self.writer))
         for p in parts:
             p.path.unlink(missing_ok=True)
 
     def compact(self) -> None:
-        """Flush, then merge this host's parts into one (when the run's sampling ends)."""
+        """Flush, then merge this writer's parts into one (when the run's sampling ends)."""
         self.flush()
-        parts = list_hardware_parts(self.dir, self.host)
+        parts = list_parts(self.dir, self.writer)
         if len(parts) > 1:
             self._merge(parts, max(p.level for p in parts) + 1)

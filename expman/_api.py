@@ -14,7 +14,7 @@ from typing import Any
 
 from ._errors import RunNotFoundError
 from ._experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
-from ._identity import COLLECTOR_ENV, detect_local_rank, detect_rank, detect_world_size, hostname, new_uid, resolve_root, software_info
+from ._identity import COLLECTOR_ENV, Identity, hostname, resolve_identity, resolve_root, software_info
 from ._local import LocalCollector
 from ._schema import RUN_YAML, check_name, read_yaml
 from ._sender import Sender
@@ -22,10 +22,11 @@ from ._sender import Sender
 log = logging.getLogger("expman")
 
 DEFAULT_EXPERIMENT = "default"
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
 
 _lock = threading.Lock()
 _senders: dict[str, Sender] = {}
-_local_collectors: dict[Path, LocalCollector] = {}
+_local_collectors: dict[tuple[Path, str | None], LocalCollector] = {}
 _hooks_installed = False
 
 
@@ -42,6 +43,8 @@ def start_experiment(
     collector: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    run_id: str | None = None,
+    heartbeat_interval: float | None = None,
     finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
     flush_interval: float | None = None,
     max_points_per_frame: int | None = None,
@@ -49,29 +52,38 @@ def start_experiment(
 ) -> Experiment:
     """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
 
-    `space` is the experiment (a folder under the root), `name` the run's name. With no
-    `collector` argument and no $EXPMAN_COLLECTOR, a private collector process is started.
+    `space` is the experiment (a folder under the root), `name` the run's name. Every
+    rank of a launched job (torchrun, Slurm, MPI) lands in the same run without talking
+    to the others: see expman/_identity.py for how rank and run id are found. With no
+    `collector` argument and no $EXPMAN_COLLECTOR, a local collector process is started
+    (one per process, or one shared by the job's ranks on this host).
     `log_hardware=True` asks the host's collector to sample the host, this process and its
     GPUs every `hardware_interval` seconds (default: the collector's setting, 1 s) while
     the run is active (see docs/storage.md, "Hardware").
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
+    if _parent is not None and run_id is None:
+        run_id = _parent.child_run_id(name)  # every rank derives the same child id
+    identity = resolve_identity(rank, world_size, run_id)
     reopen = experiment_uid is not None
     if reopen:
         space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)
         uid = str(experiment_uid)
     else:
-        uid = new_uid()
+        uid = check_name("run id", identity.run_id)
+    if name is None:  # ranks of one job must pick the same name, so only a lone process uses the clock
+        name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
     experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
-    run_name = check_name("run", name if name is not None else time.strftime("run-%Y%m%d-%H%M%S"))
+    run_name = check_name("run", name)
     tag_list = [str(t) for t in (tags or [])]
     if code_dir is not None:
         log.warning("expman: code_dir= is accepted but code capture is not implemented yet; nothing is captured")
     hardware = _hardware_hello(log_hardware, hardware_interval)
     local = None
     if endpoint is None:
-        local = _local_collector(root_path)
+        shared_key = uid if identity.world_size > 1 and identity.run_id_source != "fresh" else None
+        local = _local_collector(root_path, shared_key)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame)
@@ -82,19 +94,40 @@ def start_experiment(
         experiment=experiment,
         name=run_name,
         uid=uid,
-        rank=detect_rank() if rank is None else int(rank),
-        world_size=detect_world_size() if world_size is None else int(world_size),
+        rank=identity.rank,
+        world_size=identity.world_size,
         host=hostname(),
         parent=_parent.uid if _parent is not None else None,
         tags=tag_list,
         reopen=reopen,
         finish_timeout=finish_timeout,
-        hello_extra={"software": software_info(), **hardware},
+        heartbeat_interval=_heartbeat_interval(heartbeat_interval),
+        hello_extra={"software": software_info(), **_launch_info(identity), **hardware},
     )
 
 
+def _heartbeat_interval(value: float | None) -> float:
+    if value is None:
+        value = float(os.environ.get("EXPMAN_HEARTBEAT_INTERVAL") or DEFAULT_HEARTBEAT_INTERVAL)
+    if not value > 0:
+        raise ValueError(f"heartbeat_interval must be positive seconds, got {value!r}")
+    return float(value)
+
+
+def _launch_info(identity: Identity) -> dict[str, Any]:
+    launch = identity.launch
+    return {
+        "launcher": launch.launcher,
+        "job": launch.job_label,
+        "local_rank": launch.local_rank,
+        "node_rank": launch.node_rank,
+        "run_id_source": identity.run_id_source,
+    }
+
+
 def _hardware_hello(log_hardware: bool, interval: float | None) -> dict[str, Any]:
-    """Hello fields the collector needs to sample this rank's hardware and attribute GPUs."""
+    """Hello fields the collector needs to sample this rank's hardware and attribute GPUs
+    (the local rank is among the launch fields)."""
     if interval is not None:
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
             raise ValueError(f"hardware_interval must be a positive number of seconds, got {interval!r}")
@@ -102,7 +135,6 @@ def _hardware_hello(log_hardware: bool, interval: float | None) -> dict[str, Any
     return {
         "log_hardware": bool(log_hardware),
         "hardware_interval": interval,
-        "local_rank": detect_local_rank(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
@@ -117,11 +149,11 @@ def _find_existing(root: Path, uid: str, space: str | None, name: str | None, mu
     return space or DEFAULT_EXPERIMENT, name or uid
 
 
-def _local_collector(root: Path) -> LocalCollector:
+def _local_collector(root: Path, shared_key: str | None) -> LocalCollector:
     with _lock:
-        local = _local_collectors.get(root)
+        local = _local_collectors.get((root, shared_key))
         if local is None:
-            local = _local_collectors[root] = LocalCollector(root)
+            local = _local_collectors[(root, shared_key)] = LocalCollector(root, shared_key)
         else:
             local.ensure_running()
         return local

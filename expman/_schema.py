@@ -25,7 +25,10 @@ CONFIG_YAML = "config.yaml"
 RUN_LOG = "run.log"
 METRICS_DIR = "metrics"
 ARTIFACTS_DIR = "artifacts"
-WAL_DIR = ".wal"
+WAL_DIR = ".wal"  # .wal/<writer>/NNNNNNNN.wal
+HOSTS_DIR = "hosts"  # hosts/<writer>.yaml: the ranks, hosts and parameters other collectors hold
+LOGS_DIR = "logs"  # logs/<writer>.log: run.log lines that other collectors received
+OWNER_FILE = "owner"  # the name of the collector that writes run.yaml, config.yaml, run.log
 
 # Metrics columns, one row per point.
 KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
@@ -104,26 +107,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 # --- metrics parts -----------------------------------------------------------------
-# metrics/part-<level>-<first WAL segment>-<last WAL segment>.parquet. The segment range
-# says which write-ahead segments a part holds, so a crash between writing a part and
-# deleting its segments, or mid-compaction, never counts a point twice.
-_PART = re.compile(r"^part-(\d+)-(\d{8})-(\d{8})\.parquet$")
+# metrics/part-<level>-<first WAL segment>-<last WAL segment>.<writer>.parquet, where the
+# writer is the collector that wrote it (its --name, the host name by default), so the
+# collectors of several hosts can share one run folder on a shared filesystem. The
+# segment range says which of that writer's write-ahead segments (.wal/<writer>/) a part
+# holds, so a crash between writing a part and deleting its segments, or mid-merge,
+# never counts a point twice.
+_PART = re.compile(r"^part-(\d+)-(\d{8})-(\d{8})\.(.+)\.parquet$")
 
 
 @dataclass(frozen=True, order=True)
 class Part:
+    writer: str
     first: int
     last: int
     level: int
     path: Path
 
 
-def part_name(level: int, first: int, last: int) -> str:
-    return f"part-{level}-{first:08d}-{last:08d}.parquet"
+def part_name(level: int, first: int, last: int, writer: str) -> str:
+    return f"part-{level}-{first:08d}-{last:08d}.{writer}.parquet"
 
 
-def list_parts(metrics_dir: Path) -> list[Part]:
-    """The parts that hold the data, oldest first; parts inside a wider one are left out."""
+def list_parts(metrics_dir: Path, writer: str | None = None) -> list[Part]:
+    """The parts that hold the data (of one writer, or all), oldest first; parts inside a
+    wider one of the same writer are left out."""
     try:
         names = os.listdir(metrics_dir)
     except FileNotFoundError:
@@ -131,35 +139,35 @@ def list_parts(metrics_dir: Path) -> list[Part]:
     parts = []
     for name in names:
         m = _PART.match(name)
-        if m:
-            parts.append(Part(int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
+        if m and (writer is None or m[4] == writer):
+            parts.append(Part(m[4], int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
     return [p for p in sorted(parts) if not any(q is not p and _covers(q, p) for q in parts)]
 
 
-def stale_parts(metrics_dir: Path) -> list[Path]:
-    """Parts whose rows also sit in a wider part (left behind by an interrupted compaction)."""
-    live = {p.path for p in list_parts(metrics_dir)}
+def stale_parts(metrics_dir: Path, writer: str) -> list[Path]:
+    """A writer's parts whose rows also sit in a wider part (an interrupted merge)."""
+    live = {p.path for p in list_parts(metrics_dir, writer)}
     if not metrics_dir.exists():
         return []
-    return [path for path in metrics_dir.glob("part-*.parquet") if _PART.match(path.name) and path not in live]
+    return [path for path in metrics_dir.glob(f"part-*.{writer}.parquet")
+            if (m := _PART.match(path.name)) and m[4] == writer and path not in live]
 
 
 def _covers(outer: Part, inner: Part) -> bool:
     wider = (outer.last - outer.first, outer.level) > (inner.last - inner.first, inner.level)
-    return outer.first <= inner.first and inner.last <= outer.last and wider
+    return outer.writer == inner.writer and outer.first <= inner.first and inner.last <= outer.last and wider
 
 
 # --- hardware samples ----------------------------------------------------------------
-# hardware/<host>-<level>-<first flush>-<last flush>.parquet, written by the collector of
-# <host> (docs/storage.md). One collector per host writes only its own files, so hosts
-# that share the run directory (a shared filesystem) never touch each other's samples.
+# hardware/part-<level>-<first flush>-<last flush>.<writer>.parquet: the same naming,
+# listing and merge rules as metrics parts (`part_name`, `list_parts`, `stale_parts`), with
+# the writer being the collector of the host sampled. Each collector writes only its own
+# parts, so hosts that share a run folder never touch each other's samples.
 HARDWARE_DIR = "hardware"
 DEVICE = "device"
 # Long schema, one row per reading; `device` is null for host-wide and process readings,
 # `rank` is null for readings that belong to no rank of the run.
 HARDWARE_COLUMNS = (TIME, HOST, DEVICE, KEY, VALUE, TEXT, RANK)
-_HARDWARE_PART = re.compile(r"^(.+)-(\d+)-(\d{8})-(\d{8})\.parquet$")
-_HOST_LABEL_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def hardware_schema() -> pa.Schema:
@@ -176,50 +184,3 @@ def hardware_schema() -> pa.Schema:
             pa.field(RANK, pa.int32()),
         ]
     )
-
-
-def host_label(host: str) -> str:
-    """A host name as it appears in file names: letters, digits, '.', '_' and '-' only."""
-    label = _HOST_LABEL_BAD.sub("_", host).lstrip(".")
-    return label or "host"
-
-
-def hardware_part_name(host: str, level: int, first: int, last: int) -> str:
-    return f"{host_label(host)}-{level}-{first:08d}-{last:08d}.parquet"
-
-
-@dataclass(frozen=True, order=True)
-class HardwarePart:
-    host: str  # the host label from the file name
-    first: int
-    last: int
-    level: int
-    path: Path
-
-
-def _hardware_parts(hardware_dir: Path) -> list[HardwarePart]:
-    try:
-        names = os.listdir(hardware_dir)
-    except FileNotFoundError:
-        return []
-    parts = []
-    for name in names:
-        m = _HARDWARE_PART.match(name)
-        if m:
-            parts.append(HardwarePart(m[1], int(m[3]), int(m[4]), int(m[2]), hardware_dir / name))
-    return sorted(parts)
-
-
-def list_hardware_parts(hardware_dir: Path, host: str | None = None) -> list[HardwarePart]:
-    """The parts that hold the samples (of one host, or all), per host oldest first;
-    parts whose range lies inside a wider part of the same host are left out."""
-    parts = _hardware_parts(hardware_dir)
-    if host is not None:
-        parts = [p for p in parts if p.host == host_label(host)]
-    return [p for p in parts if not any(q is not p and q.host == p.host and _covers(q, p) for q in parts)]  # type: ignore[arg-type]
-
-
-def stale_hardware_parts(hardware_dir: Path, host: str) -> list[Path]:
-    """One host's parts whose rows also sit in a wider part (an interrupted merge)."""
-    live = {p.path for p in list_hardware_parts(hardware_dir, host)}
-    return [p.path for p in _hardware_parts(hardware_dir) if p.host == host_label(host) and p.path not in live]

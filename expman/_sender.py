@@ -35,7 +35,6 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
-HEARTBEAT_INTERVAL_S = 2.0
 RESEND_AFTER_S = 2.0
 MAX_POINTS_PER_FRAME = 16384
 MAX_PENDING_BYTES = 256 * 1024 * 1024
@@ -222,7 +221,6 @@ class Sender:
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
-        next_heartbeat = 0.0
         next_resend_check = time.monotonic() + RESEND_AFTER_S
         try:
             while True:
@@ -236,12 +234,9 @@ class Sender:
                 if dealer in events:
                     self._read_acks(dealer)
                 now = time.monotonic()
-                heartbeat = now >= next_heartbeat
-                if heartbeat:
-                    next_heartbeat = now + HEARTBEAT_INTERVAL_S
                 for exp in self.active():
                     try:
-                        self._drain(exp, heartbeat)
+                        self._drain(exp, now)
                     except Exception:  # one run's bad data must not stop the others
                         log.exception("expman: run %s: could not send its data", exp.uid)
                 if now >= next_resend_check:
@@ -281,7 +276,7 @@ class Sender:
         c.pending += points
         c.unacked_frames += 1
 
-    def _drain(self, exp: Experiment, heartbeat: bool) -> None:
+    def _drain(self, exp: Experiment, now: float) -> None:
         if not exp.hello_sent:
             exp.hello_sent = True
             self._enqueue(exp, proto.HELLO, self._hello_body(exp))
@@ -304,7 +299,8 @@ class Sender:
             exp.finish_sent = True
             self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step})
             self._check_finished(exp)
-        elif heartbeat and request is None:
+        elif request is None and now >= exp.next_heartbeat:
+            exp.next_heartbeat = now + exp.heartbeat_interval
             self._send_heartbeat(exp)
 
     def _hello_body(self, exp: Experiment) -> dict[str, Any]:
@@ -324,6 +320,7 @@ class Sender:
             "world_size": exp.world_size,
             "pid": os.getpid(),
             "started_at": exp.started_at,
+            "heartbeat_interval": exp.heartbeat_interval,
             **exp.hello_extra,
         }
 

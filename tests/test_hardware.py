@@ -244,3 +244,50 @@ def test_local_mode_script_with_log_hardware(root, run_script, tmp_path):
     pattern = str(run.path / "hardware" / "*.parquet")
     ((n,),) = duckdb.sql(f"select count(*) from read_parquet('{pattern}') where key = 'gpu.temperature_c'").fetchall()
     assert n == pc.sum(pc.equal(table["key"].cast("string"), "gpu.temperature_c")).as_py() > 0
+
+
+def test_two_hosts_sharing_a_root_each_sample_their_own_ranks(root, short_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPMAN_NVML_MODULE", FAKE_NVML)
+    collectors, ranks = [], []
+    try:
+        for host in ("node-a", "node-b"):
+            config = tmp_path / f"{host}.json"
+            write_json(config, {"gpus": [{"uuid": f"GPU-{host}-{i}"} for i in range(2)]})
+            monkeypatch.setenv("EXPMAN_FAKE_NVML", str(config))
+            monkeypatch.setenv("EXPMAN_HOST", host)
+            workdir = short_dir / host
+            workdir.mkdir()
+            collectors.append(start_collector(root, workdir, None, "--name", host))
+        script = tmp_path / "rank.py"
+        script.write_text(textwrap.dedent("""
+            import time, expman
+            with expman.start_experiment("hw", "multi", log_hardware=True, hardware_interval=0.2) as exp:
+                exp.log_metric("loss", 1.0, step=0)
+                time.sleep(0.8)
+        """))
+        for rank, (host, c) in enumerate(zip(("node-a", "node-b"), collectors)):
+            env = {**os.environ, "EXPMAN_RUN_ID": "hw-multi", "EXPMAN_RANK": str(rank), "EXPMAN_WORLD_SIZE": "2",
+                   "EXPMAN_COLLECTOR": c.endpoint, "EXPMAN_HOST": host}
+            env.pop("EXPMAN_FAKE_NVML")
+            ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True))
+        for p in ranks:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        for c in collectors:
+            wait_for(lambda: "hardware sampling stopped" in c.log(), 10, "sampling to stop")
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for c in collectors:
+            assert c.stop() == 0, c.log()
+    (run,) = expman.list_runs(root)
+    writers = {p.name.split(".")[-2] for p in (run.path / "hardware").glob("*.parquet")}
+    assert writers == {"node-a", "node-b"}, "each host's collector writes its own parts"
+    table = run.hardware()
+    assert set(table["host"].to_pylist()) == {"node-a", "node-b"}
+    assert {(r["host"], r["rank"]) for r in rows(table, key="process.rss_bytes")} == {("node-a", 0), ("node-b", 1)}
+    temps = {(r["host"], r["device"], r["rank"]) for r in rows(table, key="gpu.temperature_c")}
+    assert temps == {("node-a", "GPU-node-a-0", 0), ("node-a", "GPU-node-a-1", None),
+                     ("node-b", "GPU-node-b-0", 1), ("node-b", "GPU-node-b-1", None)}, "local rank 0 on each host"

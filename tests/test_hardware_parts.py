@@ -15,7 +15,7 @@ import pytest
 
 import expman
 from expman._protocol import Frame
-from expman._schema import hardware_part_name, list_hardware_parts, write_yaml_atomic
+from expman._schema import list_parts, part_name, write_yaml_atomic
 from expman.collector._hardware import HardwareMonitor, HardwarePlan, Moment, RankTarget
 from expman.collector._hardware_store import MERGE_FANIN, HardwareStore
 from expman.collector.samplers import Reading
@@ -238,7 +238,7 @@ def test_monitor_calls_return_at_once_and_close_writes_the_last_sample(tmp_path)
     assert time.perf_counter() - t0 < 5
     table = run.hardware()
     assert {r for r in table["rank"].to_pylist()} == {None, 0}
-    assert len(list_hardware_parts(run_dir / "hardware")) == 1
+    assert len(list_parts(run_dir / "hardware")) == 1
     n = table.num_rows
     time.sleep(0.3)
     assert run.hardware().num_rows == n
@@ -251,36 +251,36 @@ def test_each_host_writes_its_own_parts_and_the_reader_merges_them(tmp_path):
     run_dir = tmp_path / "e" / "r-2"
     run_dir.mkdir(parents=True)
     write_yaml_atomic(run_dir / "run.yaml", {"id": "2"})
-    a, b = HardwareStore(run_dir, "node-a"), HardwareStore(run_dir, "gpu/node b")
+    a, b = HardwareStore(run_dir, "node-a.cluster", "node-a"), HardwareStore(run_dir, "node-b.cluster", "node-b")
     for i in range(MERGE_FANIN + 2):
         a.add(1_700_000_000_000_000 + i, [("cpu.percent", float(i), None, None, None)])
         a.flush()
     b.add(1_700_000_000_000_000, [("gpu.temperature_c", 70.0, "GPU-b", 3, None), ("gpu.name", None, "GPU-b", None, "H100")])
     b.flush()
     names = sorted(p.name for p in (run_dir / "hardware").iterdir())
-    assert names == ["gpu_node_b-0-00000000-00000000.parquet", hardware_part_name("node-a", 0, 8, 8),
-                     hardware_part_name("node-a", 0, 9, 9), hardware_part_name("node-a", 1, 0, 7)]
+    assert names == sorted([part_name(0, 8, 8, "node-a"), part_name(0, 9, 9, "node-a"), part_name(1, 0, 7, "node-a"),
+                            part_name(0, 0, 0, "node-b")])
     table = expman.open_run(run_dir).hardware()
     assert table.num_rows == MERGE_FANIN + 4
     assert table.column_names == ["time", "host", "device", "key", "value", "text", "rank"]
-    assert set(table["host"].to_pylist()) == {"node-a", "gpu/node b"}
+    assert set(table["host"].to_pylist()) == {"node-a.cluster", "node-b.cluster"}
     assert expman.open_run(run_dir).hardware(keys=["gpu.name"])["text"].to_pylist() == ["H100"]
     # One host finishing compacts its own parts only.
     a.compact()
-    assert sorted(p.host for p in list_hardware_parts(run_dir / "hardware")) == ["gpu_node_b", "node-a"]
+    assert sorted(p.writer for p in list_parts(run_dir / "hardware")) == ["node-a", "node-b"]
     # A merge cut short leaves a wider part beside the parts it holds: read once, tidied on reopen.
     b.add(1_700_000_000_000_001, [("gpu.temperature_c", 71.0, "GPU-b", 3, None)])
     b.flush()
-    b._merge(list_hardware_parts(run_dir / "hardware", "gpu/node b"), 1)
-    (run_dir / "hardware" / hardware_part_name("gpu/node b", 0, 1, 1)).write_bytes(
-        (run_dir / "hardware" / hardware_part_name("gpu/node b", 1, 0, 1)).read_bytes())
+    b._merge(list_parts(run_dir / "hardware", "node-b"), 1)
+    hw = run_dir / "hardware"
+    (hw / part_name(0, 1, 1, "node-b")).write_bytes((hw / part_name(1, 0, 1, "node-b")).read_bytes())
     assert expman.open_run(run_dir).hardware().num_rows == MERGE_FANIN + 5
-    again = HardwareStore(run_dir, "gpu/node b")
-    assert not (run_dir / "hardware" / hardware_part_name("gpu/node b", 0, 1, 1)).exists()
+    again = HardwareStore(run_dir, "node-b.cluster", "node-b")
+    assert not (hw / part_name(0, 1, 1, "node-b")).exists()
     assert again._next == 2
-    pattern = str(run_dir / "hardware" / "*.parquet")
+    pattern = str(hw / "*.parquet")
     assert duckdb.sql(f"select host, count(*) from read_parquet('{pattern}') group by host order by host").fetchall() == [
-        ("gpu/node b", 3), ("node-a", MERGE_FANIN + 2)]
+        ("node-a.cluster", MERGE_FANIN + 2), ("node-b.cluster", 3)]
 
 
 def test_empty_run_reads_an_empty_table(tmp_path):
@@ -294,8 +294,10 @@ def test_empty_run_reads_an_empty_table(tmp_path):
 
 
 def test_the_rank_tells_the_collector_what_it_needs(root, short_dir, monkeypatch):
-    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_LOCALID", "3")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ab,GPU-cd")
     nobody = f"ipc://{short_dir}/nobody.sock"
@@ -303,9 +305,9 @@ def test_the_rank_tells_the_collector_what_it_needs(root, short_dir, monkeypatch
     assert {k: exp.hello_extra[k] for k in ("log_hardware", "hardware_interval", "local_rank", "cuda_visible_devices")} == {
         "log_hardware": True, "hardware_interval": 2.0, "local_rank": 3, "cuda_visible_devices": "GPU-ab,GPU-cd"}
     assert exp.finish(timeout=0.1) is False  # nobody listens: bounded
-    monkeypatch.setenv("SLURM_LOCALID", "not-a-number")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     plain = expman.start_experiment("e", "plain", root=root, collector=nobody)
-    assert plain.hello_extra["log_hardware"] is False and plain.hello_extra["local_rank"] == 0
+    assert plain.hello_extra["log_hardware"] is False and plain.hello_extra["cuda_visible_devices"] is None
     plain.finish(timeout=0.1)
     for bad in (0, -1, "1", True, float("nan")):
         with pytest.raises(ValueError, match="hardware_interval"):
