@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -96,6 +96,9 @@ class Collector:
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
         self._stopping = False
+        # Called with the loop's monotonic time after each round of periodic work (the
+        # daemon's sd_notify watchdog and status); must be quick and must not raise.
+        self.on_periodic: Callable[[float], None] | None = None
 
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -282,6 +285,8 @@ class Collector:
         ):
             log.info("no running run for %.0f s; exiting", self.idle_exit)
             self._stopping = True
+        if self.on_periodic is not None:
+            self.on_periodic(now)
 
     def _shutdown(self) -> None:
         local = self.parent_pid is not None
