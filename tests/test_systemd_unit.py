@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from expman.collector._daemon import load_config, parse_socket_mode
 from _helpers import wait_for
