@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -106,6 +106,9 @@ class Collector:
         self._stopping = False
         self._poller = zmq.Poller()
         self.relay = Relay(self._ctx, forward, self._poller) if forward else None
+        # Called with the loop's monotonic time after each round of periodic work (the
+        # daemon's sd_notify watchdog and status); must be quick and must not raise.
+        self.on_periodic: Callable[[float], None] | None = None
 
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -307,6 +310,8 @@ class Collector:
         ):
             log.info("no running run for %.0f s; exiting", self.idle_exit)
             self._stopping = True
+        if self.on_periodic is not None:
+            self.on_periodic(now)
 
     def _silent_too_long(self, run: Run, rank: int, now: float) -> bool:
         """Lost after two missed heartbeats (or --heartbeat-timeout, when given)."""
