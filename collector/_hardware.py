@@ -64,6 +64,7 @@ class RankTarget:
     pid: int
     local_rank: int = 0
     cuda_visible_devices: str | None = None
+    nvidia_visible_devices: str | None = None  # set in containers by the NVIDIA runtime
     ending: bool = False  # gets one last sample, then leaves
 
 
@@ -160,7 +161,8 @@ class HardwarePlan:
     def attribute(run: RunTarget, moment: Moment) -> dict[str, list[int]]:
         """Device UUID -> the run's ranks using it. A rank's process listed on a device by
         NVML decides; a rank not listed anywhere (no CUDA context yet, or a PID namespace
-        that hides it) gets the device its CUDA_VISIBLE_DEVICES and local rank point to."""
+        that hides it) gets the device its NVIDIA_/CUDA_VISIBLE_DEVICES and local rank
+        point to."""
         devices_of_pid: dict[int, list[str]] = {}
         for r in moment.gpus:
             if r.pid is not None and r.device is not None:
@@ -169,7 +171,8 @@ class HardwarePlan:
         for target in sorted(run.ranks.values(), key=lambda t: t.rank):
             uuids = devices_of_pid.get(target.pid)
             if not uuids:
-                guess = device_for_rank(target.cuda_visible_devices, target.local_rank, moment.devices)
+                guess = device_for_rank(target.cuda_visible_devices, target.local_rank, moment.devices,
+                                        target.nvidia_visible_devices)
                 uuids = [guess.uuid] if guess is not None else []
             for uuid in uuids:
                 out.setdefault(uuid, []).append(target.rank)
@@ -229,6 +232,7 @@ class HardwareMonitor:
         interval: float = DEFAULT_INTERVAL_S,
         host: str | None = None,
         writer: str | None = None,
+        local_only: bool = False,
         nvml_spec: str | None = None,
         nvml: Any = None,
         flush_interval: float = FLUSH_INTERVAL_S,
@@ -237,6 +241,9 @@ class HardwareMonitor:
         self.root = root
         self.host = host or hostname()  # whose ranks are sampled; the rows' host
         self.writer = writer or self.host  # the collector's name, in the part files
+        # Listening on ipc:// sockets only, every rank is on this machine whatever host name it
+        # reports (a container's, say); else a rank must name this host or this collector.
+        self.local_only = local_only
         self.interval = clamp_interval(interval, DEFAULT_INTERVAL_S)
         self.nvml_spec = nvml_spec if nvml_spec is not None else os.environ.get(NVML_MODULE_ENV) or None
         self.nvml = nvml  # a module object to use as NVML (tests); else pynvml or the one nvml_spec names
@@ -255,20 +262,21 @@ class HardwareMonitor:
             if key in self._registered:  # reopened without hardware logging
                 self.rank_ended(frame.run, frame.rank)
             return
-        if frame.host not in (self.host, self.writer):  # the host name, or the --name it is known by
+        if not self.local_only and frame.host not in (self.host, self.writer):
             if ("host", frame.host) not in self._told:
                 self._told.add(("host", frame.host))
                 log.warning("run %s rank %d asks for hardware sampling but runs on %s; this collector samples "
                             "ranks on %s only (run a collector on %s that writes to this root)",
                             frame.run, frame.rank, frame.host, self.host, frame.host)
             return
-        pid, local_rank, cvd = body.get("pid"), body.get("local_rank", 0), body.get("cuda_visible_devices")
+        pid, local_rank = body.get("pid"), body.get("local_rank", 0)
+        cvd, nvd = body.get("cuda_visible_devices"), body.get("nvidia_visible_devices")
         if type(pid) is not int or pid <= 0:
             log.warning("run %s rank %d asks for hardware sampling without a valid pid (%r); host metrics only",
                         frame.run, frame.rank, pid)
             pid = -1  # matches no process and no GPU process
         target = RankTarget(frame.rank, pid, local_rank if type(local_rank) is int else 0,
-                            cvd if isinstance(cvd, str) else None)
+                            cvd if isinstance(cvd, str) else None, nvd if isinstance(nvd, str) else None)
         self._registered.add(key)
         self._put(("add", frame.run, run_dir, target, body.get("hardware_interval")))
 

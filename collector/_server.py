@@ -84,7 +84,8 @@ class Collector:
     ) -> None:
         self.root = root
         self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
-        self.hardware = HardwareMonitor(root, interval=hardware_interval, writer=self.name)  # samples on its own thread
+        self.hardware = HardwareMonitor(root, interval=hardware_interval, writer=self.name,  # samples on its own thread
+                                        local_only=all(b.startswith("ipc://") for b in binds))
         self.parent_pid = parent_pid
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
         self._last_frame_at = time.monotonic()

@@ -136,6 +136,7 @@ def _hardware_hello(log_hardware: bool, interval: float | None) -> dict[str, Any
         "log_hardware": bool(log_hardware),
         "hardware_interval": interval,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "nvidia_visible_devices": os.environ.get("NVIDIA_VISIBLE_DEVICES"),  # in containers
     }
 
 

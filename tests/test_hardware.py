@@ -172,7 +172,8 @@ def test_without_nvml_host_and_process_only_intervals_and_start_stop(root, short
     monkeypatch.setenv("EXPMAN_FAKE_NVML", str(config))
     collector_config = tmp_path / "collector.yaml"
     collector_config.write_text(yaml.safe_dump({"hardware_interval": 0.25}))
-    c = start_collector(root, short_dir, None, "--config", str(collector_config))
+    # Also on tcp, so ranks of other hosts could reach it: then a rank must name this host.
+    c = start_collector(root, short_dir, None, "--config", str(collector_config), "--bind", "tcp://127.0.0.1:0")
     try:
         common = dict(root=root, collector=c.endpoint)
         default = expman.start_experiment("hw", "default-interval", log_hardware=True, **common)

@@ -173,6 +173,17 @@ def test_visible_devices_keeps_cuda_order():
     assert [d.index for d in visible_devices("3,0,2", DEVICES)] == [3, 0, 2]
 
 
+@pytest.mark.parametrize("nvd, cvd, local_rank, expected", [
+    ("GPU-3333,GPU-1111", None, 0, 1), ("GPU-3333,GPU-1111", None, 1, 3),  # a container's GPUs, NVML order
+    ("2,3", "1", 0, 3),                          # CUDA_VISIBLE_DEVICES counts inside the container
+    ("all", None, 2, 2), ("", None, 2, 2),       # every GPU
+    ("none", None, 0, None), ("void", None, 0, None),
+])
+def test_device_for_rank_in_a_container(nvd, cvd, local_rank, expected):
+    got = device_for_rank(cvd, local_rank, DEVICES, nvd)
+    assert (got.index if got else None) == expected
+
+
 def test_plan_attributes_devices_by_process_then_by_visible_devices(tmp_path):
     plan = HardwarePlan(1.0)
     for target in (RankTarget(0, 100, 0), RankTarget(1, 101, 1), RankTarget(2, 102, 2, "GPU-3333"), RankTarget(3, 103, 3, "")):
@@ -219,6 +230,16 @@ class SlowNvml(FakeNvml):
 
 def hello(run: str, rank: int, host: str, **body) -> Frame:
     return Frame("hello", run, host, rank, "s", 0, time.time(), {"log_hardware": True, "pid": os.getpid(), **body})
+
+
+def test_a_collector_on_ipc_only_samples_ranks_whatever_host_they_name(tmp_path):
+    monitor = HardwareMonitor(tmp_path, nvml=FakeNvml([]), local_only=True)
+    monitor.hello(hello("4", 0, "training-pod-7"), tmp_path)  # a container's host name
+    assert ("4", 0) in monitor._registered
+    monitor.close()
+    remote = HardwareMonitor(tmp_path, nvml=FakeNvml([]))
+    remote.hello(hello("4", 0, "training-pod-7"), tmp_path)
+    assert not remote._registered and remote._thread is None
 
 
 def test_monitor_calls_return_at_once_and_close_writes_the_last_sample(tmp_path):
@@ -299,11 +320,14 @@ def test_the_rank_tells_the_collector_what_it_needs(root, short_dir, monkeypatch
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_LOCALID", "3")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ab,GPU-cd")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "GPU-ab,GPU-cd")
     nobody = f"ipc://{short_dir}/nobody.sock"
     exp = expman.start_experiment("e", "hello", root=root, collector=nobody, log_hardware=True, hardware_interval=2)
-    assert {k: exp.hello_extra[k] for k in ("log_hardware", "hardware_interval", "local_rank", "cuda_visible_devices")} == {
-        "log_hardware": True, "hardware_interval": 2.0, "local_rank": 3, "cuda_visible_devices": "GPU-ab,GPU-cd"}
+    fields = ("log_hardware", "hardware_interval", "local_rank", "cuda_visible_devices", "nvidia_visible_devices")
+    assert {k: exp.hello_extra[k] for k in fields} == {
+        "log_hardware": True, "hardware_interval": 2.0, "local_rank": 3, "cuda_visible_devices": "1,0",
+        "nvidia_visible_devices": "GPU-ab,GPU-cd"}
     assert exp.finish(timeout=0.1) is False  # nobody listens: bounded
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     plain = expman.start_experiment("e", "plain", root=root, collector=nobody)

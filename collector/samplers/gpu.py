@@ -230,33 +230,53 @@ class GpuSource:
 # --- which device a rank uses ---------------------------------------------------------
 
 
-def visible_devices(cuda_visible_devices: str | None, devices: list[DeviceInfo]) -> list[DeviceInfo]:
-    """The devices a process sees, in CUDA's order, given its CUDA_VISIBLE_DEVICES (unset:
-    all, by NVML index). Like CUDA, the list ends at the first entry that names no device;
-    MIG instances are not mapped to their parent device."""
-    by_index = sorted(devices, key=lambda d: d.index)
+def _match(entry: str, devices: list[DeviceInfo], by_position: bool) -> DeviceInfo | None:
+    """The device one CUDA_/NVIDIA_VISIBLE_DEVICES entry names: a number (a position in
+    `devices`, or an NVML index), or a unique UUID prefix with or without "GPU-"."""
+    if entry.isdigit():
+        number = int(entry)
+        if by_position:
+            return devices[number] if number < len(devices) else None
+        return next((d for d in devices if d.index == number), None)
+    if not entry or entry.upper().startswith("MIG-"):
+        return None  # MIG instances are not mapped to their parent device
+    wanted = entry.upper().removeprefix("GPU-")
+    found = [d for d in devices if d.uuid.upper().removeprefix("GPU-").startswith(wanted)]
+    return found[0] if len(found) == 1 else None
+
+
+def visible_devices(cuda_visible_devices: str | None, devices: list[DeviceInfo],
+                    nvidia_visible_devices: str | None = None) -> list[DeviceInfo]:
+    """The devices a process sees, in CUDA's order.
+
+    A container sees the GPUs its NVIDIA_VISIBLE_DEVICES names (the NVIDIA container
+    runtime and Kubernetes device plugin set it; unset or "all": every GPU), numbered
+    from 0 in NVML's order. CUDA_VISIBLE_DEVICES then picks among those (unset: all); like
+    CUDA, its list ends at the first entry that names no device or repeats one.
+    """
+    base = sorted(devices, key=lambda d: d.index)
+    container = (nvidia_visible_devices or "").strip().lower()
+    if container in ("none", "void"):
+        return []
+    if nvidia_visible_devices is not None and container not in ("", "all"):
+        named = [_match(e.strip(), base, by_position=False) for e in nvidia_visible_devices.split(",")]
+        base = sorted({d for d in named if d is not None}, key=lambda d: d.index)
     if cuda_visible_devices is None:
-        return by_index
+        return base
     out: list[DeviceInfo] = []
     for raw in cuda_visible_devices.split(","):
-        entry = raw.strip()
-        match: DeviceInfo | None = None
-        if entry.isdigit():
-            match = next((d for d in by_index if d.index == int(entry)), None)
-        elif entry and not entry.upper().startswith("MIG-"):
-            wanted = entry.upper().removeprefix("GPU-")
-            found = [d for d in by_index if d.uuid.upper().removeprefix("GPU-").startswith(wanted)]
-            match = found[0] if len(found) == 1 else None
+        match = _match(raw.strip(), base, by_position=True)
         if match is None or match in out:
             break
         out.append(match)
     return out
 
 
-def device_for_rank(cuda_visible_devices: str | None, local_rank: int, devices: list[DeviceInfo]) -> DeviceInfo | None:
+def device_for_rank(cuda_visible_devices: str | None, local_rank: int, devices: list[DeviceInfo],
+                    nvidia_visible_devices: str | None = None) -> DeviceInfo | None:
     """The device a rank most likely uses when NVML does not list its process yet: the
     only one it sees, else the one at its local rank (the torchrun / Slurm convention)."""
-    visible = visible_devices(cuda_visible_devices, devices)
+    visible = visible_devices(cuda_visible_devices, devices, nvidia_visible_devices)
     if len(visible) == 1:
         return visible[0]
     if 0 <= local_rank < len(visible):
