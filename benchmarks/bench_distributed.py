@@ -50,6 +50,26 @@ VALUE_OFFSET = 1e9  # rank r logs value step + r * VALUE_OFFSET (exact in float6
 
 
 # --- the rank process -------------------------------------------------------------------
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads: the main (training) thread, ZeroMQ's own
+    threads (named ZMQbg/...), and the rest (expman's sender thread)."""
+    out = {"main": 0.0, "zmq": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = os.getpid()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        kind = "main" if int(tid) == pid else "zmq" if comm.startswith("ZMQbg") else "other"
+        out[kind] += cpu
+    return out
+
+
 def worker(argv: list[str]) -> int:
     """`bench_distributed.py --worker MODE POINTS ROOT`: one rank (identity from EXPMAN_*)."""
     mode, points, root = argv[0], int(argv[1]), argv[2]
@@ -71,6 +91,7 @@ def worker(argv: list[str]) -> int:
     base = exp.rank * VALUE_OFFSET
     chunks: list[int] = []
     pc = time.perf_counter_ns
+    threads0 = thread_cpu()
     cpu0 = os.times()
     t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes on one machine
     if mode == "metric":
@@ -98,6 +119,7 @@ def worker(argv: list[str]) -> int:
     confirmed = exp.finish(timeout=120)
     t2 = time.perf_counter()
     cpu2 = os.times()
+    threads = thread_cpu()
     with open(f"/proc/{os.getpid()}/status", encoding="ascii") as fh:
         hwm_kb = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
     out = {
@@ -105,6 +127,7 @@ def worker(argv: list[str]) -> int:
         "cpu_s": (cpu2.user - cpu0.user) + (cpu2.system - cpu0.system), "chunks_ns": chunks,
         "last_chunk_points": logged - (len(chunks) - 1) * CHUNK if chunks else 0,
         "confirmed": confirmed, "stats_loop": stats_loop, "stats_end": exp.stats(), "peak_rss_mb": hwm_kb / 1024,
+        "threads_cpu_s": {k: threads.get(k, 0.0) - threads0.get(k, 0.0) for k in threads},
     }
     print(json.dumps(out), flush=True)
     return 0
@@ -254,7 +277,7 @@ def cpu_ticks(pid: int) -> int:
 
 @dataclass
 class Collector:
-    role: str  # "collector", "head" or "relay"
+    role: str  # "collector" (single), "head" or "relay"
     host: Host
     proc: subprocess.Popen[bytes]
     pid: int
@@ -309,6 +332,15 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> int | No
         return None
 
 
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One line of a rank's stdout, or '' if none comes within `timeout` s (or it exited)."""
+    import select
+
+    if select.select([proc.stdout], [], [], timeout)[0]:
+        return proc.stdout.readline()
+    return ""
+
+
 def collector_counters(log: Path) -> dict[str, Any]:
     """The counters the collector logs when it stops ('collector stopped: {...}; rejected: {...}')."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
@@ -337,7 +369,8 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
 
     work = c.make_tmpdir(f"dist-{setup}")
     root = work / "root"
-    procs: list[subprocess.Popen[Any]] = []
+    procs: list[subprocess.Popen[Any]] = []  # collectors, in start order
+    rank_procs: list[subprocess.Popen[Any]] = []
     hosts_ctl = TwoHosts()
     sampler: ProcSampler | None = None
     out: dict[str, Any] = {"setup": setup, "mode": mode, "label": f"{SETUPS[setup]}, {MODES[mode]}",
@@ -346,7 +379,11 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
     def close() -> None:
         if sampler is not None:
             sampler.stop()
-        for proc in reversed(procs):  # ranks first, then the relay, then the head
+        for proc in rank_procs:  # ranks first (killed: on the normal path they have exited already)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for proc in reversed(procs):  # then the relay, then the head
             stop_process(proc)
         hosts_ctl.close()
         c.rmtree_quiet(work)
@@ -357,7 +394,7 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         collectors: list[Collector] = []
         if setup == "single":
             local = Host(os.uname().nodename, "127.0.0.1", [])
-            head = start_collector("the", local, ["--root", str(root), "--bind", f"ipc://{work}/c.sock"],
+            head = start_collector("collector", local, ["--root", str(root), "--bind", f"ipc://{work}/c.sock"],
                                    work, procs, f"{setup}-{mode}-")
             collectors.append(head)
             placement = [(local, head.endpoints[0])] * ranks
@@ -380,16 +417,14 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         out["collectors"] = {col.role: {"host": col.host.name, "endpoints": col.endpoints} for col in collectors}
 
         # Ranks: start, wait for every "ready" (hello answered), then "go" to all at once.
-        rank_procs = []
         for r, (host, endpoint) in enumerate(placement):
             proc = subprocess.Popen(
                 [*host.prefix, c.PYTHON, __file__, "--worker", mode, str(points), str(root)],
                 env=rank_env(r, ranks, run_id, endpoint, host.name), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=open(work / f"rank{r}.log", "wb"), text=True)
-            procs.insert(0, proc)  # stopped before the collectors
             rank_procs.append(proc)
         for r, proc in enumerate(rank_procs):
-            line = proc.stdout.readline()
+            line = read_line(proc, 120)
             if line.strip() != "ready":
                 raise RuntimeError(f"rank {r} did not get ready: {line.strip()!r} "
                                    f"{(work / f'rank{r}.log').read_text(errors='replace')[-2000:]}")
@@ -406,7 +441,7 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
             proc.stdin.flush()
         results = []
         for r, proc in enumerate(rank_procs):
-            line = proc.stdout.readline()
+            line = read_line(proc, 400)
             try:
                 results.append(json.loads(line))
             except json.JSONDecodeError:
@@ -421,16 +456,19 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
             col.counters["hwm_mb"] = c.hwm_bytes(col.pid) / 2**20
             col.counters["peak_sampled_mb"] = sampler.peak_rss(col.pid) / 2**20
             col.counters["samples"] = len(sampler.series[col.pid])
+            peak_at = max(sampler.series[col.pid], key=lambda x: x[1], default=(t_go, 0, 0))[0]
+            col.counters["peak_at_s"] = peak_at - t_go
 
         first = min(x["t0"] for x in results)
         last = max(x["t2"] for x in results)
         logged = sum(x["logged"] for x in results)
-        out.update(logged=logged, total_s=last - first, points_per_s=logged / (last - first),
+        out.update(logged=logged, total_s=last - first, last_finish_s=last - t_go, points_per_s=logged / (last - first),
                    go_to_first_log_ms=(first - t_go) * 1e3, parent_saw_done_s=t_done - t_go)
         out["per_rank"] = [{"rank": x["rank"], "loop_pps": x["logged"] / (x["t1"] - x["t0"]),
                             "e2e_pps": x["logged"] / (x["t2"] - x["t0"]), "finish_s": x["t2"] - x["t1"],
                             "cpu_s": x["cpu_s"], "peak_rss_mb": x["peak_rss_mb"], "confirmed": x["confirmed"],
-                            "stats_loop": x["stats_loop"], "stats_end": x["stats_end"]} for x in results]
+                            "stats_loop": x["stats_loop"], "stats_end": x["stats_end"],
+                            "threads_cpu_s": x["threads_cpu_s"]} for x in results]
         per_point = []
         for x in results:
             n = len(x["chunks_ns"])
@@ -460,8 +498,11 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         run = expman.open_run(run_dir)
         out["status"] = run.status
         expected_host = {r: placement[r][0].name for r in range(ranks)}
-        out["check"] = check_points(run, ranks, mode, points, expected_host if setup == "relay" else None)
+        table = run.metrics()
         out["read_s"] = time.perf_counter() - t3
+        t4 = time.perf_counter()
+        out["check"] = check_points(table, ranks, mode, points, expected_host if setup == "relay" else None)
+        out["check_s"] = time.perf_counter() - t4
         out["run_hosts"] = sorted(run.info.get("hosts") or [])
         out["run_ranks_finished"] = sum(1 for v in (run.info.get("ranks") or {}).values() if v.get("status") == "finished")
 
@@ -483,12 +524,11 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
     return out
 
 
-def check_points(run: Any, ranks: int, mode: str, points: int, hosts: dict[int, str] | None) -> dict[str, Any]:
+def check_points(tbl: Any, ranks: int, mode: str, points: int, hosts: dict[int, str] | None) -> dict[str, Any]:
     """Every (rank, key): steps exactly 0..n-1, each once; values as logged; hosts as placed."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    tbl = run.metrics()
     keys = ["loss"] if mode == "metric" else [f"layer{k}/grad_norm" for k in range(KEYS)]
     n = points if mode == "metric" else points // KEYS
     tbl = tbl.set_column(tbl.schema.get_field_index("key"), "key", tbl["key"].cast(pa.string()))
@@ -534,6 +574,10 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"p50": v[min(n - 1, int(0.5 * n))], "p99": v[min(n - 1, int(0.99 * n))], "min": v[0], "max": v[-1]}
 
 
+def collector_label(role: str) -> str:
+    return role if role == "collector" else f"{role} collector"
+
+
 def print_case(r: dict[str, Any]) -> None:
     m = 1e6
     ncpu = os.cpu_count() or 1
@@ -542,7 +586,7 @@ def print_case(r: dict[str, Any]) -> None:
           f"({r['logged']:,} in all)")
     print(f"   hosts: {r['hosts_via']}")
     for role, info in r["collectors"].items():
-        print(f"   {role}: {info['host']} on {', '.join(info['endpoints'])}")
+        print(f"   {collector_label(role)} on {info['host']}: {', '.join(info['endpoints'])}")
     print(f"   aggregate, first rank's first log call -> last rank's finish() returned: {r['total_s']:.2f} s = "
           f"{r['points_per_s'] / m:.2f} M points/s (target >= {c.TARGET_E2E_POINTS_PER_S / m:.0f} M/s: {c.verdict(ok)})")
     if r.get("collector_side_pps"):
@@ -569,12 +613,17 @@ def print_case(r: dict[str, Any]) -> None:
         if f.get("frames") is not None:
             extra = (f"; frames {f.get('frames', 0):,}, points {f.get('points', 0):,}, duplicates {f.get('duplicates', 0)}, "
                      f"relay-busy {f.get('relay-busy', 0)}, rejected {sum((f.get('rejected') or {}).values())}")
-        print(f"   {role} collector: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB), peak sampled "
-              f"{f['peak_sampled_mb']:.0f} MB ({f['samples']} samples), CPU {f['cpu_s']:.2f} s{extra}; exit {f.get('exit_code')}")
+        print(f"   {collector_label(role)}: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB), peak sampled "
+              f"{f['peak_sampled_mb']:.0f} MB ({f['samples']} samples, peak at +{f['peak_at_s']:.1f} s; last finish at "
+              f"+{r['last_finish_s']:.1f} s), CPU {f['cpu_s']:.2f} s{extra}; exit {f.get('exit_code')}")
     busy = r["ranks_cpu_s"] + r["collectors_cpu_s"]
+    th = {k: sum(x["threads_cpu_s"].get(k, 0.0) for x in r["per_rank"]) for k in ("main", "other", "zmq")}
     print(f"   CPU from go to done: ranks {r['ranks_cpu_s']:.2f} s ({r['ranks_cpu_s'] * 1e9 / r['logged']:.0f} ns/point), "
           f"collectors {r['collectors_cpu_s']:.2f} s ({r['collectors_cpu_s'] * 1e9 / r['logged']:.0f} ns/point); "
           f"{busy:.2f} CPU-s of {ncpu * r['total_s']:.2f} available ({100 * busy / (ncpu * r['total_s']):.0f}% of {ncpu} cores)")
+    print(f"   ranks' CPU by thread: logging (main) {th['main']:.2f} s ({th['main'] * 1e9 / r['logged']:.0f} ns/point), "
+          f"expman sender {th['other']:.2f} s ({th['other'] * 1e9 / r['logged']:.0f} ns/point), "
+          f"ZeroMQ I/O {th['zmq']:.2f} s ({th['zmq'] * 1e9 / r['logged']:.0f} ns/point)")
     others = r["machine_busy_s"] - busy
     print(f"   whole machine over the same {r['window_s']:.2f} s: {r['machine_busy_s']:.2f} CPU-s busy of "
           f"{r['machine_total_s']:.2f}; other processes (not this benchmark's ranks/collectors) "
@@ -584,7 +633,7 @@ def print_case(r: dict[str, Any]) -> None:
           f"{busy * 1e9 / r['logged']:.0f} ns of CPU per point = {ceiling / m:.2f} M points/s")
     ck = r["check"]
     print(f"   run.yaml said finished {r['status_wait_s']:.2f} s after the last finish(); "
-          f"read back: {ck['rows']:,} rows (expected {ck['expected_rows']:,}) in {r['read_s']:.2f} s, "
+          f"read back: {ck['rows']:,} rows (expected {ck['expected_rows']:,}) in {r['read_s']:.2f} s (checked in {r['check_s']:.2f} s), "
           f"{r['run_dirs']} run dir(s), status {r['status']}, hosts {r['run_hosts']}, "
           f"{r['run_ranks_finished']}/{r['ranks']} ranks finished")
     print(f"   per-rank sequence check: lost {ck['lost']}, duplicated {ck['duplicates']}, wrong values "

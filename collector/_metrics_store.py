@@ -23,6 +23,9 @@ log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
 ROW_GROUP = 131_072
+# Dictionary-encode only columns with few distinct values (a frame's points share a time);
+# doing it for values and steps costs more than it saves.
+_DICTIONARY_COLUMNS = ["key", "text", "rank", "host", "time"]
 _SCHEMA = metrics_schema()
 
 
@@ -33,7 +36,8 @@ def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
     merges, whatever the size of the run.
     """
     tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
+                          column_encoding={"step": "DELTA_BINARY_PACKED"}) as writer:
         if isinstance(table_or_parts, pa.Table):
             writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
         else:

@@ -29,7 +29,7 @@ from ._runs import Run, find_run_dir
 
 log = logging.getLogger("expman.collector")
 
-RECV_BATCH = 512
+RECV_BATCH = 128  # frames per turn: bounds the rows decoded before the next flush
 FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
