@@ -82,7 +82,7 @@ class HardwareStore:
         return pa.Table.from_arrays(
             [
                 pa.array(self._times, _TIME),
-                pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([self.host])),
+                pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([self.host], pa.string())),
                 _dictionary(devices),
                 _dictionary(keys),
                 pa.array(values, pa.float64()),
