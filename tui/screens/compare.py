@@ -60,6 +60,7 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one("#compare-charts").focus()
         self.poll()
         self.set_interval(self.app.poll_interval * 2, self.poll)
 

@@ -42,6 +42,7 @@ class HelpScreen(ModalScreen):
         super().__init__()
         self.under = under
         self.app_bindings = app_bindings
+        self.rows: list[tuple[str, str]] = []  # (key, what it does), as shown
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
@@ -60,7 +61,8 @@ class HelpScreen(ModalScreen):
             table.add_row("", "")
             table.add_row(Text(title, style="bold underline"), "")
             for binding in bindings:
-                table.add_row(key_label(binding), binding.description or binding.action)
+                self.rows.append((key_label(binding), binding.description or binding.action))
+                table.add_row(*self.rows[-1])
         table.add_row("", "")
         table.add_row(Text("Screens", style="bold underline"), "")
         for line in SCREENS_TEXT.splitlines():

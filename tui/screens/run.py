@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.lazy import Lazy
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Log, TabbedContent, TabPane
 
@@ -88,6 +89,8 @@ class RunScreen(Screen):
         self.polls = 0  # completed reads: tests wait on it
         self._busy = False
         self._last_request: tuple = ()
+        self._pending: dict[str, Any] = {}
+        self._pending_log: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Label("", id="run-header")
@@ -96,20 +99,21 @@ class RunScreen(Screen):
                 with Horizontal():
                     yield KeyPicker(id="keys")
                     yield VerticalScroll(id="charts-area")
+            # The other tabs mount after the first paint: the chart comes first.
             with TabPane("2 Ranks", id="ranks"):
-                yield RankTable(id="rank-table")
+                yield Lazy(RankTable(id="rank-table"))
             with TabPane("3 Hardware", id="hardware"):
-                with VerticalScroll():
-                    yield HardwarePanel(id="hardware-panel")
+                yield Lazy(VerticalScroll(HardwarePanel(id="hardware-panel")))
             with TabPane("4 Params", id="params"):
-                yield ParamsTable(id="params-table")
+                yield Lazy(ParamsTable(id="params-table"))
             with TabPane("5 Log", id="log"):
-                yield Log(id="log-view", max_lines=5000)
+                yield Lazy(Log(id="log-view", max_lines=5000))
             with TabPane("6 Artifacts", id="artifacts"):
-                yield ArtifactsList(id="artifacts-list")
+                yield Lazy(ArtifactsList(id="artifacts-list"))
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one("#charts-area").focus()
         self.poll()
         self.set_interval(self.app.poll_interval, self.poll)
 
@@ -169,16 +173,26 @@ class RunScreen(Screen):
             self.series.update(snap.series)
             self._draw()
         self._show_header()
-        self.query_one(RankTable).show(rank_rows(self.info, self.app.clock(), self.rates))
-        if snap.log_lines:
-            self.query_one(Log).write_lines(snap.log_lines)
-        if snap.params is not None:
-            self.query_one(ParamsTable).show(snap.params)
-        if snap.hardware is not None:
-            self.query_one(HardwarePanel).show(snap.hardware)
-        if snap.artifacts is not None:
-            self.query_one(ArtifactsList).show(snap.artifacts)
+        self._pending.update({k: v for k, v in (("params", snap.params), ("hardware", snap.hardware),
+                                                ("artifacts", snap.artifacts)) if v is not None})
+        self._pending_log.extend(snap.log_lines)
+        self._show_panels()
         self.polls += 1
+
+    def _show_panels(self) -> None:
+        """Hand what was read to the panels that are mounted (Lazy mounts them after the first paint)."""
+        for table in self.query(RankTable):
+            table.show(rank_rows(self.info, self.app.clock(), self.rates))
+        for log in self.query(Log):
+            if self._pending_log:
+                log.write_lines(self._pending_log)
+                self._pending_log = []
+        targets = {"params": ParamsTable, "hardware": HardwarePanel, "artifacts": ArtifactsList}
+        for name, value in list(self._pending.items()):
+            found = list(self.query(targets[name]))
+            if found:
+                found[0].show(value)
+                del self._pending[name]
 
     # --- drawing ------------------------------------------------------------------------------
     def _show_header(self) -> None:

@@ -65,6 +65,10 @@ class RunsScreen(Screen):
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
+    def on_screen_resume(self) -> None:
+        if self.scans:
+            self.scan()
+
     def on_mount(self) -> None:
         self._show_status_filter()
         self.query_one("#runs", DataTable).focus()
@@ -73,7 +77,8 @@ class RunsScreen(Screen):
 
     # --- data --------------------------------------------------------------------------
     def scan(self) -> None:
-        if not self._scanning:
+        """Start a scan unless one is running, or another screen covers this one (it scans when shown again)."""
+        if not self._scanning and (self.is_current or not self.scans):
             self._scanning = True
             self._scan()
 

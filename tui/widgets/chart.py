@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -59,6 +60,7 @@ class MetricChart(Widget):
         self._strips: list[Strip] | None = None
         self._strips_size = (0, 0)
         self.updates = 0  # how many times data arrived: tests wait on it
+        self.first_drawn_at: float | None = None  # monotonic time lines were first drawn (the benchmark reads it)
 
     @property
     def target_buckets(self) -> int:
@@ -92,6 +94,8 @@ class MetricChart(Widget):
             return strips + [Strip([note]).adjust_cell_length(width)] + [Strip.blank(width)] * (height - 2)
         for row in render(self.lines, width, height - 1, self.x_range, self.x_format):
             strips.append(Strip(row).adjust_cell_length(width))
+        if self.first_drawn_at is None:
+            self.first_drawn_at = time.monotonic()
         return strips
 
 
