@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data.runs import DEFAULT_KEY_METRICS
 
     keys = tuple(k.strip() for k in args.keys.split(",") if k.strip()) if args.keys else DEFAULT_KEY_METRICS
-    app = ExpmanApp(root, poll_interval=args.poll, key_metrics=keys)
+    app = ExpmanApp(args.root or root, poll_interval=args.poll, key_metrics=keys)
     app.run()
     code = app.return_code or 0
     # Quitting is instant: the terminal is restored; a reader thread still decoding a big

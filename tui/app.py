@@ -30,12 +30,13 @@ class ExpmanApp(App):
                  poll_interval: float = POLL_INTERVAL_S, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS) -> None:
         super().__init__()
         self.root = Path(root).expanduser().resolve()
+        self.root_label = str(root)  # shown as given (a relative root stays relative)
         self.clock = clock
         self.poll_interval = poll_interval
         self.key_metrics = key_metrics
 
     def on_mount(self) -> None:
-        self.push_screen(RunsScreen(self.root, self.key_metrics))
+        self.push_screen(RunsScreen(self.root, self.key_metrics, label=self.root_label))
 
     def open_run(self, run_dir: Path) -> None:
         self.push_screen(RunScreen(run_dir))

@@ -160,6 +160,8 @@ class RunScreen(Screen):
         return snapshot
 
     def _apply(self, snap: Snapshot) -> None:
+        if self not in self.app.screen_stack:  # closed while the worker read: nothing to show
+            return
         self._busy = False
         self._last_request = snap.request
         self.info = snap.info or self.info

@@ -44,9 +44,10 @@ class RunsScreen(Screen):
     RunsScreen #runs { height: 1fr; }
     """
 
-    def __init__(self, root: Path, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS) -> None:
+    def __init__(self, root: Path, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS, label: str | None = None) -> None:
         super().__init__()
         self.root = root
+        self.label = label or str(root)
         self.index = RunIndex(root, key_metrics)
         self.summaries: list[RunSummary] = []
         self.shown: list[RunSummary] = []
@@ -58,7 +59,7 @@ class RunsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="bar"):
-            yield Label(Text.assemble(("expman ", "bold"), str(self.root)), id="root")
+            yield Label(Text.assemble(("expman ", "bold"), self.label), id="root")
             yield Label("", id="status-filter")
             yield Label("", id="counts")
         yield Input(placeholder="/ filter runs: experiment, name, id, status, host, tag", id="filter")
@@ -95,6 +96,8 @@ class RunsScreen(Screen):
         self.app.call_from_thread(self._apply, summaries, columns)
 
     def _apply(self, summaries: list[RunSummary], columns: list[str]) -> None:
+        if self not in self.app.screen_stack:  # closed while the worker read: nothing to show
+            return
         self.summaries = summaries
         self.key_columns = columns
         self._fill()

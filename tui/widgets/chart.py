@@ -60,6 +60,7 @@ class MetricChart(Widget):
         self._strips: list[Strip] | None = None
         self._strips_size = (0, 0)
         self.updates = 0  # how many times data arrived: tests wait on it
+        self.first_data_at: float | None = None  # monotonic time lines first arrived
         self.first_drawn_at: float | None = None  # monotonic time lines were first drawn (the benchmark reads it)
 
     @property
@@ -74,6 +75,8 @@ class MetricChart(Widget):
         self.message = message if not lines else ""
         self._strips = None
         self.updates += 1
+        if self.first_data_at is None and lines:
+            self.first_data_at = time.monotonic()
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
