@@ -98,7 +98,7 @@ class CompareScreen(Screen):
             pass
 
     def _apply(self, request: tuple, keys: list[str], series: list, params: list[dict], infos: list[dict]) -> None:
-        if self not in self.app.screen_stack:  # closed while the worker read: nothing to show
+        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
             return
         self._busy = False
         self._last_request = request

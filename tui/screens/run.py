@@ -6,6 +6,8 @@ One worker at a time reads everything new (off the UI thread) and hands the resu
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,17 @@ class RunScreen(Screen):
         self._last_request: tuple = ()
         self._pending: dict[str, Any] = {}
         self._pending_log: list[str] = []
+        # The first read starts now, on a plain thread, while Textual builds the screen:
+        # the first chart then waits for the slower of the two, not for both in turn.
+        self._first: Future | None = Future()
+        first_request = (None, X_STEP, max(16, 4 * (self.app.size.width - 42)))
+        threading.Thread(target=self._prefetch, args=(first_request,), name="expman-tui-first-read", daemon=True).start()
+
+    def _prefetch(self, request: tuple) -> None:
+        try:
+            self._first.set_result(self._collect(request, True, True))
+        except BaseException as exc:  # handed to the worker, which reports it
+            self._first.set_exception(exc)
 
     def compose(self) -> ComposeResult:
         yield Label("", id="run-header")
@@ -133,7 +146,8 @@ class RunScreen(Screen):
     @work(thread=True, exclusive=True, group="run-read")
     def _read(self, request: tuple, force: bool, slow: bool) -> None:
         try:
-            snapshot = self._collect(request, force, slow)
+            first, self._first = self._first, None
+            snapshot = first.result() if first is not None else self._collect(request, force, slow)
         except Exception as exc:  # keep the screen alive; say what went wrong
             self._busy = False
             self.app.call_from_thread(self.notify, f"reading {self.run.path.name} failed: {exc}", severity="error")
@@ -160,7 +174,7 @@ class RunScreen(Screen):
         return snapshot
 
     def _apply(self, snap: Snapshot) -> None:
-        if self not in self.app.screen_stack:  # closed while the worker read: nothing to show
+        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
             return
         self._busy = False
         self._last_request = snap.request

@@ -96,7 +96,7 @@ class RunsScreen(Screen):
         self.app.call_from_thread(self._apply, summaries, columns)
 
     def _apply(self, summaries: list[RunSummary], columns: list[str]) -> None:
-        if self not in self.app.screen_stack:  # closed while the worker read: nothing to show
+        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
             return
         self.summaries = summaries
         self.key_columns = columns
