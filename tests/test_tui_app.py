@@ -164,6 +164,13 @@ async def test_live_run_from_a_real_collector(tmp_path):
     while not (exp.run_dir / "run.yaml").exists() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     app = ExpmanApp(root, poll_interval=0.2)
+    try:
+        await _watch_live(app, exp, log_some, lambda: step)
+    finally:
+        exp.finish()
+
+
+async def _watch_live(app, exp, log_some, current_step) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, RunsScreen) and rows(app), timeout=20, what="the live run")
         assert "running" in str(app.screen.query_one("#runs", DataTable).get_row_at(0)[3])
@@ -174,12 +181,12 @@ async def test_live_run_from_a_real_collector(tmp_path):
         for round_ in range(3):
             log_some(500)
             exp.info(f"round {round_} done")
-            target = step - 1
+            target = current_step() - 1
             logged = time.monotonic()
             await until(pilot, lambda: screen.series.get("loss") and screen.series["loss"].last_x == target,
                         timeout=10, what=f"step {target} on the chart")
             assert time.monotonic() - logged < 5.0
-        assert f"@ step {step - 1}" in chart[0].title.plain
+        assert f"@ step {current_step() - 1}" in chart[0].title.plain
         await until(pilot, lambda: "round 2 done" in "\n".join(screen.query_one(Log).lines), what="the log line")
         exp.finish()
         await until(pilot, lambda: screen.info.get("status") == "finished", timeout=15, what="status finished")

@@ -32,6 +32,7 @@ class CompareScreen(Screen):
     ]
     DEFAULT_CSS = """
     CompareScreen #compare-header { height: 1; padding: 0 1; background: $boost; width: 1fr; }
+    CompareScreen #compare-row { height: 1fr; }
     CompareScreen #compare-charts { height: 1fr; }
     CompareScreen ParamsDiff { border-top: solid $primary-background; }
     """
@@ -52,7 +53,7 @@ class CompareScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Label(Text.assemble(("compare ", "bold"), "  vs  ".join(self.names)), id="compare-header")
-        with Horizontal():
+        with Horizontal(id="compare-row"):
             yield KeyPicker(id="keys")
             with Vertical():
                 yield VerticalScroll(id="compare-charts")
@@ -94,12 +95,12 @@ class CompareScreen(Screen):
             return
         try:
             self.app.call_from_thread(self._apply, (chosen, xkind, target), keys, series, params, infos)
-        except RuntimeError:
+        except Exception:  # the app is closing, or the screen went away meanwhile
             pass
 
     def _apply(self, request: tuple, keys: list[str], series: list, params: list[dict], infos: list[dict]) -> None:
-        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
-            return
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
         self._busy = False
         self._last_request = request
         if self.chosen is None:

@@ -73,6 +73,9 @@ class RunScreen(Screen):
     ]
     DEFAULT_CSS = """
     RunScreen #run-header { height: 1; padding: 0 1; background: $boost; width: 1fr; }
+    RunScreen #tabs { height: 1fr; }
+    RunScreen TabPane { height: 1fr; padding: 0; }
+    RunScreen #charts-row { height: 1fr; }
     RunScreen #charts-area { height: 1fr; }
     RunScreen Log { height: 1fr; }
     """
@@ -109,7 +112,7 @@ class RunScreen(Screen):
         yield Label("", id="run-header")
         with TabbedContent(initial="charts", id="tabs"):
             with TabPane("1 Charts", id="charts"):
-                with Horizontal():
+                with Horizontal(id="charts-row"):
                     yield KeyPicker(id="keys")
                     yield VerticalScroll(id="charts-area")
             # The other tabs mount after the first paint: the chart comes first.
@@ -154,7 +157,7 @@ class RunScreen(Screen):
             return
         try:
             self.app.call_from_thread(self._apply, snapshot)
-        except RuntimeError:  # the app is closing
+        except Exception:  # the app is closing, or the screen went away meanwhile
             pass
 
     def _collect(self, request: tuple, force: bool, slow: bool) -> Snapshot:
@@ -174,8 +177,8 @@ class RunScreen(Screen):
         return snapshot
 
     def _apply(self, snap: Snapshot) -> None:
-        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
-            return
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
         self._busy = False
         self._last_request = snap.request
         self.info = snap.info or self.info

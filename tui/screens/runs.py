@@ -93,11 +93,14 @@ class RunsScreen(Screen):
             summaries, columns = [], []
         finally:
             self._scanning = False
-        self.app.call_from_thread(self._apply, summaries, columns)
+        try:
+            self.app.call_from_thread(self._apply, summaries, columns)
+        except Exception:  # the app is closing
+            pass
 
     def _apply(self, summaries: list[RunSummary], columns: list[str]) -> None:
-        if self not in self.app.screen_stack or not self.is_attached:  # closed while the worker read
-            return
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
         self.summaries = summaries
         self.key_columns = columns
         self._fill()
