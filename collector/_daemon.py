@@ -15,11 +15,14 @@ import yaml
 from expman._identity import resolve_root
 from expman._schema import write_yaml_atomic
 
+from expman._errors import ArtifactError
+
+from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "encrypt_artifacts", "key_file", "artifact_compression"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--encrypt-artifacts", action="store_true", default=None,
+                   help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True)")
+    p.add_argument("--key-file", help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
+    p.add_argument("--artifact-compression", choices=COMPRESSIONS, help="compress artifact chunks before storing/encrypting (default none)")
     return p
 
 
@@ -61,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
-    collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
-                          idle_exit=args.idle_exit)
+    key_file = args.key_file or config.get("key_file")
+    try:
+        artifacts = ArtifactSettings(
+            encrypt_all=bool(args.encrypt_artifacts if args.encrypt_artifacts is not None else config.get("encrypt_artifacts", False)),
+            key_file=Path(key_file).expanduser() if key_file else None,
+            compression=str(args.artifact_compression or config.get("artifact_compression") or "none"),
+        )
+        collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
+                              idle_exit=args.idle_exit, artifacts=artifacts)
+    except (ArtifactError, ValueError) as exc:
+        raise SystemExit(f"expman-collector: {exc}") from None
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)

@@ -33,7 +33,7 @@ def start_experiment(
     space: str | None = None,
     name: str | None = None,
     *,
-    code_dir: str | os.PathLike[str] | None = None,
+    code_dir: str | os.PathLike[str] | None | bool = None,
     log_hardware: bool = False,
     experiment_uid: str | None = None,
     tags: list[str] | None = None,
@@ -42,6 +42,7 @@ def start_experiment(
     rank: int | None = None,
     world_size: int | None = None,
     finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+    encrypt_artifacts: bool = False,
     flush_interval: float | None = None,
     max_points_per_frame: int | None = None,
     _parent: Experiment | None = None,
@@ -50,6 +51,9 @@ def start_experiment(
 
     `space` is the experiment (a folder under the root), `name` the run's name. With no
     `collector` argument and no $EXPMAN_COLLECTOR, a private collector process is started.
+    `code_dir` names the code to store under `code/` (default: the launching script and
+    git facts; False: nothing). `encrypt_artifacts` has the collector encrypt this run's
+    artifacts with its master key (`expman keys init`).
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
@@ -62,18 +66,20 @@ def start_experiment(
     experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
     run_name = check_name("run", name if name is not None else time.strftime("run-%Y%m%d-%H%M%S"))
     tag_list = [str(t) for t in (tags or [])]
-    if code_dir is not None:
-        log.warning("expman: code_dir= is accepted but code capture is not implemented yet; nothing is captured")
     if log_hardware:
         log.warning("expman: log_hardware=True is accepted but hardware sampling is not implemented yet")
     local = None
     if endpoint is None:
+        if encrypt_artifacts:  # the private collector reads the same key file: say now if there is none
+            from ._crypto import check_key_file
+
+            check_key_file()
         local = _local_collector(root_path)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame)
     _install_exit_hooks()
-    return Experiment(
+    exp = Experiment(
         sender=sender,
         root=root_path,
         experiment=experiment,
@@ -88,6 +94,14 @@ def start_experiment(
         finish_timeout=finish_timeout,
         hello_extra={"software": software_info()},
     )
+    exp.artifact_state.encrypt = bool(encrypt_artifacts)
+    if code_dir is True:
+        code_dir = None
+    if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):
+        from ._artifact_pump import capture_code
+
+        capture_code(exp, code_dir)  # type: ignore[arg-type]
+    return exp
 
 
 def _find_existing(root: Path, uid: str, space: str | None, name: str | None, must_exist: bool) -> tuple[str, str]:
@@ -139,6 +153,9 @@ def shutdown(status: str = "finished") -> None:
     Runs at interpreter exit; call it yourself to release everything earlier.
     """
     _finish_all(status)
+    from ._artifact_pump import stop_all
+
+    stop_all()
     with _lock:
         senders = list(_senders.values())
         locals_ = list(_local_collectors.values())
