@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("expman")
 
 INLINE_MAX = 256 * 1024
-INLINE_BUDGET = 64 * 1024 * 1024
+INLINE_BUDGET = 16 * 1024 * 1024
 OPEN_FDS_MAX = 256
-WINDOW_BYTES = 16 * 1024 * 1024
+WINDOW_BYTES = 32 * 1024 * 1024
 WINDOW_FRAMES = 512
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed

@@ -9,19 +9,20 @@ Container layout (little-endian):
 
     header   "EXPA" | u8 version=1 | u8 flags | u16 0 | u32 chunk_size | 8 key id
              | 7 nonce prefix | u8 L | L bytes wrapped data key        (28 + L bytes)
-    records  u32 length | body          one record per chunk, in order
+    records  u32 n | u8 chunk flags | n bytes body     one record per chunk, in order
 
-Encrypted (flags bit 0), each object has its own random 256-bit data key, wrapped
-with AES-256-GCM under a key derived from the master key (HKDF-SHA256); the wrap's
-associated data is the first 28 header bytes. Chunk i is sealed with AES-256-GCM
-under the data key, nonce = prefix(7) | u32 big-endian i | u8 last, associated data =
-the whole header: the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár 2015),
-so a chunk moved, dropped, added after the last one, or altered fails to open. Without
-encryption a body is u32 crc32(inner) | inner.
+Encrypted (header flags bit 0), each object has its own random 256-bit data key,
+wrapped with AES-256-GCM under a key derived from the master key (HKDF-SHA256); the
+wrap's associated data is the first 28 header bytes. Chunk i's body is AES-256-GCM under
+the data key with nonce = prefix(7) | u32 big-endian i | u8 last and associated data =
+the whole header | the chunk flags byte: the STREAM construction (Hoang, Reyhanitabar,
+Rogaway, Vizár 2015), so a chunk moved, dropped, added after the last one, or altered
+(flags included) fails to open. Without encryption a body is u32 crc32(flags | payload)
+| payload.
 
-The sealed (or checksummed) `inner` is: u8 chunk flags (bit 0 zstd, bit 1 last)
-| [u32 plain length, when zstd] | payload. A chunk is stored compressed only when that
-saves space (flags bit 1 of the header allows it at all).
+Chunk flags: bit 0 zstd, bit 1 last. The payload is the chunk's bytes, or, with bit 0,
+u32 plain length | one zstd frame. A chunk is stored compressed only when that saves
+space (header flags bit 1 allows compression at all).
 """
 
 from __future__ import annotations
@@ -241,39 +242,42 @@ class Header:
 
     # --- writing ---
     def seal(self, index: int, plain: bytes | memoryview, last: bool) -> bytes:
-        """One record (length prefix included) holding chunk `index`."""
+        """One record (length prefix included) holding chunk `index`. One pass of AES-GCM
+        and one copy; the plaintext is never concatenated."""
         if index >= 2**32:
             raise ArtifactIntegrityError("an object may hold at most 2**32 chunks")
         flags = CHUNK_LAST if last else 0
-        inner: bytes
+        payload: bytes | memoryview = plain
         if self.compressed and len(plain) >= 64:
             import pyarrow as pa
 
             packed = pa.compress(plain, codec="zstd", asbytes=True)
             if len(packed) <= len(plain) * _COMPRESS_KEEP:
-                inner = bytes((flags | CHUNK_ZSTD,)) + _U32.pack(len(plain)) + packed
-            else:
-                inner = bytes((flags,)) + bytes(plain)
-        else:
-            inner = bytes((flags,)) + bytes(plain)
+                flags |= CHUNK_ZSTD
+                payload = _U32.pack(len(plain)) + packed
+        flag = bytes((flags,))
         if self.encrypted:
-            body = self._cipher().encrypt(self._nonce(index, last), inner, self.raw)
-        else:
-            body = _U32.pack(zlib.crc32(inner)) + inner
-        return _U32.pack(len(body)) + body
+            body = self._cipher().encrypt(self._nonce(index, last), payload, self.raw + flag)
+            return b"".join((_U32.pack(len(body)), flag, body))
+        crc = zlib.crc32(payload, zlib.crc32(flag))
+        return b"".join((_U32.pack(len(payload) + 4), flag, _U32.pack(crc), payload))
 
     # --- reading ---
-    def open(self, index: int, body: bytes, last: bool) -> bytes:
-        """The plaintext of record `index`; ArtifactIntegrityError naming what is wrong."""
+    def open(self, index: int, record: tuple[int, bytes], last: bool) -> bytes:
+        """The plaintext of record `index` ((flags, body) as read); ArtifactIntegrityError
+        naming what is wrong."""
+        flags, body = record
+        flag = bytes((flags,))
         if self.encrypted:
             from cryptography.exceptions import InvalidTag
 
             cipher = self._cipher()
+            aad = self.raw + flag
             try:
-                inner = cipher.decrypt(self._nonce(index, last), body, self.raw)
+                payload = cipher.decrypt(self._nonce(index, last), body, aad)
             except InvalidTag:
                 try:  # a precise message where one is possible
-                    cipher.decrypt(self._nonce(index, not last), body, self.raw)
+                    cipher.decrypt(self._nonce(index, not last), body, aad)
                 except InvalidTag:
                     raise ArtifactIntegrityError(
                         f"chunk {index} failed authentication: the object was modified, corrupted or reordered"
@@ -282,25 +286,25 @@ class Header:
                     raise ArtifactIntegrityError(f"the object is truncated: it ends after chunk {index}, which is not its last") from None
                 raise ArtifactIntegrityError(f"the object was extended: data follows its final chunk {index}") from None
         else:
-            if len(body) < 5 or zlib.crc32(body[4:]) != _U32.unpack_from(body)[0]:
+            view = memoryview(body)
+            if len(body) < 4 or zlib.crc32(view[4:], zlib.crc32(flag)) != _U32.unpack_from(body)[0]:
                 raise ArtifactIntegrityError(f"chunk {index} fails its checksum: the object is corrupted")
-            inner = body[4:]
-            if bool(inner[0] & CHUNK_LAST) != last:
-                if last:
-                    raise ArtifactIntegrityError(f"the object is truncated: it ends after chunk {index}, which is not its last")
-                raise ArtifactIntegrityError(f"the object was extended: data follows its final chunk {index}")
-        flags = inner[0]
+            payload = view[4:]
+        if bool(flags & CHUNK_LAST) != last:  # authenticated (or checksummed) with the body
+            if last:
+                raise ArtifactIntegrityError(f"the object is truncated: it ends after chunk {index}, which is not its last")
+            raise ArtifactIntegrityError(f"the object was extended: data follows its final chunk {index}")
         if flags & CHUNK_ZSTD:
             import pyarrow as pa
 
-            (size,) = _U32.unpack_from(inner, 1)
+            (size,) = _U32.unpack_from(payload)
             if size > self.chunk_size:
                 raise ArtifactIntegrityError(f"chunk {index} claims {size} bytes, more than the chunk size")
             try:
-                return pa.decompress(inner[5:], decompressed_size=size, codec="zstd", asbytes=True)
+                return pa.decompress(payload[4:], decompressed_size=size, codec="zstd", asbytes=True)
             except Exception as exc:
                 raise ArtifactIntegrityError(f"chunk {index} does not decompress: {exc}") from None
-        return inner[1:]
+        return payload if isinstance(payload, bytes) else payload.tobytes()
 
 
 def new_header(master: MasterKey | None, compress: bool, chunk_size: int) -> Header:
@@ -341,20 +345,20 @@ def read_header(fh: IO[bytes], keys: KeyProvider | None) -> Header:
     return header
 
 
-def _read_record(fh: IO[bytes], header: Header, index: int) -> bytes | None:
-    """The next record's body; None at a clean end of file."""
-    prefix = fh.read(4)
+def _read_record(fh: IO[bytes], header: Header, index: int) -> tuple[int, bytes] | None:
+    """The next record's (chunk flags, body); None at a clean end of file."""
+    prefix = fh.read(5)
     if not prefix:
         return None
-    if len(prefix) < 4:
+    if len(prefix) < 5:
         raise ArtifactIntegrityError(f"the object is truncated inside chunk {index}")
-    (length,) = _U32.unpack(prefix)
+    (length,) = _U32.unpack_from(prefix)
     if length > header.max_record:
         raise ArtifactIntegrityError(f"chunk {index} claims {length} bytes, more than any chunk can hold: the object is corrupted")
     body = fh.read(length)
     if len(body) != length:
         raise ArtifactIntegrityError(f"the object is truncated inside chunk {index}")
-    return body
+    return prefix[4], body
 
 
 def read_plaintext(fh: IO[bytes], keys: KeyProvider | None) -> Iterator[bytes]:

@@ -136,7 +136,7 @@ def test_a_wrong_digest_or_size_is_refused_and_nothing_is_stored(run):
 
 def test_kill_9_mid_transfer_then_restart_stores_the_whole_artifact(root, short_dir, tmp_path):
     """Whatever moment the kill lands on, the artifact ends up whole and correct."""
-    data = os.urandom(48 * proto.ARTIFACT_CHUNK_BYTES)
+    data = os.urandom(24 * proto.ARTIFACT_CHUNK_BYTES)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
     endpoint = f"ipc://{short_dir}/k.sock"

@@ -39,8 +39,8 @@ def _split(blob: bytes, header_len: int) -> tuple[bytes, list[bytes]]:
     records, pos = [], header_len
     while pos < len(blob):
         (n,) = struct.unpack_from("<I", blob, pos)
-        records.append(blob[pos : pos + 4 + n])
-        pos += 4 + n
+        records.append(blob[pos : pos + 5 + n])  # length, chunk flags, body
+        pos += 5 + n
     return blob[:header_len], records
 
 
@@ -105,7 +105,7 @@ def test_extension_is_detected(master):
         _read(head + b"".join(r) + b"\x00\x00", key_provider(master.path))  # stray bytes
 
 
-@pytest.mark.parametrize("where", ["header", "wrapped-key", "record-length", "ciphertext", "tag"])
+@pytest.mark.parametrize("where", ["header", "wrapped-key", "record-length", "chunk-flags", "ciphertext", "tag"])
 def test_bit_flips_are_detected(master, where):
     _, head, r = _encrypted_records(master)
     blob = bytearray(head + b"".join(r))
@@ -113,7 +113,8 @@ def test_bit_flips_are_detected(master, where):
         "header": 8,  # chunk size field: bound into every chunk's associated data
         "wrapped-key": 40,
         "record-length": len(head) + 1,
-        "ciphertext": len(head) + 4 + len(r[0]) + 100,
+        "chunk-flags": len(head) + 4,  # e.g. claiming the chunk is compressed: bound as associated data
+        "ciphertext": len(head) + len(r[0]) + 100,
         "tag": len(head) + len(r[0]) - 1,
     }[where]
     blob[offset] ^= 0x01
