@@ -28,6 +28,10 @@ def normalize_name(name: object) -> str:
         name = os.fspath(name)
     if not isinstance(name, str):
         raise ArtifactNameError(f"artifact name must be a string, got {type(name).__name__}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactNameError(f"artifact name {name!r} is not valid UTF-8 (a file name with undecodable bytes?)") from None
     if "\x00" in name:
         raise ArtifactNameError(f"artifact name {name!r} contains a NUL byte")
     if _CONTROL.search(name):
@@ -42,10 +46,10 @@ def normalize_name(name: object) -> str:
     if not parts:
         raise ArtifactNameError(f"artifact name {name!r} is empty")
     clean = "/".join(parts)
-    if len(clean.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+    if len(clean.encode("utf-8")) > MAX_NAME_BYTES:
         raise ArtifactNameError(f"artifact name is longer than {MAX_NAME_BYTES} bytes: {clean[:40]!r}...")
     for part in parts:
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
+        if len(part.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise ArtifactNameError(f"artifact name {clean[:40]!r}... has a path segment over {MAX_SEGMENT_BYTES} bytes")
     return clean
 

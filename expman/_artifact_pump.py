@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
 from ._artifact_names import join_name, normalize_name
-from ._errors import ArtifactError
+from ._errors import ArtifactError, ArtifactNameError
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -423,6 +423,7 @@ def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: st
     if prefix is not None:
         normalize_name(prefix)
     real_base = base.resolve()
+    runs_root = Path(exp.root).resolve()
     plan: list[tuple[str, Path]] = []
     skipped: list[str] = []
     for folder, dirs, files in os.walk(base, followlinks=False):
@@ -430,6 +431,9 @@ def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: st
         for d in list(dirs):
             if (here / d).is_symlink():
                 skipped.append(f"{(here / d).relative_to(base)} (a linked folder)")
+                dirs.remove(d)
+            elif (here / d).resolve() == runs_root:  # never the runs being written, this one included
+                log.warning("expman: log_artifacts(%s) leaves out %s, the runs' root folder", directory, here / d)
                 dirs.remove(d)
         dirs.sort()
         for f in sorted(files):
@@ -446,12 +450,15 @@ def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: st
                     continue
             elif not path.is_file():
                 continue
-            plan.append((join_name(prefix, relative), path))
+            try:
+                plan.append((join_name(prefix, relative), path))
+            except ArtifactNameError as exc:
+                skipped.append(f"{relative!r} ({exc})")
     if skipped:
         text = "; ".join(skipped[:20]) + (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else "")
-        log.warning("expman: run %s: log_artifacts(%s) skipped %d symlinks: %s (pass follow_symlinks=True "
+        log.warning("expman: run %s: log_artifacts(%s) skipped %d entries: %s (pass follow_symlinks=True "
                     "to follow links that leave the folder)", exp.uid, directory, len(skipped), text)
-        exp.log_message(f"log_artifacts({directory}) skipped {len(skipped)} symlinks: {text}", "warning")
+        exp.log_message(f"log_artifacts({directory}) skipped {len(skipped)} entries: {text}", "warning")
     if _refuse_after_finish(exp, f"artifacts of {directory}"):
         return []
     pump = pump_for(exp._sender)

@@ -6,6 +6,7 @@ describes it. pyarrow is imported lazily so `import expman` stays light on ranks
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -159,6 +160,7 @@ MANIFEST = "manifest.yaml"
 OBJECTS_DIR = "objects"
 INCOMING_DIR = ".incoming"
 CONTAINER_SUFFIX = ".expa"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _OBJECT = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -184,8 +186,9 @@ class ArtifactRecord:
             "rank": self.rank, "host": self.host, "encrypted": self.encrypted,
             "compression": self.compression, "stored": self.stored, "object": self.object,
         }
-        text = yaml.safe_dump(entry, default_flow_style=True, width=2**31, allow_unicode=True, sort_keys=False)
-        return "- " + text.strip() + "\n"
+        # A flow mapping in JSON syntax: JSON is YAML, so the file stays a plain YAML list,
+        # and a reader can take each line with json (50x faster than a YAML parser).
+        return "- " + json.dumps(entry, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_entry(cls, entry: Any) -> ArtifactRecord:
@@ -230,16 +233,23 @@ def read_manifest(path: Path) -> dict[str, ArtifactRecord]:
     except FileNotFoundError:
         return {}
     records: dict[str, ArtifactRecord] = {}
+    warn = logging.getLogger("expman").warning
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         try:
-            parsed = yaml.safe_load(line)
-            if not (isinstance(parsed, list) and len(parsed) == 1):
-                raise ExpmanError("not a one-item sequence line")
-            record = ArtifactRecord.from_entry(parsed[0])
+            try:
+                entry = json.loads(line[2:]) if line.startswith("- {") else None
+            except ValueError:
+                entry = None
+            if entry is None:  # written by hand or by another tool: any YAML one-item sequence line
+                parsed = yaml.load(line, Loader=_LOADER)
+                if not (isinstance(parsed, list) and len(parsed) == 1):
+                    raise ExpmanError("not a one-item sequence line")
+                entry = parsed[0]
+            record = ArtifactRecord.from_entry(entry)
         except (yaml.YAMLError, ExpmanError) as exc:
-            logging.getLogger("expman").warning("expman: %s line %d skipped: %s", path, number, exc)
+            warn("expman: %s line %d skipped: %s", path, number, exc)
             continue
         records[record.name] = record
     return records

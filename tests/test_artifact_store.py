@@ -155,3 +155,15 @@ def test_kill_9_mid_transfer_then_restart_stores_the_whole_artifact(root, short_
     run = expman.open_run(exp.run_dir)
     assert run.read_artifact("big.bin") == data
     assert exp.stats()["artifacts_stored"] == 1 and exp.stats()["artifacts_failed"] == 0
+
+
+@pytest.mark.parametrize("name", ["weird: #name 'q' \"dq\" ü 雪.txt", "- leading dash", "yes", "null", "123", "a/[b]/{c}"])
+def test_names_that_mean_something_in_yaml_survive_the_manifest(run, name):
+    service = _service(None)
+    data = os.urandom(10)
+    for frame in _frames(data, name=name):
+        _apply(service, run, frame)
+    service.sync()
+    stored = expman.open_run(run.dir)
+    assert [a.name for a in stored.artifacts()] == [name]
+    assert stored.read_artifact(name) == data
