@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +107,6 @@ class ChunkToken:
     exp: Experiment
     nbytes: int
     final: bool = False
-    counted: list[bool] = field(default_factory=list)
 
     def acked(self, rejected: str | None) -> None:
         self.pump._on_ack(self, rejected)
@@ -272,7 +271,10 @@ class ArtifactPump:
                 if job.data is not None:
                     data = job.data[offset : offset + want]
                 else:
-                    data = os.pread(fd, want, offset)  # type: ignore[arg-type]
+                    try:
+                        data = os.pread(fd, want, offset)  # type: ignore[arg-type]
+                    except OSError as exc:
+                        raise _Changed(f"reading it failed: {exc}") from None
                     if len(data) != want:
                         raise _Changed("it shrank while being read")
                     self._check(fd, job)  # type: ignore[arg-type]
@@ -291,7 +293,8 @@ class ArtifactPump:
                 if index == 0 and not last:
                     self._wait_acked(transfer)  # a refused first chunk stops the transfer before the rest
         except _Changed as exc:
-            reason = f"the file changed after log_artifact() and before it was read ({exc}); not stored"
+            reason = (f"could not be read ({exc}); not stored" if str(exc).startswith("reading it failed")
+                      else f"the file changed after log_artifact() and before it was read ({exc}); not stored")
             log.error("expman: run %s: artifact %r: %s. Log a copy, or write a new file instead of rewriting it.",
                       exp.uid, job.name, reason)
             with self._cond:

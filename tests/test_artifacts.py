@@ -367,3 +367,47 @@ def test_run_log_and_run_yaml_are_untouched_by_artifacts(root, collector, tmp_pa
     info = yaml.safe_load((exp.run_dir / "run.yaml").read_text())
     assert info["status"] == "finished" and "code" not in info
     wait_for(lambda: (exp.run_dir / "artifacts" / "manifest.yaml").exists(), 5, "the manifest")
+
+
+def test_past_the_descriptor_budget_only_the_path_is_kept_and_checked(root, short_dir, tmp_path, monkeypatch):
+    """No collector yet: the pump waits on the first artifact while the second, queued by
+    path only, is replaced; the replacement is caught when the pump gets to it."""
+    from expman import _artifact_pump
+
+    monkeypatch.setattr(_artifact_pump, "OPEN_FDS_MAX", 0)
+    endpoint = f"ipc://{short_dir}/late.sock"
+    exp = expman.start_experiment("e", "paths", root=root, collector=endpoint, code_dir=False)
+    kept = _write(tmp_path / "kept.bin", os.urandom(2 * CH), old=True)
+    replaced = _write(tmp_path / "replaced.bin", os.urandom(2 * CH), old=True)
+    exp.log_artifact(kept)
+    exp.log_artifact(replaced)
+    _write(tmp_path / "new.bin", os.urandom(2 * CH))
+    os.replace(tmp_path / "new.bin", replaced)
+    c = start_collector(root, short_dir, endpoint)
+    try:
+        assert exp.finish(timeout=30) is True
+    finally:
+        assert c.stop() == 0, c.log()
+    assert [a.name for a in expman.open_run(exp.run_dir).artifacts()] == ["kept.bin"]
+    assert exp.stats()["artifacts_failed"] == 1
+
+
+@pytest.mark.skipif(not os.environ.get("EXPMAN_TEST_REFLINK_DIR"),
+                    reason="set EXPMAN_TEST_REFLINK_DIR to a folder on btrfs/XFS (reflink) to run")
+def test_reflink_snapshot_is_exact_even_if_rewritten_in_place(root, collector):
+    from expman import _artifact_pump
+
+    folder = Path(os.environ["EXPMAN_TEST_REFLINK_DIR"])
+    path = _write(folder / f"reflink-{os.getpid()}.bin", os.urandom(8 * CH), old=True)
+    try:
+        old = path.read_bytes()
+        exp = expman.start_experiment("e", "reflink", root=root, collector=collector.endpoint, code_dir=False)
+        exp.log_artifact(path)
+        with open(path, "r+b") as fh:
+            fh.write(os.urandom(8 * CH))  # in place, at once: only a clone survives this
+        assert exp.finish() is True
+        assert path.stat().st_dev not in _artifact_pump._no_reflink
+        assert expman.open_run(exp.run_dir).read_artifact(path.name) == old
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith("reflink-")) == [path.name]
+    finally:
+        path.unlink()
