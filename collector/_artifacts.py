@@ -141,10 +141,6 @@ class ArtifactService:
         if store is not None:
             store.close(final)
 
-    def close(self, final_runs: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        for uid in list(self._stores):
-            self.close_run(uid, uid in final_runs)
-
 
 class RunArtifacts:
     """One run's `artifacts/` folder."""

@@ -261,7 +261,10 @@ class ArtifactPump:
         own_fd = None
         try:
             if job.data is None and fd is None:  # path only: open now and check nothing changed
-                own_fd = fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
+                try:
+                    own_fd = fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise _Changed(f"it could not be opened any more: {exc.strerror}") from None
                 self._check(fd, job)
             total = max(1, -(-job.size // chunk))
             hasher = hashlib.sha256()

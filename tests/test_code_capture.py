@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import expman
 from expman._code_capture import collect, strip_credentials
