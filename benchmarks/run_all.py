@@ -1,6 +1,6 @@
 """Run every expman benchmark and print one summary table against the targets.
 
-    python benchmarks/run_all.py                  # defaults: 200k calls, 2M points (~1 min on 2 cores)
+    python benchmarks/run_all.py                  # defaults: 200k calls, 2M points, 8 ranks x 500k (~3 min on 2 cores)
     python benchmarks/run_all.py --calls 500000 --points 4000000
 
 Each benchmark runs in its own fresh interpreter(s); their detailed output streams
@@ -11,6 +11,7 @@ missed performance targets are reported, not treated as errors.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dict-calls", type=int, default=20_000, help="timed log_metrics calls (10 keys each)")
     p.add_argument("--points", type=int, default=2_000_000, help="points per end-to-end loop")
     p.add_argument("--memory-points", type=int, default=5000, help="points logged in the memory benchmark")
+    p.add_argument("--dist-ranks", type=int, default=8, help="rank processes in the distributed benchmark")
+    p.add_argument("--dist-points", type=int, default=500_000, help="points per rank in the distributed benchmark")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--dict-calls", str(args.dict_calls)], timeout=900)
     e2e = c.run_child([str(HERE / "bench_end_to_end.py"), "--points", str(args.points)], timeout=900)
     mem = c.run_child([str(HERE / "bench_memory.py"), "--points", str(args.memory_points)], timeout=300)
+    dist = c.run_child([str(HERE / "bench_distributed.py"), "--ranks", str(args.dist_ranks),
+                        "--points", str(args.dist_points)], timeout=900)
 
     rows: list[list[str]] = []
 
@@ -86,6 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     if "stalled_mb" in mem:
         add("rank memory", "1 M points held, collector unreachable", f"+{mem['stalled_mb']:.1f} MB", "", None)
 
+    for r in dist.values():
+        area = f"distributed {r['setup']}: {r['ranks']} ranks, {r['label'].split(', ', 1)[1]}"
+        add(area, "aggregate points/s (first log -> last finish returned)",
+            f"{r['points_per_s'] / 1e6:.2f} M/s ({r['logged'] / 1e6:.0f} M in {r['total_s']:.2f} s)", ">= 2 M/s",
+            r["points_per_s"] >= c.TARGET_E2E_POINTS_PER_S)
+        if r.get("collector_side_pps"):
+            add(area, "collector side: rows / busy window; rows per collector CPU-s",
+                f"{r['collector_side_pps'] / 1e6:.2f} M/s; {r['rows_per_collector_cpu_s'] / 1e6:.2f} M/CPU-s", "", None)
+        cpu = r["ranks_cpu_s"] + r["collectors_cpu_s"]
+        add(area, "CPU per point: ranks + collectors (others on the machine)",
+            f"{r['ranks_cpu_s'] * 1e9 / r['logged']:.0f} + {r['collectors_cpu_s'] * 1e9 / r['logged']:.0f} ns "
+            f"(ceiling {(os.cpu_count() or 1) * r['logged'] / cpu / 1e6:.2f} M/s; others "
+            f"{max(0.0, r['machine_busy_s'] - cpu):.1f} CPU-s)", "", None)
+        peak = max(max(f["hwm_mb"], f["peak_sampled_mb"]) for f in r["collector_figures"].values())
+        add(area, "collector peak RSS (VmHWM, each collector)",
+            " + ".join(f"{role} {f['hwm_mb']:.0f} MB" for role, f in r["collector_figures"].items()), "<= 200 MB",
+            peak <= c.TARGET_COLLECTOR_RSS_MB)
+        ck = r["check"]
+        add(area, "points lost / duplicated (per-rank step sequences)",
+            f"{ck['lost']} / {ck['duplicates']} of {ck['expected_rows']:,}", "0 / 0", r["data_ok"])
+
     print(f"\n{'=' * 30} SUMMARY {'=' * 30}")
     print(f"machine: {c.machine_line()}")
     print("latency figures include the timer (two perf_counter_ns calls); 'net of floor' subtracts the "
@@ -94,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = [r for r in rows if r[4] == "MISSED"]
     print(f"\n{len([r for r in rows if r[4] == 'MET'])} met, {len(missed)} missed; "
           f"total {time.perf_counter() - started:.0f} s")
-    data_ok = all(r["data_ok"] for r in lat.values()) and all(r["data_ok"] for r in e2e.values())
+    data_ok = (all(r["data_ok"] for r in lat.values()) and all(r["data_ok"] for r in e2e.values())
+               and all(r["data_ok"] for r in dist.values()))
     return 0 if data_ok else 1
 
 

@@ -31,10 +31,10 @@ from expman._errors import ArtifactError, ProtocolError
 from expman._schema import (
     ARTIFACTS_DIR,
     INCOMING_DIR,
-    MANIFEST,
     ArtifactRecord,
+    manifest_name,
     object_name,
-    read_manifest,
+    read_manifests,
     read_yaml,
     write_yaml_atomic,
 )
@@ -113,7 +113,11 @@ class ArtifactService:
     def store(self, run: Any) -> RunArtifacts:
         store = self._stores.get(run.info["id"])
         if store is None:
-            store = self._stores[run.info["id"]] = RunArtifacts(run.dir, self)
+            # On a shared filesystem several collectors write one run: each stages under its
+            # own name, and only the run's owner appends to manifest.yaml.
+            writer = getattr(run, "writer", None)
+            store = self._stores[run.info["id"]] = RunArtifacts(
+                run.dir, self, writer, manifest_name(None if getattr(run, "owner", True) else writer))
         return store
 
     # --- frames --------------------------------------------------------------------------
@@ -145,9 +149,11 @@ class ArtifactService:
 class RunArtifacts:
     """One run's `artifacts/` folder."""
 
-    def __init__(self, run_dir: Path, service: ArtifactService) -> None:
+    def __init__(self, run_dir: Path, service: ArtifactService, writer: str | None = None,
+                 manifest: str = manifest_name()) -> None:
         self.dir = run_dir / ARTIFACTS_DIR
-        self.incoming = self.dir / INCOMING_DIR
+        self.incoming = self.dir / INCOMING_DIR / writer if writer else self.dir / INCOMING_DIR
+        self.manifest = manifest
         self.service = service
         self.transfers: dict[str, _Transfer] = {}
         self.failed: set[str] = set()
@@ -300,7 +306,7 @@ class RunArtifacts:
         self._ready.append(t)
 
     def _already_stored(self, c: proto.ArtifactChunk) -> bool:
-        record = read_manifest(self.dir / MANIFEST).get(c.name)
+        record = read_manifests(self.dir).get(c.name)
         return record is not None and record.sha256 == c.sha256
 
     def _discard(self, t: _Transfer) -> None:
@@ -338,7 +344,7 @@ class RunArtifacts:
         if self._lines:
             if self._manifest_fh is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                self._manifest_fh = open(self.dir / MANIFEST, "a", encoding="utf-8")
+                self._manifest_fh = open(self.dir / self.manifest, "a", encoding="utf-8")
                 self._dirty_dirs.add(self.dir)
             self._manifest_fh.write("".join(self._lines))
             self._manifest_fh.flush()
@@ -416,10 +422,11 @@ def _remove_stale_incoming(folder: Path) -> None:
     for name in names:
         log.warning("artifact staging file %s of a finished run removed", folder / name)
         (folder / name).unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+    for empty in (folder, folder.parent):  # .incoming/<writer>, then .incoming once every writer is done
+        try:
+            empty.rmdir()
+        except OSError:
+            break
 
 
 _libc: Any = None

@@ -18,23 +18,30 @@ from expman._schema import write_yaml_atomic
 from expman._errors import ArtifactError
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings
+from ._sdnotify import Notifier, ServiceStatus
 from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "encrypt_artifacts", "key_file", "artifact_compression"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode",
+                "encrypt_artifacts", "key_file", "artifact_compression"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as crashed (default 60)")
+    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
+                                    "encrypt_artifacts, key_file, artifact_compression")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
+    p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--socket-mode", help="octal permissions for the ipc socket files after bind, e.g. 0660 "
+                                         "(who may push: connecting needs write permission)")
     p.add_argument("--encrypt-artifacts", action="store_true", default=None,
                    help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True)")
     p.add_argument("--key-file", help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
@@ -55,6 +62,31 @@ def load_config(path: str | None) -> dict[str, Any]:
     return config
 
 
+def parse_socket_mode(value: Any) -> int:
+    """An octal permission string ('0660', '660', '0o660') as an int; nothing beyond 0777."""
+    if not isinstance(value, str):
+        # YAML reads 0660 as the octal 432 but 660 as decimal, so an unquoted mode is ambiguous.
+        raise SystemExit(f"expman-collector: socket_mode {value!r}: write it as a quoted octal string, e.g. '0660'")
+    text = value.strip().lower().removeprefix("0o")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise SystemExit(f"expman-collector: socket_mode {value!r} is not an octal number like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise SystemExit(f"expman-collector: socket_mode {value!r}: only permission bits (at most 0777)")
+    return mode
+
+
+def apply_socket_mode(endpoints: list[str], mode: int) -> None:
+    """chmod the socket file of every ipc endpoint (abstract @names have no file)."""
+    paths = [e[len("ipc://"):] for e in endpoints if e.startswith("ipc://") and not e.startswith("ipc://@")]
+    if not paths:
+        log.warning("socket_mode %04o given, but no ipc endpoint has a socket file to apply it to", mode)
+    for path in paths:
+        os.chmod(path, mode)
+        log.info("socket %s: mode %04o", path, mode)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = load_config(args.config)
@@ -67,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
     root = resolve_root(args.root or config.get("root"))
     root.mkdir(parents=True, exist_ok=True)
-    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout") or 60.0
+    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
+    socket_mode = args.socket_mode or config.get("socket_mode")
+    mode = parse_socket_mode(socket_mode) if socket_mode is not None else None
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -75,19 +109,34 @@ def main(argv: list[str] | None = None) -> int:
             key_file=Path(key_file).expanduser() if key_file else None,
             compression=str(args.artifact_compression or config.get("artifact_compression") or "none"),
         )
-        collector = Collector(root, list(binds), parent_pid=args.parent_pid, heartbeat_timeout=float(timeout),
-                              idle_exit=args.idle_exit, artifacts=artifacts)
+        collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+                              heartbeat_timeout=float(timeout) if timeout else None,
+                              idle_exit=args.idle_exit, forward=args.forward or config.get("forward"),
+                              name=args.name or config.get("name"), artifacts=artifacts)
     except (ArtifactError, ValueError) as exc:
         raise SystemExit(f"expman-collector: {exc}") from None
+    if mode is not None:
+        apply_socket_mode(collector.endpoints, mode)
+    # sd_notify (systemd Type=notify): a no-op without $NOTIFY_SOCKET. A private local-mode
+    # collector (--parent-pid) is never a unit's main process, so it keeps quiet.
+    notifier = Notifier({} if args.parent_pid is not None else None)
+    collector.on_periodic = ServiceStatus(notifier, collector)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: flushing and exiting", signum)
+        notifier.stopping("stopping: flushing runs")
         collector.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("listening on %s, writing under %s", ", ".join(collector.endpoints), root)
+    target = f"relaying to {collector.relay.head}" if collector.relay else f"writing under {root}"
+    log.info("listening on %s, %s", ", ".join(collector.endpoints), target)
     if args.ready_file:
         write_yaml_atomic(Path(args.ready_file), {"pid": os.getpid(), "endpoints": collector.endpoints, "root": str(root)})
-    collector.serve()
+    notifier.ready(f"listening on {', '.join(collector.endpoints)}")
+    try:
+        collector.serve()
+    finally:
+        notifier.stopping()  # idle exit or parent gone: no signal said it already
+        notifier.close()
     return 0

@@ -23,6 +23,9 @@ log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
 ROW_GROUP = 131_072
+# Dictionary-encode only columns with few distinct values (a frame's points share a time);
+# doing it for values and steps costs more than it saves.
+_DICTIONARY_COLUMNS = ["key", "text", "rank", "host", "time"]
 _SCHEMA = metrics_schema()
 
 
@@ -33,7 +36,8 @@ def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
     merges, whatever the size of the run.
     """
     tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
+                          column_encoding={"step": "DELTA_BINARY_PACKED"}) as writer:
         if isinstance(table_or_parts, pa.Table):
             writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
         else:
@@ -46,9 +50,12 @@ def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
 
 
 class MetricsStore:
-    def __init__(self, run_dir: Path) -> None:
+    """One writer's (collector's) share of a run's metrics."""
+
+    def __init__(self, run_dir: Path, writer: str) -> None:
+        self.writer = writer
         self.metrics_dir = run_dir / METRICS_DIR
-        self.wal_dir = run_dir / WAL_DIR
+        self.wal_dir = run_dir / WAL_DIR / writer
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
@@ -58,11 +65,11 @@ class MetricsStore:
 
     def _recover(self) -> None:
         """Finish whatever a previous collector left: stale parts, unflushed segments."""
-        for path in stale_parts(self.metrics_dir):
+        for path in stale_parts(self.metrics_dir, self.writer):
             path.unlink(missing_ok=True)
-        for tmp in self.metrics_dir.glob(".*.tmp"):
+        for tmp in self.metrics_dir.glob(f".*.{self.writer}.parquet.tmp"):
             tmp.unlink(missing_ok=True)
-        parts = list_parts(self.metrics_dir)
+        parts = list_parts(self.metrics_dir, self.writer)
         covered = max((p.last for p in parts), default=-1)
         segments = list_segments(self.wal_dir)
         leftover = [(n, path) for n, path in segments if n > covered]
@@ -75,7 +82,7 @@ class MetricsStore:
             self.recovered_frames = [(f.sender, f.seq) for f in frames if f.seq is not None]
             if frames:
                 table = pa.concat_tables([frame_table(f) for f in frames])
-                _write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0]))
+                _write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer))
                 log.warning("recovered %d points from %d write-ahead segments in %s",
                             table.num_rows, len(leftover), self.wal_dir.parent)
             for _, path in leftover:
@@ -98,7 +105,7 @@ class MetricsStore:
             return
         sealed = self.wal.rotate()
         table = pa.concat_tables(self._tables)
-        _write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed))
+        _write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer))
         for number in range(self._pending_from, sealed + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
@@ -109,7 +116,7 @@ class MetricsStore:
 
     def _merge_levels(self) -> None:
         while True:
-            parts = list_parts(self.metrics_dir)
+            parts = list_parts(self.metrics_dir, self.writer)
             by_level: dict[int, list[Part]] = {}
             for p in parts:
                 by_level.setdefault(p.level, []).append(p)
@@ -119,7 +126,7 @@ class MetricsStore:
             self._merge(by_level[full][:MERGE_FANIN], full + 1)
 
     def _merge(self, parts: list[Part], level: int) -> None:
-        target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last)
+        target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)
         _write_part(parts, target)
         for p in parts:
             p.path.unlink(missing_ok=True)
@@ -127,7 +134,7 @@ class MetricsStore:
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish)."""
         self.flush()
-        parts = list_parts(self.metrics_dir)
+        parts = list_parts(self.metrics_dir, self.writer)
         if len(parts) > 1:
             self._merge(parts, max(p.level for p in parts) + 1)
 
@@ -136,7 +143,8 @@ class MetricsStore:
         segment = segment_path(self.wal_dir, self.wal.number)
         if segment.exists() and segment.stat().st_size == 0:
             segment.unlink()
-        try:
-            self.wal_dir.rmdir()
-        except OSError:
-            pass
+        for folder in (self.wal_dir, self.wal_dir.parent):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass

@@ -1,13 +1,18 @@
-"""One run's directory as the collector keeps it: run.yaml, config.yaml, run.log, metrics.
+"""One run's directory as a collector keeps it: run.yaml, config.yaml, run.log, metrics.
 
-The collector is the only writer of a run directory. run.yaml and config.yaml are
-rewritten atomically; run.log is appended; metrics go through the MetricsStore.
+Usually one collector writes a run. When several hosts' collectors share a run folder
+(a shared filesystem), the first to create the folder's `owner` file owns run.yaml,
+config.yaml and run.log; the others write their ranks and parameters to
+hosts/<writer>.yaml and their log lines to logs/<writer>.log, and the owner folds those
+into run.yaml and config.yaml every second. Metrics are per writer anyway (MetricsStore).
+run.yaml and config.yaml are rewritten atomically; logs are appended.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,9 @@ from expman._protocol import Frame
 from expman._schema import (
     CONFIG_YAML,
     FINAL_STATUSES,
+    HOSTS_DIR,
+    LOGS_DIR,
+    OWNER_FILE,
     RUN_LOG,
     RUN_YAML,
     check_name,
@@ -30,8 +38,10 @@ from ._metrics_store import MetricsStore
 log = logging.getLogger("expman.collector")
 
 RUN_YAML_MIN_INTERVAL_S = 1.0
-# Worst first: the run's status is the worst of its ranks' final statuses.
-_SEVERITY = ("crashed", "failed", "killed", "finished")
+# Worst first: the run's status is the worst of its ranks' final statuses; a rank that
+# vanished is "lost", and makes the run "crashed".
+_SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
+RANK_FINAL = frozenset(rank for rank, _ in _SEVERITY)
 
 
 def iso(ts: float | None) -> str | None:
@@ -47,27 +57,53 @@ def find_run_dir(root: Path, uid: str) -> Path | None:
     return None
 
 
+def claim_ownership(run_dir: Path, writer: str) -> bool:
+    """Atomically create the owner file (O_EXCL works on NFS too); True if we own the run."""
+    path = run_dir / OWNER_FILE
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return path.read_text().strip() == writer
+    with os.fdopen(fd, "w") as fh:
+        fh.write(writer + "\n")
+    return True
+
+
 class Run:
     """A run the collector is writing (or has written, and may reopen for late frames)."""
 
-    def __init__(self, run_dir: Path, info: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, info: dict[str, Any], writer: str) -> None:
         self.dir = run_dir
         self.info = info
-        self.params: dict[str, Any] = read_yaml(run_dir / CONFIG_YAML)
-        self._log = open(run_dir / RUN_LOG, "a", encoding="utf-8")
+        self.writer = writer
+        self.owner = claim_ownership(run_dir, writer)
+        self.rank_params: dict[int, dict[str, Any]] = {}
+        restored = read_yaml(run_dir / CONFIG_YAML) if self.owner else {}
+        if restored:
+            self.rank_params[-1] = restored  # kept from before a restart: yields to any rank
+        self.params: dict[str, Any] = dict(restored)
+        self._remote_params: dict[int, dict[str, Any]] = {}
+        self.merged_at = 0.0
+        self._reported_conflicts: set[str] = set(info.get("param_conflicts") or ())
+        self.local_ranks: set[int] = set()
+        log_path = run_dir / RUN_LOG if self.owner else run_dir / LOGS_DIR / f"{writer}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        self._log = open(log_path, "a", encoding="utf-8")
         self._log_dirty = False
-        self.store: MetricsStore | None = MetricsStore(run_dir)
+        self.store: MetricsStore | None = MetricsStore(run_dir, writer)
         self._info_dirty = True
         self._info_written_at = 0.0
-        self.final_since: float | None = None
+        self.final_since: float | None = None  # when this collector's share of the run ended
         self.flushed_at = 0.0
         # Monotonic time of each rank's last frame; ranks that a previous collector left
-        # running count from now, so they are marked crashed if they never come back.
+        # running count from now, so they are marked lost if they never come back.
         self.rank_seen: dict[int, float] = {r: time.monotonic() for r in self.running_ranks()}
+        self.heartbeat_interval: dict[int, float] = {}  # seconds, as each rank said in its hello
+        self.finished_at_seq: dict[str, int] = {}  # sender -> seq of its finish frame
         self.write_info(force=True)
 
     @classmethod
-    def from_hello(cls, root: Path, frame: Frame) -> Run:
+    def from_hello(cls, root: Path, frame: Frame, writer: str) -> Run:
         body = frame.body
         try:
             experiment = check_name("experiment", body.get("experiment"))
@@ -97,14 +133,21 @@ class Run:
                 "world_size": int(body.get("world_size") or 1),
                 "hosts": [],
                 "ranks": {},
+                "launcher": body.get("launcher") or "none",
+                "job": body.get("job"),
                 "software": body.get("software") or {},
             }
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir, info)
+        return cls(run_dir, info, writer)
 
     # --- frames ----------------------------------------------------------------------
     def hello(self, frame: Frame) -> None:
         body = frame.body
+        if frame.seq is not None and frame.seq < self.finished_at_seq.get(frame.sender, -1):
+            return  # a resent hello from before this sender's finish: nothing to reopen
+        started = iso(body.get("started_at") or frame.sent_at)
+        if started and started < (self.info.get("started_at") or started):
+            self.info["started_at"] = started  # the run starts with its earliest rank
         if body.get("reopen") or self.info.get("status") in FINAL_STATUSES:
             if self.info.get("status") in FINAL_STATUSES:
                 self.info.setdefault("reopened_at", []).append(iso(frame.sent_at))
@@ -115,9 +158,13 @@ class Run:
         if frame.host not in self.info["hosts"]:
             self.info["hosts"].append(frame.host)
         rank = self.info["ranks"].setdefault(frame.rank, {})
+        self.local_ranks.add(frame.rank)
+        self.heartbeat_interval[frame.rank] = float(body.get("heartbeat_interval") or 5.0)
         rank.update(
             host=frame.host,
             pid=body.get("pid"),
+            local_rank=body.get("local_rank", 0),
+            node_rank=body.get("node_rank", 0),
             status="running",
             started_at=rank.get("started_at") or iso(body.get("started_at") or frame.sent_at),
             ended_at=None,
@@ -136,9 +183,40 @@ class Run:
             rank["last_step"] = last_step
         self.touch()
 
-    def set_params(self, params: dict[str, Any]) -> None:
-        self.params.update(params)
-        write_yaml_atomic(self.dir / CONFIG_YAML, self.params)
+    def set_params(self, rank: int, params: dict[str, Any]) -> None:
+        """Merge one rank's parameters (a rank's later values win)."""
+        self.rank_params.setdefault(rank, {}).update(params)
+        self._merge_params()
+
+    def _merge_params(self, remote: dict[int, dict[str, Any]] | None = None) -> None:
+        """config.yaml takes each key from the lowest rank that set it; where ranks
+        disagree every rank's value is kept in run.yaml (param_conflicts) and reported."""
+        by_rank = {**(remote or self._remote_params), **self.rank_params}
+        merged: dict[str, Any] = {}
+        values: dict[str, dict[int, Any]] = {}
+        for rank in sorted(by_rank):
+            for key, value in by_rank[rank].items():
+                merged.setdefault(key, value)
+                if rank >= 0:
+                    values.setdefault(key, {})[rank] = value
+        conflicts = {key: seen for key, seen in values.items() if any(v != merged[key] for v in seen.values())}
+        for key in sorted(set(conflicts) - self._reported_conflicts):
+            self._reported_conflicts.add(key)
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in sorted(conflicts[key].items()))
+            self._write_log_line(f"{iso(time.time())} [collector] WARNING parameter {key!r} differs across ranks "
+                                 f"({shown}); config.yaml keeps the lowest rank's, run.yaml keeps all")
+        if conflicts != (self.info.get("param_conflicts") or {}):
+            if conflicts:
+                self.info["param_conflicts"] = conflicts
+            else:
+                self.info.pop("param_conflicts", None)
+            self.touch()
+        if merged != self.params or not (self.dir / CONFIG_YAML).exists():
+            self.params = merged
+            if self.owner:
+                write_yaml_atomic(self.dir / CONFIG_YAML, merged)
+            else:
+                self.touch()
 
     def log_lines(self, frame: Frame) -> None:
         for entry in frame.body.get("lines") or ():
@@ -146,17 +224,22 @@ class Run:
                 raise ProtocolError("bad-shape", "log lines are [time, level, text]")
             when, level, text = entry
             prefix = f"{iso(float(when))} [{frame.host}:{frame.rank}] {str(level).upper()}"
-            self._log.write(f"{prefix} {str(text).replace(chr(10), chr(10) + '    ')}\n")
+            self._write_log_line(f"{prefix} {str(text).replace(chr(10), chr(10) + '    ')}")
+
+    def _write_log_line(self, line: str) -> None:
+        self._log.write(line + "\n")
         self._log_dirty = True
 
     def finish_rank(self, frame: Frame) -> bool:
         """Record one rank's end; return True when the whole run has ended."""
         body = frame.body
         status = body.get("status")
-        if status not in FINAL_STATUSES:
+        if status not in FINAL_STATUSES or status == "crashed":
             raise ProtocolError("bad-values", f"unknown final status {status!r}")
         if isinstance(body.get("last_step"), int):
             self.info["ranks"].setdefault(frame.rank, {})["last_step"] = body["last_step"]
+        if frame.seq is not None:
+            self.finished_at_seq[frame.sender] = frame.seq
         self.end_rank(frame.rank, status, body.get("ended_at") or frame.sent_at, body.get("error"))
         return self.final_since is not None
 
@@ -165,17 +248,58 @@ class Run:
         rank.update(status=status, ended_at=iso(ended_at))
         if error:
             rank["error"] = error
-        ranks = self.info["ranks"].values()
-        if len(self.info["ranks"]) >= self.info["world_size"] and all(r.get("status") in FINAL_STATUSES for r in ranks):
-            statuses = {r["status"] for r in ranks}
-            self.info["status"] = next(s for s in _SEVERITY if s in statuses)
-            self.info["ended_at"] = iso(ended_at)
-            started = dt.datetime.fromisoformat(self.info["started_at"]).timestamp()
-            self.info["duration_s"] = round(ended_at - started, 3)
-            if error and self.info["status"] != "finished":
+            if status != "finished":
                 self.info["error"] = error
-            self.final_since = time.monotonic()
+        self._update_status()
         self.touch(force=True)
+
+    def _update_status(self) -> None:
+        """The run has ended once all world_size ranks have; its status is the worst."""
+        ranks = self.info["ranks"]
+        local_done = all(ranks.get(r, {}).get("status") in RANK_FINAL for r in self.local_ranks)
+        run_done = len(ranks) >= self.info["world_size"] and all(r.get("status") in RANK_FINAL for r in ranks.values())
+        if run_done and self.owner:
+            statuses = {r["status"] for r in ranks.values()}
+            self.info["status"] = next(run for rank, run in _SEVERITY if rank in statuses)
+            self.info["ended_at"] = max(r["ended_at"] for r in ranks.values() if r.get("ended_at"))  # ISO sorts
+            started = dt.datetime.fromisoformat(self.info["started_at"])
+            ended = dt.datetime.fromisoformat(self.info["ended_at"])
+            self.info["duration_s"] = round((ended - started).total_seconds(), 3)
+            if self.info["status"] == "finished":
+                self.info.pop("error", None)
+        done = run_done if self.owner else (local_done and bool(self.local_ranks))
+        if done and self.final_since is None:
+            self.final_since = time.monotonic()
+
+    def merge_remote(self) -> None:
+        """Owner only: fold in the ranks and parameters that other hosts' collectors hold."""
+        remote_params: dict[int, dict[str, Any]] = {}
+        changed = False
+        for path in sorted((self.dir / HOSTS_DIR).glob("*.yaml")):
+            if path.stem == self.writer:
+                continue
+            try:
+                part = read_yaml(path)
+            except Exception:  # half-visible on a slow shared filesystem: next time
+                continue
+            for rank, state in (part.get("ranks") or {}).items():
+                if rank not in self.local_ranks and self.info["ranks"].get(rank) != state:
+                    self.info["ranks"][rank] = state
+                    changed = True
+            for host in part.get("hosts") or ():
+                if host not in self.info["hosts"]:
+                    self.info["hosts"].append(host)
+                    changed = True
+            self.info["world_size"] = max(self.info["world_size"], int(part.get("world_size") or 1))
+            if part.get("code") and self.info.get("code") != part["code"]:
+                self.info["code"] = part["code"]
+                changed = True
+            remote_params.update(part.get("params_by_rank") or {})
+        self._remote_params = remote_params
+        self._merge_params(remote_params)
+        if changed:
+            self._update_status()
+            self.touch()
 
     def add_child(self, uid: str) -> None:
         if uid not in self.info["children"]:
@@ -185,7 +309,7 @@ class Run:
     # --- persistence ----------------------------------------------------------------------
     def metrics_store(self) -> MetricsStore:
         if self.store is None:  # late frames after the run ended reopen the store
-            self.store = MetricsStore(self.dir)
+            self.store = MetricsStore(self.dir, self.writer)
         return self.store
 
     def running_ranks(self) -> list[int]:
@@ -199,7 +323,18 @@ class Run:
     def write_info(self, force: bool = False) -> None:
         now = time.monotonic()
         if self._info_dirty and (force or now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S):
-            write_yaml_atomic(self.dir / RUN_YAML, self.info)
+            if self.owner:
+                write_yaml_atomic(self.dir / RUN_YAML, self.info)
+            else:
+                local = {r: self.info["ranks"][r] for r in sorted(self.local_ranks) if r in self.info["ranks"]}
+                write_yaml_atomic(self.dir / HOSTS_DIR / f"{self.writer}.yaml", {
+                    "writer": self.writer,
+                    "world_size": self.info["world_size"],
+                    "hosts": sorted({v.get("host") for v in local.values() if v.get("host")}),
+                    "ranks": local,
+                    "params_by_rank": {r: p for r, p in self.rank_params.items() if r >= 0},
+                    "code": self.info.get("code"),  # rank 0's code capture, when rank 0 is ours
+                })
             self._info_dirty = False
             self._info_written_at = now
 

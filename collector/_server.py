@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from expman import _protocol as proto
 from expman._columns import frame_table
 from expman._errors import ProtocolError
-from expman._schema import RUN_YAML, read_yaml, write_yaml_atomic
+from expman._schema import HOSTS_DIR, RUN_YAML, check_name, read_yaml, write_yaml_atomic
 
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
+from ._relay import Relay
 from ._runs import Run, find_run_dir
 
 log = logging.getLogger("expman.collector")
 
-RECV_BATCH = 512
+RECV_BATCH = 128  # frames per turn: bounds the rows decoded before the next flush
 RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
 FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
@@ -74,12 +76,15 @@ class Collector:
         binds: list[str],
         *,
         parent_pid: int | None = None,
-        heartbeat_timeout: float = 60.0,
+        heartbeat_timeout: float | None = None,
         max_frame_bytes: int = proto.MAX_FRAME_BYTES,
         idle_exit: float | None = None,
+        forward: str | None = None,
+        name: str | None = None,
         artifacts: ArtifactSettings | None = None,
     ) -> None:
         self.root = root
+        self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
         self.parent_pid = parent_pid
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
         self._last_frame_at = time.monotonic()
@@ -100,6 +105,11 @@ class Collector:
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
         self._stopping = False
+        self._poller = zmq.Poller()
+        self.relay = Relay(self._ctx, forward, self._poller) if forward else None
+        # Called with the loop's monotonic time after each round of periodic work (the
+        # daemon's sd_notify watchdog and status); must be quick and must not raise.
+        self.on_periodic: Callable[[float], None] | None = None
 
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -118,7 +128,7 @@ class Collector:
 
     # --- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._stop_pull, zmq.POLLIN)
         next_periodic = 0.0
@@ -129,6 +139,10 @@ class Collector:
                     break
                 if self._router in events:
                     self._turn()
+                if self.relay is not None:
+                    for sock in self.relay.sockets():
+                        if sock in events:
+                            self.relay.pass_back(sock, self._router)
                 now = time.monotonic()
                 if now >= next_periodic:
                     next_periodic = now + 0.1
@@ -163,6 +177,10 @@ class Collector:
                 continue
             self.counters["frames"] += 1
             self._last_frame_at = time.monotonic()
+            if self.relay is not None:
+                if not self.relay.forward(frame.sender, identity, data):
+                    self.counters["relay-busy"] += 1
+                continue
             if frame.seq is not None:
                 self.windows[frame.sender].raise_floor(frame.low)
             if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
@@ -206,7 +224,7 @@ class Collector:
         if kind == proto.HELLO:
             run = self.runs.get(frame.run)
             if run is None:
-                run = self.runs[frame.run] = Run.from_hello(self.root, frame)
+                run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
                 log.info("run %s started in %s", frame.run, run.dir)
                 for sender, seq in run.store.recovered_frames if run.store else ():
                     self.windows[sender].add(seq)  # persisted before a crash: a resend is a duplicate
@@ -227,7 +245,7 @@ class Collector:
             params = frame.body.get("params")
             if not isinstance(params, dict):
                 raise ProtocolError("bad-shape", "params body must be a map")
-            run.set_params(params)
+            run.set_params(frame.rank, params)
         elif kind == proto.LOG:
             run.log_lines(frame)
         elif kind == proto.HEARTBEAT:
@@ -268,6 +286,8 @@ class Collector:
 
     # --- between turns ------------------------------------------------------------------
     def _periodic(self, now: float) -> None:
+        if self.relay is not None:
+            self.relay.forget_idle(now)
         parent_gone = self.parent_pid is not None and not _alive(self.parent_pid)
         for uid, run in list(self.runs.items()):
             store = run.store
@@ -278,14 +298,16 @@ class Collector:
                 run.flushed_at = now
             elif store is not None and run.final_since is not None:
                 run.flush_metrics(final=True)  # late frames after the end: fold them in
-            lost = [r for r in run.running_ranks()
-                    if parent_gone or now - run.rank_seen.get(r, now) > self.heartbeat_timeout]
+            lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
             if lost:
                 why = "the training process exited without finishing" if parent_gone else "no heartbeat"
                 for rank in lost:
-                    log.warning("run %s rank %d: %s; marking it crashed", uid, rank, why)
-                    run.end_rank(rank, "crashed", time.time(), {"type": "Crashed", "message": why})
+                    log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
+                    run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})
                 run.flush_metrics(final=run.final_since is not None)
+            if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
+                run.merged_at = now
+                run.merge_remote()  # other hosts' collectors share this run folder
             run.write_info()
             if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
                 self.artifacts.close_run(uid, final=True)
@@ -299,13 +321,20 @@ class Collector:
         ):
             log.info("no running run for %.0f s; exiting", self.idle_exit)
             self._stopping = True
+        if self.on_periodic is not None:
+            self.on_periodic(now)
+
+    def _silent_too_long(self, run: Run, rank: int, now: float) -> bool:
+        """Lost after two missed heartbeats (or --heartbeat-timeout, when given)."""
+        limit = self.heartbeat_timeout or 2 * run.heartbeat_interval.get(rank, 5.0) + 1.0
+        return now - run.rank_seen.get(rank, now) > limit
 
     def _shutdown(self) -> None:
         local = self.parent_pid is not None
         for uid, run in list(self.runs.items()):
             if local and run.running_ranks():
                 for rank in run.running_ranks():
-                    run.end_rank(rank, "crashed", time.time(),
+                    run.end_rank(rank, "lost", time.time(),
                                  {"type": "Crashed", "message": "the collector stopped before the rank finished"})
             try:
                 self.artifacts.close_run(uid, final=run.final_since is not None)
@@ -314,6 +343,8 @@ class Collector:
                 log.exception("could not close run %s cleanly", uid)
         self.runs.clear()
         log.info("collector stopped: %s; rejected: %s", dict(self.counters), dict(self.rejects))
+        if self.relay is not None:
+            self.relay.close()
         self._router.close(1000)
         self._stop_pull.close(0)
         self._ctx.term()

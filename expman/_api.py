@@ -14,7 +14,7 @@ from typing import Any
 
 from ._errors import RunNotFoundError
 from ._experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
-from ._identity import COLLECTOR_ENV, detect_rank, detect_world_size, hostname, new_uid, resolve_root, software_info
+from ._identity import COLLECTOR_ENV, Identity, hostname, resolve_identity, resolve_root, software_info
 from ._local import LocalCollector
 from ._schema import RUN_YAML, check_name, read_yaml
 from ._sender import Sender
@@ -22,10 +22,11 @@ from ._sender import Sender
 log = logging.getLogger("expman")
 
 DEFAULT_EXPERIMENT = "default"
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
 
 _lock = threading.Lock()
 _senders: dict[str, Sender] = {}
-_local_collectors: dict[Path, LocalCollector] = {}
+_local_collectors: dict[tuple[Path, str | None], LocalCollector] = {}
 _hooks_installed = False
 
 
@@ -41,6 +42,8 @@ def start_experiment(
     collector: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    run_id: str | None = None,
+    heartbeat_interval: float | None = None,
     finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
     encrypt_artifacts: bool = False,
     flush_interval: float | None = None,
@@ -49,32 +52,41 @@ def start_experiment(
 ) -> Experiment:
     """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
 
-    `space` is the experiment (a folder under the root), `name` the run's name. With no
-    `collector` argument and no $EXPMAN_COLLECTOR, a private collector process is started.
+    `space` is the experiment (a folder under the root), `name` the run's name. Every
+    rank of a launched job (torchrun, Slurm, MPI) lands in the same run without talking
+    to the others: see expman/_identity.py for how rank and run id are found. With no
+    `collector` argument and no $EXPMAN_COLLECTOR, a local collector process is started
+    (one per process, or one shared by the job's ranks on this host).
     `code_dir` names the code to store under `code/` (default: the launching script and
     git facts; False: nothing). `encrypt_artifacts` has the collector encrypt this run's
     artifacts with its master key (`expman keys init`).
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
+    if _parent is not None and run_id is None:
+        run_id = _parent.child_run_id(name)  # every rank derives the same child id
+    identity = resolve_identity(rank, world_size, run_id)
     reopen = experiment_uid is not None
     if reopen:
         space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)
         uid = str(experiment_uid)
     else:
-        uid = new_uid()
+        uid = check_name("run id", identity.run_id)
+    if name is None:  # ranks of one job must pick the same name, so only a lone process uses the clock
+        name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
     experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
-    run_name = check_name("run", name if name is not None else time.strftime("run-%Y%m%d-%H%M%S"))
+    run_name = check_name("run", name)
     tag_list = [str(t) for t in (tags or [])]
     if log_hardware:
         log.warning("expman: log_hardware=True is accepted but hardware sampling is not implemented yet")
     local = None
     if endpoint is None:
-        if encrypt_artifacts:  # the private collector reads the same key file: say now if there is none
+        if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
             from ._crypto import check_key_file
 
             check_key_file()
-        local = _local_collector(root_path)
+        shared_key = uid if identity.world_size > 1 and identity.run_id_source != "fresh" else None
+        local = _local_collector(root_path, shared_key)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame)
@@ -85,14 +97,15 @@ def start_experiment(
         experiment=experiment,
         name=run_name,
         uid=uid,
-        rank=detect_rank() if rank is None else int(rank),
-        world_size=detect_world_size() if world_size is None else int(world_size),
+        rank=identity.rank,
+        world_size=identity.world_size,
         host=hostname(),
         parent=_parent.uid if _parent is not None else None,
         tags=tag_list,
         reopen=reopen,
         finish_timeout=finish_timeout,
-        hello_extra={"software": software_info()},
+        heartbeat_interval=_heartbeat_interval(heartbeat_interval),
+        hello_extra={"software": software_info(), **_launch_info(identity)},
     )
     exp.artifact_state.encrypt = bool(encrypt_artifacts)
     if code_dir is True:
@@ -102,6 +115,25 @@ def start_experiment(
 
         capture_code(exp, code_dir)  # type: ignore[arg-type]
     return exp
+
+
+def _heartbeat_interval(value: float | None) -> float:
+    if value is None:
+        value = float(os.environ.get("EXPMAN_HEARTBEAT_INTERVAL") or DEFAULT_HEARTBEAT_INTERVAL)
+    if not value > 0:
+        raise ValueError(f"heartbeat_interval must be positive seconds, got {value!r}")
+    return float(value)
+
+
+def _launch_info(identity: Identity) -> dict[str, Any]:
+    launch = identity.launch
+    return {
+        "launcher": launch.launcher,
+        "job": launch.job_label,
+        "local_rank": launch.local_rank,
+        "node_rank": launch.node_rank,
+        "run_id_source": identity.run_id_source,
+    }
 
 
 def _find_existing(root: Path, uid: str, space: str | None, name: str | None, must_exist: bool) -> tuple[str, str]:
@@ -114,11 +146,11 @@ def _find_existing(root: Path, uid: str, space: str | None, name: str | None, mu
     return space or DEFAULT_EXPERIMENT, name or uid
 
 
-def _local_collector(root: Path) -> LocalCollector:
+def _local_collector(root: Path, shared_key: str | None) -> LocalCollector:
     with _lock:
-        local = _local_collectors.get(root)
+        local = _local_collectors.get((root, shared_key))
         if local is None:
-            local = _local_collectors[root] = LocalCollector(root)
+            local = _local_collectors[(root, shared_key)] = LocalCollector(root, shared_key)
         else:
             local.ensure_running()
         return local

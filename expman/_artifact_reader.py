@@ -18,13 +18,13 @@ from typing import Iterator
 from ._artifact_names import normalize_name
 from ._crypto import key_provider, read_plaintext
 from ._errors import ArtifactError, ArtifactIntegrityError
-from ._schema import ARTIFACTS_DIR, MANIFEST, ArtifactRecord, read_manifest
+from ._schema import ARTIFACTS_DIR, ArtifactRecord, read_manifests
 
 _BLOCK = 1024 * 1024
 
 
 def records(run_dir: Path) -> dict[str, ArtifactRecord]:
-    return read_manifest(run_dir / ARTIFACTS_DIR / MANIFEST)
+    return read_manifests(run_dir / ARTIFACTS_DIR)
 
 
 def find(run_dir: Path, name: str) -> ArtifactRecord:

@@ -113,9 +113,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 str(info.get("status", "unknown")),
                 _local_time(info.get("started_at")),
                 _duration(_run_seconds(info)),
+                _rank_states(info),
             ]
         )
-    print(_table(["EXPERIMENT", "RUN", "ID", "STATUS", "STARTED", "DURATION"], rows))
+    print(_table(["EXPERIMENT", "RUN", "ID", "STATUS", "STARTED", "DURATION", "RANKS"], rows))
     return 0
 
 
@@ -267,12 +268,27 @@ def _rank_summary(info: dict[str, Any]) -> str:
     return f"{len(ranks)} of {world} seen" + (f" ({states})" if states else "")
 
 
+def _rank_states(info: dict[str, Any]) -> str:
+    """Short per-rank state for `ls`: "4/4 finished", or "2 finished, 1 lost of 4"."""
+    ranks = info.get("ranks") or {}
+    world = info.get("world_size") or len(ranks)
+    counts: dict[str, int] = {}
+    for rank in ranks.values():
+        counts[str(rank.get("status", "unknown"))] = counts.get(str(rank.get("status", "unknown")), 0) + 1
+    if len(counts) == 1:
+        (status, n), = counts.items()
+        return f"{n}/{world} {status}"
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f" of {world}"
+
+
 def _rank_lines(info: dict[str, Any]) -> Iterator[str]:
     ranks = sorted((info.get("ranks") or {}).items(), key=lambda item: int(item[0]))
     for rank_id, rank in ranks[:_MAX_RANK_LINES]:
         last = rank.get("last_step")
         line = f"rank {rank_id} on {rank.get('host', '?')}: {rank.get('status', 'unknown')}"
         line += f", last step {last}" if last is not None else ""
+        if rank.get("status") == "running" and rank.get("last_heartbeat"):
+            line += f", heartbeat {_local_time(rank['last_heartbeat'])}"
         if isinstance(rank.get("error"), dict):
             line += f" ({rank['error'].get('type', 'error')})"
         yield line

@@ -68,7 +68,7 @@ def batch_table(batch: MetricsBatch, rank: int, host: str, sent_at: float) -> pa
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError("bad-values", str(exc)) from None
     total = len(ids)
-    hosts = pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), total), pa.array([host]))
+    hosts = pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), total), pa.array([host], pa.string()))
     return pa.Table.from_arrays(
         [
             _key_dictionary(batch.keys, ids),

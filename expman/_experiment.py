@@ -10,6 +10,7 @@ dies at once, so the garbage collector never sees it pile up.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -69,6 +70,7 @@ class Experiment:
         tags: list[str],
         reopen: bool,
         finish_timeout: float,
+        heartbeat_interval: float,
         hello_extra: dict[str, Any],
     ) -> None:
         self.uid = uid
@@ -82,6 +84,7 @@ class Experiment:
         self.tags = tags
         self.reopen = reopen
         self.finish_timeout = finish_timeout
+        self.heartbeat_interval = heartbeat_interval
         self.hello_extra = hello_extra
         self.started_at = time.time()
         self._predicted_run_dir = root / experiment / run_dir_name(name, uid)
@@ -97,14 +100,16 @@ class Experiment:
         self.final_buffer: list[Any] | None = None
         self.finish_request: dict[str, Any] | None = None
         self.finished = threading.Event()
-        self.hello_body: dict[str, Any] | None = None  # these four belong to the Sender thread
+        self.hello_body: dict[str, Any] | None = None  # these belong to the Sender thread
         self.hello_sent = False
         self.finish_sent = False
         self.last_step: int | None = None
+        self.next_heartbeat = 0.0  # monotonic
         self.status = "running"
         self._late_points = 0
         self.artifact_state = ArtifactState()
         self._children: list[Experiment] = []
+        self._child_names: dict[str | None, int] = {}
         self._sender = sender
         sender.register(self)
 
@@ -252,6 +257,12 @@ class Experiment:
         child = start_experiment(self.experiment, name, _parent=self, **kwargs)
         self._children.append(child)
         return child
+
+    def child_run_id(self, name: str | None) -> str:
+        """The id of this run's next child called `name`: the same in every rank, since
+        every rank starts its children in the same order."""
+        count = self._child_names[name] = self._child_names.get(name, 0) + 1
+        return hashlib.sha256(f"{self.uid}/{name}/{count}".encode()).hexdigest()[:12]
 
     @property
     def run_dir(self) -> Path:

@@ -6,6 +6,7 @@ before the script has flushed, and it watches our PID so it never outlives us fo
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -14,11 +15,21 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("expman")
 
 SHUTDOWN_TIMEOUT_S = 10.0
 IDLE_EXIT_S = 10.0  # the collector exits this long after its last run ended; restarted on demand
+SHARED_IDLE_EXIT_S = 30.0
+
+
+def _is_collector(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text())
+        return b"expman.collector" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
 
 
 def runtime_dir() -> Path:
@@ -33,11 +44,22 @@ def runtime_dir() -> Path:
 
 
 class LocalCollector:
-    """Starts `python -m expman.collector` for one root and restarts it if it dies."""
+    """Starts `python -m expman.collector` for one root and restarts it if it dies.
 
-    def __init__(self, root: Path) -> None:
+    Private (the default): one per process, a child that exits with us. Shared (`key`,
+    the job's run id): one per job and host, found through a socket path every rank of
+    the job derives; the first rank to take the folder's lock starts it, detached, and
+    it exits on its own once the job's runs have ended. Nobody waits for it to be ready.
+    """
+
+    def __init__(self, root: Path, key: str | None = None) -> None:
         self.root = root
-        self._dir = Path(tempfile.mkdtemp(prefix="c-", dir=runtime_dir()))
+        self.key = key
+        if key is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="c-", dir=runtime_dir()))
+        else:
+            self._dir = runtime_dir() / f"job-{key}"
+            self._dir.mkdir(mode=0o700, exist_ok=True)
         self.endpoint = f"ipc://{self._dir / 'collector.sock'}"
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -50,21 +72,36 @@ class LocalCollector:
                 return
             if self._proc is not None and self._proc.returncode != 0:
                 log.warning("expman: the local collector exited (code %s); starting it again", self._proc.returncode)
-            cmd = [
-                sys.executable, "-m", "expman.collector",
-                "--root", str(self.root),
-                "--bind", self.endpoint,
-                "--parent-pid", str(os.getpid()),
-                "--idle-exit", str(IDLE_EXIT_S),
-                "--log-level", "WARNING",
-            ]
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+            if self.key is None:
+                self._proc = self._spawn(["--parent-pid", str(os.getpid()), "--idle-exit", str(IDLE_EXIT_S)])
+                return
+            with open(self._dir / "lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # held for a pid check and a fork: milliseconds
+                if _is_collector(self._dir / "pid"):
+                    return
+                log_file = open(self._dir / "collector.log", "ab")
+                self._proc = self._spawn(["--idle-exit", str(SHARED_IDLE_EXIT_S)], stderr=log_file)
+                log_file.close()
+                (self._dir / "pid").write_text(str(self._proc.pid))
+
+    def _spawn(self, extra: list[str], stderr: Any = None) -> subprocess.Popen[bytes]:
+        cmd = [
+            sys.executable, "-m", "expman.collector",
+            "--root", str(self.root),
+            "--bind", self.endpoint,
+            "--log-level", "WARNING",
+            *extra,
+        ]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """SIGTERM: the collector flushes every run it holds, then exits."""
         with self._lock:
             self._closed = True
             proc = self._proc
+            if self.key is not None:
+                return  # shared with the job's other ranks: it leaves by itself when idle
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:

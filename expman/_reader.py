@@ -7,6 +7,7 @@ pyarrow is imported on first use, keeping `import expman` light.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ._errors import ExpmanError, RunNotFoundError
 from ._identity import resolve_root
-from ._schema import CONFIG_YAML, KEY, METRICS_DIR, RUN_LOG, RUN_YAML, WAL_DIR, ArtifactRecord, list_parts, read_yaml
+from ._schema import (
+    CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
+    list_parts, read_yaml,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,13 +51,80 @@ class Run:
         return read_yaml(self.path / CONFIG_YAML)
 
     def log_text(self) -> str:
-        try:
-            return (self.path / RUN_LOG).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return ""
+        """run.log, merged in time order with the lines other hosts' collectors kept (logs/)."""
+        files = [self.path / RUN_LOG, *sorted((self.path / LOGS_DIR).glob("*.log"))]
+        texts = []
+        for path in files:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
+        if len(texts) <= 1:
+            return texts[0] if texts else ""
+        entries = [_log_entries(text) for text in texts]
+        return "".join(heapq.merge(*entries))  # each entry starts with its ISO time, so text order is time order
 
-    def metrics(self, keys: str | Iterable[str] | None = None) -> pa.Table:
-        """One row per point (columns key, value, text, step, rank, host, time), in arrival order."""
+    def metrics(
+        self,
+        keys: str | Iterable[str] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        reduce: str | None = None,
+    ) -> pa.Table:
+        """One row per point (columns key, value, text, step, rank, host, time), in arrival order.
+
+        `ranks` keeps only those ranks. `reduce` ("mean", "min", "max", "median") instead
+        returns one row per key and step across ranks: key, step, value, ranks (how many
+        ranks had a value at that step), time (the latest). Median is t-digest based:
+        exact for up to about a hundred ranks.
+        """
+        table = self._points(keys)
+        if ranks is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            wanted_ranks = [ranks] if isinstance(ranks, int) else list(ranks)
+            table = table.filter(pc.is_in(table[RANK], pa.array(wanted_ranks, pa.int32())))
+        if reduce is None:
+            return table
+        return _reduce_across_ranks(table, reduce)
+
+    def rank_stats(self) -> pa.Table:
+        """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
+        the fastest rank), last_heartbeat. A straggler has a low rate and a large lag."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        points = self._points(None)
+        stepped = points.filter(pc.is_valid(points[STEP]))
+        grouped = stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")])
+        progress = {row[RANK]: row for row in grouped.to_pylist()}
+        ranks = self.info.get("ranks") or {}
+        fastest = max((row[f"{STEP}_max"] for row in progress.values()), default=None)
+        rows = []
+        for rank in sorted(set(ranks) | set(progress)):
+            state, seen = ranks.get(rank, {}), progress.get(rank)
+            rate = None
+            last_step = state.get("last_step")
+            if seen is not None:
+                last_step = seen[f"{STEP}_max"]
+                span = (seen[f"{TIME}_max"] - seen[f"{TIME}_min"]).total_seconds()
+                if span > 0:
+                    rate = (seen[f"{STEP}_max"] - seen[f"{STEP}_min"]) / span
+            rows.append({
+                "rank": rank,
+                "host": state.get("host"),
+                "status": state.get("status"),
+                "last_step": last_step,
+                "steps_per_s": rate,
+                "lag_steps": None if fastest is None or last_step is None else fastest - last_step,
+                "last_heartbeat": state.get("last_heartbeat"),
+            })
+        schema = pa.schema([("rank", pa.int32()), ("host", pa.string()), ("status", pa.string()),
+                            ("last_step", pa.int64()), ("steps_per_s", pa.float64()), ("lag_steps", pa.int64()),
+                            ("last_heartbeat", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -72,8 +143,15 @@ class Run:
                 continue
         else:
             raise ExpmanError(f"{self.path}: metrics parts kept changing while being read; try again")
-        covered = max((p.last for p in parts), default=-1)
-        segments = [path for n, path in list_segments(self.path / WAL_DIR) if n > covered]
+        covered: dict[str, int] = {}
+        for part in parts:
+            covered[part.writer] = max(covered.get(part.writer, -1), part.last)
+        segments = [
+            path
+            for wal in sorted((self.path / WAL_DIR).glob("*/"))
+            for n, path in list_segments(wal)
+            if n > covered.get(wal.name, -1)
+        ]
         tail = wal_table(rec for path in segments for rec in read_records(path))
         if tail is not None:
             if wanted is not None:
@@ -113,6 +191,42 @@ class Run:
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
+
+
+def _log_entries(text: str) -> list[str]:
+    """Split a log into entries: a line plus its indented continuation lines."""
+    entries: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("    ") and entries:
+            entries[-1] += line
+        else:
+            entries.append(line)
+    return entries
+
+
+REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}
+
+
+def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if how not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
+    numeric = table.filter(pc.is_valid(table[VALUE]))
+    numeric = numeric.set_column(0, KEY, numeric[KEY].cast(pa.string()))
+    grouped = numeric.group_by([KEY, STEP]).aggregate(
+        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")]
+    )
+    reduced = f"{VALUE}_{REDUCTIONS[how]}"
+    out = pa.table({
+        KEY: grouped[KEY],
+        STEP: grouped[STEP],
+        VALUE: grouped[reduced],
+        "ranks": grouped[f"{RANK}_count_distinct"],
+        TIME: grouped[f"{TIME}_max"],
+    })
+    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
 
 
 def open_run(run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Run:

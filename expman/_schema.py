@@ -26,7 +26,10 @@ CONFIG_YAML = "config.yaml"
 RUN_LOG = "run.log"
 METRICS_DIR = "metrics"
 ARTIFACTS_DIR = "artifacts"
-WAL_DIR = ".wal"
+WAL_DIR = ".wal"  # .wal/<writer>/NNNNNNNN.wal
+HOSTS_DIR = "hosts"  # hosts/<writer>.yaml: the ranks, hosts and parameters other collectors hold
+LOGS_DIR = "logs"  # logs/<writer>.log: run.log lines that other collectors received
+OWNER_FILE = "owner"  # the name of the collector that writes run.yaml, config.yaml, run.log
 
 # Metrics columns, one row per point.
 KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
@@ -105,26 +108,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 # --- metrics parts -----------------------------------------------------------------
-# metrics/part-<level>-<first WAL segment>-<last WAL segment>.parquet. The segment range
-# says which write-ahead segments a part holds, so a crash between writing a part and
-# deleting its segments, or mid-compaction, never counts a point twice.
-_PART = re.compile(r"^part-(\d+)-(\d{8})-(\d{8})\.parquet$")
+# metrics/part-<level>-<first WAL segment>-<last WAL segment>.<writer>.parquet, where the
+# writer is the collector that wrote it (its --name, the host name by default), so the
+# collectors of several hosts can share one run folder on a shared filesystem. The
+# segment range says which of that writer's write-ahead segments (.wal/<writer>/) a part
+# holds, so a crash between writing a part and deleting its segments, or mid-merge,
+# never counts a point twice.
+_PART = re.compile(r"^part-(\d+)-(\d{8})-(\d{8})\.(.+)\.parquet$")
 
 
 @dataclass(frozen=True, order=True)
 class Part:
+    writer: str
     first: int
     last: int
     level: int
     path: Path
 
 
-def part_name(level: int, first: int, last: int) -> str:
-    return f"part-{level}-{first:08d}-{last:08d}.parquet"
+def part_name(level: int, first: int, last: int, writer: str) -> str:
+    return f"part-{level}-{first:08d}-{last:08d}.{writer}.parquet"
 
 
-def list_parts(metrics_dir: Path) -> list[Part]:
-    """The parts that hold the data, oldest first; parts inside a wider one are left out."""
+def list_parts(metrics_dir: Path, writer: str | None = None) -> list[Part]:
+    """The parts that hold the data (of one writer, or all), oldest first; parts inside a
+    wider one of the same writer are left out."""
     try:
         names = os.listdir(metrics_dir)
     except FileNotFoundError:
@@ -132,27 +140,30 @@ def list_parts(metrics_dir: Path) -> list[Part]:
     parts = []
     for name in names:
         m = _PART.match(name)
-        if m:
-            parts.append(Part(int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
+        if m and (writer is None or m[4] == writer):
+            parts.append(Part(m[4], int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
     return [p for p in sorted(parts) if not any(q is not p and _covers(q, p) for q in parts)]
 
 
-def stale_parts(metrics_dir: Path) -> list[Path]:
-    """Parts whose rows also sit in a wider part (left behind by an interrupted compaction)."""
-    live = {p.path for p in list_parts(metrics_dir)}
+def stale_parts(metrics_dir: Path, writer: str) -> list[Path]:
+    """A writer's parts whose rows also sit in a wider part (an interrupted merge)."""
+    live = {p.path for p in list_parts(metrics_dir, writer)}
     if not metrics_dir.exists():
         return []
-    return [path for path in metrics_dir.glob("part-*.parquet") if _PART.match(path.name) and path not in live]
+    return [path for path in metrics_dir.glob(f"part-*.{writer}.parquet")
+            if (m := _PART.match(path.name)) and m[4] == writer and path not in live]
 
 
 def _covers(outer: Part, inner: Part) -> bool:
     wider = (outer.last - outer.first, outer.level) > (inner.last - inner.first, inner.level)
-    return outer.first <= inner.first and inner.last <= outer.last and wider
+    return outer.writer == inner.writer and outer.first <= inner.first and inner.last <= outer.last and wider
 
 
 # --- artifacts ---------------------------------------------------------------------
 # artifacts/manifest.yaml    append-only YAML sequence, one flow mapping per line;
 #                            a later line for a name replaces an earlier one
+# artifacts/manifest.<writer>.yaml   the same, from a collector that does not own the run
+#                            (shared filesystem); readers merge them, the latest `time` wins
 # artifacts/objects/ab/<sha256>        the plain bytes (not encrypted, not compressed)
 # artifacts/objects/ab/<sha256>.expa   the expman container (expman/_crypto.py)
 # artifacts/.incoming/                 transfers in progress (collector only)
@@ -220,6 +231,24 @@ class ArtifactRecord:
 def object_name(sha256: str, container: bool) -> str:
     """The object's path relative to the artifacts folder."""
     return f"{OBJECTS_DIR}/{sha256[:2]}/{sha256}{CONTAINER_SUFFIX if container else ''}"
+
+
+def manifest_name(writer: str | None = None) -> str:
+    """The owner's manifest, or another writer's (shared filesystem: one file per writer)."""
+    return MANIFEST if writer is None else f"manifest.{writer}.yaml"
+
+
+def read_manifests(artifacts_dir: Path) -> dict[str, ArtifactRecord]:
+    """name -> latest record across every writer's manifest (by log time; within one file a
+    later line wins)."""
+    paths = [artifacts_dir / MANIFEST, *sorted(artifacts_dir.glob("manifest.*.yaml"))]
+    best: dict[str, tuple[str, int, ArtifactRecord]] = {}
+    for order, path in enumerate(paths):
+        for record in read_manifest(path).values():
+            key = (record.time, order)
+            if record.name not in best or key >= best[record.name][:2]:
+                best[record.name] = (record.time, order, record)
+    return {name: item[2] for name, item in best.items()}
 
 
 def read_manifest(path: Path) -> dict[str, ArtifactRecord]:

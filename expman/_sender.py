@@ -35,8 +35,8 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
-HEARTBEAT_INTERVAL_S = 2.0
-RESEND_AFTER_S = 2.0
+RESEND_AFTER_S = 2.0  # at least; more when acks are slow (see _resend_after)
+IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
 MAX_POINTS_PER_FRAME = 16384
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 _FULL_KEY_TABLE = 256  # below this many keys every frame carries the whole table
@@ -105,6 +105,8 @@ class _Pending:
     data: bytes
     points: int
     sent_at: float | None = None  # None: not sent yet (or due for a resend)
+    first_sent_at: float | None = None
+    resends: int = 0
     token: Any = None  # artifact chunks: told of the ack (expman/_artifact_pump.py)
 
 
@@ -143,6 +145,8 @@ class Sender:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._unsent: deque[int] = deque()  # seqs to send, in order
         self._pending_bytes = 0
+        self._ack_latency = 0.0  # seconds, moving average
+        self._busy = False  # this tick drained points
         self._next_seq = 0
         self._wake_addr = f"inproc://expman-sender-{self.sender_id}"
         self._wake_ready = threading.Event()
@@ -226,11 +230,11 @@ class Sender:
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
-        next_heartbeat = 0.0
         next_resend_check = time.monotonic() + RESEND_AFTER_S
+        timeout = self.flush_interval
         try:
             while True:
-                events = dict(poller.poll(self.flush_interval * 1000))
+                events = dict(poller.poll(timeout * 1000))
                 if wake in events:
                     msgs = [wake.recv()]
                     while wake.poll(0):
@@ -240,12 +244,10 @@ class Sender:
                 if dealer in events:
                     self._read_acks(dealer)
                 now = time.monotonic()
-                heartbeat = now >= next_heartbeat
-                if heartbeat:
-                    next_heartbeat = now + HEARTBEAT_INTERVAL_S
+                self._busy = False
                 for exp in self.active():
                     try:
-                        self._drain(exp, heartbeat)
+                        self._drain(exp, now)
                     except Exception:  # one run's bad data must not stop the others
                         log.exception("expman: run %s: could not send its data", exp.uid)
                 if now >= next_resend_check:
@@ -254,6 +256,8 @@ class Sender:
                     if self._pending and self._on_idle_check is not None:
                         self._on_idle_check()
                 self._send_pending(dealer)
+                # Wake every flush_interval while points flow; back off when idle (it costs CPU).
+                timeout = self.flush_interval if self._busy or self._unsent else min(timeout * 2, IDLE_POLL_MAX_S)
         except zmq.ContextTerminated:
             pass
         except Exception:  # never let a bug here take the training process down
@@ -285,7 +289,7 @@ class Sender:
         c.pending += points
         c.unacked_frames += 1
 
-    def _drain(self, exp: Experiment, heartbeat: bool) -> None:
+    def _drain(self, exp: Experiment, now: float) -> None:
         if not exp.hello_sent:
             exp.hello_sent = True
             self._enqueue(exp, proto.HELLO, self._hello_body(exp))
@@ -311,7 +315,8 @@ class Sender:
             exp.finish_sent = True
             self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step})
             self._check_finished(exp)
-        elif heartbeat and not exp.finish_sent:
+        elif not exp.finish_sent and now >= exp.next_heartbeat:  # until finish is sent: artifacts may hold it back
+            exp.next_heartbeat = now + exp.heartbeat_interval
             self._send_heartbeat(exp)
 
     def _hello_body(self, exp: Experiment) -> dict[str, Any]:
@@ -331,6 +336,7 @@ class Sender:
             "world_size": exp.world_size,
             "pid": os.getpid(),
             "started_at": exp.started_at,
+            "heartbeat_interval": exp.heartbeat_interval,
             **exp.hello_extra,
         }
 
@@ -338,6 +344,7 @@ class Sender:
         """Turn buffered points into metrics frames. This holds the GIL, so it is kept to
         C-level list slicing and `struct.pack` (about 60 ns a point, no Python loop)."""
         n = len(buf)
+        self._busy = True
         texts: list[list[Any]] = []
         if exp.texts:
             m = len(exp.texts)
@@ -400,13 +407,22 @@ class Sender:
                 return  # no connection or queue full: try again next tick
             self._unsent.popleft()
             item.sent_at = now
+            if item.first_sent_at is None:
+                item.first_sent_at = now
             if item.kind == proto.METRICS:
                 self._counters[id(item.exp)].sent += item.points
 
+    def _resend_after(self) -> float:
+        """Resend only frames unacknowledged for well past the usual ack latency, so a busy
+        collector is not buried in duplicates; each resend of a frame doubles its wait."""
+        return min(max(RESEND_AFTER_S, 4 * self._ack_latency), 30.0)
+
     def _mark_stale_for_resend(self, now: float) -> None:
+        base = self._resend_after()
         for item in self._pending.values():
-            if item.sent_at is not None and now - item.sent_at > RESEND_AFTER_S:
+            if item.sent_at is not None and now - item.sent_at > base * 2 ** min(item.resends, 5):
                 item.sent_at = None
+                item.resends += 1
                 self._unsent.append(item.seq)
                 if item.kind == proto.METRICS:
                     self._counters[id(item.exp)].sent -= item.points  # counted again when resent
@@ -429,6 +445,9 @@ class Sender:
                 if item is None:
                     continue  # a duplicate ack after a resend
                 self._pending_bytes -= len(item.data)
+                if item.first_sent_at is not None and item.resends == 0:
+                    latency = time.monotonic() - item.first_sent_at
+                    self._ack_latency += 0.2 * (latency - self._ack_latency)
                 c = self._counters[id(item.exp)]
                 c.pending -= item.points
                 c.unacked_frames -= 1

@@ -62,7 +62,7 @@ def test_round_trip_sizes_around_the_chunk_boundary(root, short_dir, tmp_path, k
                 len(data), hashlib.sha256(data).hexdigest(), 0, encrypt)
             assert run.read_artifact(record.name) == data
         assert all(p.name.endswith(".expa") == encrypt for p in _object_files(exp.run_dir))
-        assert not (exp.run_dir / "artifacts" / ".incoming").exists() or not any((exp.run_dir / "artifacts" / ".incoming").iterdir())
+        assert not any(p.is_file() for p in (exp.run_dir / "artifacts" / ".incoming").rglob("*"))
     finally:
         assert c.stop() == 0, c.log()
 
@@ -181,8 +181,7 @@ def test_a_file_rewritten_before_it_was_read_is_dropped_loudly(root, short_dir, 
     assert "ckpt.bin" in caplog.text and "changed after log_artifact" in caplog.text
     run = expman.open_run(exp.run_dir)
     assert [a.name for a in run.artifacts()] == ["ok.txt"]
-    incoming = exp.run_dir / "artifacts" / ".incoming"
-    assert not incoming.exists() or not list(incoming.iterdir())
+    assert not any(p.is_file() for p in (exp.run_dir / "artifacts" / ".incoming").rglob("*"))
 
 
 def test_log_artifacts_walks_a_folder_and_does_not_follow_links_out(root, collector, tmp_path):
@@ -411,3 +410,39 @@ def test_reflink_snapshot_is_exact_even_if_rewritten_in_place(root, collector):
         assert sorted(p.name for p in folder.iterdir() if p.name.startswith("reflink-")) == [path.name]
     finally:
         path.unlink()
+
+
+def test_shared_filesystem_collectors_each_keep_their_own_manifest(root, short_dir, tmp_path, run_script):
+    """Two hosts' collectors write one run on a shared root: the owner appends to
+    manifest.yaml, the other to manifest.<name>.yaml; the reader merges them, and rank 0's
+    code capture reaches run.yaml through the owner."""
+    a = start_collector(root, short_dir, f"ipc://{short_dir}/a.sock", "--name", "node-a")
+    b = start_collector(root, short_dir, f"ipc://{short_dir}/b.sock", "--name", "node-b")
+    run_dir = root / "shared" / "job-artjob"
+    run_dir.mkdir(parents=True)
+    (run_dir / "owner").write_text("node-b\n")  # so rank 0, on node-a, is not on the owner
+    try:
+        for rank in range(2):
+            endpoint = a.endpoint if rank == 0 else b.endpoint
+            run_script(f"""
+                import expman, pathlib
+                p = pathlib.Path({str(tmp_path)!r}) / "r{rank}.txt"
+                p.write_text("rank {rank}")
+                with expman.start_experiment("shared", "job") as exp:
+                    exp.log_artifact(p, "per-rank/r{rank}.txt")
+                    exp.log_artifact(p, "same-name.txt")
+            """, env={"EXPMAN_RUN_ID": "artjob", "EXPMAN_RANK": str(rank), "EXPMAN_WORLD_SIZE": "2",
+                      "EXPMAN_COLLECTOR": endpoint}, check=True)
+        run = expman.open_run(run_dir)
+        wait_for(lambda: run.status == "finished" and "code" in run.info, 15, "the owner to fold in node-a")
+        names = {x.name: x for x in run.artifacts()}
+        assert {"per-rank/r0.txt", "per-rank/r1.txt", "same-name.txt"} <= set(names)
+        assert names["same-name.txt"].rank == 1  # logged last
+        assert run.read_artifact("per-rank/r0.txt") == b"rank 0"
+        assert run.info["code"]["source"] == "script" and run.read_artifact(run.info["code"]["script"])
+        manifests = sorted(p.name for p in (run_dir / "artifacts").glob("manifest*.yaml"))
+        assert manifests == ["manifest.node-a.yaml", "manifest.yaml"]
+    finally:
+        assert a.stop() == 0, a.log()
+        assert b.stop() == 0, b.log()
+    assert not any(p.is_file() for p in (run_dir / "artifacts" / ".incoming").rglob("*"))

@@ -57,12 +57,13 @@ def test_ls_lists_runs_newest_first(mnist_root: Path, ids: dict[str, str], capsy
     code, out, _ = run_cli(capsys, "ls", "--root", mnist_root)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["EXPERIMENT", "RUN", "ID", "STATUS", "STARTED", "DURATION"]
+    assert lines[0].split() == ["EXPERIMENT", "RUN", "ID", "STATUS", "STARTED", "DURATION", "RANKS"]
     rows = [line.split() for line in lines[1:]]
     assert len(rows) == 3
     by_id = {row[2]: row for row in rows}
     assert set(by_id) == set(ids.values())
     assert by_id[ids["train"]][:4] == ["mnist", f"train-{ids['train']}", ids["train"], "finished"]
+    assert by_id[ids["train"]][-2:] == ["1/1", "finished"]
     order = [row[2] for row in rows]
     assert order.index(ids["train"]) < order.index(ids["first"])
 

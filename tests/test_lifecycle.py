@@ -103,7 +103,7 @@ def test_local_collector_exits_when_idle_and_comes_back_on_demand(root, monkeypa
     monkeypatch.setattr(_local, "IDLE_EXIT_S", 0.5)
     with expman.start_experiment("e", "first", root=root) as exp:
         exp.log_metric("x", 1.0)
-    local = _api._local_collectors[root]
+    local = _api._local_collectors[(root, None)]
     wait_for(lambda: local._proc.poll() is not None, 10, "the idle local collector to exit")
     assert local._proc.returncode == 0
     with expman.start_experiment("e", "second", root=root) as again:

@@ -48,7 +48,7 @@ def test_run_is_readable_by_pyarrow_duckdb_and_polars_without_expman(root):
 
 
 def test_parts_stay_bounded_and_compact_to_one(tmp_path):
-    store = MetricsStore(tmp_path)
+    store = MetricsStore(tmp_path, "node1")
     for seq in range(40):
         add(store, metrics_frame(seq, 10))
         store.flush()
@@ -64,13 +64,13 @@ def test_parts_stay_bounded_and_compact_to_one(tmp_path):
 
 
 def test_restart_recovers_unflushed_wal_and_ignores_what_parts_hold(tmp_path):
-    store = MetricsStore(tmp_path)
+    store = MetricsStore(tmp_path, "node1")
     add(store, metrics_frame(0, 5))
     store.flush()                                # in a part
     add(store, metrics_frame(1, 5))
     add(store, metrics_frame(2, 5))
     store.sync()                                 # only in the WAL: the collector "crashes" here
-    again = MetricsStore(tmp_path)
+    again = MetricsStore(tmp_path, "node1")
     steps = sorted(s for p in list_parts(tmp_path / "metrics") for s in pq.read_table(p.path)["step"].to_pylist())
     assert steps == list(range(15))
     add(again, metrics_frame(3, 5))
@@ -80,19 +80,19 @@ def test_restart_recovers_unflushed_wal_and_ignores_what_parts_hold(tmp_path):
 
 
 def test_interrupted_merge_never_counts_a_point_twice(tmp_path):
-    store = MetricsStore(tmp_path)
+    store = MetricsStore(tmp_path, "node1")
     for seq in range(3):
         add(store, metrics_frame(seq, 4))
         store.flush()
     metrics = tmp_path / "metrics"
     parts = list_parts(metrics)
     # A merge that wrote its output but died before deleting its inputs.
-    merged = metrics / part_name(1, parts[0].first, parts[-1].last)
+    merged = metrics / part_name(1, parts[0].first, parts[-1].last, "node1")
     pq.write_table(pq.ParquetDataset([str(p.path) for p in parts]).read(), merged)
     run_dir = tmp_path
     (run_dir / "run.yaml").write_text("id: r\nstatus: running\n")
     assert expman.open_run(run_dir).metrics().num_rows == 12  # the reader skips covered parts
-    MetricsStore(tmp_path)                                      # the collector deletes them
+    MetricsStore(tmp_path, "node1")                                      # the collector deletes them
     assert [p.path for p in list_parts(metrics)] == [merged]
     assert len(list(metrics.glob("*.parquet"))) == 1
 
