@@ -9,13 +9,25 @@
 
 from ._api import start_experiment
 from ._core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
-from ._errors import ExpmanError, ProtocolError, RunNotFoundError
+from ._errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactKeyError,
+    ArtifactNameError,
+    ExpmanError,
+    ProtocolError,
+    RunNotFoundError,
+)
 from ._experiment import Experiment
 from ._reader import Run, list_runs, open_run
 from ._values import Metric
 from ._version import __version__
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactIntegrityError",
+    "ArtifactKeyError",
+    "ArtifactNameError",
     "Experiment",
     "ExperimentConfig",
     "ExpmanError",
