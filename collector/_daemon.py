@@ -15,19 +15,24 @@ import yaml
 from expman._identity import resolve_root
 from expman._schema import write_yaml_atomic
 
+from expman._errors import ArtifactError
+
+from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._sdnotify import Notifier, ServiceStatus
 from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
-_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval"}
+_CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
+                "encrypt_artifacts", "key_file", "artifact_compression"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, hardware_interval")
+    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
+                                    "hardware_interval, encrypt_artifacts, key_file, artifact_compression")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--hardware-interval", type=float,
                    help="seconds between hardware samples for runs that do not choose (default 1)")
@@ -39,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--socket-mode", help="octal permissions for the ipc socket files after bind, e.g. 0660 "
                                          "(who may push: connecting needs write permission)")
+    p.add_argument("--encrypt-artifacts", action="store_true", default=None,
+                   help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True)")
+    p.add_argument("--key-file", help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
+    p.add_argument("--artifact-compression", choices=COMPRESSIONS, help="compress artifact chunks before storing/encrypting (default none)")
     return p
 
 
@@ -96,10 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     socket_mode = args.socket_mode or config.get("socket_mode")
     mode = parse_socket_mode(socket_mode) if socket_mode is not None else None
-    collector = Collector(root, list(binds), parent_pid=args.parent_pid,
-                          heartbeat_timeout=float(timeout) if timeout else None,
-                          idle_exit=args.idle_exit, forward=args.forward or config.get("forward"), name=args.name or config.get("name"),
-                          hardware_interval=float(hardware_interval))
+    key_file = args.key_file or config.get("key_file")
+    try:
+        artifacts = ArtifactSettings(
+            encrypt_all=bool(args.encrypt_artifacts if args.encrypt_artifacts is not None else config.get("encrypt_artifacts", False)),
+            key_file=Path(key_file).expanduser() if key_file else None,
+            compression=str(args.artifact_compression or config.get("artifact_compression") or "none"),
+        )
+        collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+                              heartbeat_timeout=float(timeout) if timeout else None,
+                              idle_exit=args.idle_exit, forward=args.forward or config.get("forward"),
+                              name=args.name or config.get("name"), artifacts=artifacts,
+                              hardware_interval=float(hardware_interval))
+    except (ArtifactError, ValueError) as exc:
+        raise SystemExit(f"expman-collector: {exc}") from None
     if mode is not None:
         apply_socket_mode(collector.endpoints, mode)
     # sd_notify (systemd Type=notify): a no-op without $NOTIFY_SOCKET. A private local-mode

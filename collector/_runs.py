@@ -291,6 +291,9 @@ class Run:
                     self.info["hosts"].append(host)
                     changed = True
             self.info["world_size"] = max(self.info["world_size"], int(part.get("world_size") or 1))
+            if part.get("code") and self.info.get("code") != part["code"]:
+                self.info["code"] = part["code"]
+                changed = True
             remote_params.update(part.get("params_by_rank") or {})
         self._remote_params = remote_params
         self._merge_params(remote_params)
@@ -330,6 +333,7 @@ class Run:
                     "hosts": sorted({v.get("host") for v in local.values() if v.get("host")}),
                     "ranks": local,
                     "params_by_rank": {r: p for r, p in self.rank_params.items() if r >= 0},
+                    "code": self.info.get("code"),  # rank 0's code capture, when rank 0 is ours
                 })
             self._info_dirty = False
             self._info_written_at = now

@@ -24,12 +24,14 @@ from expman._errors import ProtocolError
 from expman._schema import HOSTS_DIR, RUN_YAML, check_name, read_yaml, write_yaml_atomic
 
 from ._hardware import HardwareMonitor
+from ._artifacts import ArtifactService, ArtifactSettings, Deferred
 from ._relay import Relay
 from ._runs import Run, find_run_dir
 
 log = logging.getLogger("expman.collector")
 
 RECV_BATCH = 128  # frames per turn: bounds the rows decoded before the next flush
+RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
 FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
@@ -81,6 +83,7 @@ class Collector:
         forward: str | None = None,
         name: str | None = None,
         hardware_interval: float = 1.0,
+        artifacts: ArtifactSettings | None = None,
     ) -> None:
         self.root = root
         self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
@@ -92,6 +95,7 @@ class Collector:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_frame_bytes = max_frame_bytes
         self.runs: dict[str, Run] = {}
+        self.artifacts = ArtifactService(artifacts)
         self.windows: dict[str, SeqWindow] = defaultdict(SeqWindow)
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
@@ -152,10 +156,14 @@ class Collector:
 
     def _turn(self) -> None:
         messages = []
+        size = 0
         for _ in range(RECV_BATCH):
             try:
                 messages.append(self._router.recv_multipart(zmq.NOBLOCK, copy=True))
             except zmq.Again:
+                break
+            size += len(messages[-1][-1])
+            if size > RECV_BATCH_BYTES:
                 break
         acks: dict[bytes, list[int]] = defaultdict(list)
         infos: dict[bytes, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -185,6 +193,9 @@ class Collector:
                 continue
             try:
                 info, run = self._apply(frame, data)
+            except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
+                self.counters["deferred"] += 1
+                continue
             except ProtocolError as exc:
                 self._reject(exc.reason, exc.detail)
                 if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
@@ -204,6 +215,7 @@ class Collector:
                     infos[identity][frame.seq] = info
         for run in touched:
             run.sync()
+        self.artifacts.sync()
         for identity in set(acks) | set(unknown):
             reply = proto.encode_ack(acks.get(identity, []), infos.get(identity), sorted(unknown.get(identity, ())))
             try:
@@ -243,6 +255,10 @@ class Collector:
             run.log_lines(frame)
         elif kind == proto.HEARTBEAT:
             run.heartbeat(frame)
+        elif kind == proto.ARTIFACT:
+            self.artifacts.apply(run, frame)
+        elif kind == proto.CODE:
+            self.artifacts.apply_code(run, frame)
         elif kind == proto.FINISH:
             # The ack waits for this rank's points to be in Parquet; merging the run's
             # parts into one happens right after, between turns, off the ack's path.
@@ -301,6 +317,7 @@ class Collector:
                 run.merge_remote()  # other hosts' collectors share this run folder
             run.write_info()
             if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
+                self.artifacts.close_run(uid, final=True)
                 run.close()
                 del self.runs[uid]
         if parent_gone:
@@ -328,6 +345,7 @@ class Collector:
                     run.end_rank(rank, "lost", time.time(),
                                  {"type": "Crashed", "message": "the collector stopped before the rank finished"})
             try:
+                self.artifacts.close_run(uid, final=run.final_since is not None)
                 run.close()
             except Exception:
                 log.exception("could not close run %s cleanly", uid)

@@ -12,7 +12,15 @@ Quick scripts can use the W&B-style verbs instead (`import expman as wandb`):
 
 from ._api import start_experiment
 from ._core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
-from ._errors import ExpmanError, ProtocolError, RunNotFoundError
+from ._errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ArtifactKeyError,
+    ArtifactNameError,
+    ExpmanError,
+    ProtocolError,
+    RunNotFoundError,
+)
 from ._experiment import Experiment
 from ._reader import Run, list_runs, open_run
 from ._summary_writer import SummaryWriter
@@ -21,6 +29,10 @@ from ._version import __version__
 from ._wandb_style import config, finish, init, log, login
 
 __all__ = [
+    "ArtifactError",
+    "ArtifactIntegrityError",
+    "ArtifactKeyError",
+    "ArtifactNameError",
     "Experiment",
     "ExperimentConfig",
     "ExpmanError",

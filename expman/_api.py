@@ -34,7 +34,7 @@ def start_experiment(
     space: str | None = None,
     name: str | None = None,
     *,
-    code_dir: str | os.PathLike[str] | None = None,
+    code_dir: str | os.PathLike[str] | None | bool = None,
     log_hardware: bool = False,
     hardware_interval: float | None = None,
     experiment_uid: str | None = None,
@@ -46,6 +46,7 @@ def start_experiment(
     run_id: str | None = None,
     heartbeat_interval: float | None = None,
     finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+    encrypt_artifacts: bool = False,
     flush_interval: float | None = None,
     max_points_per_frame: int | None = None,
     _parent: Experiment | None = None,
@@ -60,6 +61,9 @@ def start_experiment(
     `log_hardware=True` asks the host's collector to sample the host, this process and its
     GPUs every `hardware_interval` seconds (default: the collector's setting, 1 s) while
     the run is active (see docs/storage.md, "Hardware").
+    `code_dir` names the code to store under `code/` (default: the launching script and
+    git facts; False: nothing). `encrypt_artifacts` has the collector encrypt this run's
+    artifacts with its master key (`expman keys init`).
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
@@ -77,18 +81,20 @@ def start_experiment(
     experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
     run_name = check_name("run", name)
     tag_list = [str(t) for t in (tags or [])]
-    if code_dir is not None:
-        log.warning("expman: code_dir= is accepted but code capture is not implemented yet; nothing is captured")
     hardware = _hardware_hello(log_hardware, hardware_interval)
     local = None
     if endpoint is None:
+        if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
+            from ._crypto import check_key_file
+
+            check_key_file()
         shared_key = uid if identity.world_size > 1 and identity.run_id_source != "fresh" else None
         local = _local_collector(root_path, shared_key)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame)
     _install_exit_hooks()
-    return Experiment(
+    exp = Experiment(
         sender=sender,
         root=root_path,
         experiment=experiment,
@@ -104,6 +110,14 @@ def start_experiment(
         heartbeat_interval=_heartbeat_interval(heartbeat_interval),
         hello_extra={"software": software_info(), **_launch_info(identity), **hardware},
     )
+    exp.artifact_state.encrypt = bool(encrypt_artifacts)
+    if code_dir is True:
+        code_dir = None
+    if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):
+        from ._artifact_pump import capture_code
+
+        capture_code(exp, code_dir)  # type: ignore[arg-type]
+    return exp
 
 
 def _heartbeat_interval(value: float | None) -> float:
@@ -189,6 +203,9 @@ def shutdown(status: str = "finished") -> None:
     Runs at interpreter exit; call it yourself to release everything earlier.
     """
     _finish_all(status)
+    from ._artifact_pump import stop_all
+
+    stop_all()
     with _lock:
         senders = list(_senders.values())
         locals_ = list(_local_collectors.values())

@@ -6,6 +6,8 @@
     expman export <id> -o m.parquet  # the metrics table as Parquet or CSV
     expman export <id> -f tensorboard -o tb/   # TensorBoard event files, a folder per rank
     expman import tb/ -e imported    # TensorBoard scalars into a new run
+    expman artifacts ls <id>         # artifacts: ls, get (expman/_cli_artifacts.py)
+    expman keys init                 # a master key for artifact encryption
 
 One function per subcommand; each returns the exit code. Errors that are the user's to
 fix (an unknown run, an unwritable path) print one line on stderr and exit 1.
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+from ._cli_artifacts import add_commands as add_artifact_commands
 from ._errors import ExpmanError
 from ._identity import ROOT_ENV, resolve_root
 from ._reader import list_runs, open_run
@@ -94,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps to simulate (default: 2000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the simulated noise")
     demo.set_defaults(handler=cmd_demo)
+
+    add_artifact_commands(commands, root_help)  # artifacts ls|get, keys init
     return parser
 
 

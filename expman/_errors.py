@@ -18,3 +18,19 @@ class ProtocolError(ExpmanError):
 
 class RunNotFoundError(ExpmanError, LookupError):
     """No run matches the path or id given to a reader."""
+
+
+class ArtifactError(ExpmanError):
+    """An artifact could not be logged, found or read."""
+
+
+class ArtifactNameError(ArtifactError, ValueError):
+    """An artifact name that is not a clean relative path (absolute, `..`, NUL, ...)."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A stored artifact failed its checks: modified, truncated, extended or corrupted."""
+
+
+class ArtifactKeyError(ArtifactError):
+    """The master key is missing, unreadable, or not the one an artifact was encrypted with."""

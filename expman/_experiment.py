@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -19,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ._artifact_pump import ArtifactState
 from ._schema import FINAL_STATUSES, run_dir_name
 from ._values import Metric, check_key, check_params, coerce_number, coerce_step, coerce_time
 
@@ -105,6 +107,7 @@ class Experiment:
         self.next_heartbeat = 0.0  # monotonic
         self.status = "running"
         self._late_points = 0
+        self.artifact_state = ArtifactState()
         self._children: list[Experiment] = []
         self._child_names: dict[str | None, int] = {}
         self._sender = sender
@@ -219,6 +222,30 @@ class Experiment:
             self._late_points += 1
             return
         self.control.append((kind, payload))
+
+    # --- artifacts (the hand-over is in _artifact_pump.py, storage in collector/_artifacts.py) ---
+    def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Store the file's content as it is now under `name` (default: the file's name).
+
+        Returns the normalized name at once; the content travels in the background, and
+        later changes to the file do not alter it (docs/storage.md, "Snapshots"). Raises
+        ArtifactNameError for names like '/abs', '../x' or ones with NUL bytes.
+        """
+        from ._artifact_pump import log_file
+
+        return log_file(self, path, name)
+
+    def log_artifacts(
+        self, directory: str | os.PathLike[str], prefix: str | None = None, *, follow_symlinks: bool = False
+    ) -> list[str]:
+        """Store every file under `directory` as `prefix/<relative path>`; returns the names.
+
+        Symlinks that point outside the folder are skipped with a warning (also written to
+        run.log) unless `follow_symlinks=True`; linked folders are never descended.
+        """
+        from ._artifact_pump import log_directory
+
+        return log_directory(self, directory, prefix, follow_symlinks)
 
     # --- runs ---------------------------------------------------------------------------
     def start_experiment(self, name: str | None = None, **kwargs: Any) -> Experiment:

@@ -26,10 +26,12 @@ METRICS = "metrics"
 PARAMS = "params"
 LOG = "log"
 FINISH = "finish"
+ARTIFACT = "artifact"  # one chunk of an artifact's content (docs/protocol.md)
+CODE = "code"  # what code capture found: folded into run.yaml under `code`
 # Collector -> rank.
 ACK = "ack"
 
-RANK_KINDS = frozenset({HELLO, HEARTBEAT, METRICS, PARAMS, LOG, FINISH})
+RANK_KINDS = frozenset({HELLO, HEARTBEAT, METRICS, PARAMS, LOG, FINISH, ARTIFACT, CODE})
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -196,6 +198,88 @@ def read_metrics_body(body: dict[str, Any]) -> MetricsBatch:
     if not isinstance(texts, list) or not all(isinstance(t, list) and len(t) == 4 for t in texts):
         raise ProtocolError("bad-shape", "texts must be [id, text, step, time] rows")
     return MetricsBatch(keys, ids, values, steps, times, texts)
+
+
+# --- artifacts ---------------------------------------------------------------------------
+# An artifact travels as a transfer: numbered chunks of `chunk` bytes (the last may be
+# shorter), each its own acknowledged frame. The first chunk names the artifact, the last
+# carries the SHA-256 of the whole content. The rank sends chunk 0 alone, then the middle
+# chunks within a byte window, and the last chunk only once every earlier one is
+# acknowledged, so the collector never sees a transfer's end before its middle.
+
+ARTIFACT_CHUNK_BYTES = 1024 * 1024
+MAX_ARTIFACT_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def artifact_body(
+    transfer: int,
+    index: int,
+    data: bytes,
+    last: bool,
+    *,
+    name: str,
+    size: int,
+    chunk: int,
+    encrypt: bool,
+    logged_at: float,
+    sha256: str | None = None,
+    abort: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": transfer, "i": index, "data": data, "last": last, "name": name, "size": size}
+    if index == 0:
+        body.update(chunk=chunk, encrypt=encrypt, time=logged_at)
+    if last:
+        if abort is not None:
+            body["abort"] = abort
+        else:
+            body["sha256"] = sha256
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactChunk:
+    """The checked fields of an artifact body."""
+
+    transfer: int
+    index: int
+    data: bytes
+    last: bool
+    name: str
+    size: int
+    chunk: int | None  # first chunk only
+    encrypt: bool
+    logged_at: float | None  # first chunk only
+    sha256: str | None  # last chunk only
+    abort: str | None  # last chunk only: the rank gave up on this transfer
+
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def read_artifact_body(body: dict[str, Any]) -> ArtifactChunk:
+    transfer, index, data, last = body.get("id"), body.get("i"), body.get("data"), body.get("last")
+    name, size = body.get("name"), body.get("size")
+    if type(transfer) is not int or transfer < 0 or type(index) is not int or index < 0:
+        raise ProtocolError("bad-shape", "artifact id and chunk index must be ints >= 0")
+    if not isinstance(data, bytes) or not isinstance(last, bool):
+        raise ProtocolError("bad-shape", "artifact data must be binary and last a bool")
+    if not isinstance(name, str) or type(size) is not int or size < 0:
+        raise ProtocolError("bad-shape", "artifact name must be a string and size an int >= 0")
+    chunk = body.get("chunk")
+    logged_at = body.get("time")
+    if index == 0:
+        if type(chunk) is not int or not 0 < chunk <= MAX_ARTIFACT_CHUNK_BYTES:
+            raise ProtocolError("bad-shape", f"artifact chunk size must be 1..{MAX_ARTIFACT_CHUNK_BYTES}")
+        if not isinstance(logged_at, (int, float)):
+            raise ProtocolError("bad-shape", "the first artifact chunk needs a time")
+    sha256, abort = body.get("sha256"), body.get("abort")
+    if last and abort is None and not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= _HEX64):
+        raise ProtocolError("bad-shape", "the last artifact chunk needs a sha256 (64 lowercase hex digits)")
+    if abort is not None and not isinstance(abort, str):
+        raise ProtocolError("bad-shape", "artifact abort must be a string")
+    return ArtifactChunk(transfer, index, data, last, name, size, chunk, bool(body.get("encrypt")),
+                         None if logged_at is None else float(logged_at), sha256 if last else None,
+                         abort if last else None)
 
 
 def require_little_endian() -> None:

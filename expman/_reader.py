@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ._errors import ExpmanError, RunNotFoundError
 from ._identity import resolve_root
-from ._schema import CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, list_parts, read_yaml
+from ._schema import (
+    CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
+    list_parts, read_yaml,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -182,6 +185,31 @@ class Run:
         if not tables:
             return hardware_schema().empty_table()
         return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+
+    # --- artifacts (expman/_artifact_reader.py) ------------------------------------------------
+    def artifacts(self) -> list[ArtifactRecord]:
+        """The run's artifacts, by name: each has name, size, sha256, time, rank, encrypted
+        (and host, compression, stored, object)."""
+        from . import _artifact_reader
+
+        return [r for _, r in sorted(_artifact_reader.records(self.path).items())]
+
+    def read_artifact(self, name: str, *, key_file: str | os.PathLike[str] | None = None) -> bytes:
+        """The artifact's bytes, checked against its SHA-256 (and decrypted with the master
+        key, default $EXPMAN_KEY_FILE or ~/.config/expman/master.key)."""
+        from . import _artifact_reader
+
+        return _artifact_reader.read(self.path, name, key_file)
+
+    def download_artifact(
+        self, name: str, dest: str | os.PathLike[str], *, key_file: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Stream the artifact to `dest` (a file, or a folder to put it in); returns the path.
+        Memory stays at about two chunks whatever the size; nothing lands at `dest` unless
+        every check passed."""
+        from . import _artifact_reader
+
+        return _artifact_reader.download(self.path, name, dest, key_file)
 
     def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
         """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""

@@ -6,6 +6,7 @@ describes it. pyarrow is imported lazily so `import expman` stays light on ranks
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -184,3 +185,128 @@ def hardware_schema() -> pa.Schema:
             pa.field(RANK, pa.int32()),
         ]
     )
+
+
+# --- artifacts ---------------------------------------------------------------------
+# artifacts/manifest.yaml    append-only YAML sequence, one flow mapping per line;
+#                            a later line for a name replaces an earlier one
+# artifacts/manifest.<writer>.yaml   the same, from a collector that does not own the run
+#                            (shared filesystem); readers merge them, the latest `time` wins
+# artifacts/objects/ab/<sha256>        the plain bytes (not encrypted, not compressed)
+# artifacts/objects/ab/<sha256>.expa   the expman container (expman/_crypto.py)
+# artifacts/.incoming/                 transfers in progress (collector only)
+MANIFEST = "manifest.yaml"
+OBJECTS_DIR = "objects"
+INCOMING_DIR = ".incoming"
+CONTAINER_SUFFIX = ".expa"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_OBJECT = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One manifest line: what a name points to and where the bytes are."""
+
+    name: str
+    size: int  # plaintext bytes
+    sha256: str  # of the plaintext; also the object's file name
+    time: str  # ISO 8601 UTC: when the rank called log_artifact
+    rank: int
+    host: str
+    encrypted: bool
+    compression: str  # "none" or "zstd" (chunks inside the container may still be stored plain)
+    stored: int  # bytes of the object file
+    object: str  # path relative to the artifacts folder
+
+    def to_line(self) -> str:
+        entry = {
+            "name": self.name, "size": self.size, "sha256": self.sha256, "time": self.time,
+            "rank": self.rank, "host": self.host, "encrypted": self.encrypted,
+            "compression": self.compression, "stored": self.stored, "object": self.object,
+        }
+        # A flow mapping in JSON syntax: JSON is YAML, so the file stays a plain YAML list,
+        # and a reader can take each line with json (50x faster than a YAML parser).
+        return "- " + json.dumps(entry, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_entry(cls, entry: Any) -> ArtifactRecord:
+        """Check one parsed manifest entry; ExpmanError if it is malformed (a reader never
+        follows an object path or name it has not checked)."""
+        from ._artifact_names import normalize_name
+
+        if not isinstance(entry, dict):
+            raise ExpmanError(f"manifest entry is not a mapping: {entry!r}")
+        try:
+            record = cls(
+                name=str(entry["name"]), size=int(entry["size"]), sha256=str(entry["sha256"]),
+                time=str(entry["time"]), rank=int(entry["rank"]), host=str(entry.get("host", "")),
+                encrypted=bool(entry["encrypted"]), compression=str(entry.get("compression", "none")),
+                stored=int(entry.get("stored", 0)), object=str(entry["object"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExpmanError(f"malformed manifest entry {entry!r}: {exc}") from None
+        if normalize_name(record.name) != record.name:
+            raise ExpmanError(f"manifest entry has a name that is not normalized: {record.name!r}")
+        match = _OBJECT.match(record.object)
+        if not _SHA256.match(record.sha256) or not match or match[2] != record.sha256 or match[1] != record.sha256[:2]:
+            raise ExpmanError(f"manifest entry for {record.name!r} names a bad object {record.object!r}")
+        if bool(match[3]) != (record.encrypted or record.compression != "none"):
+            raise ExpmanError(f"manifest entry for {record.name!r}: object {record.object!r} does not match its flags")
+        return record
+
+
+def object_name(sha256: str, container: bool) -> str:
+    """The object's path relative to the artifacts folder."""
+    return f"{OBJECTS_DIR}/{sha256[:2]}/{sha256}{CONTAINER_SUFFIX if container else ''}"
+
+
+def manifest_name(writer: str | None = None) -> str:
+    """The owner's manifest, or another writer's (shared filesystem: one file per writer)."""
+    return MANIFEST if writer is None else f"manifest.{writer}.yaml"
+
+
+def read_manifests(artifacts_dir: Path) -> dict[str, ArtifactRecord]:
+    """name -> latest record across every writer's manifest (by log time; within one file a
+    later line wins)."""
+    paths = [artifacts_dir / MANIFEST, *sorted(artifacts_dir.glob("manifest.*.yaml"))]
+    best: dict[str, tuple[str, int, ArtifactRecord]] = {}
+    for order, path in enumerate(paths):
+        for record in read_manifest(path).values():
+            key = (record.time, order)
+            if record.name not in best or key >= best[record.name][:2]:
+                best[record.name] = (record.time, order, record)
+    return {name: item[2] for name, item in best.items()}
+
+
+def read_manifest(path: Path) -> dict[str, ArtifactRecord]:
+    """name -> latest record. Lines are parsed one at a time, so a torn last line (a
+    collector killed mid-append) is skipped with a warning, never fatal."""
+    import logging
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return {}
+    records: dict[str, ArtifactRecord] = {}
+    warn = logging.getLogger("expman").warning
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            try:
+                entry = json.loads(line[2:]) if line.startswith("- {") else None
+            except ValueError:
+                entry = None
+            if entry is None:  # written by hand or by another tool: any YAML one-item sequence line
+                parsed = yaml.load(line, Loader=_LOADER)
+                if not (isinstance(parsed, list) and len(parsed) == 1):
+                    raise ExpmanError("not a one-item sequence line")
+                entry = parsed[0]
+            record = ArtifactRecord.from_entry(entry)
+        except (yaml.YAMLError, ExpmanError) as exc:
+            warn("expman: %s line %d skipped: %s", path, number, exc)
+            continue
+        records[record.name] = record
+    return records

@@ -107,6 +107,7 @@ class _Pending:
     sent_at: float | None = None  # None: not sent yet (or due for a resend)
     first_sent_at: float | None = None
     resends: int = 0
+    token: Any = None  # artifact chunks: told of the ack (expman/_artifact_pump.py)
 
 
 @dataclass(slots=True)
@@ -182,6 +183,9 @@ class Sender:
             "buffered": in_buffer + c.pending,
             "dropped": c.dropped + exp._late_points,
             "unacked_frames": c.unacked_frames,
+            "artifacts_stored": exp.artifact_state.stored,
+            "artifacts_failed": exp.artifact_state.failed,
+            "artifacts_pending": exp.artifact_state.open_jobs,
         }
 
     def wake(self) -> None:
@@ -262,7 +266,7 @@ class Sender:
             dealer.close(0)
             wake.close(0)
 
-    def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0) -> None:
+    def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
         c = self._counters[id(exp)]
         seq = self._next_seq
         low = next(iter(self._pending), seq)  # the oldest unacknowledged frame
@@ -279,7 +283,7 @@ class Sender:
             )
             return
         self._next_seq += 1
-        self._pending[seq] = _Pending(seq, exp, kind, data, points)
+        self._pending[seq] = _Pending(seq, exp, kind, data, points, token=token)
         self._unsent.append(seq)
         self._pending_bytes += len(data)
         c.pending += points
@@ -290,6 +294,7 @@ class Sender:
             exp.hello_sent = True
             self._enqueue(exp, proto.HELLO, self._hello_body(exp))
         request = exp.finish_request
+        artifacts_idle = exp.artifact_state.open_jobs == 0  # read first: the pump queues its frames before it says done
         buf = exp.final_buffer if request is not None else exp._buf
         if buf:  # type: ignore[truthy-bool]
             self._drain_points(exp, buf)  # type: ignore[arg-type]
@@ -299,16 +304,18 @@ class Sender:
             kind, payload = exp.control.popleft()
             if kind == "params":
                 self._enqueue(exp, proto.PARAMS, {"params": payload})
+            elif kind == "frame":  # prepared by the artifact pump: (kind, body, token)
+                self._enqueue(exp, payload[0], payload[1], token=payload[2])
             else:
                 lines = [payload]
                 while exp.control and exp.control[0][0] == "log":
                     lines.append(exp.control.popleft()[1])
                 self._enqueue(exp, proto.LOG, {"lines": lines})
-        if request is not None and not exp.finish_sent:
+        if request is not None and not exp.finish_sent and artifacts_idle:
             exp.finish_sent = True
             self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step})
             self._check_finished(exp)
-        elif request is None and now >= exp.next_heartbeat:
+        elif not exp.finish_sent and now >= exp.next_heartbeat:  # until finish is sent: artifacts may hold it back
             exp.next_heartbeat = now + exp.heartbeat_interval
             self._send_heartbeat(exp)
 
@@ -451,7 +458,9 @@ class Sender:
                 details = ack.info.get(seq) or {}
                 if details.get("run_dir"):
                     item.exp.confirmed_run_dir = Path(details["run_dir"])
-                if details.get("rejected"):
+                if item.token is not None:
+                    item.token.acked(details.get("rejected"))  # the pump logs and counts its own refusals
+                elif details.get("rejected"):
                     c.dropped += item.points
                     c.acked -= item.points if item.kind == proto.METRICS else 0
                     log.error("expman: run %s: the collector rejected a %s frame (%d points): %s",

@@ -28,9 +28,9 @@ def test_subpackages_install_under_expman():
     import expman.tui
 
     assert expman.collector.Collector
-    result = subprocess.run([sys.executable, "-c", "import expman.tui, sys; sys.exit(expman.tui.main())"],
+    result = subprocess.run([sys.executable, "-c", "import expman.tui, sys; sys.exit(expman.tui.main(['/nonexistent/root']))"],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "not available yet" in result.stderr
+    assert result.returncode == 2 and "is not a folder" in result.stderr
 
 
 def test_expman_core_facade(root):

@@ -1,0 +1,222 @@
+"""expman-tui: time to first chart for big runs, and how fast live points reach the screen.
+
+Time to first chart: a finished run of N points is written straight to Parquet in the
+storage schema (one part, 128k-row groups, zstd: what the collector leaves after a run),
+then, per trial, with a cold MetricsSource (no cache; the OS page cache is warm):
+  data   refresh + list keys + read and bucket "loss" + braille rendering at 160 columns
+  app    headless ExpmanApp (Textual run_test, 160x45): open_run() until the chart is drawn
+Two layouts: "loss" is 1 of 4 keys (N/4 of its points, 2 ranks) and "loss" holds all N.
+
+Live: a writer process logs 100k points/s (a "probe" key every 10 ms whose value is the
+wall time it was logged, plus 99 filler points per probe) through a real local
+collector, while the app shows "probe"; latency = when a probe value reaches the chart
+minus when it was logged. The event loop's lag (a 50 ms timer's delay) says whether the
+UI stayed responsive.
+
+    python benchmarks/bench_tui.py                  # 1M and 10M, live 8 s
+    python benchmarks/bench_tui.py --points 1000000 --trials 5 --live-seconds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+
+def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from expman._schema import metrics_schema, part_name, write_yaml_atomic
+
+    run = root / "bench" / f"{name}-00000001"
+    (run / "metrics").mkdir(parents=True)
+    names = ["loss", "acc", "lr", "grad_norm"][:keys]
+    schema = metrics_schema()
+    per_step = keys * ranks
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(run / "metrics" / part_name(3, 0, 1000, "bench"), schema, compression="zstd") as writer:
+        for lo in range(0, points, 1 << 20):
+            i = np.arange(lo, min(points, lo + (1 << 20)))
+            step = i // per_step
+            value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
+            table = pa.Table.from_arrays([
+                pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), pa.array(names)),
+                pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
+                pa.array(((i // keys) % ranks).astype(np.int32)),
+                pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
+                pa.array(1_795_000_000_000_000 + step * 1000).cast(pa.timestamp("us", tz="UTC")),
+            ], schema=schema)
+            writer.write_table(table, row_group_size=131_072)
+    last = int((points - 1) // per_step)
+    write_yaml_atomic(run / "run.yaml", {
+        "id": "00000001", "name": name, "experiment": "bench", "status": "finished",
+        "started_at": "2026-11-18T08:26:40+00:00", "ended_at": "2026-11-18T09:26:40+00:00", "duration_s": 3600.0,
+        "world_size": ranks, "hosts": ["node01"],
+        "ranks": {r: {"host": "node01", "status": "finished", "last_step": last} for r in range(ranks)}})
+    return run
+
+
+def data_path(run: Path) -> float:
+    from expman.tui.data.series import MetricsSource
+    from expman.tui.widgets.braille import render
+    from expman.tui.widgets.chart import lines_for_run
+
+    t0 = time.perf_counter()
+    source = MetricsSource(run)
+    source.refresh()
+    source.keys()
+    series = source.series(["loss"], "step", target=4 * 149)["loss"]
+    render(lines_for_run(series, "ranks"), 160, 40, series.x_range)
+    return time.perf_counter() - t0
+
+
+async def app_first_chart(run: Path, trials: int) -> list[float]:
+    from expman.tui.app import ExpmanApp
+    from expman.tui.screens.run import RunScreen
+    from expman.tui.screens.runs import RunsScreen
+    from expman.tui.widgets.chart import MetricChart
+
+    app = ExpmanApp(run.parent.parent, poll_interval=0.5)
+    out = []
+    async with app.run_test(size=(160, 45)) as pilot:
+        while not (isinstance(app.screen, RunsScreen) and app.screen.scans):
+            await pilot.pause(0.01)
+        for _ in range(trials):
+            t0 = time.monotonic()
+            app.open_run(run)
+            while True:
+                screen = app.screen
+                drawn = [ch for ch in screen.query(MetricChart) if ch.first_drawn_at] if isinstance(screen, RunScreen) else []
+                if drawn:
+                    out.append(drawn[0].first_drawn_at - t0)
+                    break
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError("no chart after 60 s")
+                await asyncio.sleep(0.002)
+            app.pop_screen()
+            await pilot.pause(0.3)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+WRITER = textwrap.dedent("""
+    import sys, time, expman
+    root, seconds, rate = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    exp = expman.start_experiment("live", "writer", root=root)
+    lm, lms = exp.log_metric, exp.log_metrics
+    filler = {f"layer{k}/grad": 0.0 for k in range(99)}
+    start = time.perf_counter(); step = 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):  # 10 probes (and 990 filler points) per 100 ms slice
+            lms(filler, step=step)
+            lm("probe", time.time(), step=step)
+            step += 1
+        ahead = start + step * 100 / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    print(step * 100 / (time.perf_counter() - start), flush=True)
+    exp.finish()
+""")
+
+
+async def live(seconds: float, rate: int) -> dict:
+    from expman.tui.app import ExpmanApp
+    from expman.tui.screens.run import RunScreen
+    from expman.tui.screens.runs import RunsScreen
+
+    tmp = c.make_tmpdir("tui-live")
+    root = tmp / "root"
+    writer = subprocess.Popen([c.PYTHON, "-c", WRITER, str(root), str(seconds), str(rate)], stdout=subprocess.PIPE, text=True)
+    latencies: list[float] = []
+    lags: list[float] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not list(root.glob("live/*/run.yaml")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the writer's run never appeared")
+            await asyncio.sleep(0.05)
+        app = ExpmanApp(root, poll_interval=0.5)
+        async with app.run_test(size=(160, 45)) as pilot:
+            while not (isinstance(app.screen, RunsScreen) and app.screen.shown):
+                await pilot.pause(0.05)
+            app.open_run(app.screen.shown[0].path)
+            while not (isinstance(app.screen, RunScreen) and app.screen.polls):
+                await pilot.pause(0.05)
+            screen = app.screen
+            screen.query_one("KeyPicker").choose(["probe"])
+            seen = None
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and writer.poll() is None:
+                t0 = time.monotonic()
+                await asyncio.sleep(0.05)
+                lags.append(time.monotonic() - t0 - 0.05)
+                probe = screen.series.get("probe")
+                if probe is not None and probe.last_value is not None and probe.last_value != seen:
+                    seen = probe.last_value
+                    latencies.append(time.time() - seen)
+        achieved = float(writer.communicate(timeout=120)[0].strip() or 0)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        c.rmtree_quiet(tmp)
+    return {"latencies": latencies, "lags": lags, "rate": achieved}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--app-trials", type=int, default=3)
+    parser.add_argument("--live-seconds", type=float, default=8.0)
+    parser.add_argument("--live-rate", type=int, default=100_000)
+    args = parser.parse_args()
+    print(c.machine_line())
+    rows = []
+    tmp = c.make_tmpdir("tui")
+    try:
+        for points in args.points:
+            for keys, ranks in ((4, 2), (1, 1)):
+                label = f"{points / 1e6:g}M, loss = {points // keys / 1e6:g}M pts, {ranks} rank(s)"
+                t0 = time.perf_counter()
+                run = write_run(tmp, f"p{points}-k{keys}", points, keys, ranks)
+                print(f"{label}: wrote in {time.perf_counter() - t0:.1f} s; measuring", flush=True)
+                data = [data_path(run) for _ in range(args.trials)]
+                app = asyncio.run(app_first_chart(run, args.app_trials)) if args.app_trials else []
+                rows.append([label, f"{statistics.median(data):.3f} s", f"{pct(data, 0.99):.3f} s",
+                             f"{statistics.median(app):.3f} s" if app else "-", f"{max(app):.3f} s" if app else "-"])
+                c.rmtree_quiet(run)
+    finally:
+        c.rmtree_quiet(tmp)
+    print()
+    print(c.table(rows, ["run", "data p50", "data p99", "app p50", "app max"]))
+    if args.live_seconds > 0:
+        result = asyncio.run(live(args.live_seconds, args.live_rate))
+        lat, lags = result["latencies"], result["lags"]
+        print(f"\nlive: writer logged {result['rate'] / 1e3:.0f}k points/s; {len(lat)} probe updates on the chart")
+        if lat:
+            print(f"  logged -> on the chart: p50 {statistics.median(lat):.2f} s, p99 {pct(lat, 0.99):.2f} s, "
+                  f"max {max(lat):.2f} s (target 1 s)")
+        if lags:
+            print(f"  UI event-loop lag: p50 {statistics.median(lags) * 1e3:.0f} ms, p99 {pct(lags, 0.99) * 1e3:.0f} ms, "
+                  f"max {max(lags) * 1e3:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

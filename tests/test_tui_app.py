@@ -1,0 +1,192 @@
+"""The TUI driven by Textual's pilot: navigation, filters, compare, help, and a live run from a real collector."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from pathlib import Path
+
+import pytest
+from _tui_runs import NOW, make_root
+
+import expman
+from expman.tui.app import ExpmanApp
+from expman.tui.screens.compare import CompareScreen
+from expman.tui.screens.help import HelpScreen
+from expman.tui.screens.run import RunScreen
+from expman.tui.screens.runs import RunsScreen
+from expman.tui.widgets.chart import MetricChart
+from textual.widgets import DataTable, Log
+
+SIZE = (120, 40)
+
+
+def run_async(test):
+    """Run an async test body with asyncio.run (no async plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+async def until(pilot, condition, timeout: float = 10.0, what: str = "condition"):
+    """Let the app run until condition() is truthy; fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def rows(app) -> list[str]:
+    table = app.screen.query_one("#runs", DataTable)
+    return [str(table.get_row_at(i)[2]) for i in range(table.row_count)]
+
+
+@pytest.fixture
+def fixed_root(tmp_path: Path) -> Path:
+    make_root(tmp_path)
+    return tmp_path
+
+
+@run_async
+async def test_runs_screen_lists_newest_first_and_filters(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans, what="the first scan")
+        assert rows(app) == ["wide-aaaa0002", "baseline-aaaa0001", "resnet-bbbb0001"]
+        table = app.screen.query_one("#runs", DataTable)
+        assert "loss" in [str(c.label) for c in table.columns.values()]
+        await pilot.press("slash", *"mnist base")
+        assert rows(app) == ["baseline-aaaa0001"]
+        await pilot.press("escape")  # clears the filter
+        assert len(rows(app)) == 3
+        await pilot.press("s", "s")  # all -> running -> finished
+        assert app.screen.status_filter == "finished" and rows(app) == ["baseline-aaaa0001"]
+        await pilot.press("s")  # -> failed
+        assert rows(app) == ["resnet-bbbb0001"]
+
+
+@run_async
+async def test_navigation_run_tabs_help_and_back(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("down", "enter")  # the second row: baseline
+        await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls, what="the run screen")
+        screen = app.screen
+        assert screen.run.path.name == "baseline-aaaa0001"
+        chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines], what="a chart")
+        assert chart[0].key == "loss" and "last" in chart[0].title.plain
+        await pilot.press("2")
+        assert screen.query_one("#tabs").active == "ranks"
+        await pilot.press("4")
+        params = screen.query_one("#params-table", DataTable)
+        await until(pilot, lambda: params.row_count >= 3, what="params")
+        assert "optimizer.name" in [str(params.get_row_at(i)[0]) for i in range(params.row_count)]
+        await pilot.press("5")
+        assert "line 4 of baseline" in "\n".join(screen.query_one(Log).lines)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert ("m", "Ranks/mean") in app.screen.rows and ("q", "Quit") in app.screen.rows
+        await pilot.press("escape")
+        assert app.screen is screen
+        await pilot.press("1", "slash", *"acc", "enter")  # fuzzy filter, enter picks the best match
+        await until(pilot, lambda: [c.key for c in screen.query(MetricChart)] == ["acc"], what="the acc chart")
+        await until(pilot, lambda: screen.query_one(MetricChart).lines, what="acc drawn")
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+        started = time.monotonic()
+        await pilot.press("q")
+    assert time.monotonic() - started < 1.0
+
+
+@run_async
+async def test_run_with_ranks_mean_band_and_time_axis(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("enter")  # wide: 4 ranks, rank 3 behind
+        await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls)
+        screen = app.screen
+        chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines])
+        assert [line.label for line in chart[0].lines] == ["r0", "r1", "r2", "r3"]
+        await pilot.press("m")
+        assert [line.label for line in chart[0].lines] == ["mean"] and chart[0].lines[0].band
+        updates = chart[0].updates
+        await pilot.press("x")
+        await until(pilot, lambda: chart[0].updates > updates and screen.series["loss"].xkind == "time")
+        ranks = screen.query_one("#rank-table", DataTable)
+        assert ranks.row_count == 4
+        assert "straggler" in str(ranks.get_row_at(3)[-1])
+
+
+@run_async
+async def test_compare_overlays_runs_and_diffs_params(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("c")  # nothing marked: a warning, no screen change
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("space", "down", "space", "c")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.polls)
+        screen = app.screen
+        chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines])
+        assert [line.label for line in chart[0].lines] == ["mnist/wide", "mnist/baseline"]
+        diff = screen.query_one("#params-diff", DataTable)
+        assert [str(diff.get_row_at(i)[0]) for i in range(diff.row_count)] == ["lr", "optimizer.beta"]
+        await pilot.press("d")
+        assert diff.row_count == 4  # all parameters
+
+
+@run_async
+async def test_live_run_from_a_real_collector(tmp_path):
+    """A run logged through the real collector shows up and its chart and log follow it."""
+    root = tmp_path / "live"
+    exp = expman.start_experiment("live", "writer", root=root)
+    exp.log_parameters({"lr": 0.1})
+    step = 0
+
+    def log_some(n: int) -> None:
+        nonlocal step
+        for _ in range(n):
+            exp.log_metric("loss", 1.0 / (step + 1), step=step)
+            step += 1
+
+    log_some(100)
+    deadline = time.monotonic() + 20
+    while not (exp.run_dir / "run.yaml").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    app = ExpmanApp(root, poll_interval=0.2)
+    try:
+        await _watch_live(app, exp, log_some, lambda: step)
+    finally:
+        exp.finish()
+
+
+async def _watch_live(app, exp, log_some, current_step) -> None:
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and rows(app), timeout=20, what="the live run")
+        assert "running" in str(app.screen.query_one("#runs", DataTable).get_row_at(0)[3])
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls)
+        screen = app.screen
+        chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines], timeout=20)
+        for round_ in range(3):
+            log_some(500)
+            exp.info(f"round {round_} done")
+            target = current_step() - 1
+            logged = time.monotonic()
+            await until(pilot, lambda: screen.series.get("loss") and screen.series["loss"].last_x == target,
+                        timeout=10, what=f"step {target} on the chart")
+            assert time.monotonic() - logged < 5.0
+        assert f"@ step {current_step() - 1}" in chart[0].title.plain
+        await until(pilot, lambda: "round 2 done" in "\n".join(screen.query_one(Log).lines), what="the log line")
+        exp.finish()
+        await until(pilot, lambda: screen.info.get("status") == "finished", timeout=15, what="status finished")

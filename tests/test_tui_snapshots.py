@@ -1,0 +1,91 @@
+"""Snapshots of the main screens (pytest-textual-snapshot): fixed runs, fixed clock, UTC, 120x36 terminal.
+
+Update after an intended change with `pytest tests/test_tui_snapshots.py --snapshot-update`
+and look at the SVGs in tests/__snapshots__/ before committing them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from _tui_runs import NOW, make_root
+
+from expman.tui.app import ExpmanApp
+from expman.tui.screens.compare import CompareScreen
+from expman.tui.screens.run import RunScreen
+from expman.tui.screens.runs import RunsScreen
+from expman.tui.widgets.chart import MetricChart
+
+SIZE = (120, 36)
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "root").mkdir()
+    make_root(tmp_path / "root")
+    yield ExpmanApp("root", clock=lambda: NOW, poll_interval=60.0)  # no refresh while the picture is taken
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+async def settle(pilot, condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the screen did not settle"
+        await pilot.pause(0.05)
+    await pilot.pause(0.2)
+
+
+def drawn(screen) -> bool:
+    charts = list(screen.query(MetricChart))
+    return bool(charts) and all(c.lines for c in charts)
+
+
+async def runs_ready(pilot) -> None:
+    await settle(pilot, lambda: isinstance(pilot.app.screen, RunsScreen) and pilot.app.screen.scans)
+
+
+def test_runs_screen(snap_compare, app):
+    assert snap_compare(app, terminal_size=SIZE, run_before=runs_ready)
+
+
+def test_run_screen_charts(snap_compare, app):
+    async def open_wide(pilot):
+        await runs_ready(pilot)
+        await pilot.press("enter")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, RunScreen) and drawn(pilot.app.screen))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_wide)
+
+
+def test_run_screen_mean_band_and_ranks(snap_compare, app):
+    async def ranks(pilot):
+        await runs_ready(pilot)
+        await pilot.press("enter")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, RunScreen) and drawn(pilot.app.screen))
+        await pilot.press("m", "2")
+        await settle(pilot, lambda: pilot.app.screen.query("#rank-table"))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=ranks)
+
+
+def test_compare_screen(snap_compare, app):
+    async def compare(pilot):
+        await runs_ready(pilot)
+        await pilot.press("space", "down", "space", "c")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, CompareScreen) and drawn(pilot.app.screen))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=compare)
+
+
+def test_help_screen(snap_compare, app):
+    async def help_(pilot):
+        await runs_ready(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=help_)

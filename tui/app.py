@@ -1,0 +1,51 @@
+"""ExpmanApp: the shell. It owns the root, the clock and the poll interval, and moves between screens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from textual.app import App
+from textual.binding import Binding
+
+from .data.runs import DEFAULT_KEY_METRICS
+from .screens.compare import CompareScreen
+from .screens.help import HelpScreen, bindings_of
+from .screens.run import RunScreen
+from .screens.runs import RunsScreen
+
+POLL_INTERVAL_S = 0.5
+
+
+class ExpmanApp(App):
+    TITLE = "expman"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+    ]
+
+    def __init__(self, root: str | Path, *, clock: Callable[[], float] = time.time,
+                 poll_interval: float = POLL_INTERVAL_S, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser().resolve()
+        self.root_label = str(root)  # shown as given (a relative root stays relative)
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.key_metrics = key_metrics
+
+    def on_mount(self) -> None:
+        self.push_screen(RunsScreen(self.root, self.key_metrics, label=self.root_label))
+
+    def open_run(self, run_dir: Path) -> None:
+        self.push_screen(RunScreen(run_dir))
+
+    def open_compare(self, run_dirs: list[Path]) -> None:
+        self.push_screen(CompareScreen(run_dirs))
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.pop_screen()
+            return
+        self.push_screen(HelpScreen(self.screen, bindings_of(self)))

@@ -1,0 +1,334 @@
+"""What the Runs and Run screens show about a run, besides its series: summaries and rank rows.
+
+Plain functions and small classes over `expman.list_runs` / `expman.open_run`; they do
+file I/O, so the screens call them from workers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from expman import list_runs
+from expman._errors import ExpmanError
+from expman._schema import KEY, METRICS_DIR, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._wal import list_segments
+
+# Columns of the Runs screen: the latest value of the first of these keys that runs have.
+DEFAULT_KEY_METRICS = ("loss", "val_loss", "acc", "accuracy", "lr")
+MAX_KEY_METRICS = 3
+STRAGGLER_LAG_FRACTION = 0.05  # a running rank this far behind the fastest (and >= 10 steps) is a straggler
+STRAGGLER_MIN_LAG = 10
+SILENT_AFTER_S = 10.0  # a running rank with no heartbeat for this long is flagged as well
+
+
+def parse_time(value: Any) -> float | None:
+    """Seconds since the epoch from run.yaml's ISO strings (or datetimes YAML already parsed)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        when = value
+    else:
+        try:
+            when = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the Runs screen."""
+
+    path: Path
+    experiment: str
+    name: str
+    uid: str
+    status: str
+    started: float | None
+    ended: float | None
+    duration_s: float | None
+    ranks: int
+    world_size: int
+    hosts: tuple[str, ...]
+    tags: tuple[str, ...]
+    latest: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def folder(self) -> str:
+        return f"{self.experiment}/{self.path.name}"
+
+    def duration(self, now: float) -> float | None:
+        if self.duration_s is not None:
+            return float(self.duration_s)
+        if self.started is None:
+            return None
+        end = self.ended if self.ended is not None else now
+        return max(0.0, end - self.started)
+
+    def matches(self, text: str) -> bool:
+        text = text.strip().lower()
+        if not text:
+            return True
+        hay = " ".join((self.experiment, self.name, self.uid, self.status, *self.hosts, *self.tags)).lower()
+        return all(word in hay for word in text.split())
+
+
+def summarize(path: Path, info: dict[str, Any], latest: dict[str, float]) -> RunSummary:
+    ranks = info.get("ranks") or {}
+    return RunSummary(
+        path=path,
+        experiment=str(info.get("experiment") or path.parent.name),
+        name=str(info.get("name") or path.name),
+        uid=str(info.get("id") or ""),
+        status=str(info.get("status") or "unknown"),
+        started=parse_time(info.get("started_at")),
+        ended=parse_time(info.get("ended_at")),
+        duration_s=info.get("duration_s"),
+        ranks=len(ranks),
+        world_size=int(info.get("world_size") or len(ranks) or 1),
+        hosts=tuple(str(h) for h in info.get("hosts") or ()),
+        tags=tuple(str(t) for t in info.get("tags") or ()),
+        latest=latest,
+    )
+
+
+class LatestValues:
+    """The last value of a few keys per run, reading only the newest row groups of each part.
+
+    Finished parts never change, so a part's answer is kept; the write-ahead tail of a
+    live run is left to the Run screen (the summary lags by at most one flush, ~0.5 s).
+    """
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = tuple(keys)
+        self._by_part: dict[Path, dict[str, float]] = {}
+
+    def of(self, run_dir: Path) -> dict[str, float]:
+        found: dict[str, float] = {}
+        parts = list_parts(run_dir / METRICS_DIR)
+        for part in reversed(parts):  # newest first
+            if part.path not in self._by_part:
+                try:
+                    self._by_part[part.path] = self._read(part.path)
+                except (FileNotFoundError, OSError):
+                    continue
+            for key, value in self._by_part[part.path].items():
+                found.setdefault(key, value)
+            if len(found) == len(self.keys):
+                break
+        return found
+
+    def _read(self, path: Path) -> dict[str, float]:
+        pf = pq.ParquetFile(path)
+        out: dict[str, float] = {}
+        for i in reversed(range(pf.metadata.num_row_groups)):
+            table = pf.read_row_group(i, columns=[KEY, VALUE])
+            keys = table.column(KEY).to_pylist()
+            values = table.column(VALUE).to_pylist()
+            for key, value in zip(reversed(keys), reversed(values)):
+                if key in self.keys and key not in out and value is not None:
+                    out[key] = value
+            if len(out) == len(self.keys):
+                break
+        return out
+
+    def forget(self, keep: set[Path]) -> None:
+        for path in [p for p in self._by_part if p.parent.parent not in keep]:
+            del self._by_part[path]
+
+
+class RunIndex:
+    """Every run under a root, newest first, with the latest values of the key metrics."""
+
+    def __init__(self, root: Path, key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
+        self.root = root
+        self.latest = LatestValues(key_metrics)
+
+    def scan(self) -> list[RunSummary]:
+        out = []
+        for run in list_runs(self.root):
+            try:
+                info = run.info
+            except ExpmanError:
+                continue
+            out.append(summarize(run.path, info, self.latest.of(run.path)))
+        self.latest.forget({s.path for s in out})
+        return out
+
+    def key_columns(self, summaries: list[RunSummary]) -> list[str]:
+        """The key metrics that at least one run has, in preference order, at most MAX_KEY_METRICS."""
+        present = {k for s in summaries for k in s.latest}
+        return [k for k in self.latest.keys if k in present][:MAX_KEY_METRICS]
+
+
+# --- ranks ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankRow:
+    rank: int
+    host: str
+    status: str
+    step: int | None
+    steps_per_s: float | None
+    lag: int | None
+    heartbeat_age_s: float | None
+    straggler: bool
+
+
+class RankRates:
+    """Steps per second per rank, from the (last_heartbeat, last_step) pairs run.yaml shows over time."""
+
+    WINDOW = 8
+
+    def __init__(self) -> None:
+        self._seen: dict[int, list[tuple[float, int]]] = {}
+
+    def observe(self, rank: int, heartbeat: float | None, step: int | None) -> None:
+        if heartbeat is None or step is None:
+            return
+        seen = self._seen.setdefault(rank, [])
+        if not seen or heartbeat > seen[-1][0]:
+            seen.append((heartbeat, step))
+            del seen[: -self.WINDOW]
+
+    def rate(self, rank: int) -> float | None:
+        seen = self._seen.get(rank) or []
+        if len(seen) < 2:
+            return None
+        (t0, s0), (t1, s1) = seen[0], seen[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+
+def rank_rows(info: dict[str, Any], now: float, rates: RankRates | None = None) -> list[RankRow]:
+    """The rank table: state, step, steps/s, lag behind the fastest, heartbeat age, stragglers."""
+    ranks = info.get("ranks") or {}
+    started_run = parse_time(info.get("started_at"))
+    steps = [r.get("last_step") for r in ranks.values() if isinstance(r.get("last_step"), int)]
+    fastest = max(steps) if steps else None
+    rows = []
+    for rank_id in sorted(ranks, key=lambda r: int(r)):
+        r = ranks[rank_id] or {}
+        step = r.get("last_step") if isinstance(r.get("last_step"), int) else None
+        heartbeat = parse_time(r.get("last_heartbeat"))
+        status = str(r.get("status") or "unknown")
+        rate = None
+        if rates is not None:
+            rates.observe(int(rank_id), heartbeat, step)
+            rate = rates.rate(int(rank_id))
+        if rate is None and step is not None:  # average over the rank's life so far
+            start = parse_time(r.get("started_at")) or started_run
+            end = parse_time(r.get("ended_at")) or heartbeat
+            if start is not None and end is not None and end > start:
+                rate = step / (end - start)
+        lag = fastest - step if fastest is not None and step is not None else None
+        age = now - heartbeat if heartbeat is not None and status == "running" else None
+        behind = lag is not None and lag >= STRAGGLER_MIN_LAG and lag > STRAGGLER_LAG_FRACTION * (fastest or 0)
+        silent = age is not None and age > SILENT_AFTER_S
+        rows.append(RankRow(int(rank_id), str(r.get("host") or ""), status, step, rate, lag, age,
+                            status == "running" and (behind or silent)))
+    return rows
+
+
+# --- params ----------------------------------------------------------------------------------
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as dotted keys: {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def params_diff(params: list[dict[str, Any]], only_different: bool = True) -> list[tuple[str, list[Any]]]:
+    """Rows (key, value per run) over the union of keys; `only_different` keeps rows that differ."""
+    flat = [flatten(p) for p in params]
+    keys = sorted({k for p in flat for k in p})
+    missing = object()
+    rows = []
+    for key in keys:
+        values = [p.get(key, missing) for p in flat]
+        if only_different and all(v == values[0] for v in values):
+            continue
+        rows.append((key, [None if v is missing else v for v in values]))
+    return rows
+
+
+# --- run.log, artifacts, hardware ------------------------------------------------------------
+class LogTail:
+    """Follows run.log: the last lines at first, then only what was appended."""
+
+    def __init__(self, path: Path, initial_bytes: int = 64 * 1024) -> None:
+        self.path = path
+        self.offset: int | None = None
+        self.initial_bytes = initial_bytes
+        self._partial = b""
+
+    def read_new(self) -> list[str]:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return []
+        if self.offset is None:
+            self.offset = max(0, size - self.initial_bytes)
+            skip_first = self.offset > 0
+        else:
+            skip_first = False
+            if size < self.offset:  # truncated or replaced: start over
+                self.offset, self._partial = 0, b""
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(size - self.offset)
+        self.offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        if skip_first and lines:
+            lines = lines[1:]
+        return [line.decode("utf-8", "replace") for line in lines]
+
+
+def artifacts(run: Any) -> list[tuple[str, int]]:
+    """(name, size) of the run's artifacts: `run.artifacts()` once it exists, else the artifacts folder."""
+    method = getattr(run, "artifacts", None)
+    if callable(method):
+        try:
+            listed = method()
+            rows = []
+            for item in listed:
+                name = item.get("name") if isinstance(item, dict) else getattr(item, "name", str(item))
+                size = item.get("size") if isinstance(item, dict) else getattr(item, "size", None)
+                rows.append((str(name), int(size) if size is not None else -1))
+            return rows
+        except Exception:  # the artifacts feature is not ours: fall back to the folder
+            pass
+    folder = Path(run.path) / "artifacts"
+    if not folder.is_dir():
+        return []
+    rows = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            rows.append((str(path.relative_to(folder)), path.stat().st_size))
+    return rows
+
+
+def read_yaml_safe(path: Path) -> dict[str, Any]:
+    try:
+        return read_yaml(path)
+    except ExpmanError:
+        return {}
+
+
+def has_live_tail(run_dir: Path) -> bool:
+    return any(list_segments(wal) for wal in (run_dir / WAL_DIR).glob("*/"))

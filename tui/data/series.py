@@ -1,0 +1,368 @@
+"""One run's metric series, read incrementally and reduced to what a chart can show.
+
+Finished Parquet parts never change, and each is named by the write-ahead segments it
+holds (docs/storage.md). So a part is read once per key and its points are kept (raw
+arrays, least recently used first out past a byte budget). When the collector merges
+parts, the new part is the concatenation of the old ones in order, with a row-group
+boundary at each: the points already held are reused and only the row groups of the
+inputs never seen are read. Write-ahead segments not yet in a part are re-read on each
+refresh (at most one flush interval, ~0.5 s, of points).
+
+Only the columns a chart needs are read (value, step, rank; time when x is time).
+Everything here runs on worker threads; nothing here knows about the UI.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from expman._columns import wal_table
+from expman._schema import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
+from expman._wal import list_segments, read_records
+
+from .aggregate import Buckets, aggregate, bucket_width, combine
+
+X_STEP, X_TIME = "step", "time"
+DEFAULT_BUDGET = 1 << 30  # bytes of raw points kept per run
+_TAIL = "<wal>"
+
+
+@dataclass
+class Chunk:
+    """The numeric points of one key in one part (or in the write-ahead tail), in arrival order."""
+
+    step: np.ndarray  # float64, NaN where the point has no step
+    value: np.ndarray  # float64 (NaN and inf kept; text points left out)
+    rank: np.ndarray  # int32
+    time: np.ndarray | None  # float64 microseconds since the epoch; None when not read
+    _spans: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.step.nbytes + self.value.nbytes + self.rank.nbytes + (0 if self.time is None else self.time.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def x(self, xkind: str) -> np.ndarray:
+        if xkind == X_TIME:
+            assert self.time is not None
+            return self.time
+        return self.step
+
+    def span(self, xkind: str) -> tuple[float, float]:
+        """(min, max) of x over points that have one; (inf, -inf) when none."""
+        if xkind not in self._spans:
+            x = self.x(xkind)
+            finite = x[np.isfinite(x)] if len(x) else x
+            self._spans[xkind] = (float(finite.min()), float(finite.max())) if len(finite) else (np.inf, -np.inf)
+        return self._spans[xkind]
+
+
+def empty_chunk(with_time: bool) -> Chunk:
+    return Chunk(np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0) if with_time else None)
+
+
+def concat_chunks(chunks: list[Chunk]) -> Chunk:
+    with_time = all(c.time is not None for c in chunks)
+    return Chunk(
+        np.concatenate([c.step for c in chunks]),
+        np.concatenate([c.value for c in chunks]),
+        np.concatenate([c.rank for c in chunks]),
+        np.concatenate([c.time for c in chunks]) if with_time else None,  # type: ignore[misc]
+    )
+
+
+@dataclass(frozen=True)
+class Series:
+    """What a chart draws for one key: buckets over the whole x range, and the latest point."""
+
+    key: str
+    xkind: str
+    buckets: Buckets
+    x_range: tuple[float, float]
+    points: int
+    nonfinite: int
+    last_value: float | None
+    last_x: float | None
+
+    @property
+    def empty(self) -> bool:
+        return len(self.buckets) == 0
+
+
+def split_table(table: pa.Table, keys: list[str], with_time: bool) -> dict[str, Chunk]:
+    """Rows of `table` (storage schema, some columns) split into one Chunk per wanted key.
+
+    Works on the dictionary indices of each record batch with numpy: no Arrow filter copies.
+    """
+    pieces: dict[str, list[Chunk]] = {k: [] for k in keys}
+    for batch in table.to_batches():
+        if batch.num_rows == 0:
+            continue
+        key_col = batch.column(KEY)
+        if not pa.types.is_dictionary(key_col.type):
+            key_col = key_col.dictionary_encode()
+        indices = key_col.indices.to_numpy(zero_copy_only=False)
+        names = key_col.dictionary.to_pylist()
+        value_col = batch.column(VALUE)
+        valid = None if value_col.null_count == 0 else value_col.is_valid().to_numpy(zero_copy_only=False)
+        columns = _numpy_columns(batch, with_time)
+        for key in keys:
+            if key not in names:
+                continue
+            mask = indices == names.index(key)
+            if valid is not None:
+                mask &= valid
+            if mask.all():
+                pieces[key].append(Chunk(*columns))
+            elif mask.any():
+                pieces[key].append(Chunk(*(None if c is None else c[mask] for c in columns)))
+    return {k: concat_chunks(p) if len(p) > 1 else (p[0] if p else empty_chunk(with_time)) for k, p in pieces.items()}
+
+
+def _numpy_columns(batch: pa.RecordBatch, with_time: bool) -> tuple:
+    value = batch.column(VALUE).to_numpy(zero_copy_only=False)
+    step_col = batch.column(STEP)
+    if step_col.null_count:
+        step = pc.fill_null(step_col.cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+    else:
+        step = step_col.to_numpy().astype(np.float64)
+    rank = batch.column(RANK).to_numpy().astype(np.int32, copy=False)
+    time_us = batch.column(TIME).cast(pa.int64()).to_numpy().astype(np.float64) if with_time else None
+    return step, value, rank, time_us
+
+
+class MetricsSource:
+    """Series of one run; thread-safe, meant to be called from workers."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], budget_bytes: int = DEFAULT_BUDGET) -> None:
+        self.run_dir = Path(run_dir)
+        self.budget = budget_bytes
+        self._lock = threading.RLock()
+        self._parts: list[Part] = []
+        self._rows: dict[str, int] = {}  # part name -> rows in the file
+        self._ranges: dict[str, tuple[int, int]] = {}  # part name -> segment range
+        self._writers: dict[str, str] = {}  # part name -> the collector that wrote it
+        self._raw: OrderedDict[tuple[str, str], Chunk] = OrderedDict()
+        self._raw_bytes = 0
+        self._aggs: dict[tuple[str, str, str, float], Buckets] = {}
+        self._part_keys: dict[str, set[str]] = {}
+        self._tail: pa.Table | None = None
+        self._tail_sig: tuple = ()
+        self._tail_chunks: dict[tuple[str, bool], Chunk] = {}
+        self.reads = 0  # parts (or row-group ranges) read from disk: for tests and the benchmark
+
+    # --- refreshing --------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Look for new parts and write-ahead records; True when something changed."""
+        with self._lock:
+            for _attempt in range(5):
+                parts = list_parts(self.run_dir / METRICS_DIR)
+                covered: dict[str, int] = {}
+                for p in parts:
+                    covered[p.writer] = max(covered.get(p.writer, -1), p.last)
+                segments = [(n, p) for wal in sorted((self.run_dir / WAL_DIR).glob("*/"))
+                            for n, p in list_segments(wal) if n > covered.get(wal.name, -1)]
+                try:
+                    sig = tuple((n, os.stat(p).st_size) for n, p in segments)
+                    tail = self._tail if sig == self._tail_sig else self._read_tail(segments)
+                except FileNotFoundError:  # a segment became a part meanwhile
+                    continue
+                if list_parts(self.run_dir / METRICS_DIR) == parts:
+                    break
+            changed = parts != self._parts or sig != self._tail_sig
+            if changed:
+                for p in parts:
+                    self._ranges[p.path.name] = (p.first, p.last)
+                    self._writers[p.path.name] = p.writer
+                self._parts = parts
+                self._tail, self._tail_sig = tail, sig
+                self._tail_chunks.clear()
+            return changed
+
+    @staticmethod
+    def _read_tail(segments: list[tuple[int, Path]]) -> pa.Table | None:
+        records = []
+        for _n, path in segments:
+            records.extend(read_records(path))
+        return wal_table(records)
+
+    # --- keys ----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every metric key of the run, sorted."""
+        with self._lock:
+            found: set[str] = set()
+            for part in self._parts:
+                name = part.path.name
+                if name not in self._part_keys:
+                    self._part_keys[name] = self._read_keys(part)
+                found |= self._part_keys[name]
+            if self._tail is not None:
+                found |= set(pc.unique(self._tail.column(KEY).cast(pa.string())).to_pylist())
+            return sorted(found)
+
+    def _read_keys(self, part: Part) -> set[str]:
+        try:
+            table = pq.ParquetFile(part.path).read(columns=[KEY])
+        except FileNotFoundError:
+            return set()
+        out: set[str] = set()
+        for chunk in table.column(KEY).chunks:
+            used = pc.unique(chunk.indices)
+            out.update(chunk.dictionary.take(used).to_pylist())
+        return out
+
+    # --- series ----------------------------------------------------------------------------
+    def series(self, keys: list[str], xkind: str = X_STEP, target: int = 400,
+               per_rank: bool = True) -> dict[str, Series]:
+        """Each key's points in about `target` buckets (between target/2 and target)."""
+        with_time = xkind == X_TIME
+        with self._lock:
+            for _attempt in range(5):
+                try:
+                    self._load(keys, with_time)
+                    break
+                except FileNotFoundError:  # merged away while we read: look again
+                    self.refresh()
+            else:
+                raise RuntimeError(f"{self.run_dir}: metrics parts kept changing while being read")
+            out = {key: self._series(key, xkind, target) for key in keys}
+            self._forget_retired()
+            return out
+
+    def _series(self, key: str, xkind: str, target: int) -> Series:
+        with_time = xkind == X_TIME
+        named = [(p.path.name, self._raw[(p.path.name, key)]) for p in self._parts]
+        for name, _chunk in named:
+            self._raw.move_to_end((name, key))
+        tail = self._tail_chunk(key, with_time)
+        if len(tail):
+            named.append((_TAIL, tail))
+        spans = [c.span(xkind) for _n, c in named if len(c)]
+        lo = min((s[0] for s in spans), default=np.inf)
+        hi = max((s[1] for s in spans), default=-np.inf)
+        width = bucket_width(hi - lo, target)
+        aggs = [self._aggregate(name, key, chunk, xkind, width) for name, chunk in named if len(chunk)]
+        buckets = combine(aggs, width)
+        points = sum(len(c) for _n, c in named)
+        nonfinite = sum(int((~np.isfinite(c.value)).sum()) for _n, c in named if len(c))
+        last_value = last_x = None
+        for _name, chunk in reversed(named):
+            if len(chunk):
+                last_value, last_x = float(chunk.value[-1]), float(chunk.x(xkind)[-1])
+                break
+        return Series(key, xkind, buckets, (lo, hi), points, nonfinite, last_value, last_x)
+
+    def _aggregate(self, name: str, key: str, chunk: Chunk, xkind: str, width: float) -> Buckets:
+        if name == _TAIL:
+            return aggregate(chunk.x(xkind), chunk.value, chunk.rank, width)
+        cache_key = (name, key, xkind, width)
+        found = self._aggs.get(cache_key)
+        if found is None:
+            finer = [k for k in self._aggs if k[:3] == (name, key, xkind) and k[3] < width]
+            if finer:  # halve bucket numbers instead of touching the points again
+                found = self._aggs[max(finer, key=lambda k: k[3])].coarser(width)
+            else:
+                found = aggregate(chunk.x(xkind), chunk.value, chunk.rank, width)
+            self._aggs[cache_key] = found
+        return found
+
+    def _tail_chunk(self, key: str, with_time: bool) -> Chunk:
+        if self._tail is None:
+            return empty_chunk(with_time)
+        cached = self._tail_chunks.get((key, with_time))
+        if cached is None:
+            cached = split_table(self._tail, [key], with_time)[key]
+            self._tail_chunks[(key, with_time)] = cached
+        return cached
+
+    # --- loading parts ---------------------------------------------------------------------
+    def _has(self, name: str, key: str, with_time: bool) -> bool:
+        chunk = self._raw.get((name, key))
+        return chunk is not None and (chunk.time is not None or not with_time)
+
+    def _load(self, keys: list[str], with_time: bool) -> None:
+        for part in self._parts:
+            name = part.path.name
+            missing = [k for k in keys if not self._has(name, k, with_time)]
+            if not missing:
+                continue
+            tiles = self._tiles(part, missing, with_time)
+            skip_rows = sum(self._rows[t] for t in tiles)
+            covered_to = self._ranges[tiles[-1]][1] if tiles else part.first - 1
+            if tiles and covered_to == part.last:
+                fresh: dict[str, Chunk | None] = {k: None for k in missing}
+                self._rows[name] = skip_rows
+            else:
+                fresh = self._read(part, missing, with_time, skip_rows)
+            for key in missing:
+                pieces = [self._raw[(t, key)] for t in tiles]
+                if fresh[key] is not None:
+                    pieces.append(fresh[key])
+                self._keep(name, key, concat_chunks(pieces) if len(pieces) != 1 else pieces[0])
+
+    def _tiles(self, part: Part, keys: list[str], with_time: bool) -> list[str]:
+        """Parts already held that fill `part`'s segment range from its start, in order."""
+        if part.level == 0:
+            return []
+        candidates = sorted(
+            (rng, name) for name, rng in self._ranges.items()
+            if name != part.path.name and self._writers.get(name) == part.writer
+            and part.first <= rng[0] and rng[1] <= part.last and name in self._rows
+            and all(self._has(name, k, with_time) for k in keys)
+        )
+        tiles, expect = [], part.first
+        for (first, last), name in candidates:
+            if first == expect:
+                tiles.append(name)
+                expect = last + 1
+        return tiles
+
+    def _read(self, part: Part, keys: list[str], with_time: bool, skip_rows: int) -> dict[str, Chunk | None]:
+        pf = pq.ParquetFile(part.path)
+        self._rows[part.path.name] = pf.metadata.num_rows
+        groups, seen = [], 0
+        for i in range(pf.metadata.num_row_groups):
+            if seen >= skip_rows:
+                groups.append(i)
+            seen += pf.metadata.row_group(i).num_rows
+        if skip_rows and seen - sum(pf.metadata.row_group(i).num_rows for i in groups) != skip_rows:
+            return self._read(part, keys, with_time, 0)  # boundaries do not line up: read it all
+        if not groups:
+            return {k: empty_chunk(with_time) for k in keys}
+        columns = [KEY, VALUE, STEP, RANK] + ([TIME] if with_time else [])
+        self.reads += 1
+        table = pf.read_row_groups(groups, columns=columns, use_threads=True)
+        return dict(split_table(table, keys, with_time))
+
+    def _keep(self, name: str, key: str, chunk: Chunk) -> None:
+        old = self._raw.pop((name, key), None)
+        if old is not None:
+            self._raw_bytes -= old.nbytes
+        self._raw[(name, key)] = chunk
+        self._raw_bytes += chunk.nbytes
+
+    def _forget_retired(self) -> None:
+        """Drop parts merged away (they served as tiles already), then the least recently used past the budget."""
+        current = {p.path.name for p in self._parts}
+        for raw_key in [k for k in self._raw if k[0] not in current]:
+            self._raw_bytes -= self._raw.pop(raw_key).nbytes
+        while self._raw_bytes > self.budget and len(self._raw) > 1:
+            _raw_key, evicted = self._raw.popitem(last=False)
+            self._raw_bytes -= evicted.nbytes
+        for agg_key in [k for k in self._aggs if k[0] not in current]:
+            del self._aggs[agg_key]
+        for name in [n for n in self._ranges if n not in current]:
+            del self._ranges[name]
+            self._rows.pop(name, None)
+            self._part_keys.pop(name, None)

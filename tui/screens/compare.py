@@ -1,0 +1,169 @@
+"""The Compare screen: two or more runs overlaid on the same keys (mean over ranks), and a params diff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Label
+
+from expman._schema import CONFIG_YAML, RUN_YAML
+
+from ..data.runs import read_yaml_safe
+from ..data.series import X_STEP, X_TIME, MetricsSource, Series
+from ..widgets.braille import Line
+from ..widgets.chart import MEAN, MetricChart, chart_title, lines_for_run, x_formatter
+from ..widgets.key_picker import KeyPicker
+from ..widgets.params_table import ParamsDiff
+from .run import default_keys
+
+
+class CompareScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("x", "toggle_x", "x: step/time"),
+        Binding("d", "toggle_diff", "All params/diff"),
+        Binding("slash", "focus_keys", "Filter keys"),
+    ]
+    DEFAULT_CSS = """
+    CompareScreen #compare-header { height: 1; padding: 0 1; background: $boost; width: 1fr; }
+    CompareScreen #compare-row { height: 1fr; }
+    CompareScreen #compare-charts { height: 1fr; }
+    CompareScreen ParamsDiff { border-top: solid $primary-background; }
+    """
+
+    def __init__(self, run_dirs: list[Path]) -> None:
+        super().__init__()
+        self.run_dirs = list(run_dirs)
+        self.names = [p.name for p in self.run_dirs]
+        self.sources = [MetricsSource(p) for p in self.run_dirs]
+        self.xkind = X_STEP
+        self.only_different = True
+        self.chosen: list[str] | None = None
+        self.series: list[dict[str, Series]] = [{} for _ in self.run_dirs]
+        self.params: list[dict] = [{} for _ in self.run_dirs]
+        self.polls = 0
+        self._busy = False
+        self._last_request: tuple = ()
+
+    def compose(self) -> ComposeResult:
+        yield Label(Text.assemble(("compare ", "bold"), "  vs  ".join(self.names)), id="compare-header")
+        with Horizontal(id="compare-row"):
+            yield KeyPicker(id="keys")
+            with Vertical():
+                yield VerticalScroll(id="compare-charts")
+                yield ParamsDiff(id="params-diff")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#compare-charts").focus()
+        self.poll()
+        self.set_interval(self.app.poll_interval * 2, self.poll)
+
+    def _request(self) -> tuple:
+        charts = list(self.query(MetricChart))
+        target = charts[0].target_buckets if charts else max(16, 4 * (self.app.size.width - 42))
+        return (tuple(self.chosen) if self.chosen is not None else None, self.xkind, target)
+
+    def poll(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        request = self._request()
+        self._read(request, request != self._last_request)
+
+    @work(thread=True, exclusive=True, group="compare-read")
+    def _read(self, request: tuple, force: bool) -> None:
+        chosen, xkind, target = request
+        try:
+            changed = [source.refresh() for source in self.sources]
+            keys = sorted({k for source in self.sources for k in source.keys()})
+            if chosen is None:
+                chosen = tuple(default_keys(keys))
+            series = [source.series(list(chosen), xkind, target) if (c or force) else None
+                      for source, c in zip(self.sources, changed)]
+            params = [read_yaml_safe(p / CONFIG_YAML) for p in self.run_dirs]
+            infos = [read_yaml_safe(p / RUN_YAML) for p in self.run_dirs]
+        except Exception as exc:
+            self._busy = False
+            self.app.call_from_thread(self.notify, f"compare failed: {exc}", severity="error")
+            return
+        try:
+            self.app.call_from_thread(self._apply, (chosen, xkind, target), keys, series, params, infos)
+        except Exception:  # the app is closing, or the screen went away meanwhile
+            pass
+
+    def _apply(self, request: tuple, keys: list[str], series: list, params: list[dict], infos: list[dict]) -> None:
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
+        self._busy = False
+        self._last_request = request
+        if self.chosen is None:
+            self.chosen = list(request[0])
+            self.query_one(KeyPicker).set_keys(keys, self.chosen)
+            self._sync_charts()
+        else:
+            self.query_one(KeyPicker).set_keys(keys)
+        for i, found in enumerate(series):
+            if found is not None:
+                self.series[i].update(found)
+        self.names = [f"{info.get('experiment', '')}/{info.get('name', p.name)}" if info else p.name
+                      for info, p in zip(infos, self.run_dirs)]
+        if params != self.params or self.polls == 0:
+            self.params = params
+            self._show_params()
+        self._draw()
+        self.polls += 1
+
+    def _show_params(self) -> None:
+        self.query_one(ParamsDiff).show(self.names, self.params, self.only_different)
+
+    def _sync_charts(self) -> None:
+        area = self.query_one("#compare-charts", VerticalScroll)
+        wanted = list(self.chosen or [])
+        existing = {chart.key: chart for chart in self.query(MetricChart)}
+        for key, chart in existing.items():
+            if key not in wanted:
+                chart.remove()
+        for key in wanted:
+            if key not in existing:
+                area.mount(MetricChart(key))
+
+    def _draw(self) -> None:
+        for chart in self.query(MetricChart):
+            found = [s.get(chart.key) for s in self.series]
+            present = [(i, s) for i, s in enumerate(found) if s is not None and s.xkind == self.xkind]
+            lines: list[Line] = []
+            for i, s in present:
+                lines.extend(lines_for_run(s, MEAN, first_color=i, label=self.names[i]))
+            if not present:
+                continue
+            lo = min((s.x_range[0] for _i, s in present if not s.empty), default=0.0)
+            hi = max((s.x_range[1] for _i, s in present if not s.empty), default=1.0)
+            title = chart_title(chart.key, [s for _i, s in present], lines)
+            chart.show(title, lines, (lo, hi), x_formatter(self.xkind, lo))
+
+    @on(KeyPicker.Changed)
+    def _keys_changed(self, event: KeyPicker.Changed) -> None:
+        self.chosen = event.keys
+        self._sync_charts()
+        self.poll()
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_toggle_x(self) -> None:
+        self.xkind = X_TIME if self.xkind == X_STEP else X_STEP
+        self.poll()
+
+    def action_toggle_diff(self) -> None:
+        self.only_different = not self.only_different
+        self._show_params()
+
+    def action_focus_keys(self) -> None:
+        self.query_one(KeyPicker).focus_filter()

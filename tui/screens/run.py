@@ -1,0 +1,292 @@
+"""The Run screen: charts of chosen keys, ranks, hardware, params, the log's tail, artifacts.
+
+One worker at a time reads everything new (off the UI thread) and hands the result to
+`_apply`; a timer starts the next read every poll interval.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.lazy import Lazy
+from textual.screen import Screen
+from textual.widgets import Footer, Label, Log, TabbedContent, TabPane
+
+from expman import open_run
+from expman._schema import CONFIG_YAML, RUN_LOG, RUN_YAML
+
+from ..data.hardware import HardwareSeries, read_hardware
+from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, read_yaml_safe
+from ..data.series import X_STEP, X_TIME, MetricsSource, Series
+from ..widgets.artifacts_list import ArtifactsList
+from ..widgets.braille import format_elapsed
+from ..widgets.chart import MEAN, PER_RANK, MetricChart, chart_title, lines_for_run, x_formatter
+from ..widgets.hardware_panel import HardwarePanel
+from ..widgets.key_picker import KeyPicker
+from ..widgets.params_table import ParamsTable
+from ..widgets.rank_table import RankTable
+from ..widgets.status import status_text
+
+TABS = ("charts", "ranks", "hardware", "params", "log", "artifacts")
+MAX_RANK_LINES = 8  # more ranks than this: mean with a min-max band by default
+SLOW_EVERY = 5  # hardware, artifacts and params are read every this many polls
+
+
+def default_keys(keys: list[str]) -> list[str]:
+    for pick in (lambda k: k == "loss", lambda k: k.endswith("/loss") or k.endswith(".loss"), lambda k: "loss" in k):
+        found = [k for k in keys if pick(k)]
+        if found:
+            return found[:1]
+    return keys[:1]
+
+
+@dataclass
+class Snapshot:
+    """What one read found: handed from the worker to the UI thread."""
+
+    info: dict[str, Any]
+    keys: list[str] | None
+    series: dict[str, Series] | None
+    log_lines: list[str]
+    params: dict[str, Any] | None = None
+    hardware: list[HardwareSeries] | None = None
+    artifacts: list[tuple[str, int]] | None = None
+    request: tuple = field(default_factory=tuple)
+
+
+class RunScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("x", "toggle_x", "x: step/time"),
+        Binding("m", "toggle_mode", "Ranks/mean"),
+        Binding("slash", "focus_keys", "Filter keys"),
+        *[Binding(str(i + 1), f"tab('{name}')", name.capitalize(), show=False) for i, name in enumerate(TABS)],
+    ]
+    DEFAULT_CSS = """
+    RunScreen #run-header { height: 1; padding: 0 1; background: $boost; width: 1fr; }
+    RunScreen #tabs { height: 1fr; }
+    RunScreen TabPane { height: 1fr; padding: 0; }
+    RunScreen #charts-row { height: 1fr; }
+    RunScreen #charts-area { height: 1fr; }
+    RunScreen Log { height: 1fr; }
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run = open_run(run_dir)
+        self.source = MetricsSource(self.run.path)
+        self.tail = LogTail(self.run.path / RUN_LOG)
+        self.rates = RankRates()
+        self.info: dict[str, Any] = {}
+        self.xkind = X_STEP
+        self.mode: str | None = None  # None: per rank for few ranks, else mean
+        self.chosen: list[str] | None = None  # None until the first read picks a default
+        self.series: dict[str, Series] = {}
+        self.polls = 0  # completed reads: tests wait on it
+        self._busy = False
+        self._last_request: tuple = ()
+        self._pending: dict[str, Any] = {}
+        self._pending_log: list[str] = []
+        # The first read starts now, on a plain thread, while Textual builds the screen:
+        # the first chart then waits for the slower of the two, not for both in turn.
+        self._first: Future | None = Future()
+        first_request = (None, X_STEP, max(16, 4 * (self.app.size.width - 42)))
+        threading.Thread(target=self._prefetch, args=(first_request,), name="expman-tui-first-read", daemon=True).start()
+
+    def _prefetch(self, request: tuple) -> None:
+        try:
+            self._first.set_result(self._collect(request, True, True))
+        except BaseException as exc:  # handed to the worker, which reports it
+            self._first.set_exception(exc)
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="run-header")
+        with TabbedContent(initial="charts", id="tabs"):
+            with TabPane("1 Charts", id="charts"):
+                with Horizontal(id="charts-row"):
+                    yield KeyPicker(id="keys")
+                    yield VerticalScroll(id="charts-area")
+            # The other tabs mount after the first paint: the chart comes first.
+            with TabPane("2 Ranks", id="ranks"):
+                yield Lazy(RankTable(id="rank-table"))
+            with TabPane("3 Hardware", id="hardware"):
+                yield Lazy(VerticalScroll(HardwarePanel(id="hardware-panel")))
+            with TabPane("4 Params", id="params"):
+                yield Lazy(ParamsTable(id="params-table"))
+            with TabPane("5 Log", id="log"):
+                yield Lazy(Log(id="log-view", max_lines=5000))
+            with TabPane("6 Artifacts", id="artifacts"):
+                yield Lazy(ArtifactsList(id="artifacts-list"))
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#charts-area").focus()
+        self.poll()
+        self.set_interval(self.app.poll_interval, self.poll)
+
+    # --- reading -------------------------------------------------------------------------
+    def _request(self) -> tuple:
+        charts = list(self.query(MetricChart))
+        target = charts[0].target_buckets if charts else max(16, 4 * (self.app.size.width - 42))
+        return (tuple(self.chosen) if self.chosen is not None else None, self.xkind, target)
+
+    def poll(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        request = self._request()
+        self._read(request, request != self._last_request, self.polls % SLOW_EVERY == 0)
+
+    @work(thread=True, exclusive=True, group="run-read")
+    def _read(self, request: tuple, force: bool, slow: bool) -> None:
+        try:
+            first, self._first = self._first, None
+            snapshot = first.result() if first is not None else self._collect(request, force, slow)
+        except Exception as exc:  # keep the screen alive; say what went wrong
+            self._busy = False
+            self.app.call_from_thread(self.notify, f"reading {self.run.path.name} failed: {exc}", severity="error")
+            return
+        try:
+            self.app.call_from_thread(self._apply, snapshot)
+        except Exception:  # the app is closing, or the screen went away meanwhile
+            pass
+
+    def _collect(self, request: tuple, force: bool, slow: bool) -> Snapshot:
+        chosen, xkind, target = request
+        changed = self.source.refresh()
+        keys = self.source.keys() if changed or chosen is None or force else None
+        if chosen is None:
+            chosen = tuple(default_keys(keys or []))
+            request = (chosen, xkind, target)
+        series = self.source.series(list(chosen), xkind, target) if chosen and (changed or force) else None
+        snapshot = Snapshot(read_yaml_safe(self.run.path / RUN_YAML), keys, series, self.tail.read_new(),
+                            request=request)
+        if slow:
+            snapshot.params = read_yaml_safe(self.run.path / CONFIG_YAML)
+            snapshot.hardware = read_hardware(self.run)
+            snapshot.artifacts = artifacts(self.run)
+        return snapshot
+
+    def _apply(self, snap: Snapshot) -> None:
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
+        self._busy = False
+        self._last_request = snap.request
+        self.info = snap.info or self.info
+        if self.chosen is None:
+            self.chosen = list(snap.request[0])
+            self.query_one(KeyPicker).set_keys(snap.keys or [], self.chosen)
+            self._sync_charts()
+        elif snap.keys is not None:
+            self.query_one(KeyPicker).set_keys(snap.keys)
+        if snap.series is not None:
+            self.series.update(snap.series)
+            self._draw()
+        self._show_header()
+        self._pending.update({k: v for k, v in (("params", snap.params), ("hardware", snap.hardware),
+                                                ("artifacts", snap.artifacts)) if v is not None})
+        self._pending_log.extend(snap.log_lines)
+        self._show_panels()
+        self.polls += 1
+
+    def _show_panels(self) -> None:
+        """Hand what was read to the panels that are mounted (Lazy mounts them after the first paint)."""
+        for table in self.query(RankTable):
+            table.show(rank_rows(self.info, self.app.clock(), self.rates))
+        for log in self.query(Log):
+            if self._pending_log:
+                log.write_lines(self._pending_log)
+                self._pending_log = []
+        targets = {"params": ParamsTable, "hardware": HardwarePanel, "artifacts": ArtifactsList}
+        for name, value in list(self._pending.items()):
+            found = list(self.query(targets[name]))
+            if found:
+                found[0].show(value)
+                del self._pending[name]
+
+    # --- drawing ------------------------------------------------------------------------------
+    def _show_header(self) -> None:
+        info = self.info
+        started = parse_time(info.get("started_at"))
+        ended = parse_time(info.get("ended_at"))
+        duration = info.get("duration_s")
+        if duration is None and started is not None:
+            duration = (ended or self.app.clock()) - started
+        header = Text.assemble(
+            (f"{info.get('experiment', '')}/{self.run.path.name}", "bold"), "  ",
+            status_text(str(info.get("status", "unknown"))), "  ",
+            f"duration {format_elapsed(duration)}" if duration is not None else "", "  ",
+            f"ranks {len(info.get('ranks') or {})}", "  ",
+            f"hosts {','.join(info.get('hosts') or [])}", "  ",
+            (f"x={self.xkind}  {'mean±band' if self._mode() == MEAN else 'per rank'}", "dim"),
+        )
+        self.query_one("#run-header", Label).update(header)
+
+    def _mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        ranks = len(self.info.get("ranks") or {})
+        return MEAN if ranks > MAX_RANK_LINES else PER_RANK
+
+    def _sync_charts(self) -> None:
+        """One MetricChart per chosen key, in the order chosen."""
+        area = self.query_one("#charts-area", VerticalScroll)
+        wanted = list(self.chosen or [])
+        existing = {chart.key: chart for chart in self.query(MetricChart)}
+        for key, chart in existing.items():
+            if key not in wanted:
+                chart.remove()
+        for key in wanted:
+            if key not in existing:
+                area.mount(MetricChart(key))
+        if not wanted:
+            self.notify("choose a key on the left (space)", timeout=3)
+
+    def _draw(self) -> None:
+        mode = self._mode()
+        for chart in self.query(MetricChart):
+            series = self.series.get(chart.key)
+            if series is None or series.xkind != self.xkind:
+                continue
+            lines = lines_for_run(series, mode)
+            message = "no numeric points"
+            if series.points and series.empty and self.xkind == X_STEP:
+                message = "no points with a step: press x for time"
+            chart.show(chart_title(chart.key, [series], lines), lines, series.x_range,
+                       x_formatter(self.xkind, series.x_range[0]), message)
+
+    # --- actions --------------------------------------------------------------------------------
+    @on(KeyPicker.Changed)
+    def _keys_changed(self, event: KeyPicker.Changed) -> None:
+        self.chosen = event.keys
+        self._sync_charts()
+        self.poll()
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_toggle_x(self) -> None:
+        self.xkind = X_TIME if self.xkind == X_STEP else X_STEP
+        self._show_header()
+        self.poll()
+
+    def action_toggle_mode(self) -> None:
+        self.mode = PER_RANK if self._mode() == MEAN else MEAN
+        self._show_header()
+        self._draw()
+
+    def action_focus_keys(self) -> None:
+        self.query_one(TabbedContent).active = "charts"
+        self.query_one(KeyPicker).focus_filter()
+
+    def action_tab(self, name: str) -> None:
+        self.query_one(TabbedContent).active = name

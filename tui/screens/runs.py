@@ -1,0 +1,202 @@
+"""The Runs screen: every run under the root, newest first, filtered by text and status, live."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Label
+
+from expman._schema import STATUSES
+
+from ..data.runs import DEFAULT_KEY_METRICS, RunIndex, RunSummary
+from ..widgets.braille import format_elapsed, format_value
+from ..widgets.status import status_text
+
+STATUS_FILTERS = ("all", *STATUSES)
+
+
+def format_started(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class RunsScreen(Screen):
+    BINDINGS = [
+        Binding("enter", "open", "Open run"),
+        Binding("space", "mark", "Mark for compare"),
+        Binding("c", "compare", "Compare marked"),
+        Binding("slash", "focus_filter", "Filter"),
+        Binding("s", "cycle_status", "Status filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+    ]
+    DEFAULT_CSS = """
+    RunsScreen #bar { height: 1; padding: 0 1; background: $boost; }
+    RunsScreen #bar Label { width: auto; margin-right: 2; }
+    RunsScreen #filter { height: 3; }
+    RunsScreen #runs { height: 1fr; }
+    """
+
+    def __init__(self, root: Path, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS, label: str | None = None) -> None:
+        super().__init__()
+        self.root = root
+        self.label = label or str(root)
+        self.index = RunIndex(root, key_metrics)
+        self.summaries: list[RunSummary] = []
+        self.shown: list[RunSummary] = []
+        self.marked: set[Path] = set()
+        self.status_filter = "all"
+        self.key_columns: list[str] = []
+        self.scans = 0  # completed scans: tests wait on it
+        self._scanning = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="bar"):
+            yield Label(Text.assemble(("expman ", "bold"), self.label), id="root")
+            yield Label("", id="status-filter")
+            yield Label("", id="counts")
+        yield Input(placeholder="/ filter runs: experiment, name, id, status, host, tag", id="filter")
+        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_screen_resume(self) -> None:
+        if self.scans:
+            self.scan()
+
+    def on_mount(self) -> None:
+        self._show_status_filter()
+        self.query_one("#runs", DataTable).focus()
+        self.scan()
+        self.set_interval(self.app.poll_interval * 2, self.scan)
+
+    # --- data --------------------------------------------------------------------------
+    def scan(self) -> None:
+        """Start a scan unless one is running, or another screen covers this one (it scans when shown again)."""
+        if not self._scanning and (self.is_current or not self.scans):
+            self._scanning = True
+            self._scan()
+
+    @work(thread=True, exclusive=True, group="runs-scan")
+    def _scan(self) -> None:
+        try:
+            summaries = self.index.scan()
+            columns = self.index.key_columns(summaries)
+        except Exception as exc:  # a broken root must not kill the screen
+            self.app.call_from_thread(self.notify, f"could not list runs: {exc}", severity="error")
+            summaries, columns = [], []
+        finally:
+            self._scanning = False
+        try:
+            self.app.call_from_thread(self._apply, summaries, columns)
+        except Exception:  # the app is closing
+            pass
+
+    def _apply(self, summaries: list[RunSummary], columns: list[str]) -> None:
+        if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
+            return  # closed (or not built yet) when the worker finished: nothing to show
+        self.summaries = summaries
+        self.key_columns = columns
+        self._fill()
+        self.scans += 1
+
+    def _fill(self) -> None:
+        table = self.query_one("#runs", DataTable)
+        text = self.query_one("#filter", Input).value
+        shown = [s for s in self.summaries
+                 if s.matches(text) and (self.status_filter == "all" or s.status == self.status_filter)]
+        names = ["", "experiment", "run", "status", "started", "duration", "ranks", "hosts", *self.key_columns]
+        current = None
+        if table.row_count and 0 <= table.cursor_row < len(self.shown):
+            current = str(self.shown[table.cursor_row].path)
+        if [str(c.label) for c in table.columns.values()] != names:
+            table.clear(columns=True)
+            for name in names:
+                table.add_column(name, key=name or "mark")
+        else:
+            table.clear()
+        now = self.app.clock()
+        for s in shown:
+            duration = s.duration(now)
+            table.add_row(
+                Text("●", style="bold yellow") if s.path in self.marked else "",
+                s.experiment,
+                s.path.name,
+                status_text(s.status),
+                format_started(s.started),
+                "" if duration is None else format_elapsed(duration),
+                f"{s.ranks}/{s.world_size}" if s.world_size > s.ranks else str(s.ranks),
+                ",".join(s.hosts),
+                *[format_value(s.latest[k]) if k in s.latest else "" for k in self.key_columns],
+                key=str(s.path),
+            )
+        self.shown = shown
+        if current is not None:
+            paths = [str(s.path) for s in shown]
+            if current in paths:
+                table.move_cursor(row=paths.index(current))
+        self.query_one("#counts", Label).update(f"{len(shown)} of {len(self.summaries)} runs"
+                                                 + (f", {len(self.marked)} marked" if self.marked else ""))
+
+    # --- actions ---------------------------------------------------------------------------
+    def _current(self) -> RunSummary | None:
+        table = self.query_one("#runs", DataTable)
+        if not self.shown or not (0 <= table.cursor_row < len(self.shown)):
+            return None
+        return self.shown[table.cursor_row]
+
+    @on(DataTable.RowSelected, "#runs")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_open()
+
+    def action_open(self) -> None:
+        summary = self._current()
+        if summary is not None:
+            self.app.open_run(summary.path)
+
+    def action_mark(self) -> None:
+        summary = self._current()
+        if summary is None:
+            return
+        self.marked ^= {summary.path}
+        self._fill()
+
+    def action_compare(self) -> None:
+        marked = [s.path for s in self.summaries if s.path in self.marked]
+        if len(marked) < 2:
+            self.notify("mark two or more runs with space, then press c", severity="warning")
+            return
+        self.app.open_compare(marked)
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", Input).focus()
+
+    def action_clear_filter(self) -> None:
+        self.query_one("#filter", Input).value = ""
+        self.query_one("#runs", DataTable).focus()
+
+    def action_cycle_status(self) -> None:
+        at = STATUS_FILTERS.index(self.status_filter)
+        self.status_filter = STATUS_FILTERS[(at + 1) % len(STATUS_FILTERS)]
+        self._show_status_filter()
+        self._fill()
+
+    def _show_status_filter(self) -> None:
+        self.query_one("#status-filter", Label).update(Text.assemble("status: ", status_text(self.status_filter)))
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self._fill()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.query_one("#runs", DataTable).focus()
