@@ -190,6 +190,17 @@ class Run:
 
         return _artifact_reader.download(self.path, name, dest, key_file)
 
+    def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
+        """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""
+        from ._notebook import plot
+
+        return plot(self, keys, ranks)
+
+    def _repr_html_(self) -> str:
+        from ._notebook import run_html
+
+        return run_html(self)
+
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
