@@ -6,6 +6,7 @@
     expman export <id> -o m.parquet  # the metrics table as Parquet or CSV
     expman artifacts ls <id>         # artifacts: ls, get (expman/_cli_artifacts.py)
     expman keys init                 # a master key for artifact encryption
+    expman sync                      # deliver spooled frames once the collector is back
 
 One function per subcommand; each returns the exit code. Errors that are the user's to
 fix (an unknown run, an unwritable path) print one line on stderr and exit 1.
@@ -82,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--root", help=root_help)
     export.set_defaults(handler=cmd_export)
 
+    sync = commands.add_parser("sync", help="deliver spooled frames (a collector was down) to a collector")
+    sync.add_argument("--spool", metavar="DIR", type=Path,
+                      help="spool folder (default: $EXPMAN_SPOOL_DIR, else $XDG_STATE_HOME/expman/spool)")
+    sync.add_argument("--collector", metavar="ENDPOINT",
+                      help="collector endpoint (default: $EXPMAN_COLLECTOR, else the one the spool names, "
+                           "else a local collector for the runs' root)")
+    sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each file's acks (default 60)")
+    sync.set_defaults(handler=cmd_sync)
+
     demo = commands.add_parser("demo", help="log a simulated training run (no setup needed)")
     demo.add_argument("--root", help=root_help)
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps to simulate (default: 2000)")
@@ -93,6 +103,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- subcommands ------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ._spool import spool_dir, sync_folder
+
+    folder = args.spool or spool_dir()
+    delivered, frames, left = sync_folder(folder, args.collector, args.timeout, out=sys.stdout)
+    print(f"{delivered} spool file(s) delivered ({frames} frames), {left} left in {folder}")
+    return 0 if left == 0 else 1
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -55,3 +55,76 @@ def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, s
         print(f"\nspilled {stats['spilled']} points; logging {n} took {log_time:.2f} s; replay+finish {replay_s:.2f} s")
     finally:
         assert c.stop() == 0
+
+
+def test_script_exits_while_collector_down_then_expman_sync_delivers_everything(root, short_dir, spool_dir, run_script):
+    endpoint = f"ipc://{short_dir}/down.sock"
+    n = 50_000
+    result = run_script(f"""
+        import expman
+        exp = expman.start_experiment("e", "offline", root={str(root)!r}, collector={endpoint!r},
+                                      max_buffer_bytes=32 * 1024, finish_timeout=0.5)
+        exp.log_parameters({{"lr": 0.1}})
+        for step in range({n}):
+            exp.log_metric("loss", float(step), step=step)
+        exp.info("logged while nobody listened")
+        print(exp.uid, flush=True)
+    """, timeout=60, check=True)
+    uid = result.stdout.strip()
+    assert "expman sync" in result.stderr, result.stderr
+    spools = list(spool_dir.glob("*.spool"))
+    assert len(spools) == 1
+    cli = [sys.executable, "-m", "expman", "sync", "--spool", str(spool_dir)]
+    # Nobody listens yet: the file is kept, the command says so.
+    down = subprocess.run([*cli, "--collector", endpoint, "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "kept" in down.stdout, down.stdout + down.stderr
+    assert spools[0].exists()
+    c = start_collector(root, short_dir, endpoint)
+    try:
+        t0 = time.perf_counter()
+        done = subprocess.run([*cli, "--collector", endpoint], capture_output=True, text=True, timeout=90)
+        took = time.perf_counter() - t0
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not list(spool_dir.glob("*.spool")), "a delivered spool file is deleted"
+        run_dir = next(root.glob(f"e/*-{uid}"))
+        wait_for(lambda: expman.open_run(run_dir).status == "finished", 10, "the run to be finished")
+        steps = _steps(run_dir)
+        assert len(steps) == n and sorted(steps) == list(range(n)), "exact point count, no duplicates"
+        run = expman.open_run(run_dir)
+        assert run.params == {"lr": 0.1}
+        assert "logged while nobody listened" in run.log_text()
+        # Syncing again finds nothing, and a repeat of the same frames would be dropped as duplicates.
+        again = subprocess.run([*cli, "--collector", endpoint], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "0 spool file(s)" in again.stdout
+        print(f"\nexpman sync delivered {n} points in {took:.2f} s (including interpreter start)")
+    finally:
+        assert c.stop() == 0
+
+
+def test_memory_and_spool_full_drops_are_counted_in_stats_and_run_yaml(root, short_dir, spool_dir):
+    c = start_collector(root, short_dir)
+    try:
+        exp = expman.start_experiment("e", "full", root=root, collector=c.endpoint,
+                                      max_buffer_bytes=16 * 1024, max_spool_bytes=64 * 1024)
+        exp.log_metric("loss", 0.0, step=0)
+        wait_for(lambda: exp.stats()["acked"] == 1, 10, "the first ack")
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        n = 100_000
+        for step in range(1, n):
+            exp.log_metric("loss", float(step), step=step)
+            if step % 10_000 == 0:
+                time.sleep(0.02)
+        wait_for(lambda: exp.stats()["buffered"] + exp.stats()["dropped"] == n - 1, 10, "all points placed")
+        stats = exp.stats()
+        assert stats["dropped"] > 0 and stats["spilled"] > 0
+        os.kill(c.proc.pid, signal.SIGCONT)
+        assert exp.finish(timeout=30) is True
+        stats = exp.stats()
+        rows = len(_steps(exp.run_dir))
+        assert rows + stats["dropped"] == n, "every point is either stored or counted as dropped"
+        info = yaml.safe_load((exp.run_dir / "run.yaml").read_text())
+        assert info["ranks"][0]["dropped_points"] == stats["dropped"]
+        assert info["dropped_points"] == stats["dropped"]
+        assert "dropped" in expman.open_run(exp.run_dir).log_text()
+    finally:
+        assert c.stop() == 0
