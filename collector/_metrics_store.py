@@ -36,17 +36,21 @@ def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
     merges, whatever the size of the run.
     """
     tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
-                          column_encoding={"step": "DELTA_BINARY_PACKED"}) as writer:
-        if isinstance(table_or_parts, pa.Table):
-            writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
-        else:
-            for part in table_or_parts:
-                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
-                    writer.write_batch(batch, row_group_size=ROW_GROUP)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
+                              column_encoding={"step": "DELTA_BINARY_PACKED"}) as writer:
+            if isinstance(table_or_parts, pa.Table):
+                writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
+            else:
+                for part in table_or_parts:
+                    for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                        writer.write_batch(batch, row_group_size=ROW_GROUP)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: keep nothing half-written; the WAL still has the rows
+        raise
 
 
 class MetricsStore:
@@ -89,6 +93,8 @@ class MetricsStore:
                 path.unlink(missing_ok=True)
         self.wal = SegmentWriter(self.wal_dir, next_segment)
         self._pending_from = next_segment
+        self._synced_tables = 0
+        self.rollbacks = 0  # failed syncs: frames added before one were not stored
 
     def add(self, raw_frame: bytes, table: pa.Table) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
@@ -97,7 +103,16 @@ class MetricsStore:
         self.pending_rows += table.num_rows
 
     def sync(self) -> None:
-        self.wal.sync()
+        """Make the frames added since the last sync durable; if that fails (disk full)
+        forget them, so their resends are stored once, and raise."""
+        try:
+            self.wal.sync()
+        except OSError:
+            self.rollbacks += 1
+            del self._tables[self._synced_tables:]
+            self.pending_rows = sum(t.num_rows for t in self._tables)
+            raise
+        self._synced_tables = len(self._tables)
 
     def flush(self) -> None:
         """Seal the current segment and write its rows as a part."""
@@ -110,6 +125,7 @@ class MetricsStore:
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
         self._tables.clear()
+        self._synced_tables = 0
         self.pending_rows = 0
         self._pending_from = self.wal.number
         self._merge_levels()

@@ -54,7 +54,7 @@ def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, s
         assert not list(spool_dir.glob("*.spool")), "the spool is gone once everything is confirmed"
         print(f"\nspilled {stats['spilled']} points; logging {n} took {log_time:.2f} s; replay+finish {replay_s:.2f} s")
     finally:
-        assert c.stop() == 0
+        assert c.stop() == 0, c.log()
 
 
 def test_script_exits_while_collector_down_then_expman_sync_delivers_everything(root, short_dir, spool_dir, run_script):
@@ -98,7 +98,7 @@ def test_script_exits_while_collector_down_then_expman_sync_delivers_everything(
         assert again.returncode == 0 and "0 spool file(s)" in again.stdout
         print(f"\nexpman sync delivered {n} points in {took:.2f} s (including interpreter start)")
     finally:
-        assert c.stop() == 0
+        assert c.stop() == 0, c.log()
 
 
 def test_memory_and_spool_full_drops_are_counted_in_stats_and_run_yaml(root, short_dir, spool_dir):
@@ -127,4 +127,36 @@ def test_memory_and_spool_full_drops_are_counted_in_stats_and_run_yaml(root, sho
         assert info["dropped_points"] == stats["dropped"]
         assert "dropped" in expman.open_run(exp.run_dir).log_text()
     finally:
-        assert c.stop() == 0
+        assert c.stop() == 0, c.log()
+
+
+def test_disk_full_collector_stops_acknowledging_then_resumes_without_loss(root, short_dir, tmp_path, monkeypatch):
+    fault = tmp_path / "enospc"  # while it exists the collector's WAL writes fail with ENOSPC (test-only hook)
+    monkeypatch.setenv("EXPMAN_TEST_ENOSPC_FILE", str(fault))
+    c = start_collector(root, short_dir)
+    try:
+        exp = expman.start_experiment("e", "diskfull", root=root, collector=c.endpoint, max_buffer_bytes=32 * 1024, finish_timeout=5)
+        for step in range(1000):
+            exp.log_metric("loss", float(step), step=step)
+        wait_for(lambda: exp.stats()["acked"] == 1000, 10, "acks before the disk fills")
+        fault.touch()
+        n = 30_000
+        for step in range(1000, n):
+            exp.log_metric("loss", float(step), step=step)
+        wait_for(lambda: "cannot write" in c.log(), 10, "the collector to say why it stops acknowledging")
+        time.sleep(1.0)
+        stats = exp.stats()
+        assert stats["acked"] == 1000, "nothing is acknowledged while it cannot be stored"
+        assert stats["spilled"] > 0, "the rank spills meanwhile"
+        assert c.proc.poll() is None, "the collector keeps serving"
+        fault.unlink()
+        t0 = time.perf_counter()
+        assert exp.finish(timeout=40) is True
+        recovered = time.perf_counter() - t0
+        steps = _steps(exp.run_dir)
+        assert len(steps) == n and sorted(steps) == list(range(n)), "no loss, no duplicate after the disk is back"
+        assert expman.open_run(exp.run_dir).status == "finished"
+        wait_for(lambda: "writing works again" in c.log(), 5, "the recovery line")
+        print(f"\ndisk full: recovered and finished {recovered:.1f} s after space returned")
+    finally:
+        assert c.stop() == 0, c.log()
