@@ -69,6 +69,8 @@ class MetricsStore:
                 path.unlink(missing_ok=True)
         self.wal = SegmentWriter(self.wal_dir, next_segment)
         self._pending_from = next_segment
+        self._synced_tables = 0
+        self.rollbacks = 0  # failed syncs: frames added before one were not stored
 
     def add(self, raw_frame: bytes, table: pa.Table) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
@@ -77,7 +79,16 @@ class MetricsStore:
         self.pending_rows += table.num_rows
 
     def sync(self) -> None:
-        self.wal.sync()
+        """Make the frames added since the last sync durable; if that fails (disk full)
+        forget them, so their resends are stored once, and raise."""
+        try:
+            self.wal.sync()
+        except OSError:
+            self.rollbacks += 1
+            del self._tables[self._synced_tables:]
+            self.pending_rows = sum(t.num_rows for t in self._tables)
+            raise
+        self._synced_tables = len(self._tables)
 
     def flush(self) -> None:
         """Seal the current segment and write its rows as a part."""
@@ -90,6 +101,7 @@ class MetricsStore:
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
         self._tables.clear()
+        self._synced_tables = 0
         self.pending_rows = 0
         self._pending_from = self.wal.number
         self._merge_levels()

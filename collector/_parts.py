@@ -22,13 +22,17 @@ def write_part(source: pa.Table | list[Part], target: Path, schema: pa.Schema, *
     ParquetWriter (encodings).
     """
     tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
-        if isinstance(source, pa.Table):
-            writer.write_table(source, row_group_size=ROW_GROUP)
-        else:
-            for part in source:
-                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
-                    writer.write_batch(batch, row_group_size=ROW_GROUP)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
+            if isinstance(source, pa.Table):
+                writer.write_table(source, row_group_size=ROW_GROUP)
+            else:
+                for part in source:
+                    for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                        writer.write_batch(batch, row_group_size=ROW_GROUP)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: nothing half-written stays; the WAL still has the rows
+        raise

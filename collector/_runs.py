@@ -240,6 +240,12 @@ class Run:
             self.info["ranks"].setdefault(frame.rank, {})["last_step"] = body["last_step"]
         if frame.seq is not None:
             self.finished_at_seq[frame.sender] = frame.seq
+        dropped = body.get("dropped_points")
+        if type(dropped) is int and dropped > 0:  # memory and spool were both full: say so in run.yaml
+            self.info["ranks"].setdefault(frame.rank, {})["dropped_points"] = dropped
+            self.info["dropped_points"] = sum(int(r.get("dropped_points") or 0) for r in self.info["ranks"].values())
+            self._write_log_line(f"{iso(time.time())} [collector] ERROR rank {frame.rank} dropped {dropped} points "
+                                 "(its memory buffer and spool were both full)")
         self.end_rank(frame.rank, status, body.get("ended_at") or frame.sent_at, body.get("error"))
         return self.final_since is not None
 

@@ -36,6 +36,7 @@ FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
+PERSIST_FAILURE_LOG_EVERY_S = 30.0
 
 
 class SeqWindow:
@@ -112,6 +113,9 @@ class Collector:
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
         self._stopping = False
+        self._failing_since: float | None = None  # monotonic time of the first failed write, until one works
+        self._failure_logged_at = 0.0
+        self._refused_while_failing = 0
         self._poller = zmq.Poller()
         self.relay = Relay(self._ctx, forward, self._poller) if forward else None
         # Called with the loop's monotonic time after each round of periodic work (the
@@ -172,6 +176,11 @@ class Collector:
         infos: dict[bytes, dict[int, dict[str, Any]]] = defaultdict(dict)
         unknown: dict[bytes, set[str]] = defaultdict(set)
         touched: set[Run] = set()
+        # Frames applied this turn, acknowledged only once they are durable:
+        # (identity, sender, seq, run, info, metrics store or None, its rollbacks then)
+        applied: list[tuple[bytes, str, int, Run, Any, Any, int]] = []
+        this_turn: set[tuple[str, int]] = set()
+        failed: set[Run] = set()  # a write for this run failed this turn: its non-metrics frames wait
         for parts in messages:
             if len(parts) != 2:
                 self._reject("bad-envelope", f"{len(parts)} message parts")
@@ -194,8 +203,18 @@ class Collector:
                 self.counters["duplicates"] += 1
                 acks[identity].append(frame.seq)  # the first ack may have been lost
                 continue
+            if frame.seq is not None:
+                if (frame.sender, frame.seq) in this_turn:
+                    self.counters["duplicates"] += 1  # a resend in the same batch: acked with the first
+                    continue
+                this_turn.add((frame.sender, frame.seq))
             try:
                 info, run = self._apply(frame, data)
+            except OSError as exc:  # a full disk: not stored, not acknowledged; the sender resends
+                self._persist_failed(exc, frame.run)
+                if frame.run in self.runs:
+                    failed.add(self.runs[frame.run])
+                continue
             except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
                 self.counters["deferred"] += 1
                 continue
@@ -212,13 +231,37 @@ class Collector:
                 continue
             touched.add(run)
             if frame.seq is not None:
-                self.windows[frame.sender].add(frame.seq)
-                acks[identity].append(frame.seq)
-                if info:
-                    infos[identity][frame.seq] = info
+                store = run.store if frame.kind == proto.METRICS else None
+                applied.append((identity, frame.sender, frame.seq, run, info, store,
+                                store.rollbacks if store is not None else 0))
         for run in touched:
-            run.sync()
-        self.artifacts.sync()
+            try:
+                run.sync()
+            except OSError as exc:
+                failed.add(run)
+                self._persist_failed(exc, str(run.dir))
+        try:
+            self.artifacts.sync()
+        except OSError as exc:
+            self._persist_failed(exc, "artifacts")
+            failed.update(touched)
+        refused = 0
+        for identity, sender, seq, run, info, store, rollbacks in applied:
+            if (store.rollbacks != rollbacks) if store is not None else run in failed:
+                refused += 1  # not durable: no ack, not marked seen, so the resend is stored
+                continue
+            self.windows[sender].add(seq)
+            acks[identity].append(seq)
+            if info:
+                infos[identity][seq] = info
+        if refused:
+            self.counters["unpersisted"] += refused
+        elif applied and self._failing_since is not None:
+            log.warning("writing works again after %.0f s; %d frames were refused meanwhile (their senders resent them)",
+                        time.monotonic() - self._failing_since, self._refused_while_failing)
+            self._failing_since = None
+        if refused:
+            self._refused_while_failing += refused
         for identity in set(acks) | set(unknown):
             reply = proto.encode_ack(acks.get(identity, []), infos.get(identity), sorted(unknown.get(identity, ())))
             try:
@@ -287,6 +330,20 @@ class Collector:
             info["children"].append(child_uid)
             write_yaml_atomic(run_dir / RUN_YAML, info)
 
+    def _persist_failed(self, exc: OSError, what: str) -> None:
+        """A write failed (ENOSPC, EIO...): say why at once, then every 30 s while it lasts."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._refused_while_failing = 0
+            self._failure_logged_at = now
+            log.error("cannot write (%s: %s); not acknowledging what is not stored: senders keep "
+                      "their frames (and spill them) until space returns", what, exc)
+        elif now - self._failure_logged_at >= PERSIST_FAILURE_LOG_EVERY_S:
+            self._failure_logged_at = now
+            log.error("still cannot write for %.0f s (%s: %s); %d frames refused so far",
+                      now - self._failing_since, what, exc, self._refused_while_failing)
+
     def _reject(self, reason: str, detail: str) -> None:
         self.rejects[reason] += 1
         count = self.rejects[reason]
@@ -299,30 +356,39 @@ class Collector:
             self.relay.forget_idle(now)
         parent_gone = self.parent_pid is not None and not _alive(self.parent_pid)
         for uid, run in list(self.runs.items()):
-            store = run.store
-            if store is not None and store.pending_rows and (
-                store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
-            ):
-                run.flush_metrics(final=run.final_since is not None)
-                run.flushed_at = now
-            elif store is not None and run.final_since is not None:
-                run.flush_metrics(final=True)  # late frames after the end: fold them in
-            lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
-            if lost:
-                why = "the training process exited without finishing" if parent_gone else "no heartbeat"
-                for rank in lost:
-                    log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
-                    run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})
-                    self.hardware.rank_ended(uid, rank)
-                run.flush_metrics(final=run.final_since is not None)
-            if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
-                run.merged_at = now
-                run.merge_remote()  # other hosts' collectors share this run folder
-            run.write_info()
-            if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
-                self.artifacts.close_run(uid, final=True)
-                run.close()
-                del self.runs[uid]
+            try:
+                self._periodic_run(uid, run, now, parent_gone)
+            except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
+                self._persist_failed(exc, uid)
+        self._periodic_rest(now, parent_gone)
+
+    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool) -> None:
+        store = run.store
+        if store is not None and store.pending_rows and (
+            store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
+        ):
+            run.flushed_at = now  # first: a failing write (full disk) is retried at the next interval, not every tick
+            run.flush_metrics(final=run.final_since is not None)
+        elif store is not None and run.final_since is not None:
+            run.flush_metrics(final=True)  # late frames after the end: fold them in
+        lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
+        if lost:
+            why = "the training process exited without finishing" if parent_gone else "no heartbeat"
+            for rank in lost:
+                log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
+                run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})
+                self.hardware.rank_ended(uid, rank)
+            run.flush_metrics(final=run.final_since is not None)
+        if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
+            run.merged_at = now
+            run.merge_remote()  # other hosts' collectors share this run folder
+        run.write_info()
+        if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
+            self.artifacts.close_run(uid, final=True)
+            run.close()
+            del self.runs[uid]
+
+    def _periodic_rest(self, now: float, parent_gone: bool) -> None:
         if parent_gone:
             log.info("parent process %d is gone; exiting", self.parent_pid)
             self._stopping = True

@@ -50,6 +50,8 @@ def start_experiment(
     encrypt_artifacts: bool = False,
     flush_interval: float | None = None,
     max_points_per_frame: int | None = None,
+    max_buffer_bytes: int | None = None,
+    max_spool_bytes: int | None = None,
     _parent: Experiment | None = None,
 ) -> Experiment:
     """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
@@ -65,6 +67,10 @@ def start_experiment(
     `code_dir` names the code to store under `code/` (default: the launching script and
     git facts; False: nothing). `encrypt_artifacts` has the collector encrypt this run's
     artifacts with its master key (`expman keys init`).
+    `max_buffer_bytes` (default $EXPMAN_MAX_BUFFER_BYTES, else 256 MiB) bounds the frames
+    kept in memory until the collector confirms them; past it they spill to a spool file
+    of at most `max_spool_bytes` (default $EXPMAN_MAX_SPOOL_BYTES, else 1 GiB) under
+    $EXPMAN_SPOOL_DIR (default $XDG_STATE_HOME/expman/spool); see docs/reliability.md.
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
@@ -95,7 +101,7 @@ def start_experiment(
         local = _local_collector(root_path, shared_key)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
-    sender.tune(flush_interval, max_points_per_frame)
+    sender.tune(flush_interval, max_points_per_frame, max_buffer_bytes, max_spool_bytes)
     _install_exit_hooks()
     exp = Experiment(
         sender=sender,

@@ -8,6 +8,7 @@
     expman import tb/ -e imported    # TensorBoard scalars into a new run
     expman artifacts ls <id>         # artifacts: ls, get (expman/_cli_artifacts.py)
     expman keys init                 # a master key for artifact encryption
+    expman sync                      # deliver spooled frames once the collector is back
 
 One function per subcommand; each returns the exit code. Errors that are the user's to
 fix (an unknown run, an unwritable path) print one line on stderr and exit 1.
@@ -85,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--root", help=root_help)
     export.set_defaults(handler=cmd_export)
 
+    sync = commands.add_parser("sync", help="deliver spooled frames (a collector was down) to a collector")
+    sync.add_argument("--spool", metavar="DIR", type=Path,
+                      help="spool folder (default: $EXPMAN_SPOOL_DIR, else $XDG_STATE_HOME/expman/spool)")
+    sync.add_argument("--collector", metavar="ENDPOINT",
+                      help="collector endpoint (default: $EXPMAN_COLLECTOR, else the one the spool names, "
+                           "else a local collector for the runs' root)")
+    sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each file's acks (default 60)")
+    sync.set_defaults(handler=cmd_sync)
+
     imp = commands.add_parser("import", help="read TensorBoard scalar event files into a new run")
     imp.add_argument("logdir", metavar="DIR", type=Path, help="a TensorBoard log folder (searched recursively)")
     imp.add_argument("--experiment", "-e", metavar="NAME", help="the experiment to put the run in (default: default)")
@@ -103,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- subcommands ------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ._spool import spool_dir, sync_folder
+
+    folder = args.spool or spool_dir()
+    delivered, frames, left = sync_folder(folder, args.collector, args.timeout, out=sys.stdout)
+    print(f"{delivered} spool file(s) delivered ({frames} frames), {left} left in {folder}")
+    return 0 if left == 0 else 1
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -4,7 +4,11 @@ Every few milliseconds it drains each Experiment's buffers into frames, gives ea
 frame a sequence number, and keeps it until the collector acknowledges it. Frames that
 stay unacknowledged are sent again (the collector drops duplicates), so a collector
 that starts late, restarts or loses a connection costs nothing but time. Memory is
-bounded: past `max_pending_bytes` new metric frames are dropped, counted and reported.
+bounded: past `max_pending_bytes` further frames are spilled, byte for byte, to a spool
+file on local disk (expman/_spool.py) and read back in order as acks free memory; only
+when the spool is full too are metric frames dropped, counted and reported (and the
+count goes to the collector in the run's finish frame). At exit whatever is still
+unacknowledged is written to the spool for `expman sync`.
 
 The thread owns its ZeroMQ sockets; other threads talk to it only through an inproc
 PUSH socket it polls (`wake`, `stop`).
@@ -12,6 +16,7 @@ PUSH socket it polls (`wake`, `stop`).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import struct
@@ -27,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import _protocol as proto
+from ._spool import Spool, spool_dir, write_final
+from ._spool import max_spool_bytes as _spool_budget
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -39,6 +46,8 @@ RESEND_AFTER_S = 2.0  # at least; more when acks are slow (see _resend_after)
 IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
 MAX_POINTS_PER_FRAME = 16384
 MAX_PENDING_BYTES = 256 * 1024 * 1024
+MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
+DROP_LOG_EVERY_S = 10.0
 _FULL_KEY_TABLE = 256  # below this many keys every frame carries the whole table
 
 
@@ -108,6 +117,7 @@ class _Pending:
     first_sent_at: float | None = None
     resends: int = 0
     token: Any = None  # artifact chunks: told of the ack (expman/_artifact_pump.py)
+    size: int = 0  # len(data); data is None while the frame sits in the spool
 
 
 @dataclass(slots=True)
@@ -115,6 +125,7 @@ class _Counters:
     sent: int = 0
     acked: int = 0
     dropped: int = 0
+    spilled: int = 0
     pending: int = 0
     unacked_frames: int = 0
 
@@ -127,7 +138,8 @@ class Sender:
         endpoint: str,
         *,
         flush_interval: float = FLUSH_INTERVAL_S,
-        max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_pending_bytes: int | None = None,
+        max_spool_bytes: int | None = None,
         on_idle_check: Any = None,
     ) -> None:
         proto.require_little_endian()
@@ -135,7 +147,10 @@ class Sender:
         self.endpoint = endpoint
         self.sender_id = uuid.uuid4().hex
         self.flush_interval = flush_interval
+        if max_pending_bytes is None:
+            max_pending_bytes = int(os.environ.get(MAX_BUFFER_ENV) or MAX_PENDING_BYTES)
         self.max_pending_bytes = max_pending_bytes
+        self.max_spool_bytes = _spool_budget(max_spool_bytes)
         self.max_points_per_frame = MAX_POINTS_PER_FRAME
         self._on_idle_check = on_idle_check  # called on resend rounds: restarts a dead local collector
         self._ctx = zmq.Context.instance()
@@ -145,6 +160,12 @@ class Sender:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._unsent: deque[int] = deque()  # seqs to send, in order
         self._pending_bytes = 0
+        self._low_heap: list[int] = []  # seqs of _pending, lazily cleaned: the oldest unacked
+        self._spool: Spool | None = None  # frames past the memory budget (sender thread only)
+        self._spooled: deque[_Pending] = deque()  # their entries, data None, in seq order
+        self._spool_failed_at = -DROP_LOG_EVERY_S
+        self._drop_logged_at = -DROP_LOG_EVERY_S
+        self._exiting = False
         self._ack_latency = 0.0  # seconds, moving average
         self._busy = False  # this tick drained points
         self._next_seq = 0
@@ -156,8 +177,14 @@ class Sender:
         self._wake_ready.wait(5.0)
 
     # --- called from user threads ------------------------------------------------------
-    def tune(self, flush_interval: float | None, max_points_per_frame: int | None) -> None:
-        """Shared by every run of the process: the most eager request wins."""
+    def tune(self, flush_interval: float | None, max_points_per_frame: int | None,
+             max_buffer_bytes: int | None = None, max_spool_bytes: int | None = None) -> None:
+        """Shared by every run of the process: the most eager request wins; the memory
+        and spool budgets are the latest request's."""
+        if max_buffer_bytes is not None:
+            self.max_pending_bytes = max(int(max_buffer_bytes), 0)
+        if max_spool_bytes is not None:
+            self.max_spool_bytes = max(int(max_spool_bytes), 0)
         if flush_interval is not None:
             self.flush_interval = min(self.flush_interval, max(flush_interval, 0.001))
         if max_points_per_frame is not None:
@@ -182,6 +209,7 @@ class Sender:
             "acked": c.acked,
             "buffered": in_buffer + c.pending,
             "dropped": c.dropped + exp._late_points,
+            "spilled": c.spilled,
             "unacked_frames": c.unacked_frames,
             "artifacts_stored": exp.artifact_state.stored,
             "artifacts_failed": exp.artifact_state.failed,
@@ -194,6 +222,8 @@ class Sender:
     def stop(self, timeout: float = 2.0) -> None:
         self._signal(b"stop")
         self._thread.join(timeout)
+        if self._thread.is_alive() and self._exiting:
+            self._thread.join(60.0)  # writing what is unacknowledged to the spool
         with self._lock:
             if self._wake_socket is not None:
                 self._wake_socket.close(0)
@@ -255,6 +285,8 @@ class Sender:
                     self._mark_stale_for_resend(now)
                     if self._pending and self._on_idle_check is not None:
                         self._on_idle_check()
+                if self._spooled:
+                    self._load_from_spool()
                 self._send_pending(dealer)
                 # Wake every flush_interval while points flow; back off when idle (it costs CPU).
                 timeout = self.flush_interval if self._busy or self._unsent else min(timeout * 2, IDLE_POLL_MAX_S)
@@ -263,31 +295,140 @@ class Sender:
         except Exception:  # never let a bug here take the training process down
             log.exception("expman: the sender thread failed; logged data is no longer delivered")
         finally:
+            self._exiting = True
+            try:
+                self._spill_at_exit()
+            except Exception:
+                log.exception("expman: could not write the unacknowledged frames to the spool; they are lost")
             dealer.close(0)
             wake.close(0)
 
     def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
         c = self._counters[id(exp)]
         seq = self._next_seq
-        low = next(iter(self._pending), seq)  # the oldest unacknowledged frame
         data = proto.encode_frame(
             kind, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
-            seq=seq, sent_at=time.time(), body=body, low=low,
+            seq=seq, sent_at=time.time(), body=body, low=self._low(seq),
         )
-        if kind == proto.METRICS and self._pending_bytes + len(data) > self.max_pending_bytes:
-            c.dropped += points
-            log.error(
-                "expman: run %s: collector at %s has not confirmed %d MB of data; DROPPING %d points "
-                "(raise max_pending_bytes or check the collector)",
-                exp.uid, self.endpoint, self._pending_bytes >> 20, points,
-            )
-            return
+        item = _Pending(seq, exp, kind, data, points, token=token, size=len(data))
+        # Past the memory budget (or while older frames wait in the spool: order) frames
+        # go to the spool; only when it is full too are metrics dropped.
+        if self._spooled or (self._pending and self._pending_bytes + len(data) > self.max_pending_bytes):
+            if self._spill(item, force=kind != proto.METRICS):
+                self._next_seq += 1
+                c.spilled += points
+                c.pending += points
+                c.unacked_frames += 1
+                return
+            if kind == proto.METRICS:
+                self._drop(exp, c, points)
+                return
         self._next_seq += 1
-        self._pending[seq] = _Pending(seq, exp, kind, data, points, token=token)
+        self._pending[seq] = item
+        heapq.heappush(self._low_heap, seq)
         self._unsent.append(seq)
         self._pending_bytes += len(data)
         c.pending += points
         c.unacked_frames += 1
+
+    def _low(self, seq: int) -> int:
+        """The oldest unacknowledged seq (in memory or spooled), else `seq`."""
+        heap = self._low_heap
+        while heap and heap[0] not in self._pending:
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(self._pending) + 1024:  # acked seqs stuck behind an old one
+            self._low_heap = heap = list(self._pending)
+            heapq.heapify(heap)
+        low = heap[0] if heap else seq
+        if self._spooled:
+            low = min(low, self._spooled[0].seq)
+        return low
+
+    def _drop(self, exp: Experiment, c: _Counters, points: int) -> None:
+        c.dropped += points
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_EVERY_S:
+            self._drop_logged_at = now
+            log.error(
+                "expman: run %s: collector at %s has not confirmed %d MB in memory and %d MB in the spool "
+                "(%s); DROPPING points: %d dropped so far (raise max_buffer_bytes / max_spool_bytes, "
+                "or check the collector)",
+                exp.uid, self.endpoint, self._pending_bytes >> 20,
+                (self._spool.size if self._spool else 0) >> 20,
+                self._spool.path if self._spool else "no spool", c.dropped,
+            )
+
+    def _intros(self, exps: Any) -> list[bytes]:
+        """Hello frames without a seq: how a replayer introduces these runs to a collector."""
+        out = []
+        for exp in exps:
+            if exp.hello_body is not None:
+                out.append(proto.encode_frame(proto.HELLO, run=exp.uid, host=exp.host, rank=exp.rank,
+                                              sender=self.sender_id, seq=None, sent_at=time.time(),
+                                              body=exp.hello_body))
+        return out
+
+    def _spill(self, item: _Pending, force: bool) -> bool:
+        if self._spool is None:
+            if time.monotonic() - self._spool_failed_at < DROP_LOG_EVERY_S:
+                return False
+            folder = spool_dir()
+            try:
+                self._spool = Spool(folder, self.endpoint, self.sender_id, self._intros(self.active()),
+                                    self.max_spool_bytes)
+            except OSError as exc:
+                self._spool_failed_at = time.monotonic()
+                log.error("expman: cannot create a spool file in %s (%s): frames past the memory budget "
+                          "are dropped", folder, exc)
+                return False
+            log.warning("expman: collector at %s is behind by %d MB; spilling further frames to %s",
+                        self.endpoint, self._pending_bytes >> 20, self._spool.path)
+        try:
+            if not self._spool.append(item.data, force):
+                return False
+        except OSError as exc:
+            log.error("expman: cannot write to the spool %s: %s", self._spool.path, exc)
+            return False
+        item.data = None  # type: ignore[assignment]
+        self._spooled.append(item)
+        return True
+
+    def _load_from_spool(self) -> None:
+        """Bring spooled frames back into memory, oldest first, as the budget allows."""
+        spool = self._spool
+        assert spool is not None
+        while self._spooled and (not self._pending or self._pending_bytes + self._spooled[0].size <= self.max_pending_bytes):
+            item = self._spooled.popleft()
+            item.data = spool.read_next()
+            self._pending[item.seq] = item
+            heapq.heappush(self._low_heap, item.seq)
+            self._unsent.append(item.seq)
+            self._pending_bytes += item.size
+        if not self._spooled:
+            spool.close(delete=True)  # every frame is back in memory (and spilled again at exit)
+            self._spool = None
+
+    def _spill_at_exit(self) -> None:
+        """Whatever the collector has not confirmed goes to the spool file, for `expman sync`."""
+        spool, self._spool = self._spool, None
+        if not self._pending and not self._spooled:
+            if spool is not None:
+                spool.close(delete=True)
+            return
+        in_memory = sorted(self._pending.values(), key=lambda p: p.seq)
+        exps = {id(p.exp): p.exp for p in (*in_memory, *self._spooled)}
+        frames = len(in_memory) + len(self._spooled)
+        points = sum(p.points for p in in_memory) + sum(p.points for p in self._spooled)
+        try:
+            path = write_final(spool_dir() if spool is None else spool.path.parent, self.endpoint, self.sender_id,
+                               self._intros(exps.values()), [p.data for p in in_memory],
+                               spool.unread() if spool is not None else b"")
+        finally:
+            if spool is not None:
+                spool.close(delete=False)
+        log.error("expman: the collector at %s has not confirmed %d frames (%d points) of run(s) %s; "
+                  "they are kept in %s: run `expman sync` to deliver them",
+                  self.endpoint, frames, points, ", ".join(sorted(e.uid for e in exps.values())), path)
 
     def _drain(self, exp: Experiment, now: float) -> None:
         if not exp.hello_sent:
@@ -313,7 +454,8 @@ class Sender:
                 self._enqueue(exp, proto.LOG, {"lines": lines})
         if request is not None and not exp.finish_sent and artifacts_idle:
             exp.finish_sent = True
-            self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step})
+            dropped = self._counters[id(exp)].dropped + exp._late_points
+            self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step, "dropped_points": dropped})
             self._check_finished(exp)
         elif not exp.finish_sent and now >= exp.next_heartbeat:  # until finish is sent: artifacts may hold it back
             exp.next_heartbeat = now + exp.heartbeat_interval

@@ -8,6 +8,7 @@ so a crash mid-write loses only the record that was being written (never acknowl
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -52,40 +53,74 @@ def read_records(path: Path) -> Iterator[bytes]:
         offset = start + length
 
 
+# Test-only fault injection: while the file this names exists, `SegmentWriter.sync` fails
+# with ENOSPC as a full disk would (tests/test_spool.py). Not for production use.
+FAULT_ENOSPC_ENV = "EXPMAN_TEST_ENOSPC_FILE"
+_FAULT_FILE = os.environ.get(FAULT_ENOSPC_ENV)
+
+
 class SegmentWriter:
-    """Appends records to the current segment of one folder; `rotate()` seals it."""
+    """Appends records to the current segment of one folder; `rotate()` seals it.
+
+    Appends are buffered in memory and written by `sync()`. A failed sync (a full disk,
+    an I/O error) truncates the segment back to the last synced record and discards the
+    buffer, so the segment holds only whole records the caller was told were durable.
+    """
 
     def __init__(self, folder: Path, number: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.number = number
-        self._file = open(segment_path(folder, number), "ab")
+        self._fd = self._open()
         self.records = 0
-        self._dirty = False
+        self._buffer = bytearray()
+
+    def _open(self) -> int:
+        fd = os.open(segment_path(self.folder, self.number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._committed = os.lseek(fd, 0, os.SEEK_END)
+        return fd
 
     def append(self, payload: bytes) -> None:
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)))
-        self._file.write(payload)
+        self._buffer += _HEADER.pack(len(payload), zlib.crc32(payload))
+        self._buffer += payload
         self.records += 1
-        self._dirty = True
 
     def sync(self) -> None:
-        """Make appended records durable (called once per receive batch, not per record)."""
-        if self._dirty:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._dirty = False
+        """Make appended records durable (called once per receive batch, not per record).
+
+        On failure nothing of this batch stays in the segment, and the error is raised."""
+        if not self._buffer:
+            return
+        try:
+            if _FAULT_FILE and os.path.exists(_FAULT_FILE):
+                raise OSError(errno.ENOSPC, "No space left on device (injected: $" + FAULT_ENOSPC_ENV + ")")
+            data = bytes(self._buffer)
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+            os.fsync(self._fd)
+        except OSError:
+            self._buffer.clear()
+            try:
+                os.ftruncate(self._fd, self._committed)
+            except OSError:
+                pass  # a torn tail is cut by the reader at its first bad record
+            raise
+        self._committed += len(self._buffer)
+        self._buffer.clear()
 
     def rotate(self) -> int:
         """Seal the current segment and start the next; return the sealed segment's number."""
         self.sync()
-        self._file.close()
+        os.close(self._fd)
         sealed = self.number
         self.number += 1
-        self._file = open(segment_path(self.folder, self.number), "ab")
+        self._fd = self._open()
         self.records = 0
         return sealed
 
     def close(self) -> None:
-        self.sync()
-        self._file.close()
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)

@@ -100,6 +100,15 @@ def run_script(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(autouse=True)
+def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's spool (frames the collector has not confirmed) lives in its own folder,
+    never in the user's ~/.local/state; scripts started by the test inherit it."""
+    path = tmp_path / "spool"
+    monkeypatch.setenv("EXPMAN_SPOOL_DIR", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
 def _release_expman() -> Iterator[None]:
     """Each test leaves no open runs, sender threads or local collector processes behind."""
     yield
