@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import _protocol as proto
+from ._curve import client_keys
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
@@ -133,6 +134,7 @@ class Sender:
         proto.require_little_endian()
         lower_switch_interval()
         self.endpoint = endpoint
+        self._curve = client_keys()  # $EXPMAN_CURVE_*: raises here, at start, on a bad key file
         self.sender_id = uuid.uuid4().hex
         self.flush_interval = flush_interval
         self.max_pending_bytes = max_pending_bytes
@@ -225,6 +227,8 @@ class Sender:
         dealer.setsockopt(zmq.RECONNECT_IVL, 20)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.SNDHWM, 1000)
+        if self._curve is not None:
+            self._curve.apply(dealer, self.endpoint)  # tcp only
         dealer.connect(self.endpoint)
         self._dealer = dealer
         poller = zmq.Poller()
