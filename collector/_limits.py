@@ -15,6 +15,7 @@ from typing import Any
 
 from expman import _protocol as proto
 from expman._errors import ProtocolError
+from expman._schema import check_name
 
 MAX_ID = 128  # run id, sender id
 MAX_HOST = 255  # a DNS name's limit
@@ -65,9 +66,15 @@ def check_body(frame: proto.Frame) -> None:
                 _refuse(f"tags must be a list of at most {MAX_TAGS} strings")
             for tag in tags:
                 check_line("tag", tag, MAX_TAG, one_line=False)
-        for field in ("experiment", "name", "dir", "parent"):
+        for field in ("experiment", "name", "dir"):
             if body.get(field) is not None:
                 check_line(f"hello {field}", body[field], MAX_KEY, one_line=False)  # names: check_name
+        parent = body.get("parent")
+        if parent is not None:  # looked up under the root by id: no separators, no control characters
+            try:
+                check_name("parent run id", parent)
+            except ValueError as exc:
+                _refuse(str(exc))
     elif kind == proto.METRICS:
         keys = body.get("keys")
         if isinstance(keys, dict):

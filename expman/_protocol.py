@@ -112,7 +112,7 @@ def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     if not isinstance(obj, dict):
         raise ProtocolError("bad-shape", "frame is not a map")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
         raise ProtocolError("bad-version", f"version {version!r}, this collector speaks {PROTOCOL_VERSION}")
     kind = obj.get("kind")
     if kind not in RANK_KINDS:

@@ -11,6 +11,8 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _helpers import wait_for
 from conftest import start_collector
 
@@ -202,6 +204,7 @@ def nested(depth: int) -> list:
     (proto.LOG, {"lines": [[1.0, "info\n2026 [forged] INFO", "x"]]}),
     (proto.LOG, {"lines": [[1.0, "info", "x" * (2 * 1024 * 1024)]]}),
     (proto.LOG, {"lines": [["yesterday", "info", "x"]]}),
+    (proto.HELLO, {"experiment": "e", "name": "n", "parent": "../../etc"}),
     (proto.PARAMS, {"params": {"k" * 2000: 1}}),
     (proto.PARAMS, {"params": {1: 1}}),
     (proto.PARAMS, {"params": {"a": nested(40)}}),
@@ -218,6 +221,32 @@ def test_ordinary_frames_pass():
     check_envelope(frame(proto.LOG, {"lines": [[1.0, "info", "two\nlines\twith tab \x1b[1mbold"]]}))
     check_envelope(frame(proto.PARAMS, {"params": {"lr": 0.1, "model": {"layers": [1, 2, 3]}}}))
     check_envelope(frame(proto.METRICS, {"keys": {0: "train/loss ✓"}, "texts": [[0, "ok", 1, None]]}))
+
+
+any_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats() | st.text(max_size=30) | st.binary(max_size=30),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8) | st.integers(-3, 3), inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(proto.RANK_KINDS)),
+       st.dictionaries(st.sampled_from(["tags", "experiment", "name", "dir", "parent", "keys", "texts", "lines", "params"]),
+                       any_value))
+def test_limits_raise_only_protocol_errors(kind, body):
+    try:
+        check_envelope(frame(kind, body))
+    except ProtocolError:
+        pass
+
+
+def test_version_must_be_the_integer_one():
+    for version in (True, 1.0):
+        data = msgpack.packb({"v": version, "kind": "heartbeat", "run": "r", "host": "h", "rank": 0, "sender": "s",
+                              "seq": None, "t": 1.0, "body": {}})
+        with pytest.raises(ProtocolError, match="bad-version"):
+            proto.decode_frame(data)
 
 
 def test_decoding_is_bounded():
