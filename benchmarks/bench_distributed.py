@@ -662,7 +662,6 @@ def print_profiles(setup: str, mode: str) -> None:
 def summary_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in results:
-        peak = max(max(f["hwm_mb"], f["peak_sampled_mb"]) for f in r["collector_figures"].values())
         loop = spread([x["loop_pps"] for x in r["per_rank"]])
         rows.append([
             r["setup"], r["mode"], f"{r['ranks']}x{r['points_per_rank'] // 1000}k",

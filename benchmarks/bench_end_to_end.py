@@ -30,7 +30,6 @@ KEYS = 8
 
 
 def run_mode(mode: str, points: int) -> dict[str, Any]:
-    import psutil
 
     import expman
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     r["overhead_mb"] = (o["rss_logged"] - o["rss_import"]) / mb
     r["heavy_imported"] = sorted(m for m in ("pyarrow", "textual") if o["heavy_after_import"][m])
     r["heavy_after_logging"] = sorted(m for m in ("pyarrow", "textual") if o["heavy_after_logging"][m])
-    print(f"\n== rank-side memory (fresh interpreters; RSS from /proc/self/status)")
+    print("\n== rank-side memory (fresh interpreters; RSS from /proc/self/status)")
     print(f"   bare interpreter: {o['rss_bare'] / mb:.1f} MB, {o['modules_bare']} modules")
     print(f"   import expman: +{r['import_mb']:.1f} MB RSS, {o['import_s'] * 1e3:.0f} ms, "
           f"+{o['modules_import'] - o['modules_bare']} modules")

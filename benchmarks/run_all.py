@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([area, figure, measured, target, "-" if ok is None else c.verdict(ok),
                      "" if net is None else c.verdict(net)])
 
-    floor = lat["a"]["floor"]
     for case, r in lat.items():
         f = r["floor"]
         add(f"floor (run of case {case})", "empty method, same timer",

@@ -10,19 +10,18 @@ the rows since the last part.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from expman._schema import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
+
+from ._parts import write_part
 
 log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
-ROW_GROUP = 131_072
 _SCHEMA = hardware_schema()
 _TIME = _SCHEMA.field("time").type
 
@@ -32,22 +31,6 @@ Row = tuple[str, "float | None", "str | None", "int | None", "str | None"]
 
 def _dictionary(values: list[Any]) -> pa.Array:
     return pa.array(values, pa.string()).dictionary_encode()
-
-
-def _write_part(source: pa.Table | list[Part], target: Path) -> None:
-    """Temp file beside the target, fsync, rename: a part is whole or absent. Merges stream
-    row groups, so a long run's final merge does not hold the run in memory."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
-        if isinstance(source, pa.Table):
-            writer.write_table(source, row_group_size=ROW_GROUP)
-        else:
-            for part in source:
-                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
-                    writer.write_batch(batch, row_group_size=ROW_GROUP)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 class HardwareStore:
@@ -97,7 +80,7 @@ class HardwareStore:
         if not self._rows:
             return
         table = self.table()
-        _write_part(table, self.dir / part_name(0, self._next, self._next, self.writer))
+        write_part(table, self.dir / part_name(0, self._next, self._next, self.writer), _SCHEMA)
         self._next += 1
         self.rows_written += table.num_rows
         self._times.clear()
@@ -115,7 +98,7 @@ class HardwareStore:
             self._merge(by_level[full][:MERGE_FANIN], full + 1)
 
     def _merge(self, parts: list[Part], level: int) -> None:
-        _write_part(parts, self.dir / part_name(level, parts[0].first, parts[-1].last, self.writer))
+        write_part(parts, self.dir / part_name(level, parts[0].first, parts[-1].last, self.writer), _SCHEMA)
         for p in parts:
             p.path.unlink(missing_ok=True)
 

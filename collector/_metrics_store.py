@@ -8,45 +8,25 @@ time (so a run never has more than a few dozen files) and into one at finish.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from expman._columns import frame_table
 from expman._protocol import decode_frame
 from expman._schema import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._wal import SegmentWriter, list_segments, read_records, segment_path
 
+from ._parts import write_part
+
 log = logging.getLogger("expman.collector")
 
 MERGE_FANIN = 8
-ROW_GROUP = 131_072
 # Dictionary-encode only columns with few distinct values (a frame's points share a time);
 # doing it for values and steps costs more than it saves.
-_DICTIONARY_COLUMNS = ["key", "text", "rank", "host", "time"]
+_ENCODING = {"use_dictionary": ["key", "text", "rank", "host", "time"],
+             "column_encoding": {"step": "DELTA_BINARY_PACKED"}}
 _SCHEMA = metrics_schema()
-
-
-def _write_part(table_or_parts: pa.Table | list[Part], target: Path) -> None:
-    """Write to a hidden temp file, fsync, rename: a part is whole or absent.
-
-    Row groups of ROW_GROUP rows keep the collector's memory flat while it writes or
-    merges, whatever the size of the run.
-    """
-    tmp = target.with_name(f".{target.name}.tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
-                          column_encoding={"step": "DELTA_BINARY_PACKED"}) as writer:
-        if isinstance(table_or_parts, pa.Table):
-            writer.write_table(table_or_parts, row_group_size=ROW_GROUP)
-        else:
-            for part in table_or_parts:
-                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
-                    writer.write_batch(batch, row_group_size=ROW_GROUP)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 class MetricsStore:
@@ -82,7 +62,7 @@ class MetricsStore:
             self.recovered_frames = [(f.sender, f.seq) for f in frames if f.seq is not None]
             if frames:
                 table = pa.concat_tables([frame_table(f) for f in frames])
-                _write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer))
+                write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer), _SCHEMA, **_ENCODING)
                 log.warning("recovered %d points from %d write-ahead segments in %s",
                             table.num_rows, len(leftover), self.wal_dir.parent)
             for _, path in leftover:
@@ -105,7 +85,7 @@ class MetricsStore:
             return
         sealed = self.wal.rotate()
         table = pa.concat_tables(self._tables)
-        _write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer))
+        write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA, **_ENCODING)
         for number in range(self._pending_from, sealed + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
@@ -127,7 +107,7 @@ class MetricsStore:
 
     def _merge(self, parts: list[Part], level: int) -> None:
         target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)
-        _write_part(parts, target)
+        write_part(parts, target, _SCHEMA, **_ENCODING)
         for p in parts:
             p.path.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import signal
@@ -88,7 +89,9 @@ def start_experiment(
             from ._crypto import check_key_file
 
             check_key_file()
-        shared_key = uid if identity.world_size > 1 and identity.run_id_source != "fresh" else None
+        shared_key = None
+        if identity.world_size > 1 and identity.run_id_source != "fresh":  # one collector per job, host and root
+            shared_key = f"{uid}-{hashlib.sha256(str(root_path).encode()).hexdigest()[:8]}"
         local = _local_collector(root_path, shared_key)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)

@@ -4,6 +4,8 @@
     expman ls                        # runs, newest first
     expman show <id>                 # one run: status, params, last metric values
     expman export <id> -o m.parquet  # the metrics table as Parquet or CSV
+    expman export <id> -f tensorboard -o tb/   # TensorBoard event files, a folder per rank
+    expman import tb/ -e imported    # TensorBoard scalars into a new run
     expman artifacts ls <id>         # artifacts: ls, get (expman/_cli_artifacts.py)
     expman keys init                 # a master key for artifact encryption
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 PROG = "expman"
-FORMATS = ("csv", "parquet")
+FORMATS = ("csv", "parquet", "tensorboard")
 _MAX_RANK_LINES = 8
 _MAX_TEXT = 60
 
@@ -74,13 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--root", help=root_help)
     show.set_defaults(handler=cmd_show)
 
-    export = commands.add_parser("export", help="write a run's metrics table as CSV or Parquet")
+    export = commands.add_parser("export", help="write a run's metrics as CSV, Parquet or TensorBoard event files")
     export.add_argument("run", metavar="RUN", help="a run directory, experiment/run-folder under the root, or a run id")
     export.add_argument("--format", "-f", choices=FORMATS, help="output format (default: from the file suffix, else csv)")
-    export.add_argument("--output", "-o", metavar="PATH", required=True, type=Path, help="file to write")
+    export.add_argument("--output", "-o", metavar="PATH", required=True, type=Path,
+                        help="file to write (a folder for tensorboard: one rank<N>/ folder per rank)")
     export.add_argument("--keys", "-k", type=_key_list, help="comma-separated metric keys (default: all)")
     export.add_argument("--root", help=root_help)
     export.set_defaults(handler=cmd_export)
+
+    imp = commands.add_parser("import", help="read TensorBoard scalar event files into a new run")
+    imp.add_argument("logdir", metavar="DIR", type=Path, help="a TensorBoard log folder (searched recursively)")
+    imp.add_argument("--experiment", "-e", metavar="NAME", help="the experiment to put the run in (default: default)")
+    imp.add_argument("--name", "-n", metavar="NAME", help="the run's name (default: the folder's name)")
+    imp.add_argument("--root", help=root_help)
+    imp.set_defaults(handler=cmd_import)
 
     demo = commands.add_parser("demo", help="log a simulated training run (no setup needed)")
     demo.add_argument("--root", help=root_help)
@@ -163,6 +173,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     fmt = args.format or ("parquet" if args.output.suffix.lower() in (".parquet", ".pq") else "csv")
     run = open_run(args.run, root=args.root)
+    if fmt == "tensorboard":
+        from ._tensorboard import export_tensorboard
+
+        counts = export_tensorboard(run, args.output, args.keys)
+        skipped = f", {counts['text_skipped']} text points skipped" if counts["text_skipped"] else ""
+        print(f"wrote {counts['scalars']} scalars of {counts['ranks']} ranks to {args.output} (tensorboard{skipped})")
+        return 0
     table = run.metrics(args.keys)
     if fmt == "csv":
         import pyarrow.csv as pacsv
@@ -178,6 +195,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         if missing:
             print(f"{PROG}: warning: no points for {', '.join(missing)}", file=sys.stderr)
     print(f"wrote {table.num_rows} rows to {args.output} ({fmt})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ._api import shutdown
+    from ._tensorboard import import_tensorboard
+
+    if not args.logdir.is_dir():
+        raise ExpmanError(f"{args.logdir} is not a folder")
+    try:
+        result = import_tensorboard(args.logdir, experiment=args.experiment, name=args.name, root=args.root)
+    finally:
+        shutdown()  # the collector writes run.yaml as it exits
+    print(f"imported {result['scalars']} scalars of {result['ranks']} ranks into {result['run_dir']}")
+    print(f"  {PROG} show {result['id']}" + (f" --root {shlex.quote(args.root)}" if args.root else ""))
     return 0
 
 

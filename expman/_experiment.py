@@ -311,6 +311,17 @@ class Experiment:
         else:
             self.finish("failed", error=describe_exception(exc))
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: the run's summary as the collector has written it so far."""
+        from ._errors import RunNotFoundError
+        from ._notebook import pending_html, run_html
+        from ._reader import Run
+
+        try:
+            return run_html(Run(self.run_dir))
+        except RunNotFoundError:
+            return pending_html(f"{self.experiment}/{self.name}")
+
     def __repr__(self) -> str:
         return f"<expman.Experiment {self.experiment}/{self.name} uid={self.uid} rank={self.rank} status={self.status}>"
 

@@ -126,23 +126,13 @@ class Run:
 
     def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from ._columns import wal_table
         from ._schema import metrics_schema
         from ._wal import list_segments, read_records
 
         wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        filters = [(KEY, "in", wanted)] if wanted is not None else None
-        for _attempt in range(10):
-            parts = list_parts(self.path / METRICS_DIR)
-            try:
-                tables = [pq.read_table(p.path, filters=filters, schema=metrics_schema()) for p in parts]
-                break
-            except FileNotFoundError:  # merged away meanwhile: its rows are in a newer part
-                continue
-        else:
-            raise ExpmanError(f"{self.path}: metrics parts kept changing while being read; try again")
+        parts, tables = _read_parts(self.path / METRICS_DIR, keys, metrics_schema())
         covered: dict[str, int] = {}
         for part in parts:
             covered[part.writer] = max(covered.get(part.writer, -1), part.last)
@@ -167,21 +157,10 @@ class Run:
         """Hardware samples (columns time, host, device, key, value, text, rank) of every host
         that sampled this run, writer by writer in time order; empty if none was recorded."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from ._schema import HARDWARE_DIR, hardware_schema
 
-        wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        filters = [(KEY, "in", wanted)] if wanted is not None else None
-        for _attempt in range(10):
-            parts = list_parts(self.path / HARDWARE_DIR)
-            try:
-                tables = [pq.read_table(p.path, filters=filters, schema=hardware_schema()) for p in parts]
-                break
-            except FileNotFoundError:  # merged away meanwhile: its rows are in a newer part
-                continue
-        else:
-            raise ExpmanError(f"{self.path}: hardware parts kept changing while being read; try again")
+        _, tables = _read_parts(self.path / HARDWARE_DIR, keys, hardware_schema())
         if not tables:
             return hardware_schema().empty_table()
         return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
@@ -211,9 +190,36 @@ class Run:
 
         return _artifact_reader.download(self.path, name, dest, key_file)
 
+    def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
+        """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""
+        from ._notebook import plot
+
+        return plot(self, keys, ranks)
+
+    def _repr_html_(self) -> str:
+        from ._notebook import run_html
+
+        return run_html(self)
+
     def __repr__(self) -> str:
         info = self.info
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
+
+
+def _read_parts(folder: Path, keys: str | Iterable[str] | None, schema: pa.Schema) -> tuple[list, list[pa.Table]]:
+    """The live parts in `folder` and their rows (only `keys`, if given). A part merged away
+    while we read is no loss: its rows are in a newer part, so list again."""
+    import pyarrow.parquet as pq
+
+    wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
+    filters = [(KEY, "in", wanted)] if wanted is not None else None
+    for _attempt in range(10):
+        parts = list_parts(folder)
+        try:
+            return parts, [pq.read_table(p.path, filters=filters, schema=schema) for p in parts]
+        except FileNotFoundError:
+            continue
+    raise ExpmanError(f"{folder}: parts kept changing while being read; try again")
 
 
 def _log_entries(text: str) -> list[str]:

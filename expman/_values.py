@@ -12,7 +12,6 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-_PARAM_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ import pytest
 import expman
 from expman._identity import detect_launch, resolve_identity
 from _helpers import wait_for
-from conftest import start_collector
 
 POINTS = 2000
 

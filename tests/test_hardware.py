@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pytest
 import yaml
 import zmq
 

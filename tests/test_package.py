@@ -11,7 +11,7 @@ import expman
 
 
 def test_public_names_are_exactly_all():
-    subpackages = {"collector", "tui"}  # appear as attributes once something imports them
+    subpackages = {"collector", "tui", "notebook", "integrations"}  # attributes once something imports them
     public = {name for name in dir(expman) if not name.startswith("_")} - subpackages
     assert public == set(expman.__all__) - {"__version__"}
     assert expman.__all__ == sorted(expman.__all__)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _tui_runs import T0, make_run, metrics_table, write_part
 
-from expman.collector._metrics_store import _write_part
-from expman._schema import list_parts, part_name
+from expman._schema import list_parts, metrics_schema, part_name
+from expman.collector._parts import write_part as write_merged_part
 from expman.tui.data.aggregate import aggregate, bucket_width, combine
 from expman.tui.data.runs import LogTail, RankRates, params_diff, rank_rows
 from expman.tui.data.series import MetricsSource
@@ -82,7 +82,7 @@ def test_series_reuses_parts_across_a_merge(tmp_path):
     for seg, chunk in enumerate(chunks[4:], start=4):
         write_part(run, metrics_table(chunk), 0, seg, seg)
     parts = list_parts(run / "metrics")
-    _write_part(parts, run / "metrics" / part_name(1, 0, 5, "test-host"))
+    write_merged_part(parts, run / "metrics" / part_name(1, 0, 5, "test-host"), metrics_schema())
     for p in parts:
         p.path.unlink()
     assert source.refresh()

@@ -1,0 +1,34 @@
+"""Writing Parquet parts: the one way the collector puts a part on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from expman._schema import Part
+
+ROW_GROUP = 131_072
+
+
+def write_part(source: pa.Table | list[Part], target: Path, schema: pa.Schema, **options: Any) -> None:
+    """Temp file beside the target, fsync, rename: a part is whole or absent.
+
+    `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
+    the collector's memory stays flat whatever the size of the run. `options` go to the
+    ParquetWriter (encodings).
+    """
+    tmp = target.with_name(f".{target.name}.tmp")
+    with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
+        if isinstance(source, pa.Table):
+            writer.write_table(source, row_group_size=ROW_GROUP)
+        else:
+            for part in source:
+                for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                    writer.write_batch(batch, row_group_size=ROW_GROUP)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
