@@ -38,6 +38,7 @@ RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a 
 FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
+IDLE_GRACE_S = 3.0
 
 
 class SeqWindow:
@@ -96,7 +97,9 @@ class Collector:
                                         local_only=all(b.startswith("ipc://") for b in binds))
         self.parent_pid = parent_pid
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
-        self._last_frame_at = time.monotonic()
+        # A fresh collector waits at least IDLE_GRACE_S for its first frame: a rank that was
+        # reconnecting to its predecessor needs a moment to find it.
+        self._last_frame_at = time.monotonic() + max(0.0, IDLE_GRACE_S - (idle_exit or 0.0))
         self.heartbeat_timeout = heartbeat_timeout
         self.max_frame_bytes = max_frame_bytes
         self.runs: dict[str, Run] = {}
