@@ -15,16 +15,19 @@ import yaml
 from expman._identity import resolve_root
 from expman._schema import write_yaml_atomic
 
+from expman._curve import CurveKeyError, client_keys
 from expman._errors import ArtifactError
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings
+from ._auth import CurveServer
 from ._sdnotify import Notifier, ServiceStatus
 from ._server import Collector
 
 log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
-                "encrypt_artifacts", "key_file", "artifact_compression"}
+                "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
+                "forward_server_key", "forward_client_key"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
     p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
     p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
-                                    "hardware_interval, encrypt_artifacts, key_file, artifact_compression")
+                                    "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
+                                    "curve_allow, forward_server_key, forward_client_key")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--hardware-interval", type=float,
                    help="seconds between hardware samples for runs that do not choose (default 1)")
@@ -48,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True)")
     p.add_argument("--key-file", help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
     p.add_argument("--artifact-compression", choices=COMPRESSIONS, help="compress artifact chunks before storing/encrypting (default none)")
+    p.add_argument("--curve-secret", metavar="FILE",
+                   help="CURVE secret key of this collector (`expman keys curve-init`): tcp endpoints then accept "
+                        "only clients whose public key is allowed; ipc endpoints are unchanged")
+    p.add_argument("--curve-allow", metavar="DIR",
+                   help="folder of allowed client public keys, *.public (default: allowed/ beside --curve-secret)")
+    p.add_argument("--forward-server-key", metavar="FILE",
+                   help="with --forward to tcp: the head collector's CURVE public key (default: $EXPMAN_CURVE_SERVER_KEY)")
+    p.add_argument("--forward-client-key", metavar="FILE",
+                   help="with --forward to tcp: this relay's CURVE secret key (default: $EXPMAN_CURVE_CLIENT_KEY, "
+                        "else client.secret in the key folder)")
     return p
 
 
@@ -112,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
             key_file=Path(key_file).expanduser() if key_file else None,
             compression=str(args.artifact_compression or config.get("artifact_compression") or "none"),
         )
+        curve_secret = args.curve_secret or config.get("curve_secret")
+        curve_allow = args.curve_allow or config.get("curve_allow")
+        if curve_allow and not curve_secret:
+            raise CurveKeyError("--curve-allow needs --curve-secret (the collector's own key)")
+        curve = CurveServer.from_files(str(curve_secret), curve_allow) if curve_secret else None
+        forward = args.forward or config.get("forward")
+        forward_keys = client_keys(args.forward_server_key or config.get("forward_server_key"),
+                                   args.forward_client_key or config.get("forward_client_key")) if forward else None
         collector = Collector(root, list(binds), parent_pid=args.parent_pid,
                               heartbeat_timeout=float(timeout) if timeout else None,
-                              idle_exit=args.idle_exit, forward=args.forward or config.get("forward"),
+                              idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
                               hardware_interval=float(hardware_interval))
-    except (ArtifactError, ValueError) as exc:
+    except (ArtifactError, CurveKeyError, ValueError) as exc:
         raise SystemExit(f"expman-collector: {exc}") from None
     if mode is not None:
         apply_socket_mode(collector.endpoints, mode)

@@ -16,14 +16,17 @@ import time
 
 import zmq
 
+from expman._curve import ClientKeys
+
 log = logging.getLogger("expman.collector")
 
 IDLE_SENDER_S = 600.0
 
 
 class Relay:
-    def __init__(self, ctx: zmq.Context, head: str, poller: zmq.Poller) -> None:
+    def __init__(self, ctx: zmq.Context, head: str, poller: zmq.Poller, keys: ClientKeys | None = None) -> None:
         self.head = head
+        self._keys = keys  # CURVE client keys for a tcp head (--forward-server-key)
         self._ctx = ctx
         self._poller = poller
         self._upstream: dict[str, zmq.Socket] = {}  # sender id -> DEALER to the head
@@ -38,6 +41,8 @@ class Relay:
             sock.setsockopt(zmq.LINGER, 0)  # frames queue here while the connection comes up
             sock.setsockopt(zmq.RECONNECT_IVL, 50)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self._keys is not None:
+                self._keys.apply(sock, self.head)
             sock.connect(self.head)
             self._upstream[sender] = sock
             self._poller.register(sock, zmq.POLLIN)

@@ -20,11 +20,14 @@ import zmq
 
 from expman import _protocol as proto
 from expman._columns import frame_table
+from expman._curve import ClientKeys
 from expman._errors import ProtocolError
 from expman._schema import HOSTS_DIR, RUN_YAML, check_name, read_yaml, write_yaml_atomic
 
+from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
+from ._limits import check_envelope
 from ._relay import Relay
 from ._runs import Run, find_run_dir
 
@@ -86,6 +89,8 @@ class Collector:
         name: str | None = None,
         hardware_interval: float = 1.0,
         artifacts: ArtifactSettings | None = None,
+        curve: CurveServer | None = None,
+        forward_keys: ClientKeys | None = None,
     ) -> None:
         self.root = root
         self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
@@ -108,7 +113,8 @@ class Collector:
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
         self._router.setsockopt(zmq.RCVHWM, 10000)
-        self.endpoints = [self._bind(b) for b in binds]
+        self.zap: ZapHandler | None = None
+        self.endpoints = self._bind_all(binds, curve)
         self._stop_pull = self._ctx.socket(zmq.PULL)
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
@@ -117,10 +123,30 @@ class Collector:
         self._failure_logged_at = 0.0
         self._refused_while_failing = 0
         self._poller = zmq.Poller()
-        self.relay = Relay(self._ctx, forward, self._poller) if forward else None
+        self.relay = Relay(self._ctx, forward, self._poller, forward_keys) if forward else None
         # Called with the loop's monotonic time after each round of periodic work (the
         # daemon's sd_notify watchdog and status); must be quick and must not raise.
         self.on_periodic: Callable[[float], None] | None = None
+
+    def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
+        """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
+        server options, which libzmq copies into each endpoint at bind: tcp only."""
+        bound: dict[int, str] = {}
+        order = sorted(range(len(binds)), key=lambda i: not binds[i].startswith("ipc://"))
+        for i in order:
+            if binds[i].startswith("tcp://"):
+                if curve is None:
+                    log.warning("%s has no CURVE keys (--curve-secret): anyone who reaches it can write runs", binds[i])
+                elif self.zap is None:
+                    self.zap = ZapHandler(self._ctx, CurvePolicy(curve.allowed), self._reject)
+                    self._router.curve_secretkey = curve.secret
+                    self._router.curve_publickey = curve.public
+                    self._router.curve_server = True
+                    self._router.zap_domain = ZAP_DOMAIN.encode()
+            bound[i] = self._bind(binds[i])
+        if curve is not None and self.zap is None:
+            log.warning("CURVE keys given but no tcp endpoint to use them on (ipc endpoints rely on file permissions)")
+        return [bound[i] for i in range(len(binds))]
 
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
@@ -142,12 +168,16 @@ class Collector:
         poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._stop_pull, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap.socket, zmq.POLLIN)
         next_periodic = 0.0
         try:
             while not self._stopping:
                 events = dict(poller.poll(100))
                 if self._stop_pull in events:
                     break
+                if self.zap is not None and self.zap.socket in events:
+                    self.zap.handle()
                 if self._router in events:
                     self._turn()
                 if self.relay is not None:
@@ -188,6 +218,7 @@ class Collector:
             identity, data = parts
             try:
                 frame = proto.decode_frame(data, self.max_frame_bytes)
+                check_envelope(frame)
             except ProtocolError as exc:
                 self._reject(exc.reason, exc.detail)
                 continue
@@ -218,12 +249,15 @@ class Collector:
             except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
                 self.counters["deferred"] += 1
                 continue
-            except ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
+            except (ProtocolError, TypeError, ValueError, RecursionError) as exc:  # not OSError: a disk's fault, not the frame's
+                reason, detail = (exc.reason, exc.detail) if isinstance(exc, ProtocolError) else ("bad-values", repr(exc))
+                if not isinstance(exc, ProtocolError):
+                    log.exception("frame %s of run %s could not be applied", frame.kind, frame.run)
+                self._reject(reason, detail)
                 if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
                     self.windows[frame.sender].add(frame.seq)
                     acks[identity].append(frame.seq)
-                    infos[identity][frame.seq] = {"rejected": f"{exc.reason}: {exc.detail}"}
+                    infos[identity][frame.seq] = {"rejected": f"{reason}: {detail}"}
                 continue
             if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
                 if frame.kind != proto.HEARTBEAT:
@@ -423,6 +457,8 @@ class Collector:
         if self.relay is not None:
             self.relay.close()
         self._router.close(1000)
+        if self.zap is not None:
+            self.zap.close()
         self._stop_pull.close(0)
         self._ctx.term()
 

@@ -3,6 +3,7 @@
     expman artifacts ls RUN                    # name, size, sha256, time, rank, encrypted
     expman artifacts get RUN NAME -o PATH      # one artifact; NAME/ or a folder name: all under it
     expman keys init [--key-file PATH]         # a new master key, mode 0600
+    expman keys curve-init [--dir DIR]         # CURVE key pairs for tcp endpoints
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ def add_commands(commands: Any, root_help: str) -> None:
     get.add_argument("--root", help=root_help)
     get.set_defaults(handler=cmd_artifacts_get)
 
-    keys = commands.add_parser("keys", help="manage the master key for artifact encryption")
+    keys = commands.add_parser("keys", help="manage the artifact master key and the CURVE keys of tcp endpoints")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     init = keys_sub.add_parser("init", help="create a new master key file (mode 0600); never overwrites one")
     init.add_argument("--key-file", help=_KEY_HELP)
     init.set_defaults(handler=cmd_keys_init)
+    curve = keys_sub.add_parser("curve-init", help="create CURVE key pairs for the collector and a client (secret files "
+                                                   "0600); keeps existing keys, so it also adds clients")
+    curve.add_argument("--dir", type=Path, help="key folder (default: $EXPMAN_CURVE_DIR, else ~/.config/expman/curve)")
+    curve.add_argument("--client", default="client", help="name of the client pair to create (default: client)")
+    curve.set_defaults(handler=cmd_keys_curve_init)
 
 
 def cmd_artifacts_ls(args: argparse.Namespace) -> int:
@@ -90,6 +96,21 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     key = create_key_file(args.key_file)
     print(f"created {key.path} (mode 0600), key id {key.key_id_hex}")
     print("Back it up: artifacts encrypted with this key cannot be read without it.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_curve_init(args: argparse.Namespace) -> int:
+    from ._curve import ALLOWED_DIR, SECRET_SUFFIX, init_dir
+
+    made = init_dir(args.dir, args.client)
+    folder = made["collector"][0].parent
+    for name, (public, created) in made.items():
+        print(f"{'created' if created else 'kept   '} {folder / (name + SECRET_SUFFIX)} (mode 0600) and {public.name}")
+    print(f"collector: expman-collector --curve-secret {folder / ('collector' + SECRET_SUFFIX)} "
+          f"(accepts the public keys in {folder / ALLOWED_DIR})")
+    print(f"ranks:     EXPMAN_CURVE_SERVER_KEY={folder / 'collector.public'} "
+          f"EXPMAN_CURVE_CLIENT_KEY={folder / (args.client + SECRET_SUFFIX)}")
+    print("Copy the client's secret only to the machines that run its ranks.", file=sys.stderr)
     return 0
 
 

@@ -90,6 +90,7 @@ class LocalCollector:
             "--root", str(self.root),
             "--bind", self.endpoint,
             "--log-level", "WARNING",
+            "--socket-mode", "0600",  # only this user's processes may connect (the folder is 0700 too)
             *extra,
         ]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,

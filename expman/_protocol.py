@@ -18,6 +18,7 @@ from ._errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_DECODED_ITEMS = 1_000_000  # arrays, maps and their items in one frame (binary columns count 1)
 
 # Frame kinds, rank -> collector.
 HELLO = "hello"
@@ -80,18 +81,38 @@ def encode_frame(
     )
 
 
+class _DecodeBudget:
+    """Bounds the Python objects one frame may become: a 64 MiB frame of empty arrays
+    would otherwise build ~60 million lists. Counts every array and map with its items."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_DECODED_ITEMS
+
+    def take(self, obj: Any) -> Any:
+        self.left -= len(obj) + 1
+        if self.left < 0:
+            raise ProtocolError("too-complex", f"more than {MAX_DECODED_ITEMS} arrays, maps and items")
+        return obj
+
+
 def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     """Decode and check the envelope of one frame; raise ProtocolError naming what is wrong."""
     if len(data) > max_bytes:
         raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_bytes}")
+    budget = _DecodeBudget()
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, list_hook=budget.take, object_hook=budget.take,
+                              max_array_len=MAX_DECODED_ITEMS, max_map_len=MAX_DECODED_ITEMS)
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError("not-msgpack", str(exc)) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-shape", "frame is not a map")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
         raise ProtocolError("bad-version", f"version {version!r}, this collector speaks {PROTOCOL_VERSION}")
     kind = obj.get("kind")
     if kind not in RANK_KINDS:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import _protocol as proto
+from ._curve import client_keys
 from ._spool import Spool, spool_dir, write_final
 from ._spool import max_spool_bytes as _spool_budget
 
@@ -145,6 +146,7 @@ class Sender:
         proto.require_little_endian()
         lower_switch_interval()
         self.endpoint = endpoint
+        self._curve = client_keys()  # $EXPMAN_CURVE_*: raises here, at start, on a bad key file
         self.sender_id = uuid.uuid4().hex
         self.flush_interval = flush_interval
         if max_pending_bytes is None:
@@ -255,6 +257,8 @@ class Sender:
         dealer.setsockopt(zmq.RECONNECT_IVL, 20)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 250)  # a restarted collector is found within 0.25 s
         dealer.setsockopt(zmq.SNDHWM, 1000)
+        if self._curve is not None:
+            self._curve.apply(dealer, self.endpoint)  # tcp only
         dealer.connect(self.endpoint)
         self._dealer = dealer
         poller = zmq.Poller()

@@ -104,7 +104,8 @@ def test_memory_and_spool_full_drops_are_counted_in_stats_and_run_yaml(root, sho
     c = start_collector(root, short_dir)
     try:
         exp = expman.start_experiment("e", "full", root=root, collector=c.endpoint,
-                                      max_buffer_bytes=16 * 1024, max_spool_bytes=64 * 1024)
+                                      max_buffer_bytes=16 * 1024, max_spool_bytes=64 * 1024,
+                                      max_points_per_frame=1000)  # frames well under the spool's size
         exp.log_metric("loss", 0.0, step=0)
         wait_for(lambda: exp.stats()["acked"] == 1, 10, "the first ack")
         os.kill(c.proc.pid, signal.SIGSTOP)
