@@ -176,3 +176,42 @@ def test_config_file_sets_root_and_endpoints(tmp_path, short_dir):
     bad.write_text("rooot: /tmp\n")
     result = subprocess.run([sys.executable, "-m", "expman.collector", "--config", str(bad)], capture_output=True, text=True)
     assert result.returncode != 0 and "unknown settings ['rooot']" in result.stderr
+
+
+def test_repeated_kill_9_while_writing_and_merging_loses_and_duplicates_nothing(root, short_dir):
+    """The collector is killed at several moments of a live run (mid-write, mid-flush, mid-merge
+    of parts); each time a new one takes over the socket. Every point lands exactly once."""
+    import random
+    import threading
+
+    c = start_collector(root, short_dir)
+    endpoint = c.endpoint
+    exp = expman.start_experiment("e", "chaos", root=root, collector=endpoint, finish_timeout=60)
+    n = 60_000
+    done = threading.Event()
+
+    def log_points() -> None:
+        for step in range(n):
+            exp.log_metric("loss", float(step), step=step)
+            if step % 500 == 0:
+                time.sleep(0.01)  # a few seconds of logging, so flushes and merges happen meanwhile
+        done.set()
+
+    writer = threading.Thread(target=log_points)
+    writer.start()
+    rng = random.Random(7)
+    kills = 0
+    try:
+        while not done.is_set() or kills < 4:
+            time.sleep(rng.uniform(0.2, 0.9))
+            os.kill(c.proc.pid, signal.SIGKILL)
+            c.proc.wait()
+            kills += 1
+            c = start_collector(root, short_dir, endpoint)
+        writer.join()
+        assert exp.finish() is True
+        steps = expman.open_run(exp.run_dir).metrics("loss")["step"].to_pylist()
+        assert len(steps) == n and sorted(steps) == list(range(n)), f"{len(steps)} rows after {kills} kills"
+        assert expman.open_run(exp.run_dir).status == "finished"
+    finally:
+        assert c.stop() == 0
