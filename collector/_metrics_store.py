@@ -7,10 +7,12 @@ time (so a run never has more than a few dozen files) and into one at finish.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from expman._columns import frame_table
 from expman._protocol import decode_frame
@@ -29,6 +31,45 @@ _ENCODING = {"use_dictionary": ["key", "text", "rank", "host", "time"],
 _SCHEMA = metrics_schema()
 
 
+FRAMES_KEY = "expman.frames"  # part metadata: {sender: [[lo, hi], ...]} of the frames it holds
+Ranges = dict[str, list[list[int]]]
+
+
+def _to_ranges(frames: list[tuple[str, int]]) -> Ranges:
+    """Compress (sender, seq) pairs into sorted, merged [lo, hi] ranges per sender."""
+    return _union([{sender: [[seq, seq]]} for sender, seq in frames])
+
+
+def _union(parts: list[Ranges]) -> Ranges:
+    out: Ranges = {}
+    for ranges in parts:
+        for sender, items in ranges.items():
+            out.setdefault(sender, []).extend([list(r) for r in items])
+    for sender, items in out.items():
+        items.sort()
+        merged: list[list[int]] = []
+        for lo, hi in items:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out[sender] = merged
+    return out
+
+
+def part_frames(path: Path) -> Ranges:
+    """The frames (by sender and seq) whose rows a part holds, from its metadata."""
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(FRAMES_KEY.encode())
+    except FileNotFoundError:
+        return {}
+    return json.loads(raw) if raw else {}
+
+
+def _frames_metadata(ranges: Ranges) -> dict[str, str]:
+    return {FRAMES_KEY: json.dumps(ranges, separators=(",", ":"))}
+
+
 class MetricsStore:
     """One writer's (collector's) share of a run's metrics."""
 
@@ -40,7 +81,10 @@ class MetricsStore:
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
         self.rows_written = 0
-        self.recovered_frames: list[tuple[str, int]] = []  # (sender, seq) replayed from the WAL
+        # Every frame this writer has stored for the run, so a restarted collector does not
+        # store a resend twice (also ones whose ack a kill lost after they reached a part).
+        self.stored_frames: Ranges = {}
+        self._frames: list[tuple[str, int]] = []  # added since the last flush
         self._recover()
 
     def _recover(self) -> None:
@@ -57,12 +101,15 @@ class MetricsStore:
             if n <= covered:
                 path.unlink(missing_ok=True)
         next_segment = max([covered] + [n for n, _ in segments]) + 1
+        self.stored_frames = _union([part_frames(p.path) for p in parts])
         if leftover:
             frames = [decode_frame(rec) for _, path in leftover for rec in read_records(path)]
-            self.recovered_frames = [(f.sender, f.seq) for f in frames if f.seq is not None]
+            recovered = _to_ranges([(f.sender, f.seq) for f in frames if f.seq is not None])
+            self.stored_frames = _union([self.stored_frames, recovered])
             if frames:
                 table = pa.concat_tables([frame_table(f) for f in frames])
-                write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer), _SCHEMA, **_ENCODING)
+                write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer), _SCHEMA,
+                           _frames_metadata(recovered), **_ENCODING)
                 log.warning("recovered %d points from %d write-ahead segments in %s",
                             table.num_rows, len(leftover), self.wal_dir.parent)
             for _, path in leftover:
@@ -72,10 +119,11 @@ class MetricsStore:
         self._synced_tables = 0
         self.rollbacks = 0  # failed syncs: frames added before one were not stored
 
-    def add(self, raw_frame: bytes, table: pa.Table) -> None:
+    def add(self, raw_frame: bytes, table: pa.Table, sender: str, seq: int | None) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
         self.wal.append(raw_frame)
         self._tables.append(table)
+        self._frames.append((sender, -1 if seq is None else seq))
         self.pending_rows += table.num_rows
 
     def sync(self) -> None:
@@ -86,6 +134,7 @@ class MetricsStore:
         except OSError:
             self.rollbacks += 1
             del self._tables[self._synced_tables:]
+            del self._frames[self._synced_tables:]
             self.pending_rows = sum(t.num_rows for t in self._tables)
             raise
         self._synced_tables = len(self._tables)
@@ -96,11 +145,15 @@ class MetricsStore:
             return
         sealed = self.wal.rotate()
         table = pa.concat_tables(self._tables)
-        write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA, **_ENCODING)
+        frames = _to_ranges([f for f in self._frames if f[1] >= 0])
+        write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA,
+                   _frames_metadata(frames), **_ENCODING)
+        self.stored_frames = _union([self.stored_frames, frames])
         for number in range(self._pending_from, sealed + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
         self._tables.clear()
+        self._frames.clear()
         self._synced_tables = 0
         self.pending_rows = 0
         self._pending_from = self.wal.number
@@ -119,7 +172,7 @@ class MetricsStore:
 
     def _merge(self, parts: list[Part], level: int) -> None:
         target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)
-        write_part(parts, target, _SCHEMA, **_ENCODING)
+        write_part(parts, target, _SCHEMA, _frames_metadata(_union([part_frames(p.path) for p in parts])), **_ENCODING)
         for p in parts:
             p.path.unlink(missing_ok=True)
 

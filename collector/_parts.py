@@ -14,13 +14,17 @@ from expman._schema import Part
 ROW_GROUP = 131_072
 
 
-def write_part(source: pa.Table | list[Part], target: Path, schema: pa.Schema, **options: Any) -> None:
+def write_part(
+    source: pa.Table | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None, **options: Any
+) -> None:
     """Temp file beside the target, fsync, rename: a part is whole or absent.
 
     `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
-    ParquetWriter (encodings).
+    ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
     """
+    if metadata:
+        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:

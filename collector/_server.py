@@ -8,6 +8,7 @@ flushes, run.yaml updates, missing heartbeats) happens between turns.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import socket
@@ -43,36 +44,52 @@ PERSIST_FAILURE_LOG_EVERY_S = 30.0
 
 
 class SeqWindow:
-    """The sequence numbers seen from one sender: a floor plus the few seen above it.
+    """The sequence numbers seen from one sender: a floor plus sorted [lo, hi] ranges above it.
 
     Each frame also says below which seq the sender has everything acknowledged (`low`);
-    those never come again, so the floor moves up to it and the set stays small even
-    after a collector restart, when the early numbers were seen by its predecessor.
+    those never come again, so the floor moves up to it. Ranges keep the window small
+    even when a restarted collector is seeded with the frames its predecessors stored.
     """
 
-    __slots__ = ("floor", "above")
+    __slots__ = ("floor", "ranges")
 
     def __init__(self) -> None:
         self.floor = 0  # every seq below this has been seen (or will never be sent again)
-        self.above: set[int] = set()
+        self.ranges: list[list[int]] = []  # disjoint, sorted, all above the floor
 
     def raise_floor(self, low: int) -> None:
         if low > self.floor:
             self.floor = low
-            self.above = {s for s in self.above if s >= low}
-            self._advance()
+            self._normalize()
 
     def seen(self, seq: int) -> bool:
-        return seq < self.floor or seq in self.above
+        if seq < self.floor:
+            return True
+        i = bisect.bisect_right(self.ranges, [seq, float("inf")]) - 1
+        return i >= 0 and self.ranges[i][0] <= seq <= self.ranges[i][1]
 
     def add(self, seq: int) -> None:
-        self.above.add(seq)
-        self._advance()
+        self.add_range(seq, seq)
 
-    def _advance(self) -> None:
-        while self.floor in self.above:
-            self.above.discard(self.floor)
-            self.floor += 1
+    def add_range(self, lo: int, hi: int) -> None:
+        bisect.insort(self.ranges, [lo, hi])
+        self._normalize()
+
+    def _normalize(self) -> None:
+        merged: list[list[int]] = []
+        for lo, hi in self.ranges:
+            if hi < self.floor:
+                continue
+            if lo <= self.floor:
+                self.floor = hi + 1
+                continue
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        while merged and merged[0][0] <= self.floor:  # the floor may have grown into them
+            self.floor = max(self.floor, merged.pop(0)[1] + 1)
+        self.ranges = merged
 
 
 class Collector:
@@ -310,8 +327,9 @@ class Collector:
             if run is None:
                 run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
                 log.info("run %s started in %s", frame.run, run.dir)
-                for sender, seq in run.store.recovered_frames if run.store else ():
-                    self.windows[sender].add(seq)  # persisted before a crash: a resend is a duplicate
+                for sender, ranges in (run.store.stored_frames if run.store else {}).items():
+                    for lo, hi in ranges:  # stored before a crash or restart: a resend is a duplicate
+                        self.windows[sender].add_range(lo, hi)
                 parent = frame.body.get("parent")
                 if parent:
                     self._link_child(str(parent), frame.run)
@@ -324,7 +342,7 @@ class Collector:
             return None, None
         if kind == proto.METRICS:
             table = frame_table(frame)
-            run.metrics_store().add(data, table)
+            run.metrics_store().add(data, table, frame.sender, frame.seq)
             self.counters["points"] += table.num_rows
         elif kind == proto.PARAMS:
             params = frame.body.get("params")

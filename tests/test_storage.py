@@ -24,7 +24,8 @@ def metrics_frame(seq: int, n: int, key: str = "loss") -> bytes:
 
 
 def add(store: MetricsStore, raw: bytes) -> None:
-    store.add(raw, frame_table(proto.decode_frame(raw)))
+    frame = proto.decode_frame(raw)
+    store.add(raw, frame_table(frame), frame.sender, frame.seq)
 
 
 def test_run_is_readable_by_pyarrow_duckdb_and_polars_without_expman(root):
@@ -121,10 +122,30 @@ def test_sequence_window_drops_duplicates_and_stays_small():
         assert not w.seen(seq)
         w.add(seq)
     assert all(w.seen(s) for s in (0, 1, 2, 5)) and not w.seen(3) and not w.seen(4)
-    assert w.floor == 3 and w.above == {5}
+    assert w.floor == 3 and w.ranges == [[5, 5]]
     # After a restart the early numbers are never seen; `low` from the sender moves the floor.
     fresh = SeqWindow()
     for seq in range(1000, 1100):
         fresh.raise_floor(seq - 2)
         fresh.add(seq)
-    assert len(fresh.above) == 0 and fresh.floor == 1100
+    assert fresh.ranges == [] and fresh.floor == 1100
+
+
+def test_a_restarted_store_knows_every_frame_it_holds(tmp_path):
+    """Parts record which frames they hold, so a collector restarted after a WAL segment was
+    folded into a part still recognises a resend of one of those frames."""
+    store = MetricsStore(tmp_path, "node1")
+    for seq in range(3):
+        add(store, metrics_frame(seq, 4))
+        store.flush()                         # frames 0-2 in parts, their WAL segments gone
+    add(store, metrics_frame(3, 4))
+    store.sync()                              # frame 3 only in the WAL: the collector "crashes"
+    again = MetricsStore(tmp_path, "node1")
+    assert again.stored_frames == {"s": [[0, 3]]}
+    from expman.collector._server import SeqWindow
+
+    window = SeqWindow()
+    window.add_range(5, 9)
+    for lo, hi in again.stored_frames["s"]:
+        window.add_range(lo, hi)
+    assert window.floor == 4 and window.ranges == [[5, 9]] and window.seen(2) and not window.seen(4)
