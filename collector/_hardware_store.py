@@ -17,11 +17,10 @@ import pyarrow as pa
 
 from expman._schema import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
 
-from ._parts import write_part
+from ._parts import next_merge, write_part
 
 log = logging.getLogger("expman.collector")
 
-MERGE_FANIN = 8
 _SCHEMA = hardware_schema()
 _TIME = _SCHEMA.field("time").type
 
@@ -88,14 +87,8 @@ class HardwareStore:
         self._merge_levels()
 
     def _merge_levels(self) -> None:
-        while True:
-            by_level: dict[int, list[Part]] = {}
-            for p in list_parts(self.dir, self.writer):
-                by_level.setdefault(p.level, []).append(p)
-            full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
-            if full is None:
-                return
-            self._merge(by_level[full][:MERGE_FANIN], full + 1)
+        while (plan := next_merge(list_parts(self.dir, self.writer))) is not None:
+            self._merge(*plan)
 
     def _merge(self, parts: list[Part], level: int) -> None:
         write_part(parts, self.dir / part_name(level, parts[0].first, parts[-1].last, self.writer), _SCHEMA)

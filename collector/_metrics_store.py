@@ -19,11 +19,10 @@ from expman._protocol import decode_frame
 from expman._schema import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._wal import SegmentWriter, list_segments, read_records, segment_path
 
-from ._parts import write_part
+from ._parts import next_merge, write_part
 
 log = logging.getLogger("expman.collector")
 
-MERGE_FANIN = 8
 # Dictionary-encode only columns with few distinct values (a frame's points share a time);
 # doing it for values and steps costs more than it saves.
 _ENCODING = {"use_dictionary": ["key", "text", "rank", "host", "time"],
@@ -160,15 +159,8 @@ class MetricsStore:
         self._merge_levels()
 
     def _merge_levels(self) -> None:
-        while True:
-            parts = list_parts(self.metrics_dir, self.writer)
-            by_level: dict[int, list[Part]] = {}
-            for p in parts:
-                by_level.setdefault(p.level, []).append(p)
-            full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
-            if full is None:
-                return
-            self._merge(by_level[full][:MERGE_FANIN], full + 1)
+        while (plan := next_merge(list_parts(self.metrics_dir, self.writer))) is not None:
+            self._merge(*plan)
 
     def _merge(self, parts: list[Part], level: int) -> None:
         target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)

@@ -12,6 +12,17 @@ import pyarrow.parquet as pq
 from expman._schema import Part
 
 ROW_GROUP = 131_072
+MERGE_FANIN = 8  # parts of one level merged into one of the next: a run keeps a few dozen files
+
+
+def next_merge(parts: list[Part]) -> tuple[list[Part], int] | None:
+    """The parts to merge next (the oldest MERGE_FANIN of the lowest full level) and the
+    level of the result, or None when no level is full."""
+    by_level: dict[int, list[Part]] = {}
+    for p in parts:
+        by_level.setdefault(p.level, []).append(p)
+    full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
+    return None if full is None else (by_level[full][:MERGE_FANIN], full + 1)
 
 
 def write_part(

@@ -17,7 +17,8 @@ import expman
 from expman._protocol import Frame
 from expman._schema import list_parts, part_name, write_yaml_atomic
 from expman.collector._hardware import HardwareMonitor, HardwarePlan, Moment, RankTarget
-from expman.collector._hardware_store import MERGE_FANIN, HardwareStore
+from expman.collector._hardware_store import HardwareStore
+from expman.collector._parts import MERGE_FANIN
 from expman.collector.samplers import Reading
 from expman.collector.samplers.gpu import DeviceInfo, GpuSource, GpuUnavailable, device_for_rank, visible_devices
 from expman.collector.samplers.host import HostSource

@@ -12,7 +12,8 @@ from expman import _protocol as proto
 from expman._columns import frame_table
 from expman._schema import list_parts, part_name
 from expman._wal import SegmentWriter, read_records, segment_path
-from expman.collector._metrics_store import MERGE_FANIN, MetricsStore
+from expman.collector._metrics_store import MetricsStore
+from expman.collector._parts import MERGE_FANIN
 
 
 def metrics_frame(seq: int, n: int, key: str = "loss") -> bytes:
