@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from ._errors import ArtifactIntegrityError, ArtifactKeyError
+from ._identity import config_dir
 
 log = logging.getLogger("expman")
 
@@ -69,8 +70,7 @@ def default_key_path() -> Path:
     env = os.environ.get(KEY_FILE_ENV)
     if env:
         return Path(env).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
-    return Path(config).expanduser() / "expman" / "master.key"
+    return config_dir() / "master.key"
 
 
 def key_id_of(key: bytes) -> bytes:

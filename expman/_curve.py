@@ -23,6 +23,7 @@ from typing import Mapping
 import zmq
 
 from ._errors import ExpmanError
+from ._identity import config_dir
 
 SERVER_KEY_ENV = "EXPMAN_CURVE_SERVER_KEY"  # the collector's public key: a file, or the z85 text itself
 CLIENT_KEY_ENV = "EXPMAN_CURVE_CLIENT_KEY"  # this client's secret key file
@@ -43,8 +44,7 @@ def default_dir() -> Path:
     env = os.environ.get(DIR_ENV)
     if env:
         return Path(env).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
-    return Path(config).expanduser() / "expman" / "curve"
+    return config_dir() / "curve"
 
 
 def parse_key(text: str | bytes, where: str) -> bytes:

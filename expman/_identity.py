@@ -180,6 +180,11 @@ def resolve_root(root: str | os.PathLike[str] | None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def config_dir() -> Path:
+    """expman's per-user settings folder: $XDG_CONFIG_HOME/expman, else ~/.config/expman."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "expman"
+
+
 def software_info() -> dict[str, str]:
     from ._version import __version__
 
