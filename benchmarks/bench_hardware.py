@@ -15,6 +15,7 @@ processes (sleeping interpreters), each listed by the fake NVML on its own GPU.
 
     python benchmarks/bench_hardware.py                    # both, 30 s each
     python benchmarks/bench_hardware.py --mode sampler --seconds 60
+    python benchmarks/bench_hardware.py --real-nvml        # on a GPU host: the real driver
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_sampler(seconds: float, interval: float) -> dict[str, Any]:
+def run_sampler(seconds: float, interval: float, real_nvml: bool) -> dict[str, Any]:
     from expman.collector import _hardware as hw
     from expman.collector._hardware_store import HardwareStore
     from fake_nvml import FakeNvml
@@ -111,7 +112,8 @@ def run_sampler(seconds: float, interval: float) -> dict[str, Any]:
         run_dir = tmp / "root" / "bench" / "hw-b0000000"
         run_dir.mkdir(parents=True)
         write_yaml_atomic(run_dir / "run.yaml", {"id": "b0000000"})
-        monitor = hw.HardwareMonitor(tmp / "root", nvml=FakeNvml(gpu_config([p.pid for p in ranks])), interval=interval)
+        nvml = None if real_nvml else FakeNvml(gpu_config([p.pid for p in ranks]))
+        monitor = hw.HardwareMonitor(tmp / "root", nvml=nvml, interval=interval)
         for rank, proc in enumerate(ranks):
             monitor.hello(hello("b0000000", rank, monitor.host, proc.pid, interval), run_dir)
         assert monitor._thread is not None
@@ -143,7 +145,7 @@ def run_sampler(seconds: float, interval: float) -> dict[str, Any]:
     }
 
 
-def run_collector(seconds: float, interval: float) -> dict[str, Any]:
+def run_collector(seconds: float, interval: float, real_nvml: bool) -> dict[str, Any]:
     import psutil
     import zmq
 
@@ -154,7 +156,7 @@ def run_collector(seconds: float, interval: float) -> dict[str, Any]:
     ranks = start_ranks(RANKS)
     config = tmp / "gpus.json"
     config.write_text(json.dumps({"gpus": gpu_config([p.pid for p in ranks])}))
-    env = {**os.environ, "EXPMAN_NVML_MODULE": FAKE_NVML, "EXPMAN_FAKE_NVML": str(config)}
+    env = dict(os.environ) if real_nvml else {**os.environ, "EXPMAN_NVML_MODULE": FAKE_NVML, "EXPMAN_FAKE_NVML": str(config)}
     ready, sock_path = tmp / "ready.yaml", tmp / "c.sock"
     proc = subprocess.Popen([c.PYTHON, "-m", "expman.collector", "--root", str(tmp / "root"), "--bind", f"ipc://{sock_path}",
                              "--ready-file", str(ready), "--log-level", "WARNING", "--heartbeat-timeout", "36000"],
@@ -204,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("sampler", "collector", "all"), default="all")
     p.add_argument("--seconds", type=float, default=30.0, help="measuring window per case (default 30)")
     p.add_argument("--interval", type=float, default=1.0, help="sampling interval (default 1 s)")
+    p.add_argument("--real-nvml", action="store_true", help="sample this host's real GPUs through pynvml")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    print(f"== hardware sampler: {GPUS} fake GPUs, {RANKS} rank processes, {args.interval:g} s interval; "
+    gpus = "this host's real GPUs" if args.real_nvml else f"{GPUS} fake GPUs"
+    print(f"== hardware sampler: {gpus}, {RANKS} rank processes, {args.interval:g} s interval; "
           f"machine: {c.machine_line()}", flush=True)
     out: dict[str, Any] = {}
     if args.mode in ("sampler", "all"):
-        r = out["sampler"] = run_sampler(args.seconds, args.interval)
+        r = out["sampler"] = run_sampler(args.seconds, args.interval, args.real_nvml)
         print(f"   sampler thread, {r['seconds']:.0f} s, {r['samples']} samples "
               f"({r['rows_per_sample']:.0f} rows each; {r['gpu_devices']} GPUs, ranks {r['process_ranks']}):")
         print(f"     one sample: wall p50 {r['wall_ms']['p50']:.2f} ms, p99 {r['wall_ms']['p99']:.2f} ms, "
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     sampler thread CPU: {r['thread_cpu_percent']:.2f} % of one core "
               f"(target <= {TARGET_CPU_PERCENT:g} %: {c.verdict(ok)})", flush=True)
     if args.mode in ("collector", "all"):
-        r = out["collector"] = run_collector(args.seconds, args.interval)
+        r = out["collector"] = run_collector(args.seconds, args.interval, args.real_nvml)
         ok = r["sampling_cost_percent"] <= TARGET_CPU_PERCENT
         print(f"   collector process, {r['seconds']:.0f} s per phase: idle {r['idle_cpu_percent']:.2f} % CPU, "
               f"sampling {r['sampling_cpu_percent']:.2f} % -> sampling costs {r['sampling_cost_percent']:.2f} % of one core "

@@ -81,7 +81,7 @@ def test_two_ranks_with_fake_gpus_are_sampled_attributed_and_survive_a_lost_gpu(
     ranks = []
     try:
         for rank, extra_env in ((0, {"LOCAL_RANK": "0"}), (1, {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2"})):
-            env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK")}
+            env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "LOCAL_RANK")}
             script = tmp_path / f"rank{rank}.py"
             script.write_text(RANK.format(root=str(root), endpoint=c.endpoint, rank=rank, uid="4a4d0000"))
             ranks.append(subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -62,3 +62,31 @@ def test_real_nvml_end_to_end(real_nvml, root, short_dir, monkeypatch):
     devices = sorted({d for d, k in zip(table["device"].to_pylist(), table["key"].to_pylist()) if k == "gpu.name"})
     print(f"\n{table.num_rows} rows, {len(set(table['time'].to_pylist()))} samples; GPUs {devices}; keys {gpu_keys}")
     assert devices and "gpu.utilization.gpu_percent" in gpu_keys
+
+
+def test_real_gpu_memory_is_attributed_to_the_rank_that_holds_it(real_nvml, root, short_dir, run_script, monkeypatch):
+    """A rank that allocates on the GPU shows up as that rank's process memory, read by the
+    collector from NVML (not reported by the rank)."""
+    pytest.importorskip("torch")
+    monkeypatch.delenv("EXPMAN_NVML_MODULE", raising=False)
+    c = start_collector(root, short_dir)
+    try:
+        result = run_script(f"""
+            import time, torch, expman
+            assert torch.cuda.is_available()
+            with expman.start_experiment("hw", "real-gpu-rank", root={str(root)!r}, collector={c.endpoint!r},
+                                         rank=1, world_size=2, log_hardware=True, hardware_interval=0.2) as exp:
+                held = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # 512 MiB
+                torch.cuda.synchronize()
+                time.sleep(2.0)
+                print(exp.run_dir)
+            """, timeout=120, check=True)
+    finally:
+        assert c.stop() == 0, c.log()
+    run_dir = result.stdout.strip().splitlines()[-1]
+    rows = expman.open_run(run_dir).hardware().to_pylist()
+    mine = [r for r in rows if r["key"] == "gpu.process.memory_used_bytes" and r["rank"] == 1]
+    print(f"\n{len(mine)} per-process GPU memory rows for rank 1; max {max(r['value'] for r in mine) / 2**20:.0f} MiB"
+          if mine else "\nno per-process rows")
+    assert mine, sorted({(r["key"], r["rank"]) for r in rows if r["key"].startswith("gpu.")})
+    assert max(r["value"] for r in mine) >= 512 * 2**20
