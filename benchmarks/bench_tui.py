@@ -1,7 +1,8 @@
 """expman-tui: time to first chart for big runs, and how fast live points reach the screen.
 
-Time to first chart: a finished run of N points is written straight to Parquet in the
-storage schema (one part, 128k-row groups, zstd: what the collector leaves after a run),
+Time to first chart: a finished run of N points is written in the storage schema as the
+collector leaves it (1 M-row parts merged into one by the collector's own write_part,
+128k-row groups, zstd, chart summary in the footer),
 then, per trial, with a cold MetricsSource (no cache; the OS page cache is warm):
   data   refresh + list keys + read and bucket "loss" + braille rendering at 160 columns
   app    headless ExpmanApp (Textual run_test, 160x45): open_run() until the chart is drawn
@@ -38,7 +39,8 @@ def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from expman._schema import metrics_schema, part_name, write_yaml_atomic
+    from expman._schema import Part, metrics_schema, part_name, write_yaml_atomic
+    from expman.collector._parts import write_part
 
     run = root / "bench" / f"{name}-00000001"
     (run / "metrics").mkdir(parents=True)
@@ -46,19 +48,25 @@ def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path
     schema = metrics_schema()
     per_step = keys * ranks
     rng = np.random.default_rng(0)
-    with pq.ParquetWriter(run / "metrics" / part_name(3, 0, 1000, "bench"), schema, compression="zstd") as writer:
-        for lo in range(0, points, 1 << 20):
-            i = np.arange(lo, min(points, lo + (1 << 20)))
-            step = i // per_step
-            value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
-            table = pa.Table.from_arrays([
-                pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), pa.array(names)),
-                pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
-                pa.array(((i // keys) % ranks).astype(np.int32)),
-                pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
-                pa.array(1_795_000_000_000_000 + step * 1000).cast(pa.timestamp("us", tz="UTC")),
-            ], schema=schema)
-            writer.write_table(table, row_group_size=131_072)
+    pieces = []
+    for n, lo in enumerate(range(0, points, 1 << 20)):
+        i = np.arange(lo, min(points, lo + (1 << 20)))
+        step = i // per_step
+        value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
+        table = pa.Table.from_arrays([
+            pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), pa.array(names)),
+            pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
+            pa.array(((i // keys) % ranks).astype(np.int32)),
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
+            pa.array(1_795_000_000_000_000 + step * 1000).cast(pa.timestamp("us", tz="UTC")),
+        ], schema=schema)
+        path = run / "metrics" / part_name(0, n, n, "bench")
+        pq.write_table(table, path, row_group_size=131_072)
+        pieces.append(Part("bench", n, n, 0, path))
+    # The collector's final merge: one part, with its chart summary in the footer.
+    write_part(pieces, run / "metrics" / part_name(3, 0, len(pieces) - 1, "bench"), schema, summarize=True)
+    for piece in pieces:
+        piece.path.unlink()
     last = int((points - 1) // per_step)
     write_yaml_atomic(run / "run.yaml", {
         "id": "00000001", "name": name, "experiment": "bench", "status": "finished",

@@ -164,7 +164,8 @@ class MetricsStore:
 
     def _merge(self, parts: list[Part], level: int) -> None:
         target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)
-        write_part(parts, target, _SCHEMA, _frames_metadata(_union([part_frames(p.path) for p in parts])), **_ENCODING)
+        write_part(parts, target, _SCHEMA, _frames_metadata(_union([part_frames(p.path) for p in parts])), summarize=True,
+                   **_ENCODING)
         for p in parts:
             p.path.unlink(missing_ok=True)
 

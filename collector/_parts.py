@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from expman import _summary
 from expman._schema import Part
 
 ROW_GROUP = 131_072
@@ -26,25 +27,42 @@ def next_merge(parts: list[Part]) -> tuple[list[Part], int] | None:
 
 
 def write_part(
-    source: pa.Table | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None, **options: Any
+    source: pa.Table | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None,
+    summarize: bool = False, **options: Any,
 ) -> None:
     """Temp file beside the target, fsync, rename: a part is whole or absent.
 
     `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
     ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
+    `summarize` (metrics parts) puts a chart summary in the footer (expman/_summary.py)
+    when it is much smaller than the part.
     """
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
+            summary: _summary.Summary = {}
             if isinstance(source, pa.Table):
                 writer.write_table(source, row_group_size=ROW_GROUP)
+                rows = source.num_rows
+                if summarize:
+                    summary = _summary.summarize(source)
             else:
+                rows = 0
                 for part in source:
-                    for batch in pq.ParquetFile(part.path).iter_batches(batch_size=ROW_GROUP):
+                    file = pq.ParquetFile(part.path)
+                    known = _summary.read_summary(file) if summarize else None
+                    if known is not None:
+                        summary = _summary.merge([summary, known])
+                    for batch in file.iter_batches(batch_size=ROW_GROUP):
                         writer.write_batch(batch, row_group_size=ROW_GROUP)
+                        rows += batch.num_rows
+                        if summarize and known is None:  # bucket each point once, batch by batch
+                            summary = _summary.merge([summary, _summary.summarize(pa.Table.from_batches([batch]))])
+            if summarize and _summary.worth_keeping(summary, rows):
+                writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -8,7 +8,7 @@ from _tui_runs import T0, make_run, metrics_table, write_part
 
 from expman._schema import list_parts, metrics_schema, part_name
 from expman.collector._parts import write_part as write_merged_part
-from expman.tui.data.aggregate import aggregate, bucket_width, combine
+from expman._buckets import aggregate, bucket_width, combine
 from expman.tui.data.runs import LogTail, RankRates, params_diff, rank_rows
 from expman.tui.data.series import MetricsSource
 from expman.tui.fuzzy import filter_keys

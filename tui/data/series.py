@@ -8,8 +8,11 @@ boundary at each: the points already held are reused and only the row groups of 
 inputs never seen are read. Write-ahead segments not yet in a part are re-read on each
 refresh (at most one flush interval, ~0.5 s, of points).
 
-Only the columns a chart needs are read (value, step, rank; time when x is time).
-Everything here runs on worker threads; nothing here knows about the UI.
+Merged parts carry a chart summary in their footer (expman/_summary.py): with x = step,
+such a part is drawn from its summary without reading its points, unless the chart asks
+for finer buckets than the summary has. That is what opens a 10 M-point run in well
+under a second. Only the columns a chart needs are read (value, step, rank; time when x
+is time). Everything here runs on worker threads; nothing here knows about the UI.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from expman import _summary
 from expman._columns import wal_table
 from expman._schema import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
 from expman._wal import list_segments, read_records
 
-from .aggregate import Buckets, aggregate, bucket_width, combine
+from expman._buckets import Buckets, aggregate, bucket_width, combine
 
 X_STEP, X_TIME = "step", "time"
 DEFAULT_BUDGET = 1 << 30  # bytes of raw points kept per run
@@ -70,6 +74,14 @@ class Chunk:
 
 def empty_chunk(with_time: bool) -> Chunk:
     return Chunk(np.empty(0), np.empty(0), np.empty(0, np.int32), np.empty(0) if with_time else None)
+
+
+def _points(entry: Chunk | _summary.KeySummary) -> int:
+    return entry.points if isinstance(entry, _summary.KeySummary) else len(entry)
+
+
+def _span(entry: Chunk | _summary.KeySummary, xkind: str) -> tuple[float, float]:
+    return (entry.x_min, entry.x_max) if isinstance(entry, _summary.KeySummary) else entry.span(xkind)
 
 
 def concat_chunks(chunks: list[Chunk]) -> Chunk:
@@ -157,6 +169,7 @@ class MetricsSource:
         self._raw_bytes = 0
         self._aggs: dict[tuple[str, str, str, float], Buckets] = {}
         self._part_keys: dict[str, set[str]] = {}
+        self._summaries: dict[str, _summary.Summary | None] = {}  # part name -> its footer's summary
         self._tail: pa.Table | None = None
         self._tail_sig: tuple = ()
         self._tail_chunks: dict[tuple[str, bool], Chunk] = {}
@@ -205,7 +218,8 @@ class MetricsSource:
             for part in self._parts:
                 name = part.path.name
                 if name not in self._part_keys:
-                    self._part_keys[name] = self._read_keys(part)
+                    summary = self._summary(part)
+                    self._part_keys[name] = set(summary) if summary is not None else self._read_keys(part)
                 found |= self._part_keys[name]
             if self._tail is not None:
                 found |= set(pc.unique(self._tail.column(KEY).cast(pa.string())).to_pylist())
@@ -230,38 +244,67 @@ class MetricsSource:
         with self._lock:
             for _attempt in range(5):
                 try:
-                    self._load(keys, with_time)
+                    summaries = {} if with_time else self._usable_summaries()
+                    self._load(keys, with_time, [p for p in self._parts if p.path.name not in summaries])
+                    out = {key: self._series(key, xkind, target, summaries) for key in keys}
                     break
                 except FileNotFoundError:  # merged away while we read: look again
                     self.refresh()
             else:
                 raise RuntimeError(f"{self.run_dir}: metrics parts kept changing while being read")
-            out = {key: self._series(key, xkind, target) for key in keys}
             self._forget_retired()
             return out
 
-    def _series(self, key: str, xkind: str, target: int) -> Series:
+    def _series(self, key: str, xkind: str, target: int, summaries: dict[str, _summary.Summary]) -> Series:
         with_time = xkind == X_TIME
-        named = [(p.path.name, self._raw[(p.path.name, key)]) for p in self._parts]
-        for name, _chunk in named:
-            self._raw.move_to_end((name, key))
+        named: list[tuple[str, Chunk | _summary.KeySummary]] = []
+        for p in self._parts:
+            name = p.path.name
+            if name in summaries:
+                found = summaries[name].get(key)
+                if found is not None and found.points:
+                    named.append((name, found))
+            else:
+                self._raw.move_to_end((name, key))
+                named.append((name, self._raw[(name, key)]))
         tail = self._tail_chunk(key, with_time)
         if len(tail):
             named.append((_TAIL, tail))
-        spans = [c.span(xkind) for _n, c in named if len(c)]
+        named = [(n, c) for n, c in named if _points(c)]
+        spans = [_span(c, xkind) for _n, c in named]
         lo = min((s[0] for s in spans), default=np.inf)
         hi = max((s[1] for s in spans), default=-np.inf)
         width = bucket_width(hi - lo, target)
-        aggs = [self._aggregate(name, key, chunk, xkind, width) for name, chunk in named if len(chunk)]
+        for i, (name, entry) in enumerate(named):
+            if isinstance(entry, _summary.KeySummary) and entry.buckets.width > width:  # too coarse: read the points
+                part = next(p for p in self._parts if p.path.name == name)
+                self._load([key], with_time, [part])
+                named[i] = (name, self._raw[(name, key)])
+        aggs = [entry.buckets.coarser(width) if isinstance(entry, _summary.KeySummary)
+                else self._aggregate(name, key, entry, xkind, width) for name, entry in named]
         buckets = combine(aggs, width)
-        points = sum(len(c) for _n, c in named)
-        nonfinite = sum(int((~np.isfinite(c.value)).sum()) for _n, c in named if len(c))
+        points = sum(_points(c) for _n, c in named)
+        nonfinite = sum(c.nonfinite if isinstance(c, _summary.KeySummary) else int((~np.isfinite(c.value)).sum())
+                        for _n, c in named)
         last_value = last_x = None
-        for _name, chunk in reversed(named):
-            if len(chunk):
-                last_value, last_x = float(chunk.value[-1]), float(chunk.x(xkind)[-1])
-                break
+        if named:
+            last = named[-1][1]
+            if isinstance(last, _summary.KeySummary):
+                last_value, last_x = last.last_value, last.last_x
+            else:
+                last_value, last_x = float(last.value[-1]), float(last.x(xkind)[-1])
         return Series(key, xkind, buckets, (lo, hi), points, nonfinite, last_value, last_x)
+
+    def _summary(self, part: Part) -> _summary.Summary | None:
+        name = part.path.name
+        if name not in self._summaries:
+            self._summaries[name] = _summary.read_summary(part.path)
+        return self._summaries[name]
+
+    def _usable_summaries(self) -> dict[str, _summary.Summary]:
+        """Parts drawn from their summaries (x = step): merged parts that carry one."""
+        found = {p.path.name: self._summary(p) for p in self._parts if p.level > 0}
+        return {name: s for name, s in found.items() if s is not None}
 
     def _aggregate(self, name: str, key: str, chunk: Chunk, xkind: str, width: float) -> Buckets:
         if name == _TAIL:
@@ -291,8 +334,8 @@ class MetricsSource:
         chunk = self._raw.get((name, key))
         return chunk is not None and (chunk.time is not None or not with_time)
 
-    def _load(self, keys: list[str], with_time: bool) -> None:
-        for part in self._parts:
+    def _load(self, keys: list[str], with_time: bool, parts: list[Part]) -> None:
+        for part in parts:
             name = part.path.name
             missing = [k for k in keys if not self._has(name, k, with_time)]
             if not missing:
@@ -366,3 +409,4 @@ class MetricsSource:
             del self._ranges[name]
             self._rows.pop(name, None)
             self._part_keys.pop(name, None)
+            self._summaries.pop(name, None)
