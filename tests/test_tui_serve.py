@@ -1,0 +1,182 @@
+"""`expman-tui --serve`: a real textual-serve server, a real HTTP GET and a real websocket session.
+
+The websocket speaks textual-serve's protocol, as its page (static/js/textual.js) does: the
+client sends JSON lists (`["resize", {...}]`, `["stdin", "keys"]`), the server sends the
+app's terminal output as binary frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+from _helpers import wait_for
+from _tui_runs import make_run
+
+try:
+    import aiohttp
+    import textual_serve  # noqa: F401
+except ImportError:
+    aiohttp = None
+
+needs_textual_serve = pytest.mark.skipif(aiohttp is None, reason="textual-serve is not installed (pip install 'expman[serve]')")
+
+ANSI = re.compile(r"\x1b(\[[0-9;?$]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`expman-tui ROOT --serve` on a free loopback port, in its own process group (killed whole at the end)."""
+    root = tmp_path / "runs"
+    make_run(root, "mnist", "baseline", "aaaa0001", steps=50)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "expman.tui", str(root), "--serve", "--port", str(port),
+                                 "--poll", "0.2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    served = Served(proc, port, log_path)
+    try:
+        wait_for(lambda: proc.poll() is not None or listening(port), 15, "expman-tui --serve to listen")
+        assert proc.poll() is None, served.log()
+        yield served
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def screen_text(frames: bytes) -> str:
+    return ANSI.sub("", frames.decode("utf-8", "replace"))
+
+
+async def read_until(ws: aiohttp.ClientWebSocketResponse, frames: bytearray, text: str, timeout: float) -> None:
+    """Read the app's output frames until `text` is on screen; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while text not in screen_text(bytes(frames)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{text!r} not on screen after {timeout} s: {screen_text(bytes(frames))[-2000:]!r}")
+        try:
+            message = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            continue
+        if message.type == aiohttp.WSMsgType.BINARY:
+            frames += message.data
+        elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            raise AssertionError(f"websocket closed before {text!r} showed: {screen_text(bytes(frames))[-2000:]!r}")
+
+
+def app_processes(server: psutil.Process) -> list[psutil.Process]:
+    return [p for p in server.children(recursive=True) if "expman.tui" in " ".join(p.cmdline())]
+
+
+@needs_textual_serve
+def test_serve_shows_the_app_in_a_browser_session(served: Served):
+    base = f"http://127.0.0.1:{served.port}"
+    assert "serving" in served.log() and base in served.log()
+    with urllib.request.urlopen(base + "/", timeout=10) as response:
+        assert response.status == 200
+        page = response.read().decode()
+    ws_url = re.search(r'data-session-websocket-url="([^"]+)"', page).group(1)
+    assert ws_url == f"ws://127.0.0.1:{served.port}/ws"
+    server = psutil.Process(served.proc.pid)
+
+    async def session() -> list[psutil.Process]:
+        async with aiohttp.ClientSession() as client:
+            # Another site's page in the same browser may not drive the app (cross-site websocket).
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url, headers={"Origin": "http://evil.example"})
+            assert refused.value.status == 403
+            async with client.ws_connect(f"{ws_url}?width=120&height=36", headers={"Origin": base}) as ws:
+                await ws.send_json(["resize", {"width": 120, "height": 36}])
+                frames = bytearray()
+                await read_until(ws, frames, "baseline-aaaa0001", 20)  # the Runs screen of the real app
+                await ws.send_json(["stdin", "?"])
+                await read_until(ws, frames, "closes this", 10)  # keys reach it: the help screen
+                apps = app_processes(server)
+                assert len(apps) == 1, apps
+                # Stopping the server (Ctrl+C, systemd) ends the session and its app at once.
+                started = time.monotonic()
+                served.proc.terminate()
+                while not ws.closed:
+                    await ws.receive(timeout=10)
+                assert time.monotonic() - started < 5
+                return apps
+
+    apps = asyncio.run(asyncio.wait_for(session(), 25))
+    assert served.proc.wait(10) == 0, served.log()
+    wait_for(lambda: not any(p.is_running() for p in apps), 5, "the app process to end with the server")
+
+
+@needs_textual_serve
+def test_serve_on_a_busy_port_says_so(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "expman.tui", str(tmp_path), "--serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot serve on http://127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_serve_without_textual_serve_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from expman.tui import main
+
+    monkeypatch.setitem(sys.modules, "textual_serve", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "expman.tui.serve", raising=False)
+    assert main([str(tmp_path), "--serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--serve needs textual-serve" in err and "pip install 'expman[serve]'" in err
+
+
+@needs_textual_serve
+def test_websocket_origin_must_be_the_served_site():
+    from expman.tui.serve import ExpmanServer
+
+    local = ExpmanServer("true", root=Path("/runs"), host="127.0.0.1", port=8000)
+    assert local.origin_allowed("http://127.0.0.1:8000") and local.origin_allowed("http://localhost:8000")
+    assert not local.origin_allowed("http://evil.example:8000")  # another site, or DNS rebinding
+    assert not local.origin_allowed("http://localhost:8888")  # another local web app's page
+    assert not local.origin_allowed("null")
+    tunnel = ExpmanServer("true", root=Path("/runs"), host="127.0.0.1", port=8000, public_url="http://localhost:9000")
+    assert tunnel.origin_allowed("http://localhost:9000")
