@@ -147,6 +147,25 @@ def test_serve_shows_the_app_in_a_browser_session(served: Served):
 
 
 @needs_textual_serve
+def test_app_leaves_when_the_server_is_killed(served: Served):
+    """kill -9 gives the server no chance to stop its apps; each app notices it was orphaned and quits."""
+    server = psutil.Process(served.proc.pid)
+
+    async def session() -> list[psutil.Process]:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"ws://127.0.0.1:{served.port}/ws?width=100&height=30") as ws:
+                await read_until(ws, bytearray(), "baseline-aaaa0001", 20)
+                apps = app_processes(server)
+                served.proc.kill()
+                return apps
+
+    apps = asyncio.run(asyncio.wait_for(session(), 25))
+    assert len(apps) == 1, apps
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in apps), 10,
+             "the orphaned app to quit")
+
+
+@needs_textual_serve
 def test_serve_on_a_busy_port_says_so(tmp_path: Path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from .screens.run import RunScreen
 from .screens.runs import RunsScreen
 
 POLL_INTERVAL_S = 0.5
+SERVER_CHECK_S = 1.0  # served in a browser: how often to check that the server is still there
 
 
 class ExpmanApp(App):
@@ -37,6 +39,15 @@ class ExpmanApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(RunsScreen(self.root, self.key_metrics, label=self.root_label))
+        if self.is_web:
+            # Under `expman-tui --serve` the server is our parent. If it dies without telling
+            # us (kill -9), we are re-parented; leave rather than poll the runs for nobody.
+            self.server_pid = os.getppid()
+            self.set_interval(SERVER_CHECK_S, self.leave_if_server_gone)
+
+    def leave_if_server_gone(self) -> None:
+        if os.getppid() != self.server_pid:
+            self.exit()
 
     def open_run(self, run_dir: Path) -> None:
         self.push_screen(RunScreen(run_dir))
