@@ -199,3 +199,11 @@ def test_websocket_origin_must_be_the_served_site():
     assert not local.origin_allowed("null")
     tunnel = ExpmanServer("true", root=Path("/runs"), host="127.0.0.1", port=8000, public_url="http://localhost:9000")
     assert tunnel.origin_allowed("http://localhost:9000")
+
+
+@needs_textual_serve
+def test_only_loopback_hosts_go_without_a_warning():
+    from expman.tui.serve import is_loopback
+
+    assert all(map(is_loopback, ["localhost", "127.0.0.1", "127.0.0.2", "::1"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.1.2.3", "node01"]))

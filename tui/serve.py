@@ -9,6 +9,7 @@ default and an SSH tunnel (`ssh -L 8000:localhost:8000 HOST`) to reach it from a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shlex
 import sys
@@ -36,6 +37,14 @@ def app_command(root: Path, *, poll: float, keys: str | None = None) -> str:
     return "exec " + shlex.join(argv)
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8, ::1: addresses only this machine reaches."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def url_for(host: str, port: int) -> str:
     """http://HOST:PORT, with an IPv6 literal in brackets."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -59,7 +68,7 @@ class ExpmanServer(Server):
 
     async def on_startup(self, app: web.Application) -> None:
         print(f"expman-tui: serving {self.root} on {self.public_url} (Ctrl+C stops)", flush=True)
-        if self.host not in LOOPBACK_NAMES:
+        if not is_loopback(self.host):
             print(f"expman-tui: listening on {self.host}, not loopback: there is no login, anyone who can "
                   f"reach port {self.port} sees these runs", flush=True)
 
@@ -105,4 +114,4 @@ def serve(root: Path, *, host: str, port: int, poll: float, keys: str | None = N
     return 0
 
 
-__all__ = ["ExpmanServer", "app_command", "serve", "url_for"]
+__all__ = ["ExpmanServer", "app_command", "is_loopback", "serve", "url_for"]
