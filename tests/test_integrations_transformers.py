@@ -49,6 +49,7 @@ t = trainer(good)
 t.train()
 print("AFTER-TRAIN", expman.open_run(good.experiment.run_dir).status, flush=True)
 t.evaluate()   # after on_train_end: the run is reopened for the eval points
+t.predict(t.eval_dataset)
 bad = ExpmanCallback("hf", "crashed", root=root, log_model_config=False)
 try:
     trainer(bad, Boom()).train()
@@ -88,6 +89,7 @@ def test_trainer_logs_args_config_and_points_at_global_step(runs):
     assert run.metrics("learning_rate")["value"].to_pylist()[0] == pytest.approx(1e-3)
     assert run.metrics("train_runtime")["step"].to_pylist() == [4]
     assert run.metrics("eval_loss")["step"].to_pylist() == [4]  # trainer.evaluate() after training
+    assert run.metrics("test_loss")["step"].to_pylist() == [4]  # trainer.predict()
 
 
 def test_training_that_raises_ends_failed(runs):

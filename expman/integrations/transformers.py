@@ -80,14 +80,12 @@ class ExpmanCallback(TrainerCallback):
                model: Any = None, **kwargs: Any) -> None:
         """Each value at `state.global_step`; a value that is not a number or text is skipped
         with one warning per key (training goes on)."""
-        exp = self._ensure_run(args, model)
-        for key, value in (logs or {}).items():
-            try:
-                exp.log_metric(key, value, step=state.global_step)
-            except (TypeError, ValueError) as exc:
-                if key not in self._warned:
-                    self._warned.add(key)
-                    _logger.warning("expman: not logging %r: %s", key, exc)
+        self._log_values(args, state, model, logs)
+
+    def on_predict(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                   model: Any = None, **kwargs: Any) -> None:
+        """trainer.predict()'s metrics (`test_*`), which never reach on_log."""
+        self._log_values(args, state, model, metrics)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._training = False
@@ -95,6 +93,16 @@ class ExpmanCallback(TrainerCallback):
             self._exp.finish("finished")
 
     # --- plumbing ------------------------------------------------------------------------------
+    def _log_values(self, args: Any, state: Any, model: Any, values: dict[str, Any] | None) -> None:
+        exp = self._ensure_run(args, model)
+        for key, value in (values or {}).items():
+            try:
+                exp.log_metric(key, value, step=state.global_step)
+            except (TypeError, ValueError) as exc:
+                if key not in self._warned:
+                    self._warned.add(key)
+                    _logger.warning("expman: not logging %r: %s", key, exc)
+
     def _ensure_run(self, args: Any, model: Any) -> Experiment:
         """Start the run on first use; reopen it when something is logged after it finished
         (trainer.evaluate() after train())."""
