@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from expman._identity import detect_launch
 from expman.integrations._params import to_params
 from expman.integrations._run_ids import JOB_ENV, job_seed
 
@@ -85,6 +86,16 @@ def test_job_seed_follows_launchers():
     assert job_seed(inherited, 42) == "seed"
     assert job_seed(inherited, 43) != "seed"  # not our parent's: a stale value from further up
     assert job_seed({**inherited, "LOCAL_RANK": "0"}, 42) != "seed"  # rank 0 itself never inherits
+
+
+def test_lightning_launcher_is_detected_on_one_node():
+    child = {"LOCAL_RANK": "1", "WORLD_SIZE": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    launch = detect_launch(child)
+    assert (launch.launcher, launch.rank, launch.local_rank, launch.world_size) == ("lightning", 1, 1, 2)
+    rank0 = detect_launch({**child, "LOCAL_RANK": "0"})
+    assert rank0.rank == 0 and rank0.job != launch.job  # rank 0 is the job: its children name their parent
+    assert f":{os.getpid()}:" in rank0.job and f":{os.getppid()}:" in launch.job
+    assert detect_launch({**child, "NODE_RANK": "1"}).launcher == "none"  # other nodes: no common ancestor
 
 
 @pytest.mark.parametrize("module,framework,extra", [

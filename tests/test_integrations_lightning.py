@@ -135,6 +135,7 @@ def test_ddp_every_rank_logs_into_one_run(tmp_path, root, short_dir):
         wait_for(lambda: expman.open_run(run.path).status == "finished", 15, "both ranks to finish the run")
         run = expman.open_run(run.path)
         assert run.info["world_size"] == 2 and sorted(run.info["ranks"]) == [0, 1]
+        assert [run.info["ranks"][r]["local_rank"] for r in (0, 1)] == [0, 1] and run.info["launcher"] == "lightning"
         assert run.params == {"lr": 0.05, "optimizer": {"name": "sgd", "momentum": 0.0}, "out": "/x/y", "fail_at": -1,
                               "seed": 7, "data": {"batch": 4}}
         assert "param_conflicts" not in run.info  # every rank logged the same hyperparameters
