@@ -63,9 +63,10 @@ if __name__ == "__main__":
     logger = ExpmanLogger("lightning", "ddp", root=sys.argv[1])
     t = trainer(logger, devices=2, strategy="ddp", max_steps=5)
     t.fit(Tiny(), loader())
-    print("VERSION", t.global_rank, logger.version, flush=True)
-    for proc in getattr(t.strategy.launcher, "procs", []):  # rank 0 started rank 1: wait for it
-        proc.wait()
+    pathlib.Path(sys.argv[2]).mkdir(exist_ok=True)
+    (pathlib.Path(sys.argv[2]) / f"version-{t.global_rank}").write_text(logger.version)
+    codes = [proc.wait() for proc in getattr(t.strategy.launcher, "procs", [])]  # rank 0 started rank 1
+    sys.exit(1 if any(codes) else 0)
 """
 
 SINGLE_SCRIPT = MODULE + """
@@ -125,8 +126,8 @@ def test_ddp_every_rank_logs_into_one_run(tmp_path, root, short_dir):
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     try:
-        result = _run(script, str(root), str(tmp_path / "lightning"), env=_env(XDG_RUNTIME_DIR=str(short_dir)))
-        versions = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("VERSION"))
+        _run(script, str(root), str(tmp_path / "lightning"), env=_env(XDG_RUNTIME_DIR=str(short_dir)))
+        versions = {path.name[-1]: path.read_text() for path in (tmp_path / "lightning").glob("version-*")}
         assert sorted(versions) == ["0", "1"] and versions["0"] == versions["1"]  # both ranks: one run id
         runs = expman.list_runs(root)
         assert len(runs) == 1
