@@ -3,7 +3,7 @@
 Order (first match wins for each field):
 - rank / world size: the `rank=` / `world_size=` arguments, then EXPMAN_RANK /
   EXPMAN_WORLD_SIZE, then the launcher's variables (torchrun, then Slurm, then Open MPI,
-  then MPICH/PMI), else 0 and 1.
+  then MPICH/PMI, then PyTorch Lightning's own DDP launcher on one node), else 0 and 1.
 - run id: the `run_id=` argument, then EXPMAN_RUN_ID, then an id derived from the
   launcher's job identity (the same in every rank of one launch, different in the next),
   else a fresh random id.
@@ -32,7 +32,7 @@ DEFAULT_ROOT = "experiments"
 class Launch:
     """What the launcher told this process about itself and its job."""
 
-    launcher: str  # torchrun, slurm, openmpi, pmi, or none
+    launcher: str  # torchrun, slurm, openmpi, pmi, lightning, or none
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -60,12 +60,15 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def _parent_identity() -> str:
     """The launching agent (our parent) by pid and start time: shared by the ranks it started."""
-    ppid = os.getppid()
+    return _process_identity(os.getppid())
+
+
+def _process_identity(pid: int) -> str:
     try:
-        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         start = "?"
-    return f"{hostname()}:{ppid}:{start}"
+    return f"{hostname()}:{pid}:{start}"
 
 
 def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
@@ -126,6 +129,14 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
             job=f"pmi:agent:{_parent_identity()}",
             job_label="mpi",
         )
+    if "LOCAL_RANK" in env and "WORLD_SIZE" in env and "MASTER_PORT" in env and env.get("NODE_RANK") == "0":
+        # Lightning's DDP launcher (`python train.py`, one node): rank 0 sets these (no RANK)
+        # and starts ranks 1..N-1 as its children, so the job is rank 0's process.
+        local = _int(env, "LOCAL_RANK", 0)
+        world = _int(env, "WORLD_SIZE", 1)
+        rank0 = _process_identity(os.getpid() if local == 0 else os.getppid())
+        return Launch("lightning", rank=local, local_rank=local, world_size=world, local_world_size=world,
+                      job=f"lightning:{rank0}", job_label="lightning")
     return Launch("none")
 
 
