@@ -14,6 +14,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from expman._errors import ExpmanError
     from expman._identity import resolve_root
 
     parser = argparse.ArgumentParser(prog="expman-tui", description="Watch expman runs live in the terminal.")
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default=None,
                         help="comma-separated metric keys for the Runs screen columns (default: loss,val_loss,acc,accuracy,lr)")
     args = parser.parse_args(argv)
-    root = resolve_root(args.root)
+    try:
+        root = resolve_root(args.root)
+    except ExpmanError as exc:  # a URI: the TUI tails local folders only
+        print(f"expman-tui: {exc}", file=sys.stderr)
+        return 2
     if not root.is_dir():
         print(f"expman-tui: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
         return 2
