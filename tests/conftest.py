@@ -109,8 +109,10 @@ def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _release_expman() -> Iterator[None]:
-    """Each test leaves no open runs, sender threads or local collector processes behind."""
+def _release_expman(spool_dir: Path) -> Iterator[None]:
+    """Each test leaves no open runs, sender threads or local collector processes behind.
+    (It asks for spool_dir so it is torn down first: a run a failed test left open spools
+    its last frames into the test's folder, not into ~/.local/state.)"""
     yield
     from expman import _api
 
