@@ -177,7 +177,7 @@ def locate(where: str | os.PathLike[str], filesystem: pafs.FileSystem | None = N
     try:
         fs, path = pafs.FileSystem.from_uri(text)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(text, shown(text))
         raise ExpmanError(f"cannot open {shown(text)} with pyarrow's filesystems: {reason}") from None
     return ArrowFiles(fs, _prefix(shown(text), path)), PurePosixPath(path)
 
