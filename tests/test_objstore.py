@@ -5,7 +5,10 @@ compared with reading the same runs from the local disk."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
@@ -225,6 +228,9 @@ def test_clear_errors_for_uris_readers_cannot_use_or_writers_refuse(s3_root, cap
 
     assert tui_main([s3_root]) == 2
     assert "is a URI" in capsys.readouterr().err
+    daemon = subprocess.run([sys.executable, "-m", "expman.collector", "--root", s3_root, "--bind", "tcp://127.0.0.1:0"],
+                            capture_output=True, text=True, timeout=30)
+    assert daemon.returncode == 1 and daemon.stderr.startswith(f"expman-collector: the root '{s3_root}' is a URI")
 
 
 def test_file_uris_read_the_local_disk(mnist_root):
@@ -232,3 +238,50 @@ def test_file_uris_read_the_local_disk(mnist_root):
     by_uri = expman.open_run(run.path.as_uri())
     assert isinstance(by_uri.path, Path) and by_uri.path == run.path and by_uri.location == str(run.path)
     assert [r.path for r in expman.list_runs(mnist_root.as_uri())] == [r.path for r in expman.list_runs(mnist_root)]
+
+
+# --- docs/analysis.md: its object-storage blocks run against the bucket -------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
+
+
+def _doc_blocks(title: str) -> list[str]:
+    section = DOC.read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def _exec(code: str, s3_root: str, **replace: str) -> dict:
+    code = code.replace('ROOT = "s3://bucket/prefix"', f"ROOT = {s3_root!r}")
+    for old, new in replace.items():
+        assert old in code, f"the docs block no longer has {old!r}"
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, str(DOC), "exec"), scope)
+    return scope
+
+
+def test_docs_reader_blocks_run_on_the_bucket(s3_server, s3_root):
+    reader, own_filesystem = _doc_blocks("Runs on object storage")
+    scope = _exec(reader, s3_root)
+    assert scope["where"].startswith(f"{s3_root}/mnist/lr0.01-") and scope["status"] == "finished"
+    assert scope["params"]["lr"] == 0.01
+    assert scope["loss"].column("value").to_pylist()[:2] == [1.5, 0.75]  # mean over the two ranks
+    assert scope["stragglers"].column("lag_steps").to_pylist() == [0, 0]
+    scope = _exec(reader + own_filesystem, s3_root, **{
+        '"minio.lab:9000"': repr(s3_server.endpoint), '"bucket/prefix"': repr(f"{BUCKET}/team"), '"3fa2b1c9"': '"lr01"'})
+    assert [r.id for r in scope["runs"]] == ["lr001", "lr01"] and scope["run"].params["lr"] == 0.1
+
+
+def test_docs_polars_and_duckdb_blocks_query_the_bucket(s3_root):
+    pytest.importorskip("polars")
+    pytest.importorskip("duckdb")
+    polars_block, duckdb_block = _doc_blocks("DuckDB and Polars on object storage")
+    scope = _exec(polars_block, s3_root)
+    assert scope["best"].rows() == [("lr0.01-lr001", pytest.approx(0.1)), ("lr0.1-lr01", pytest.approx(0.91))]
+    assert scope["by_lr"]["lr"].to_list() == [0.01, 0.1]
+    scope = _exec(duckdb_block, s3_root)
+    assert scope["last_loss"] == [("lr0.01-lr001", 0, 9, 0.1), ("lr0.01-lr001", 1, 9, 0.2),
+                                  ("lr0.1-lr01", 0, 9, 0.1), ("lr0.1-lr01", 1, 9, 0.2)]
+    import polars as pl
+
+    assert pl.scan_pyarrow_dataset(scope["points"]).select(pl.len()).collect().item() == 81  # 2 runs x 2 ranks x 2 keys x 10, + 1 text
