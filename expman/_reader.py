@@ -298,7 +298,7 @@ def open_run(
     `pyarrow.fs.FileSystem`, for your own credentials or endpoint), `run` and `root` are
     paths inside it."""
     files, path = locate(run, filesystem)
-    if files.is_file(path / RUN_YAML):
+    if _holds_run(files, path, guess=filesystem is not None and not is_uri(run)):
         return Run._found(files, path)
     if is_uri(run):
         raise RunNotFoundError(f"{shown(str(run))} is not a run directory (no {RUN_YAML})")
@@ -333,6 +333,18 @@ def list_runs(
             runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]
+
+
+def _holds_run(files: Files, path: PurePath, guess: bool) -> bool:
+    """Whether `path` is a run folder. A guess (an id or relative name tried as a full path
+    in a filesystem: its first part is then a bucket, maybe someone else's) that the store
+    refuses is a no, not an error."""
+    try:
+        return files.is_file(path / RUN_YAML)
+    except OSError:
+        if guess:
+            return False
+        raise
 
 
 def _root(root: str | os.PathLike[str] | None, filesystem: pafs.FileSystem | None) -> tuple[Files, PurePath]:
