@@ -17,22 +17,42 @@ import pytest
 import expman
 from _helpers import wait_for
 from expman._cli import main
+from expman._crypto import create_key_file
+from expman._protocol import ARTIFACT_CHUNK_BYTES
 
 BUCKET = "runs"
+
+
+def key_file(root: Path) -> Path:
+    return root.parent / "master.key"
 
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Experiment "mnist": two finished runs of two ranks each; lr0.1 also has a log line,
-    a text point, an artifact and hardware samples."""
+    a text point, an artifact and hardware samples, lr0.01 an encrypted artifact of three
+    chunks."""
     from expman import _api
 
     root = tmp_path_factory.mktemp("objstore")
     checkpoint = root.parent / "weights.bin"
     checkpoint.write_bytes(os.urandom(3000))
+    secret = root.parent / "secret.bin"
+    secret.write_bytes(os.urandom(2 * ARTIFACT_CHUNK_BYTES + 9))
+    create_key_file(key_file(root))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EXPMAN_KEY_FILE", str(key_file(root)))  # for the local collector this starts
+        _log_runs(root, checkpoint, secret)
+        _api.shutdown()
+    return root
+
+
+def _log_runs(root: Path, checkpoint: Path, secret: Path) -> None:
+    from expman import _api
+
     endpoint = _api._local_collector(root, None).endpoint
     for lr, run_id in ((0.1, "lr01"), (0.01, "lr001")):
-        extra = {"log_hardware": True, "hardware_interval": 0.05} if run_id == "lr01" else {}
+        extra = {"log_hardware": True, "hardware_interval": 0.05} if run_id == "lr01" else {"encrypt_artifacts": True}
         exps = [expman.start_experiment("mnist", f"lr{lr}", root=root, rank=r, world_size=2, run_id=run_id,
                                         collector=endpoint, code_dir=False, **extra) for r in (0, 1)]
         exps[0].log_parameters({"lr": lr, "optimizer": {"name": "adamw"}})
@@ -44,12 +64,12 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             exps[1].info("rank 1 says hello")
             exps[0].log_artifact(checkpoint, name="ckpt/weights.bin")
             wait_for(lambda: _hardware_rows(root, run_id) > 0, 10, "hardware samples")
+        else:
+            exps[0].log_artifact(secret, name="secret.bin")
         for exp in exps:
             assert exp.finish()
     for run_id in ("lr01", "lr001"):
         wait_for(lambda: expman.open_run(run_id, root=root).status == "finished", 10, "the runs to finish")
-    _api.shutdown()
-    return root
 
 
 def _hardware_rows(root: Path, run_id: str) -> int:
@@ -79,10 +99,12 @@ def assert_same_run(remote: expman.Run, local: expman.Run, tmp_path: Path) -> No
     assert remote.hardware().to_pylist() == local.hardware().to_pylist()
     assert remote.log_text() == local.log_text()
     assert remote.artifacts() == local.artifacts()
+    key = key_file(local.path.parent.parent)
     for record in local.artifacts():
-        assert remote.read_artifact(record.name) == local.read_artifact(record.name)
-        fetched = remote.download_artifact(record.name, tmp_path / "fetched" / record.name.replace("/", "_"))
-        assert fetched.read_bytes() == local.read_artifact(record.name)
+        content = local.read_artifact(record.name, key_file=key)
+        assert remote.read_artifact(record.name, key_file=key) == content
+        fetched = remote.download_artifact(record.name, tmp_path / "fetched" / record.name.replace("/", "_"), key_file=key)
+        assert fetched.read_bytes() == content
 
 
 def test_list_runs_and_open_run_read_an_s3_root_as_they_read_the_disk(s3_root, mnist_root, tmp_path):
@@ -95,6 +117,8 @@ def test_list_runs_and_open_run_read_an_s3_root_as_they_read_the_disk(s3_root, m
         assert_same_run(remote, local, tmp_path)
     lr01 = expman.open_run("lr01", root=mnist_root)
     assert lr01.hardware().num_rows > 0 and lr01.artifacts() and "rank 1 says hello" in lr01.log_text()
+    (secret,) = expman.open_run("lr001", root=mnist_root).artifacts()
+    assert secret.encrypted and secret.size == 2 * ARTIFACT_CHUNK_BYTES + 9
     assert expman.list_runs(s3_root, experiment="mnist")[1].id == "lr01"
     assert expman.list_runs(s3_root, experiment="cifar") == []
     assert expman.list_runs(f"s3://{BUCKET}/nothing-here") == []
@@ -200,6 +224,8 @@ def test_cli_ls_show_and_export_take_an_s3_root_or_run(s3_root, mnist_root, tmp_
 
     assert main(["artifacts", "ls", "lr01", "--root", s3_root]) == 0
     assert "ckpt/weights.bin" in capsys.readouterr().out
+    assert main(["artifacts", "get", "lr01", "ckpt/", "-o", str(tmp_path / "ckpt"), "--root", s3_root]) == 0
+    assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == (mnist_root.parent / "weights.bin").read_bytes()
 
     assert main(["ls", "--root", f"s3://{BUCKET}/empty"]) == 0
     assert f"No runs in s3://{BUCKET}/empty." in capsys.readouterr().out
