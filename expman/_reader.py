@@ -158,18 +158,25 @@ class Run:
         from ._wal import list_segments, read_records
 
         wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        files = self._files
-        parts, tables = _read_parts(files, self.path / METRICS_DIR, keys, metrics_schema())
-        covered: dict[str, int] = {}
-        for part in parts:
-            covered[part.writer] = max(covered.get(part.writer, -1), part.last)
-        segments = [
-            path
-            for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
-            for n, path in list_segments(self.path / WAL_DIR / writer, files)
-            if n > covered.get(writer, -1)
-        ]
-        tail = wal_table(rec for path in segments for rec in read_records(path, files))
+        files, folder = self._files, self.path / METRICS_DIR
+        for _attempt in range(10):
+            parts, tables = _read_parts(files, folder, keys, metrics_schema())
+            covered: dict[str, int] = {}
+            for part in parts:
+                covered[part.writer] = max(covered.get(part.writer, -1), part.last)
+            segments = [
+                path
+                for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
+                for n, path in list_segments(self.path / WAL_DIR / writer, files)
+                if n > covered.get(writer, -1)
+            ]
+            tail = wal_table(rec for path in segments for rec in read_records(path, files))
+            # A live run's collector may have turned segments into a new part (and deleted
+            # them) after we listed the parts: those rows are in neither, so read again.
+            if list_parts(folder, files=files) == parts:
+                break
+        else:
+            raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
         if tail is not None:
             if wanted is not None:
                 import pyarrow.compute as pc
