@@ -16,7 +16,7 @@ from expman._identity import resolve_root
 from expman._schema import write_yaml_atomic
 
 from expman._curve import CurveKeyError, client_keys
-from expman._errors import ArtifactError
+from expman._errors import ArtifactError, ExpmanError
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._auth import CurveServer
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         binds = [binds]
     if not binds:
         raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
-    root = resolve_root(args.root or config.get("root"))
+    try:
+        root = resolve_root(args.root or config.get("root"))
+    except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
+        raise SystemExit(f"expman-collector: {exc}") from None
     root.mkdir(parents=True, exist_ok=True)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0

@@ -12,24 +12,25 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterator
 
 from ._artifact_names import normalize_name
 from ._crypto import key_provider, read_plaintext
 from ._errors import ArtifactError, ArtifactIntegrityError
 from ._schema import ARTIFACTS_DIR, ArtifactRecord, read_manifests
+from ._storage_fs import LOCAL, Files
 
 _BLOCK = 1024 * 1024
 
 
-def records(run_dir: Path) -> dict[str, ArtifactRecord]:
-    return read_manifests(run_dir / ARTIFACTS_DIR)
+def records(run_dir: PurePath, files: Files = LOCAL) -> dict[str, ArtifactRecord]:
+    return read_manifests(run_dir / ARTIFACTS_DIR, files)
 
 
-def find(run_dir: Path, name: str) -> ArtifactRecord:
+def find(run_dir: PurePath, name: str, files: Files = LOCAL) -> ArtifactRecord:
     clean = normalize_name(name)
-    known = records(run_dir)
+    known = records(run_dir, files)
     record = known.get(clean)
     if record is None:
         sample = ", ".join(sorted(known)[:5]) + (" ..." if len(known) > 5 else "")
@@ -37,12 +38,14 @@ def find(run_dir: Path, name: str) -> ArtifactRecord:
     return record
 
 
-def iter_content(run_dir: Path, record: ArtifactRecord, key_file: str | os.PathLike[str] | None = None) -> Iterator[bytes]:
+def iter_content(
+    run_dir: PurePath, record: ArtifactRecord, key_file: str | os.PathLike[str] | None = None, files: Files = LOCAL
+) -> Iterator[bytes]:
     """The plaintext in chunks; the size and SHA-256 check runs when the last chunk is out,
     so a consumer that stops early has not been promised anything."""
     path = run_dir / ARTIFACTS_DIR / record.object
     try:
-        fh = open(path, "rb")
+        fh = files.open_input(path)
     except FileNotFoundError:
         raise ArtifactIntegrityError(f"artifact {record.name!r}: its object {record.object} is missing") from None
     hasher, size = hashlib.sha256(), 0
@@ -72,14 +75,17 @@ def _named(record: ArtifactRecord, chunks: Iterator[bytes]) -> Iterator[bytes]:
         raise type(exc)(f"artifact {record.name!r}: {exc}") from None
 
 
-def read(run_dir: Path, name: str, key_file: str | os.PathLike[str] | None = None) -> bytes:
-    record = find(run_dir, name)
-    return b"".join(iter_content(run_dir, record, key_file))
+def read(run_dir: PurePath, name: str, key_file: str | os.PathLike[str] | None = None, files: Files = LOCAL) -> bytes:
+    record = find(run_dir, name, files)
+    return b"".join(iter_content(run_dir, record, key_file, files))
 
 
-def download(run_dir: Path, name: str, dest: str | os.PathLike[str], key_file: str | os.PathLike[str] | None = None) -> Path:
-    """Write artifact `name` to `dest` (a file path, or an existing folder to put it in)."""
-    record = find(run_dir, name)
+def download(
+    run_dir: PurePath, name: str, dest: str | os.PathLike[str], key_file: str | os.PathLike[str] | None = None,
+    files: Files = LOCAL,
+) -> Path:
+    """Write artifact `name` to `dest` (a local file path, or an existing local folder to put it in)."""
+    record = find(run_dir, name, files)
     target = Path(dest)
     if target.is_dir():
         target = target / record.name.rsplit("/", 1)[-1]
@@ -87,7 +93,7 @@ def download(run_dir: Path, name: str, dest: str | os.PathLike[str], key_file: s
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in iter_content(run_dir, record, key_file):
+            for chunk in iter_content(run_dir, record, key_file, files):
                 out.write(chunk)
         os.replace(tmp, target)
     except BaseException:

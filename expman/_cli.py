@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ._cli_artifacts import add_commands as add_artifact_commands
 from ._errors import ExpmanError
-from ._identity import ROOT_ENV, resolve_root
-from ._reader import list_runs, open_run
+from ._identity import ROOT_ENV, chosen_root, resolve_root
+from ._reader import Run, list_runs, open_run
 from ._schema import KEY, RANK, STEP, TEXT, TIME, VALUE
+from ._storage_fs import is_uri, shown
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    root_help = f"the runs' root folder (default: ${ROOT_ENV}, else ./experiments)"
+    root_help = f"the runs' root folder, or a URI such as s3://bucket/prefix (default: ${ROOT_ENV}, else ./experiments)"
+    run_help = "a run directory or URI (s3://...), experiment/run-folder under the root, or a run id"
 
     ls = commands.add_parser("ls", help="list runs, newest first")
     ls.add_argument("--root", help=root_help)
@@ -73,12 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     ls.set_defaults(handler=cmd_ls)
 
     show = commands.add_parser("show", help="show one run: status, params, last metric values")
-    show.add_argument("run", metavar="RUN", help="a run directory, experiment/run-folder under the root, or a run id")
+    show.add_argument("run", metavar="RUN", help=run_help)
     show.add_argument("--root", help=root_help)
     show.set_defaults(handler=cmd_show)
 
     export = commands.add_parser("export", help="write a run's metrics as CSV, Parquet or TensorBoard event files")
-    export.add_argument("run", metavar="RUN", help="a run directory, experiment/run-folder under the root, or a run id")
+    export.add_argument("run", metavar="RUN", help=run_help)
     export.add_argument("--format", "-f", choices=FORMATS, help="output format (default: from the file suffix, else csv)")
     export.add_argument("--output", "-o", metavar="PATH", required=True, type=Path,
                         help="file to write (a folder for tensorboard: one rank<N>/ folder per rank)")
@@ -127,7 +129,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     runs = list_runs(args.root, experiment=args.experiment)
     if not runs:
-        where = resolve_root(args.root)
+        chosen = chosen_root(args.root)
+        where = shown(str(chosen)) if is_uri(chosen) else resolve_root(chosen)
         scope = f"experiment {args.experiment!r} under {where}" if args.experiment else where
         print(f"No runs in {scope}. Try `{PROG} demo` to log one.")
         return 0
@@ -156,15 +159,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("run", f"{info.get('experiment', run.path.parent.name)}/{info.get('name', run.path.name)}"),
         ("id", str(info.get("id", ""))),
         ("status", str(info.get("status", "unknown"))),
-        ("path", str(run.path.resolve())),
+        ("path", run.location),
         ("started", _local_time(info.get("started_at"), offset=True)),
         ("ended", _local_time(info.get("ended_at"), offset=True)),
         ("duration", _duration(_run_seconds(info))),
         ("hosts", ", ".join(map(str, info.get("hosts") or [])) or "-"),
         ("ranks", _rank_summary(info)),
         *(("", line) for line in _rank_lines(info)),
-        ("parent", _run_label(run.path.parent, info.get("parent")) if info.get("parent") else "-"),
-        ("children", ", ".join(_run_label(run.path.parent, c) for c in info.get("children") or []) or "-"),
+        ("parent", _run_label(run, info.get("parent")) if info.get("parent") else "-"),
+        ("children", ", ".join(_run_label(run, c) for c in info.get("children") or []) or "-"),
     ]
     if info.get("tags"):
         fields.append(("tags", ", ".join(map(str, info["tags"]))))
@@ -347,10 +350,10 @@ def _rank_lines(info: dict[str, Any]) -> Iterator[str]:
         yield f"... and {len(ranks) - _MAX_RANK_LINES} more ranks"
 
 
-def _run_label(experiment_dir: Path, uid: Any) -> str:
+def _run_label(run: Run, uid: Any) -> str:
     """A linked run's folder name when it sits beside this one (children do), else its id."""
-    matches = list(experiment_dir.glob(f"*-{uid}"))
-    return f"{matches[0].name} ({uid})" if len(matches) == 1 else str(uid)
+    matches = [name for name in run._files.dirs(run.path.parent) if name.endswith(f"-{uid}")]
+    return f"{matches[0]} ({uid})" if len(matches) == 1 else str(uid)
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -19,7 +19,7 @@ from ._errors import ArtifactError
 
 PROG = "expman"
 _KEY_HELP = "master key file (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)"
-_RUN_HELP = "a run directory, experiment/run-folder under the root, or a run id"
+_RUN_HELP = "a run directory or URI (s3://...), experiment/run-folder under the root, or a run id"
 
 
 def add_commands(commands: Any, root_help: str) -> None:

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ._errors import ExpmanError
+from ._storage_fs import is_uri, shown
+
 ROOT_ENV = "EXPMAN_ROOT"
 COLLECTOR_ENV = "EXPMAN_COLLECTOR"
 RUN_ID_ENV = "EXPMAN_RUN_ID"
@@ -185,9 +188,23 @@ def new_uid() -> str:
     return secrets.token_hex(4)
 
 
+def chosen_root(root: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    """The `root` argument, else $EXPMAN_ROOT, else ./experiments, as given (readers also
+    accept URIs such as s3://bucket/prefix: expman/_storage_fs.py)."""
+    return root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+
+
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """The `root` argument, else $EXPMAN_ROOT, else ./experiments; always absolute."""
-    chosen = root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+    """The local root folder (`chosen_root`), always absolute. A URI is refused: runs are
+    written to a local or shared filesystem, only readers open object storage."""
+    chosen = chosen_root(root)
+    if is_uri(chosen):
+        where = "the root" if root is not None else f"${ROOT_ENV}"
+        raise ExpmanError(
+            f"{where} {shown(str(chosen))!r} is a URI: runs are written to a local or shared folder "
+            "(copy finished runs to object storage afterwards); readers such as open_run, list_runs and "
+            "`expman ls/show/export` accept URIs"
+        )
     return Path(chosen).expanduser().resolve()
 
 

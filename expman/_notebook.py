@@ -98,7 +98,7 @@ def plot(run: Run, keys: str | Iterable[str] | None = None, ranks: Iterable[int]
     names = [k for k in (wanted or sorted(series)) if k in series and any(
         v is not None for s in series[k].values() for v in s["value"])]
     if not names:
-        raise ValueError(f"no numeric points for {wanted if wanted is not None else 'any key'} in {run.path}")
+        raise ValueError(f"no numeric points for {wanted if wanted is not None else 'any key'} in {run.location}")
     fig = Figure(figsize=(6, 2.2 * len(names)), layout="constrained")
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     keep = set(ranks) if ranks is not None else None

@@ -2,7 +2,9 @@
 
 Reads only the run directory (no collector needed). For a live or crashed run it also
 replays the write-ahead segments not yet in Parquet, so nothing persisted is hidden.
-pyarrow is imported on first use, keeping `import expman` light.
+Runs and roots may be local paths or URIs of any filesystem pyarrow opens (s3://,
+gs://, hdfs://, file://), or paths inside a `filesystem=`: every file is reached through
+expman/_storage_fs.py. pyarrow is imported on first use, keeping `import expman` light.
 """
 
 from __future__ import annotations
@@ -10,33 +12,57 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ._errors import ExpmanError, RunNotFoundError
-from ._identity import resolve_root
+from ._identity import chosen_root, resolve_root
 from ._schema import (
     CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
-    list_parts, read_yaml,
+    list_parts, read_yaml, read_yaml_if_present,
 )
+from ._storage_fs import Files, is_uri, locate, shown
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.fs as pafs
 
 log = logging.getLogger("expman")
 
 
 class Run:
-    """A run directory on disk. `info` and `params` are re-read on each access (runs may be live)."""
+    """A run directory, on disk or on object storage. `info` and `params` are re-read on
+    each access (runs may be live).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).resolve()
-        if not (self.path / RUN_YAML).is_file():
-            raise RunNotFoundError(f"{self.path} is not a run directory (no {RUN_YAML})")
+    `path` is a `Path` for a local run; for a run read through a pyarrow filesystem it is
+    the path inside that filesystem (`bucket/prefix/mnist/run-1a2b` for S3), and
+    `location` is the URI to show.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None) -> None:
+        files, where = locate(path, filesystem)
+        self._at(files, where)
+        if not files.is_file(self.path / RUN_YAML):
+            raise RunNotFoundError(f"{self.location} is not a run directory (no {RUN_YAML})")
+
+    def _at(self, files: Files, path: PurePath) -> Run:
+        self._files = files
+        self.path = path.resolve() if isinstance(path, Path) else path
+        return self
+
+    @classmethod
+    def _found(cls, files: Files, path: PurePath) -> Run:
+        """A run whose run.yaml the caller has just seen: no second look."""
+        return cls.__new__(cls)._at(files, path)
+
+    @property
+    def location(self) -> str:
+        """Where the run is: its folder, or its URI (credentials and query left out)."""
+        return self._files.uri(self.path)
 
     @property
     def info(self) -> dict[str, Any]:
-        return read_yaml(self.path / RUN_YAML)
+        return read_yaml(self.path / RUN_YAML, self._files)
 
     @property
     def id(self) -> str:
@@ -48,15 +74,15 @@ class Run:
 
     @property
     def params(self) -> dict[str, Any]:
-        return read_yaml(self.path / CONFIG_YAML)
+        return read_yaml(self.path / CONFIG_YAML, self._files)
 
     def log_text(self) -> str:
         """run.log, merged in time order with the lines other hosts' collectors kept (logs/)."""
-        files = [self.path / RUN_LOG, *sorted((self.path / LOGS_DIR).glob("*.log"))]
+        others = sorted(n for n in _visible(self._files.names(self.path / LOGS_DIR)) if n.endswith(".log"))
         texts = []
-        for path in files:
+        for path in [self.path / RUN_LOG, *(self.path / LOGS_DIR / n for n in others)]:
             try:
-                texts.append(path.read_text(encoding="utf-8"))
+                texts.append(self._files.read_text(path))
             except FileNotFoundError:
                 continue
         if len(texts) <= 1:
@@ -132,17 +158,25 @@ class Run:
         from ._wal import list_segments, read_records
 
         wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        parts, tables = _read_parts(self.path / METRICS_DIR, keys, metrics_schema())
-        covered: dict[str, int] = {}
-        for part in parts:
-            covered[part.writer] = max(covered.get(part.writer, -1), part.last)
-        segments = [
-            path
-            for wal in sorted((self.path / WAL_DIR).glob("*/"))
-            for n, path in list_segments(wal)
-            if n > covered.get(wal.name, -1)
-        ]
-        tail = wal_table(rec for path in segments for rec in read_records(path))
+        files, folder = self._files, self.path / METRICS_DIR
+        for _attempt in range(10):
+            parts, tables = _read_parts(files, folder, keys, metrics_schema())
+            covered: dict[str, int] = {}
+            for part in parts:
+                covered[part.writer] = max(covered.get(part.writer, -1), part.last)
+            segments = [
+                path
+                for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
+                for n, path in list_segments(self.path / WAL_DIR / writer, files)
+                if n > covered.get(writer, -1)
+            ]
+            tail = wal_table(rec for path in segments for rec in read_records(path, files))
+            # A live run's collector may have turned segments into a new part (and deleted
+            # them) after we listed the parts: those rows are in neither, so read again.
+            if list_parts(folder, files=files) == parts:
+                break
+        else:
+            raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
         if tail is not None:
             if wanted is not None:
                 import pyarrow.compute as pc
@@ -160,7 +194,7 @@ class Run:
 
         from ._schema import HARDWARE_DIR, hardware_schema
 
-        _, tables = _read_parts(self.path / HARDWARE_DIR, keys, hardware_schema())
+        _, tables = _read_parts(self._files, self.path / HARDWARE_DIR, keys, hardware_schema())
         if not tables:
             return hardware_schema().empty_table()
         return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
@@ -171,24 +205,24 @@ class Run:
         (and host, compression, stored, object)."""
         from . import _artifact_reader
 
-        return [r for _, r in sorted(_artifact_reader.records(self.path).items())]
+        return [r for _, r in sorted(_artifact_reader.records(self.path, self._files).items())]
 
     def read_artifact(self, name: str, *, key_file: str | os.PathLike[str] | None = None) -> bytes:
         """The artifact's bytes, checked against its SHA-256 (and decrypted with the master
         key, default $EXPMAN_KEY_FILE or ~/.config/expman/master.key)."""
         from . import _artifact_reader
 
-        return _artifact_reader.read(self.path, name, key_file)
+        return _artifact_reader.read(self.path, name, key_file, self._files)
 
     def download_artifact(
         self, name: str, dest: str | os.PathLike[str], *, key_file: str | os.PathLike[str] | None = None
     ) -> Path:
-        """Stream the artifact to `dest` (a file, or a folder to put it in); returns the path.
-        Memory stays at about two chunks whatever the size; nothing lands at `dest` unless
-        every check passed."""
+        """Stream the artifact to `dest` (a local file, or a local folder to put it in); returns
+        the path. Memory stays at about two chunks whatever the size; nothing lands at `dest`
+        unless every check passed."""
         from . import _artifact_reader
 
-        return _artifact_reader.download(self.path, name, dest, key_file)
+        return _artifact_reader.download(self.path, name, dest, key_file, self._files)
 
     def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
         """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""
@@ -206,20 +240,25 @@ class Run:
         return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
 
 
-def _read_parts(folder: Path, keys: str | Iterable[str] | None, schema: pa.Schema) -> tuple[list, list[pa.Table]]:
+def _read_parts(
+    files: Files, folder: PurePath, keys: str | Iterable[str] | None, schema: pa.Schema
+) -> tuple[list, list[pa.Table]]:
     """The live parts in `folder` and their rows (only `keys`, if given). A part merged away
     while we read is no loss: its rows are in a newer part, so list again."""
-    import pyarrow.parquet as pq
-
     wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
     filters = [(KEY, "in", wanted)] if wanted is not None else None
     for _attempt in range(10):
-        parts = list_parts(folder)
+        parts = list_parts(folder, files=files)
         try:
-            return parts, [pq.read_table(p.path, filters=filters, schema=schema) for p in parts]
+            return parts, [files.read_parquet(p.path, filters=filters, schema=schema) for p in parts]
         except FileNotFoundError:
             continue
-    raise ExpmanError(f"{folder}: parts kept changing while being read; try again")
+    raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
+
+
+def _visible(names: Iterable[str]) -> list[str]:
+    """Names a `*` glob would match: hidden entries (.wal, .incoming, temp files) left out."""
+    return [n for n in names if not n.startswith(".")]
 
 
 def _log_entries(text: str) -> list[str]:
@@ -258,32 +297,74 @@ def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
     return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
 
 
-def open_run(run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Run:
-    """Open a run by its directory, by 'experiment/run-folder' under the root, or by its id."""
-    path = Path(run)
-    if (path / RUN_YAML).is_file():
-        return Run(path)
-    base = resolve_root(root)
-    if (base / path / RUN_YAML).is_file():
-        return Run(base / path)
+def open_run(
+    run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *, filesystem: pafs.FileSystem | None = None
+) -> Run:
+    """Open a run by its directory or URI (s3://bucket/prefix/mnist/run-1a2b), by
+    'experiment/run-folder' under the root, or by its id. With `filesystem` (a
+    `pyarrow.fs.FileSystem`, for your own credentials or endpoint), `run` and `root` are
+    paths inside it."""
+    files, path = locate(run, filesystem)
+    if _holds_run(files, path, guess=filesystem is not None and not is_uri(run)):
+        return Run._found(files, path)
+    if is_uri(run):
+        raise RunNotFoundError(f"{shown(str(run))} is not a run directory (no {RUN_YAML})")
+    files, base = _root(root, filesystem)
+    if files.is_file(base / run / RUN_YAML):
+        return Run._found(files, base / run)
     uid = str(run)
-    for run_yaml in base.glob(f"*/*-{uid}/{RUN_YAML}"):
-        if read_yaml(run_yaml).get("id") == uid:
-            return Run(run_yaml.parent)
-    raise RunNotFoundError(f"no run {uid!r}: not a run directory, and no run with that id under {base}")
+    for run_dir in _run_dirs(files, base, suffix=f"-{uid}"):
+        info = read_yaml_if_present(run_dir / RUN_YAML, files)
+        if info is not None and info.get("id") == uid:
+            return Run._found(files, run_dir)
+    raise RunNotFoundError(f"no run {uid!r}: not a run directory, and no run with that id under {files.uri(base)}")
 
 
-def list_runs(root: str | os.PathLike[str] | None = None, experiment: str | None = None) -> list[Run]:
-    """The runs under a root (optionally one experiment), newest first."""
-    base = resolve_root(root)
-    pattern = f"{experiment}/*/{RUN_YAML}" if experiment else f"*/*/{RUN_YAML}"
+def list_runs(
+    root: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[Run]:
+    """The runs under a root (a folder, a URI such as s3://bucket/prefix, or a path inside
+    `filesystem`), optionally of one experiment, newest first."""
+    files, base = _root(root, filesystem)
     runs = []
-    for run_yaml in base.glob(pattern):
+    for run_dir in _run_dirs(files, base, experiment=experiment):
         try:
-            started = str(read_yaml(run_yaml).get("started_at") or "")
+            info = read_yaml_if_present(run_dir / RUN_YAML, files)
         except ExpmanError as exc:
             log.warning("expman: skipping a run: %s", exc)
             continue
-        runs.append((started, Run(run_yaml.parent)))
+        if info is not None:
+            runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]
+
+
+def _holds_run(files: Files, path: PurePath, guess: bool) -> bool:
+    """Whether `path` is a run folder. A guess (an id or relative name tried as a full path
+    in a filesystem: its first part is then a bucket, maybe someone else's) that the store
+    refuses is a no, not an error."""
+    try:
+        return files.is_file(path / RUN_YAML)
+    except OSError:
+        if guess:
+            return False
+        raise
+
+
+def _root(root: str | os.PathLike[str] | None, filesystem: pafs.FileSystem | None) -> tuple[Files, PurePath]:
+    """Where the runs are: the `root` argument, else $EXPMAN_ROOT, else ./experiments."""
+    files, path = locate(chosen_root(root), filesystem)
+    return files, resolve_root(path) if isinstance(path, Path) else path
+
+
+def _run_dirs(files: Files, base: PurePath, experiment: str | None = None, suffix: str = "") -> Iterator[PurePath]:
+    """Candidate run folders, <base>/<experiment>/<run>, as the glob `*/*{suffix}` finds them:
+    one listing per experiment, so object stores answer a few requests, not one per file."""
+    experiments = [experiment] if experiment else _visible(files.dirs(base))
+    for name in experiments:
+        for run_name in _visible(files.dirs(base / name)):
+            if run_name.endswith(suffix):
+                yield base / name / run_name

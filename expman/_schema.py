@@ -11,12 +11,13 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ._errors import ExpmanError
+from ._storage_fs import LOCAL, Files
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -91,19 +92,25 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: PurePath, files: Files = LOCAL) -> dict[str, Any]:
     """The mapping in a YAML file ({} if the file is missing); ExpmanError if it is not one."""
+    data = read_yaml_if_present(path, files)
+    return {} if data is None else data
+
+
+def read_yaml_if_present(path: PurePath, files: Files = LOCAL) -> dict[str, Any] | None:
+    """The mapping in a YAML file, None if the file is missing (one request on object
+    storage, where a separate existence check would cost another)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(files.read_text(path))
     except FileNotFoundError:
-        return {}
+        return None
     except yaml.YAMLError as exc:
-        raise ExpmanError(f"{path} is not valid YAML: {exc}") from None
+        raise ExpmanError(f"{files.uri(path)} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ExpmanError(f"{path} holds a {type(data).__name__}, not a mapping")
+        raise ExpmanError(f"{files.uri(path)} holds a {type(data).__name__}, not a mapping")
     return data
 
 
@@ -123,22 +130,18 @@ class Part:
     first: int
     last: int
     level: int
-    path: Path
+    path: PurePath  # a Path, except in runs read from object storage (expman/_storage_fs.py)
 
 
 def part_name(level: int, first: int, last: int, writer: str) -> str:
     return f"part-{level}-{first:08d}-{last:08d}.{writer}.parquet"
 
 
-def list_parts(metrics_dir: Path, writer: str | None = None) -> list[Part]:
+def list_parts(metrics_dir: PurePath, writer: str | None = None, files: Files = LOCAL) -> list[Part]:
     """The parts that hold the data (of one writer, or all), oldest first; parts inside a
     wider one of the same writer are left out."""
-    try:
-        names = os.listdir(metrics_dir)
-    except FileNotFoundError:
-        return []
     parts = []
-    for name in names:
+    for name in files.names(metrics_dir):
         m = _PART.match(name)
         if m and (writer is None or m[4] == writer):
             parts.append(Part(m[4], int(m[2]), int(m[3]), int(m[1]), metrics_dir / name))
@@ -202,6 +205,7 @@ CONTAINER_SUFFIX = ".expa"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _OBJECT = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_WRITER_MANIFEST = re.compile(r"^manifest\..*\.yaml$")  # manifest.<writer>.yaml (what glob("manifest.*.yaml") matched)
 
 
 @dataclass(frozen=True)
@@ -266,27 +270,27 @@ def manifest_name(writer: str | None = None) -> str:
     return MANIFEST if writer is None else f"manifest.{writer}.yaml"
 
 
-def read_manifests(artifacts_dir: Path) -> dict[str, ArtifactRecord]:
+def read_manifests(artifacts_dir: PurePath, files: Files = LOCAL) -> dict[str, ArtifactRecord]:
     """name -> latest record across every writer's manifest (by log time; within one file a
     later line wins)."""
-    paths = [artifacts_dir / MANIFEST, *sorted(artifacts_dir.glob("manifest.*.yaml"))]
+    others = sorted(n for n in files.names(artifacts_dir) if _WRITER_MANIFEST.match(n))
+    paths = [artifacts_dir / MANIFEST, *(artifacts_dir / n for n in others)]
     best: dict[str, tuple[str, int, ArtifactRecord]] = {}
     for order, path in enumerate(paths):
-        for record in read_manifest(path).values():
+        for record in read_manifest(path, files).values():
             key = (record.time, order)
             if record.name not in best or key >= best[record.name][:2]:
                 best[record.name] = (record.time, order, record)
     return {name: item[2] for name, item in best.items()}
 
 
-def read_manifest(path: Path) -> dict[str, ArtifactRecord]:
+def read_manifest(path: PurePath, files: Files = LOCAL) -> dict[str, ArtifactRecord]:
     """name -> latest record. Lines are parsed one at a time, so a torn last line (a
     collector killed mid-append) is skipped with a warning, never fatal."""
     import logging
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        lines = files.read_text(path).splitlines()
     except FileNotFoundError:
         return {}
     records: dict[str, ArtifactRecord] = {}
@@ -306,7 +310,7 @@ def read_manifest(path: Path) -> dict[str, ArtifactRecord]:
                 entry = parsed[0]
             record = ArtifactRecord.from_entry(entry)
         except (yaml.YAMLError, ExpmanError) as exc:
-            warn("expman: %s line %d skipped: %s", path, number, exc)
+            warn("expman: %s line %d skipped: %s", files.uri(path), number, exc)
             continue
         records[record.name] = record
     return records

@@ -12,8 +12,10 @@ import errno
 import os
 import struct
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterator
+
+from ._storage_fs import LOCAL, Files
 
 _HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 _SUFFIX = ".wal"
@@ -23,23 +25,19 @@ def segment_path(folder: Path, number: int) -> Path:
     return folder / f"{number:08d}{_SUFFIX}"
 
 
-def list_segments(folder: Path) -> list[tuple[int, Path]]:
+def list_segments(folder: PurePath, files: Files = LOCAL) -> list[tuple[int, PurePath]]:
     """(number, path) of each segment, oldest first."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
     out = []
-    for name in names:
+    for name in files.names(folder):
         if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit():
             out.append((int(name[: -len(_SUFFIX)]), folder / name))
     return sorted(out)
 
 
-def read_records(path: Path) -> Iterator[bytes]:
+def read_records(path: PurePath, files: Files = LOCAL) -> Iterator[bytes]:
     """Yield whole records; stop quietly at a torn or corrupt tail."""
     try:
-        data = path.read_bytes()
+        data = files.read_bytes(path)
     except FileNotFoundError:
         return
     offset = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,9 +110,71 @@ def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _release_expman() -> Iterator[None]:
-    """Each test leaves no open runs, sender threads or local collector processes behind."""
+def _release_expman(spool_dir: Path) -> Iterator[None]:
+    """Each test leaves no open runs, sender threads or local collector processes behind.
+    (It asks for spool_dir so it is torn down first: a run a failed test left open spools
+    its last frames into the test's folder, not into ~/.local/state.)"""
     yield
     from expman import _api
 
     _api.shutdown()
+
+
+@dataclass
+class S3Server:
+    """A real S3-protocol server (moto) on loopback."""
+
+    proc: subprocess.Popen
+    endpoint: str  # host:port
+    log_path: Path
+
+    def filesystem(self) -> object:
+        """A pyarrow S3FileSystem on this server (it may create buckets)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key="test",
+                                 secret_key="test", region="us-east-1", allow_bucket_creation=True)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server as a subprocess on 127.0.0.1 (port 0: it reports the one it got),
+    with the AWS environment pointed at it for the module: endpoint, dummy keys, no
+    ~/.aws files and no instance-metadata lookups, so nothing leaves loopback."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    workdir = tmp_path_factory.mktemp("s3")
+    log_path = workdir / "moto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    server = S3Server(proc, "", log_path)
+    try:
+        found = wait_for(lambda: re.search(r"Running on http://(127\.0\.0\.1:\d+)", log_path.read_text())
+                         or proc.poll() is not None, 30, "moto's S3 server to listen")
+        if proc.poll() is not None:
+            raise AssertionError(f"moto_server exited with {proc.returncode}: {log_path.read_text()}")
+        server.endpoint = found[1]
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in {
+                "AWS_ENDPOINT_URL": f"http://{server.endpoint}", "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_CONFIG_FILE": str(workdir / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-credentials"),
+            }.items():
+                env.setenv(name, value)
+            env.delenv("AWS_PROFILE", raising=False)
+            env.delenv("AWS_SESSION_TOKEN", raising=False)
+            yield server
+    finally:
+        server.stop()

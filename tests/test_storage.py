@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import expman
 from expman import _protocol as proto
 from expman._columns import frame_table
-from expman._schema import list_parts, part_name
+from expman._schema import WAL_DIR, list_parts, part_name
+from expman._storage_fs import LocalFiles
 from expman._wal import SegmentWriter, read_records, segment_path
 from expman.collector._metrics_store import MetricsStore
 from expman.collector._parts import MERGE_FANIN
@@ -150,3 +151,28 @@ def test_a_restarted_store_knows_every_frame_it_holds(tmp_path):
     for lo, hi in again.stored_frames["s"]:
         window.add_range(lo, hi)
     assert window.floor == 4 and window.ranges == [[5, 9]] and window.seen(2) and not window.seen(4)
+
+
+class FlushWhileListing(LocalFiles):
+    """The local disk, with the collector's flush landing at the worst moment for a reader:
+    after it has listed the parts, before it lists the write-ahead segments."""
+
+    def __init__(self, store: MetricsStore) -> None:
+        self.store, self.flushed = store, False
+
+    def dirs(self, path):
+        if path.name == WAL_DIR and not self.flushed:
+            self.flushed = True
+            self.store.flush()  # the WAL's rows become a new part; their segments are deleted
+        return super().dirs(path)
+
+
+def test_a_flush_between_the_readers_listings_hides_no_point(tmp_path):
+    store = MetricsStore(tmp_path, "node1")
+    add(store, metrics_frame(0, 5))
+    store.flush()                                # in a part
+    add(store, metrics_frame(1, 5))
+    add(store, metrics_frame(2, 5))
+    store.sync()                                 # acknowledged: in the WAL only, for now
+    run = expman.Run._found(FlushWhileListing(store), tmp_path)
+    assert sorted(run.metrics()["step"].to_pylist()) == list(range(15))

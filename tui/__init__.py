@@ -22,6 +22,7 @@ def _port_number(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from expman._errors import ExpmanError
     from expman._identity import resolve_root
 
     parser = argparse.ArgumentParser(prog="expman-tui", description="Watch expman runs live in the terminal.")
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --serve: the address the browser uses, when not http://HOST:PORT "
                              "(e.g. http://localhost:9000 for ssh -L 9000:localhost:8000)")
     args = parser.parse_args(argv)
-    root = resolve_root(args.root)
+    try:
+        root = resolve_root(args.root)
+    except ExpmanError as exc:  # a URI: the TUI tails local folders only
+        print(f"expman-tui: {exc}", file=sys.stderr)
+        return 2
     if not root.is_dir():
         print(f"expman-tui: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
         return 2
