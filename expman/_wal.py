@@ -34,13 +34,17 @@ def list_segments(folder: PurePath, files: Files = LOCAL) -> list[tuple[int, Pur
     return sorted(out)
 
 
-def read_records(path: PurePath, files: Files = LOCAL) -> Iterator[bytes]:
-    """Yield whole records; stop quietly at a torn or corrupt tail."""
+RECORD_OVERHEAD = _HEADER.size  # bytes a record takes beyond its payload
+
+
+def read_records(path: PurePath, files: Files = LOCAL, start: int = 0) -> Iterator[bytes]:
+    """Yield whole records from byte `start` on (a record boundary); stop quietly at a torn
+    or corrupt tail."""
     try:
         data = files.read_bytes(path)
     except FileNotFoundError:
         return
-    offset = 0
+    offset = start
     while offset + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size

@@ -14,6 +14,7 @@ import expman
 from expman import _summary
 from expman._buckets import aggregate, bucket_width
 from expman._schema import list_parts
+from expman.tui.data.runs import LatestValues
 from expman.tui.data.series import MetricsSource
 from conftest import start_collector
 
@@ -107,6 +108,7 @@ def test_a_real_run_opens_from_its_summary_and_matches_the_points(root, short_di
     loss = series["loss"]
     assert loss.points == 60_001 and loss.last_value == pytest.approx(1 / 60_000) and loss.last_x == 59_999
     assert loss.buckets.hi.max() == 50.0
+    assert LatestValues(["loss", "acc", "val_loss"]).of(run.path) == {"loss": 1 / 60_000, "acc": 59_999 / 60_000}
 
     points = run.metrics("loss")
     step = np.array(points["step"].to_pylist(), float)

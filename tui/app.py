@@ -12,11 +12,11 @@ from textual.binding import Binding
 
 from .data.runs import DEFAULT_KEY_METRICS
 from .screens.compare import CompareScreen
+from . import POLL_INTERVAL_S
 from .screens.help import HelpScreen, bindings_of
 from .screens.run import RunScreen
 from .screens.runs import RunsScreen
 
-POLL_INTERVAL_S = 0.5
 SERVER_CHECK_S = 1.0  # served in a browser: how often to check that the server is still there
 
 

@@ -6,7 +6,7 @@ arrays, least recently used first out past a byte budget). When the collector me
 parts, the new part is the concatenation of the old ones in order, with a row-group
 boundary at each: the points already held are reused and only the row groups of the
 inputs never seen are read. Write-ahead segments not yet in a part are re-read on each
-refresh (at most one flush interval, ~0.5 s, of points).
+refresh; each segment is decoded once, and then only the records appended since.
 
 Merged parts carry a chart summary in their footer (expman/_summary.py): with x = step,
 such a part is drawn from its summary without reading its points, unless the chart asks
@@ -29,9 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from expman import _summary
-from expman._columns import wal_table
+from expman._columns import frame_table
+from expman._protocol import decode_frame
 from expman._schema import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
-from expman._wal import list_segments, read_records
+from expman._wal import RECORD_OVERHEAD, list_segments, read_records
 
 from expman._buckets import Buckets, aggregate, bucket_width, combine
 
@@ -173,6 +174,7 @@ class MetricsSource:
         self._tail: pa.Table | None = None
         self._tail_sig: tuple = ()
         self._tail_chunks: dict[tuple[str, bool], Chunk] = {}
+        self._segments: dict[Path, tuple[int, list[pa.Table]]] = {}  # segment -> (bytes decoded, their rows)
         self.reads = 0  # parts (or row-group ranges) read from disk: for tests and the benchmark
 
     # --- refreshing --------------------------------------------------------------------
@@ -187,7 +189,7 @@ class MetricsSource:
                 segments = [(n, p) for wal in sorted((self.run_dir / WAL_DIR).glob("*/"))
                             for n, p in list_segments(wal) if n > covered.get(wal.name, -1)]
                 try:
-                    sig = tuple((n, os.stat(p).st_size) for n, p in segments)
+                    sig = tuple((p, os.stat(p).st_size) for _n, p in segments)
                     tail = self._tail if sig == self._tail_sig else self._read_tail(segments)
                 except FileNotFoundError:  # a segment became a part meanwhile
                     continue
@@ -203,12 +205,20 @@ class MetricsSource:
                 self._tail_chunks.clear()
             return changed
 
-    @staticmethod
-    def _read_tail(segments: list[tuple[int, Path]]) -> pa.Table | None:
-        records = []
+    def _read_tail(self, segments: list[tuple[int, Path]]) -> pa.Table | None:
+        """Rows of the segments not yet in a part. Segments only grow until they are deleted,
+        so what was decoded before is kept and only new records are read."""
+        held: dict[Path, tuple[int, list[pa.Table]]] = {}
+        tables: list[pa.Table] = []
         for _n, path in segments:
-            records.extend(read_records(path))
-        return wal_table(records)
+            offset, rows = self._segments.get(path, (0, []))
+            for record in read_records(path, start=offset):
+                rows = [*rows, frame_table(decode_frame(record))]
+                offset += RECORD_OVERHEAD + len(record)
+            held[path] = (offset, rows)
+            tables.extend(rows)
+        self._segments = held
+        return pa.concat_tables(tables) if tables else None
 
     # --- keys ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
