@@ -51,8 +51,9 @@ def write_part(
                     summary = _summary.summarize(source)
             else:
                 rows = 0
-                for part in source:
-                    file = pq.ParquetFile(part.path)
+                files = [pq.ParquetFile(part.path) for part in source]
+                width = _summary.merge_width(files) if summarize else None
+                for file in files:
                     known = _summary.read_summary(file) if summarize else None
                     if known is not None:
                         summary = _summary.merge([summary, known])
@@ -60,7 +61,8 @@ def write_part(
                         writer.write_batch(batch, row_group_size=ROW_GROUP)
                         rows += batch.num_rows
                         if summarize and known is None:  # bucket each point once, batch by batch
-                            summary = _summary.merge([summary, _summary.summarize(pa.Table.from_batches([batch]))])
+                            batch_summary = _summary.summarize(pa.Table.from_batches([batch]), width=width)
+                            summary = _summary.merge([summary, batch_summary])
             if summarize and _summary.worth_keeping(summary, rows):
                 writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
         with open(tmp, "rb") as fh:

@@ -52,8 +52,12 @@ class KeySummary:
 Summary = dict[str, KeySummary]  # every key of a part, in first-seen order
 
 
-def summarize(table: pa.Table, buckets: int = SUMMARY_BUCKETS) -> Summary:
+def summarize(table: pa.Table, buckets: int = SUMMARY_BUCKETS, width: float | None = None) -> Summary:
     """Summarize rows in the storage schema (at least key, value, step, rank).
+
+    Each key gets its own bucket width (for `buckets` buckets over its steps), or `width`
+    for every key: a merge passes the width its whole output needs (merge_width), so a
+    batch's summary is already small and folding it in is cheap.
 
     One pass of numpy's grouped reductions over a (key, rank, bucket) grid: no sort and
     no Python loop over points (~50 ns a point; the collector pays it once per point).
@@ -91,7 +95,10 @@ def summarize(table: pa.Table, buckets: int = SUMMARY_BUCKETS) -> Summary:
     rmin = int(rank.min())
     nranks = int(rank.max()) - rmin + 1
     per_series = _buckets_per_series(int(np.count_nonzero(points)) * nranks, buckets)
-    width = np.array([bucket_width(hi - lo, per_series) for lo, hi in zip(x_min, x_max)])
+    if width is None:
+        width = np.array([bucket_width(hi - lo, per_series) for lo, hi in zip(x_min, x_max)])
+    else:
+        width = np.full(nkeys, width)
     has_x = np.isfinite(x_min)
     first_bucket, span = np.zeros(nkeys, np.int64), np.zeros(nkeys, np.int64)  # span: buckets of each key
     first_bucket[has_x] = np.floor(x_min[has_x] / width[has_x])
@@ -134,6 +141,23 @@ def summarize(table: pa.Table, buckets: int = SUMMARY_BUCKETS) -> Summary:
 _NO_POINTS = KeySummary(0, 0, math.inf, -math.inf, None, None, empty(1.0))
 
 
+def merge_width(files: list[pq.ParquetFile], buckets: int = SUMMARY_BUCKETS) -> float | None:
+    """The bucket width for the steps of all these parts together, from their row-group
+    statistics (no data read); None when some part has no statistics for the step."""
+    lo, hi = math.inf, -math.inf
+    for file in files:
+        meta = file.metadata
+        column = file.schema_arrow.get_field_index(STEP)
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                if stats is not None and stats.null_count == meta.row_group(i).num_rows:
+                    continue  # only text points without steps
+                return None
+            lo, hi = min(lo, stats.min), max(hi, stats.max)
+    return bucket_width(hi - lo, buckets)
+
+
 def _buckets_per_series(series: int, buckets: int) -> int:
     fits = max(1, MAX_SUMMARY_ROWS // max(1, series))
     return max(64, min(buckets, 1 << int(math.log2(fits))))
@@ -145,7 +169,7 @@ def merge(summaries: list[Summary], buckets: int = SUMMARY_BUCKETS) -> Summary:
     for summary in summaries:
         for key, ks in summary.items():
             keys.setdefault(key, []).append(ks)
-    series = sum(len(set().union(*(s.buckets.ranks() for s in group))) or 1 for group in keys.values())
+    series = sum(_rank_span([s.buckets for s in group]) for group in keys.values())
     per_series = _buckets_per_series(series, buckets)
     out: Summary = {}
     for key, group in keys.items():
@@ -157,6 +181,14 @@ def merge(summaries: list[Summary], buckets: int = SUMMARY_BUCKETS) -> Summary:
                               last.last_value if last else None, last.last_x if last else None,
                               combine([s.buckets for s in group], width))
     return out
+
+
+def _rank_span(parts: list[Buckets]) -> int:
+    """How many ranks a key's buckets may cover, from the rank range (no sort: this runs per merged batch)."""
+    used = [b.rank for b in parts if len(b)]
+    if not used:
+        return 1
+    return int(max(r.max() for r in used)) - int(min(r.min() for r in used)) + 1
 
 
 def rows(summary: Summary) -> int:
