@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,40 @@ def next_merge(parts: list[Part]) -> tuple[list[Part], int] | None:
         by_level.setdefault(p.level, []).append(p)
     full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
     return None if full is None else (by_level[full][:MERGE_FANIN], full + 1)
+
+
+def _merge_into(writer: pq.ParquetWriter, parts: list[Part], summarize: bool) -> tuple[int, _summary.Summary]:
+    """Stream the parts' rows into `writer`; with `summarize`, also their summary.
+
+    Inputs that carry a summary lend it; the others are bucketed batch by batch on a
+    second thread while this one encodes and compresses (numpy and Arrow release the GIL,
+    so a merge takes about as long as the writing alone where a core is free).
+    """
+    rows = 0
+    summary: _summary.Summary = {}
+    files = [pq.ParquetFile(part.path) for part in parts]
+    width = _summary.merge_width(files) if summarize else None
+    pending: deque[Future[_summary.Summary]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="expman-summary") as pool:
+
+        def fold(keep: int) -> None:
+            nonlocal summary
+            while len(pending) > keep:  # in order: the last point of a key is the last one merged
+                summary = _summary.merge([summary, pending.popleft().result()])
+
+        for file in files:
+            known = _summary.read_summary(file) if summarize else None
+            if known is not None:
+                fold(0)
+                summary = _summary.merge([summary, known])
+            for batch in file.iter_batches(batch_size=ROW_GROUP):
+                writer.write_batch(batch, row_group_size=ROW_GROUP)
+                rows += batch.num_rows
+                if summarize and known is None:  # each point is bucketed once, here
+                    pending.append(pool.submit(_summary.summarize, pa.Table.from_batches([batch]), width=width))
+                    fold(2)
+        fold(0)
+    return rows, summary
 
 
 def write_part(
@@ -50,19 +86,7 @@ def write_part(
                 if summarize:
                     summary = _summary.summarize(source)
             else:
-                rows = 0
-                files = [pq.ParquetFile(part.path) for part in source]
-                width = _summary.merge_width(files) if summarize else None
-                for file in files:
-                    known = _summary.read_summary(file) if summarize else None
-                    if known is not None:
-                        summary = _summary.merge([summary, known])
-                    for batch in file.iter_batches(batch_size=ROW_GROUP):
-                        writer.write_batch(batch, row_group_size=ROW_GROUP)
-                        rows += batch.num_rows
-                        if summarize and known is None:  # bucket each point once, batch by batch
-                            batch_summary = _summary.summarize(pa.Table.from_batches([batch]), width=width)
-                            summary = _summary.merge([summary, batch_summary])
+                rows, summary = _merge_into(writer, source, summarize)
             if summarize and _summary.worth_keeping(summary, rows):
                 writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
         with open(tmp, "rb") as fh:
