@@ -21,7 +21,7 @@ from ._schema import (
     CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
     list_parts, read_yaml, read_yaml_if_present,
 )
-from ._storage_fs import Files, is_uri, locate, shown
+from ._storage_fs import LOCAL, Files, is_uri, locate, shown
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -340,6 +340,13 @@ def list_runs(
             runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]
+
+
+def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Candidate run folders under a local root, <root>/<experiment>/<run>, without reading
+    any file (a caller that caches run.yaml by its mtime reads only the ones that changed)."""
+    base = resolve_root(root)
+    return [Path(p) for p in _run_dirs(LOCAL, base)]
 
 
 def _holds_run(files: Files, path: PurePath, guess: bool) -> bool:

@@ -92,6 +92,9 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: PurePath, files: Files = LOCAL) -> dict[str, Any]:
     """The mapping in a YAML file ({} if the file is missing); ExpmanError if it is not one."""
     data = read_yaml_if_present(path, files)
@@ -102,7 +105,7 @@ def read_yaml_if_present(path: PurePath, files: Files = LOCAL) -> dict[str, Any]
     """The mapping in a YAML file, None if the file is missing (one request on object
     storage, where a separate existence check would cost another)."""
     try:
-        data = yaml.safe_load(files.read_text(path))
+        data = yaml.load(files.read_text(path), Loader=_LOADER)  # libyaml's safe loader: ~10x the pure-Python one
     except FileNotFoundError:
         return None
     except yaml.YAMLError as exc:
@@ -202,7 +205,6 @@ MANIFEST = "manifest.yaml"
 OBJECTS_DIR = "objects"
 INCOMING_DIR = ".incoming"
 CONTAINER_SUFFIX = ".expa"
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _OBJECT = re.compile(r"^objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WRITER_MANIFEST = re.compile(r"^manifest\..*\.yaml$")  # manifest.<writer>.yaml (what glob("manifest.*.yaml") matched)

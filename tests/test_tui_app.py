@@ -190,3 +190,8 @@ async def _watch_live(app, exp, log_some, current_step) -> None:
         await until(pilot, lambda: "round 2 done" in "\n".join(screen.query_one(Log).lines), what="the log line")
         exp.finish()
         await until(pilot, lambda: screen.info.get("status") == "finished", timeout=15, what="status finished")
+        # Back on the Runs screen, the row follows run.yaml (re-read because it changed).
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen)
+                    and "finished" in str(app.screen.query_one("#runs", DataTable).get_row_at(0)[3]),
+                    timeout=15, what="the Runs screen to show the run finished")

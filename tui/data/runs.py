@@ -1,6 +1,6 @@
 """What the Runs and Run screens show about a run, besides its series: summaries and rank rows.
 
-Plain functions and small classes over `expman.list_runs` / `expman.open_run`; they do
+Plain functions and small classes over the run folders and `expman.open_run`; they do
 file I/O, so the screens call them from workers.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from expman import list_runs
+from expman._reader import run_folders
 from expman._errors import ExpmanError
 from expman._summary import read_summary
-from expman._schema import KEY, METRICS_DIR, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._schema import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
 from expman._wal import list_segments
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
@@ -166,15 +166,30 @@ class RunIndex:
     def __init__(self, root: Path, key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
         self.root = root
         self.latest = LatestValues(key_metrics)
+        self._infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
 
     def scan(self) -> list[RunSummary]:
+        """Every run, newest first. run.yaml is re-read only when its mtime or size changed
+        (the collector replaces it atomically), so a root of hundreds of runs scans in
+        milliseconds."""
         out = []
-        for run in list_runs(self.root):
+        infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+        for path in run_folders(self.root):
             try:
-                info = run.info
-            except ExpmanError:
+                st = os.stat(path / RUN_YAML)
+            except OSError:
                 continue
-            out.append(summarize(run.path, info, self.latest.of(run.path)))
+            signature = (st.st_mtime_ns, st.st_size)
+            known = self._infos.get(path)
+            if known is None or known[0] != signature:
+                try:
+                    known = (signature, read_yaml(path / RUN_YAML))
+                except (ExpmanError, OSError):
+                    continue
+            infos[path] = known
+            out.append(summarize(path, known[1], self.latest.of(path)))
+        self._infos = infos
+        out.sort(key=lambda s: str(self._infos[s.path][1].get("started_at") or ""), reverse=True)
         self.latest.forget({s.path for s in out})
         return out
 
