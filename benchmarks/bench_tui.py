@@ -151,6 +151,7 @@ async def live(seconds: float, rate: int) -> dict:
 
     tmp = c.make_tmpdir("tui-live")
     root = tmp / "root"
+    logging_until = time.time() + seconds  # the writer logs for `seconds` from its own start, a little later
     writer = subprocess.Popen([c.PYTHON, "-c", WRITER, str(root), str(seconds), str(rate)], stdout=subprocess.PIPE, text=True)
     latencies: list[float] = []
     ages: list[float] = []  # every 50 ms: how old the newest probe on the chart is
@@ -178,7 +179,8 @@ async def live(seconds: float, rate: int) -> dict:
                 lags.append(time.monotonic() - t0 - 0.05)
                 probe = screen.series.get("probe")
                 if probe is not None and probe.last_value is not None:
-                    ages.append(time.time() - probe.last_value)
+                    if time.time() < logging_until:  # afterwards the newest point just gets older
+                        ages.append(time.time() - probe.last_value)
                     if probe.last_value != seen:
                         seen = probe.last_value
                         latencies.append(time.time() - seen)
