@@ -71,24 +71,20 @@ def write_part(
     `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
     ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
-    `summarize` (metrics parts) puts a chart summary in the footer (expman/_summary.py)
-    when it is much smaller than the part.
+    `summarize` (merges of metrics parts) puts a chart summary in the footer
+    (expman/_summary.py) when it is much smaller than the part.
     """
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
-            summary: _summary.Summary = {}
             if isinstance(source, pa.Table):
                 writer.write_table(source, row_group_size=ROW_GROUP)
-                rows = source.num_rows
-                if summarize:
-                    summary = _summary.summarize(source)
             else:
                 rows, summary = _merge_into(writer, source, summarize)
-            if summarize and _summary.worth_keeping(summary, rows):
-                writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
+                if summarize and _summary.worth_keeping(summary, rows):
+                    writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
