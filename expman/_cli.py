@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from ._cli_artifacts import add_commands as add_artifact_commands
 from ._errors import ExpmanError
 from ._identity import ROOT_ENV, chosen_root, resolve_root
-from ._reader import Run, list_runs, open_run
+from ._reader import Run, flat_params, list_runs, open_run
 from ._schema import KEY, RANK, STEP, TEXT, TIME, VALUE
 from ._storage_fs import is_uri, shown
 from ._version import __version__
@@ -178,7 +178,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for name, value in fields:
         print(f"{name:<{width}}  {value}")
 
-    params = list(_flatten(run.params))
+    params = list(flat_params(run.params).items())
     print("\nparams" if params else "\nparams: none")
     for name, value in params:
         print(f"  {name} = {_param_text(value)}")
@@ -355,13 +355,6 @@ def _run_label(run: Run, uid: Any) -> str:
     matches = [name for name in run._files.dirs(run.path.parent) if name.endswith(f"-{uid}")]
     return f"{matches[0]} ({uid})" if len(matches) == 1 else str(uid)
 
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _param_text(value: Any) -> str:

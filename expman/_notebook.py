@@ -8,6 +8,7 @@ import json
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ._reader import flat_params
 from ._schema import KEY, RANK, STEP, TEXT, VALUE
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def run_html(run: Run) -> str:
     head = (f'<div class="expman-run"><b>{esc(str(info.get("experiment", "")))}/{esc(str(info.get("name", "")))}</b> '
             f'<code>{esc(str(info.get("id", "")))}</code> · status <b>{esc(str(info.get("status", "unknown")))}</b> · '
             f'ranks {len(ranks)} of {esc(str(info.get("world_size") or len(ranks)))} ({esc(rank_text)})')
-    params = list(_flatten(run.params))
+    params = list(flat_params(run.params).items())
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(_text(v))}</td></tr>" for k, v in params[:MAX_PARAMS])
     more = f"<tr><td colspan=2>… {len(params) - MAX_PARAMS} more</td></tr>" if len(params) > MAX_PARAMS else ""
     param_html = (f"<details><summary>params ({len(params)})</summary><table>{rows}{more}</table></details>"
@@ -114,13 +115,6 @@ def plot(run: Run, keys: str | Iterable[str] | None = None, ranks: Iterable[int]
             ax.legend(fontsize=7)
     return fig
 
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _text(value: Any) -> str:

@@ -342,6 +342,18 @@ def list_runs(
     return [run for _, run in runs]
 
 
+def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as dotted keys, the way readers show them:
+    {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1} (an empty mapping stays a value)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """Candidate run folders under a local root, <root>/<experiment>/<run>, without reading
     any file (a caller that caches run.yaml by its mtime reads only the ones that changed)."""

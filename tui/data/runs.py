@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from expman._reader import run_folders
+from expman._reader import flat_params, run_folders
 from expman._errors import ExpmanError
 from expman._summary import read_summary
 from expman._schema import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
@@ -267,21 +267,11 @@ def rank_rows(info: dict[str, Any], now: float, rates: RankRates | None = None) 
 
 
 # --- params ----------------------------------------------------------------------------------
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameters as dotted keys: {"optimizer": {"lr": 1}} -> {"optimizer.lr": 1}."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def params_diff(params: list[dict[str, Any]], only_different: bool = True) -> list[tuple[str, list[Any]]]:
     """Rows (key, value per run) over the union of keys; `only_different` keeps rows that differ."""
-    flat = [flatten(p) for p in params]
+    flat = [flat_params(p) for p in params]
     keys = sorted({k for p in flat for k in p})
     missing = object()
     rows = []

@@ -7,7 +7,9 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
-from ..data.runs import flatten, params_diff
+from expman._reader import flat_params
+
+from ..data.runs import params_diff
 
 
 def show_value(value: Any) -> str:
@@ -26,7 +28,7 @@ class ParamsTable(DataTable):
 
     def show(self, params: dict[str, Any]) -> None:
         self.clear()
-        for key, value in flatten(params).items():
+        for key, value in flat_params(params).items():
             self.add_row(key, show_value(value), key=key)
 
 
