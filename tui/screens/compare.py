@@ -17,7 +17,7 @@ from expman._schema import CONFIG_YAML, RUN_YAML
 from ..data.runs import read_yaml_safe
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
 from ..widgets.braille import Line
-from ..widgets.chart import MEAN, MetricChart, chart_title, lines_for_run, x_formatter
+from ..widgets.chart import MEAN, MetricChart, chart_request, chart_title, lines_for_run, sync_charts, x_formatter
 from ..widgets.key_picker import KeyPicker
 from ..widgets.params_table import ParamsDiff
 from .run import default_keys
@@ -66,9 +66,7 @@ class CompareScreen(Screen):
         self.set_interval(self.app.poll_interval * 2, self.poll)
 
     def _request(self) -> tuple:
-        charts = list(self.query(MetricChart))
-        target = charts[0].target_buckets if charts else max(16, 4 * (self.app.size.width - 42))
-        return (tuple(self.chosen) if self.chosen is not None else None, self.xkind, target)
+        return chart_request(self, self.chosen, self.xkind)
 
     def poll(self) -> None:
         if self._busy:
@@ -124,15 +122,7 @@ class CompareScreen(Screen):
         self.query_one(ParamsDiff).show(self.names, self.params, self.only_different)
 
     def _sync_charts(self) -> None:
-        area = self.query_one("#compare-charts", VerticalScroll)
-        wanted = list(self.chosen or [])
-        existing = {chart.key: chart for chart in self.query(MetricChart)}
-        for key, chart in existing.items():
-            if key not in wanted:
-                chart.remove()
-        for key in wanted:
-            if key not in existing:
-                area.mount(MetricChart(key))
+        sync_charts(self.query_one("#compare-charts", VerticalScroll), list(self.chosen or []))
 
     def _draw(self) -> None:
         for chart in self.query(MetricChart):

@@ -29,7 +29,9 @@ from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, re
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
 from ..widgets.artifacts_list import ArtifactsList
 from ..widgets.braille import format_elapsed
-from ..widgets.chart import MEAN, PER_RANK, MetricChart, chart_title, lines_for_run, x_formatter
+from ..widgets.chart import (
+    MEAN, PER_RANK, MetricChart, chart_request, chart_title, default_target, lines_for_run, sync_charts, x_formatter,
+)
 from ..widgets.hardware_panel import HardwarePanel
 from ..widgets.key_picker import KeyPicker
 from ..widgets.params_table import ParamsTable
@@ -99,7 +101,7 @@ class RunScreen(Screen):
         # The first read starts now, on a plain thread, while Textual builds the screen:
         # the first chart then waits for the slower of the two, not for both in turn.
         self._first: Future | None = Future()
-        first_request = (None, X_STEP, max(16, 4 * (self.app.size.width - 42)))
+        first_request = (None, X_STEP, default_target(self.app.size.width))
         threading.Thread(target=self._prefetch, args=(first_request,), name="expman-tui-first-read", daemon=True).start()
 
     def _prefetch(self, request: tuple) -> None:
@@ -135,9 +137,7 @@ class RunScreen(Screen):
 
     # --- reading -------------------------------------------------------------------------
     def _request(self) -> tuple:
-        charts = list(self.query(MetricChart))
-        target = charts[0].target_buckets if charts else max(16, 4 * (self.app.size.width - 42))
-        return (tuple(self.chosen) if self.chosen is not None else None, self.xkind, target)
+        return chart_request(self, self.chosen, self.xkind)
 
     def poll(self) -> None:
         if self._busy:
@@ -239,16 +239,8 @@ class RunScreen(Screen):
 
     def _sync_charts(self) -> None:
         """One MetricChart per chosen key, in the order chosen."""
-        area = self.query_one("#charts-area", VerticalScroll)
-        wanted = list(self.chosen or [])
-        existing = {chart.key: chart for chart in self.query(MetricChart)}
-        for key, chart in existing.items():
-            if key not in wanted:
-                chart.remove()
-        for key in wanted:
-            if key not in existing:
-                area.mount(MetricChart(key))
-        if not wanted:
+        sync_charts(self.query_one("#charts-area", VerticalScroll), list(self.chosen or []))
+        if not self.chosen:
             self.notify("choose a key on the left (space)", timeout=3)
 
     def _draw(self) -> None:

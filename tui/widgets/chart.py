@@ -102,6 +102,29 @@ class MetricChart(Widget):
         return strips
 
 
+def default_target(width: int) -> int:
+    """Buckets for charts not laid out yet, from the terminal's width less the key picker and labels."""
+    return max(16, 4 * (width - 42))
+
+
+def chart_request(screen: Widget, chosen: list[str] | None, xkind: str) -> tuple:
+    """What a chart screen asks its reader for: (keys, or None for the defaults; x kind; buckets)."""
+    charts = list(screen.query(MetricChart))
+    target = charts[0].target_buckets if charts else default_target(screen.app.size.width)
+    return (tuple(chosen) if chosen is not None else None, xkind, target)
+
+
+def sync_charts(area: Widget, keys: list[str]) -> None:
+    """One MetricChart per key in `area`, in the order given."""
+    existing = {chart.key: chart for chart in area.query(MetricChart)}
+    for key, chart in existing.items():
+        if key not in keys:
+            chart.remove()
+    for key in keys:
+        if key not in existing:
+            area.mount(MetricChart(key))
+
+
 def chart_title(key: str, series: list[Series], lines: list[Line], extra: str = "") -> Text:
     """`key  last 0.123 @ 4,000  12.3k pts  ━ r0 ━ r1`."""
     text = Text(key, style="bold")
