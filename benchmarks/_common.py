@@ -224,18 +224,25 @@ class ExternalCollector:
             self.stopped = False
 
     def close(self, timeout: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        self.sigcont()  # a stopped process cannot act on SIGTERM
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
+        self.stopped = False
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> int | None:
+    """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, then SIGKILL after `timeout`; the exit code."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    try:
+        return proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> bool:

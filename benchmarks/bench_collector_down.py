@@ -22,6 +22,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               f" rows on disk {rows:,} of {step:,} logged; points lost {step - rows:,}")
         return 0 if rows == step else 1
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        proc.wait(30)
+        c.stop_process(proc, 30)
         shutil.rmtree(work, ignore_errors=True)
 
 

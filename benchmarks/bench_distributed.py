@@ -318,20 +318,6 @@ def start_collector(role: str, host: Host, args: list[str], work: Path, procs: l
     return Collector(role, host, proc, int(info["pid"]), list(info["endpoints"]), log)
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> int | None:
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    try:
-        return proc.wait(5)
-    except subprocess.TimeoutExpired:
-        return None
-
-
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """One line of a rank's stdout, or '' if none comes within `timeout` s (or it exited)."""
     import select
@@ -384,7 +370,7 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
                 proc.kill()
             proc.wait()
         for proc in reversed(procs):  # then the relay, then the head
-            stop_process(proc)
+            c.stop_process(proc)
         hosts_ctl.close()
         c.rmtree_quiet(work)
 
@@ -507,7 +493,7 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         out["run_ranks_finished"] = sum(1 for v in (run.info.get("ranks") or {}).values() if v.get("status") == "finished")
 
         for col in reversed(collectors):  # relay first, so it does not resend into a stopped head
-            code = stop_process(col.proc)
+            code = c.stop_process(col.proc)
             col.counters.update(collector_counters(col.log), exit_code=code)
         out["collector_figures"] = {col.role: col.counters for col in collectors}
         rows_counted = head_col.counters.get("points")

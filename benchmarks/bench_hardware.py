@@ -49,13 +49,7 @@ def start_ranks(n: int) -> list[subprocess.Popen]:
 
 def stop_ranks(procs: list[subprocess.Popen]) -> None:
     for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        c.stop_process(p, 5)
 
 
 def gpu_config(pids: list[int]) -> list[dict[str, Any]]:
@@ -188,13 +182,7 @@ def run_collector(seconds: float, interval: float, real_nvml: bool) -> dict[str,
         sampling = cpu_percent_over(seconds)
     finally:
         dealer.close(0)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        c.stop_process(proc)
         stop_ranks(ranks)
         c.rmtree_quiet(tmp)
     return {"seconds": seconds, "idle_cpu_percent": idle, "sampling_cpu_percent": sampling,
