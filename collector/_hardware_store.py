@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from expman._schema import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
 
-from ._parts import next_merge, write_part
+from ._parts import merge_parts, next_merge, write_part
 
 log = logging.getLogger("expman.collector")
 
@@ -91,9 +91,7 @@ class HardwareStore:
             self._merge(*plan)
 
     def _merge(self, parts: list[Part], level: int) -> None:
-        write_part(parts, self.dir / part_name(level, parts[0].first, parts[-1].last, self.writer), _SCHEMA)
-        for p in parts:
-            p.path.unlink(missing_ok=True)
+        merge_parts(parts, level, _SCHEMA)
 
     def compact(self) -> None:
         """Flush, then merge this writer's parts into one (when the run's sampling ends)."""

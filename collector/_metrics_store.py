@@ -19,7 +19,7 @@ from expman._protocol import decode_frame
 from expman._schema import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._wal import SegmentWriter, list_segments, read_records, segment_path
 
-from ._parts import next_merge, write_part
+from ._parts import merge_parts, next_merge, write_part
 
 log = logging.getLogger("expman.collector")
 
@@ -163,11 +163,8 @@ class MetricsStore:
             self._merge(*plan)
 
     def _merge(self, parts: list[Part], level: int) -> None:
-        target = self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)
-        write_part(parts, target, _SCHEMA, _frames_metadata(_union([part_frames(p.path) for p in parts])), summarize=True,
-                   **_ENCODING)
-        for p in parts:
-            p.path.unlink(missing_ok=True)
+        frames = _frames_metadata(_union([part_frames(p.path) for p in parts]))
+        merge_parts(parts, level, _SCHEMA, frames, summarize=True, **_ENCODING)
 
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish)."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from expman import _summary
-from expman._schema import Part
+from expman._schema import Part, part_name
 
 ROW_GROUP = 131_072
 MERGE_FANIN = 8  # parts of one level merged into one of the next: a run keeps a few dozen files
@@ -91,3 +91,14 @@ def write_part(
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk: nothing half-written stays; the WAL still has the rows
         raise
+
+
+def merge_parts(parts: list[Part], level: int, schema: pa.Schema, metadata: dict[str, str] | None = None,
+                summarize: bool = False, **options: Any) -> None:
+    """Write `parts` (oldest first, one writer's) as one part of `level` beside them, then
+    delete them; until then readers skip the inputs, which lie inside the new part's range."""
+    first = parts[0]
+    target = first.path.parent / part_name(level, first.first, parts[-1].last, first.writer)
+    write_part(parts, target, schema, metadata, summarize, **options)
+    for part in parts:
+        part.path.unlink(missing_ok=True)
