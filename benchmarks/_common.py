@@ -260,7 +260,7 @@ def shutdown_local_collectors(timeout: float = 15.0) -> None:
     Uses the library's own shutdown where it has one; then terminates any collector
     child that is still there (SIGCONT first, in case a benchmark stopped it).
     """
-    from expman import _api
+    from expman._rank import start as _api
 
     for name in ("shutdown", "_shutdown_local_collectors"):
         fn = getattr(_api, name, None)

@@ -33,7 +33,7 @@ MB = 1024 * 1024
 
 
 def bench_format(total_mb: int) -> list[dict[str, Any]]:
-    from expman._crypto import create_key_file, key_provider, new_header, read_plaintext
+    from expman._storage.crypto import create_key_file, key_provider, new_header, read_plaintext
 
     tmp = c.make_tmpdir("fmt")
     try:
@@ -122,7 +122,7 @@ def bench_handover(big_mb: int, encrypt: bool) -> dict[str, Any]:
     ext = None
     try:
         key = tmp / "k.key"
-        from expman._crypto import create_key_file
+        from expman._storage.crypto import create_key_file
 
         create_key_file(key)
         ext = c.ExternalCollector(tmp)
@@ -142,7 +142,7 @@ def bench_handover(big_mb: int, encrypt: bool) -> dict[str, Any]:
         record = expman.open_run(exp.run_dir).artifacts()[0]
         t0 = time.perf_counter()
         n = 0
-        from expman import _artifact_reader
+        from expman._reader import artifacts as _artifact_reader
 
         for piece in _artifact_reader.iter_content(exp.run_dir, record, key):
             n += len(piece)

@@ -65,7 +65,7 @@ def thread_cpu_s(native_id: int) -> float:
 
 
 def hello(run: str, rank: int, host: str, pid: int, interval: float) -> Any:
-    from expman._protocol import Frame
+    from expman._wire.frames import Frame
 
     return Frame("hello", run, host, rank, "bench", rank, time.time(),
                  {"log_hardware": True, "hardware_interval": interval, "pid": pid, "local_rank": rank})
@@ -82,7 +82,7 @@ def run_sampler(seconds: float, interval: float, real_nvml: bool) -> dict[str, A
     from fake_nvml import FakeNvml
 
     import expman
-    from expman._schema import write_yaml_atomic
+    from expman._storage.layout import write_yaml_atomic
 
     tmp = c.make_tmpdir("hw")
     ranks = start_ranks(RANKS)
@@ -143,8 +143,8 @@ def run_collector(seconds: float, interval: float, real_nvml: bool) -> dict[str,
     import psutil
     import zmq
 
-    from expman import _protocol as proto
-    from expman._identity import hostname
+    from expman._wire import frames as proto
+    from expman._env import hostname
 
     tmp = c.make_tmpdir("hwc")
     ranks = start_ranks(RANKS)

@@ -40,7 +40,7 @@ def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from expman._schema import Part, metrics_schema, part_name, write_yaml_atomic
+    from expman._storage.layout import Part, metrics_schema, part_name, write_yaml_atomic
     from expman.collector._parts import write_part
 
     run = root / "bench" / f"{name}-00000001"

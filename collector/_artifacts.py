@@ -1,7 +1,7 @@
 """Artifacts on the collector: chunks in, content-addressed objects and a manifest out.
 
 A transfer (one artifact from one rank) arrives as numbered chunk frames. Each chunk is
-hashed, optionally compressed and encrypted (expman/_crypto.py), and appended to a
+hashed, optionally compressed and encrypted (expman/_storage/crypto.py), and appended to a
 staging file under `artifacts/.incoming/` before it is acknowledged, so a transfer
 survives a collector restart and resumes where it stopped. The last chunk's frame
 carries the rank's SHA-256 of the whole content; when it matches ours the staging file
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expman import _protocol as proto
-from expman._artifact_names import normalize_name
-from expman._crypto import Header, MasterKey, load_master_key, new_header, recover
+from expman._wire import frames as proto
+from expman._storage.artifact_names import normalize_name
+from expman._storage.crypto import Header, MasterKey, load_master_key, new_header, recover
 from expman._errors import ArtifactError, ProtocolError
-from expman._schema import (
+from expman._storage.layout import (
     ARTIFACTS_DIR,
     INCOMING_DIR,
     ArtifactRecord,

@@ -90,7 +90,7 @@ class CurveServer:
         """`allow_dir` defaults to allowed/ beside the secret key (the curve-init layout)."""
         from pathlib import Path
 
-        from expman._curve import ALLOWED_DIR, read_allowed, read_key
+        from expman._wire.curve_keys import ALLOWED_DIR, read_allowed, read_key
 
         if not zmq.has("curve"):
             raise ValueError("this libzmq was built without CURVE support")

@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from expman._identity import resolve_root
-from expman._schema import write_yaml_atomic
+from expman._storage.files import resolve_root
+from expman._storage.layout import write_yaml_atomic
 
-from expman._curve import CurveKeyError, client_keys
+from expman._wire.curve_keys import CurveKeyError, client_keys
 from expman._errors import ArtifactError, ExpmanError
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings

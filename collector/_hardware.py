@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from expman._identity import hostname
-from expman._protocol import Frame
+from expman._env import hostname
+from expman._wire.frames import Frame
 
 from ._hardware_store import HardwareStore, Row
 from .samplers import Reading

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from expman._schema import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
+from expman._storage.layout import HARDWARE_DIR, Part, hardware_schema, list_parts, part_name, stale_parts
 
 from ._parts import merge_parts, next_merge, write_part
 

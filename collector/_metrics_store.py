@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from expman._columns import frame_table
-from expman._protocol import decode_frame
-from expman._schema import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
-from expman._wal import SegmentWriter, list_segments, read_records, segment_path
+from expman._storage.rows import frame_table
+from expman._wire.frames import decode_frame
+from expman._storage.layout import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
+from expman._storage.wal import SegmentWriter, list_segments, read_records, segment_path
 
 from ._parts import merge_parts, next_merge, write_part
 

@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from expman import _summary
-from expman._schema import Part, part_name
+from expman._storage import summary as _summary
+from expman._storage.layout import Part, part_name
 
 ROW_GROUP = 131_072
 MERGE_FANIN = 8  # parts of one level merged into one of the next: a run keeps a few dozen files
@@ -72,7 +72,7 @@ def write_part(
     the collector's memory stays flat whatever the size of the run. `options` go to the
     ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
     `summarize` (merges of metrics parts) puts a chart summary in the footer
-    (expman/_summary.py) when it is much smaller than the part.
+    (expman/_storage/summary.py) when it is much smaller than the part.
     """
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})

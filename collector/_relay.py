@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from expman._curve import ClientKeys
+from expman._wire.curve_keys import ClientKeys
 
 log = logging.getLogger("expman.collector")
 

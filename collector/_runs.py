@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from expman._errors import ProtocolError
-from expman._protocol import Frame
-from expman._schema import (
+from expman._wire.frames import Frame
+from expman._wire.limits import check_name
+from expman._storage.layout import (
     CONFIG_YAML,
     FINAL_STATUSES,
     HOSTS_DIR,
@@ -27,7 +28,6 @@ from expman._schema import (
     OWNER_FILE,
     RUN_LOG,
     RUN_YAML,
-    check_name,
     read_yaml,
     run_dir_name,
     write_yaml_atomic,

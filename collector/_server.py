@@ -19,16 +19,17 @@ from typing import Any, Callable
 
 import zmq
 
-from expman import _protocol as proto
-from expman._columns import frame_table
-from expman._curve import ClientKeys
+from expman._wire import frames as proto
+from expman._storage.rows import frame_table
+from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
-from expman._schema import HOSTS_DIR, RUN_YAML, check_name, read_yaml, write_yaml_atomic
+from expman._storage.layout import HOSTS_DIR, RUN_YAML, read_yaml, write_yaml_atomic
+from expman._wire.limits import check_name
 
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
-from ._limits import check_envelope
+from expman._wire.limits import check_envelope
 from ._relay import Relay
 from ._runs import Run, find_run_dir
 

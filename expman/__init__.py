@@ -10,9 +10,9 @@ Quick scripts can use the W&B-style verbs instead (`import expman as wandb`):
 `expman.init`, `expman.log`, `expman.finish`, `expman.config`, `expman.run`.
 """
 
-from ._api import start_experiment
-from ._core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
-from ._errors import (
+from expman._rank.start import start_experiment
+from expman._compat.core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
+from expman._errors import (
     ArtifactError,
     ArtifactIntegrityError,
     ArtifactKeyError,
@@ -21,12 +21,12 @@ from ._errors import (
     ProtocolError,
     RunNotFoundError,
 )
-from ._experiment import Experiment
-from ._reader import Run, list_runs, open_run
-from ._summary_writer import SummaryWriter
-from ._values import Metric
-from ._version import __version__
-from ._wandb_style import config, finish, init, log, login
+from expman._rank.experiment import Experiment
+from expman._reader.run import Run, list_runs, open_run
+from expman._compat.summary_writer import SummaryWriter
+from expman._rank.values import Metric
+from expman._version import __version__
+from expman._compat.wandb_style import config, finish, init, log, login
 
 __all__ = [
     "ArtifactError",
@@ -61,7 +61,7 @@ _DYNAMIC = ("run",)  # module attributes that change: computed on each access
 
 def __getattr__(name: str):  # noqa: ANN202
     if name == "run":  # the current W&B-style run (expman.init), or None
-        from ._wandb_style import current_run
+        from expman._compat.wandb_style import current_run
 
         return current_run()
     raise AttributeError(f"module 'expman' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from ._cli import main
+from expman._cli.main import main
 
 raise SystemExit(main())

@@ -14,9 +14,9 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
-from ._errors import RunNotFoundError
-from ._notebook import pending_html, run_html
-from ._reader import Run
+from expman._errors import RunNotFoundError
+from expman._reader.notebook import pending_html, run_html
+from expman._reader.run import Run
 
 __all__ = ["watch"]
 
@@ -58,7 +58,7 @@ def _open(run: Any) -> Run | None:
     try:
         if path is not None:
             return Run(path)
-        from ._reader import open_run
+        from expman._reader.run import open_run
 
         return open_run(run if isinstance(run, (str, os.PathLike)) else str(run))
     except RunNotFoundError:

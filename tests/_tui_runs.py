@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from expman._schema import CONFIG_YAML, METRICS_DIR, RUN_LOG, RUN_YAML, metrics_schema, part_name, write_yaml_atomic
+from expman._storage.layout import CONFIG_YAML, METRICS_DIR, RUN_LOG, RUN_YAML, metrics_schema, part_name, write_yaml_atomic
 
 T0 = 1_795_000_000.0  # 2026-11-18 08:26:40 UTC: every time in these runs counts from here
 NOW = T0 + 3600.0  # the clock the app gets in snapshot tests

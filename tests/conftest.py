@@ -115,7 +115,7 @@ def _release_expman(spool_dir: Path) -> Iterator[None]:
     (It asks for spool_dir so it is torn down first: a run a failed test left open spools
     its last frames into the test's folder, not into ~/.local/state.)"""
     yield
-    from expman import _api
+    from expman._rank import start as _api
 
     _api.shutdown()
 

@@ -21,7 +21,7 @@ def _blocks(title: str) -> str:
 @pytest.fixture(scope="module")
 def experiment_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Experiment "mnist": two runs of two ranks each, with different learning rates."""
-    from expman import _api
+    from expman._rank import start as _api
 
     root = tmp_path_factory.mktemp("analysis")
     endpoint = _api._local_collector(root, None).endpoint

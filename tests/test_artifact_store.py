@@ -17,8 +17,8 @@ import pytest
 
 import expman
 from expman.collector._artifacts import ArtifactService, ArtifactSettings, Deferred
-from expman import _protocol as proto
-from expman._crypto import create_key_file
+from expman._wire import frames as proto
+from expman._storage.crypto import create_key_file
 from expman._errors import ProtocolError
 from _helpers import wait_for
 from conftest import start_collector

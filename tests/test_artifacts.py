@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 import expman
-from expman import _protocol as proto
-from expman._crypto import create_key_file
+from expman._wire import frames as proto
+from expman._storage.crypto import create_key_file
 from expman import ArtifactError, ArtifactIntegrityError, ArtifactKeyError, ArtifactNameError
 from _helpers import wait_for
 from conftest import start_collector
@@ -371,7 +371,7 @@ def test_run_log_and_run_yaml_are_untouched_by_artifacts(root, collector, tmp_pa
 def test_past_the_descriptor_budget_only_the_path_is_kept_and_checked(root, short_dir, tmp_path, monkeypatch):
     """No collector yet: the pump waits on the first artifact while the second, queued by
     path only, is replaced; the replacement is caught when the pump gets to it."""
-    from expman import _artifact_pump
+    from expman._rank import artifacts as _artifact_pump
 
     monkeypatch.setattr(_artifact_pump, "OPEN_FDS_MAX", 0)
     endpoint = f"ipc://{short_dir}/late.sock"
@@ -394,7 +394,7 @@ def test_past_the_descriptor_budget_only_the_path_is_kept_and_checked(root, shor
 @pytest.mark.skipif(not os.environ.get("EXPMAN_TEST_REFLINK_DIR"),
                     reason="set EXPMAN_TEST_REFLINK_DIR to a folder on btrfs/XFS (reflink) to run")
 def test_reflink_snapshot_is_exact_even_if_rewritten_in_place(root, collector):
-    from expman import _artifact_pump
+    from expman._rank import artifacts as _artifact_pump
 
     folder = Path(os.environ["EXPMAN_TEST_REFLINK_DIR"])
     path = _write(folder / f"reflink-{os.getpid()}.bin", os.urandom(8 * CH), old=True)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import expman
-from expman._cli import main
+from expman._cli.main import main
 
 STEPS = 50
 

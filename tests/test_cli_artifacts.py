@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import expman
-from expman._cli import main
+from expman._cli.main import main
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:

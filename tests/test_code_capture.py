@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import expman
-from expman._code_capture import collect, strip_credentials
+from expman._rank.code_capture import collect, strip_credentials
 
 pytestmark = pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                                 reason="git is not installed")

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from expman._crypto import (
+from expman._storage.crypto import (
     KEY_FILE_ENV,
     MasterKey,
     check_key_file,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import expman
-from expman._identity import detect_launch, resolve_identity
+from expman._rank.launcher import detect_launch, resolve_identity
 from _helpers import wait_for
 
 POINTS = 2000
@@ -114,7 +114,7 @@ def test_ranks_with_nothing_configured_share_one_collector_and_one_run(launcher,
     log = run.log_text()
     assert all(f"rank {r} done" in log for r in range(world))
     assert len(list(root.glob("dist/*"))) == 1
-    job_dir = next(Path(p) for p in Path(expman._local.runtime_dir()).glob("job-*") if run.id in p.name)
+    job_dir = next(Path(p) for p in Path(expman._rank.local_collector.runtime_dir()).glob("job-*") if run.id in p.name)
     pid = int((job_dir / "pid").read_text())  # one collector served every rank
     os.kill(pid, signal.SIGTERM)
 

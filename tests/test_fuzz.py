@@ -8,8 +8,8 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expman import _protocol as proto
-from expman._columns import frame_table
+from expman._wire import frames as proto
+from expman._storage.rows import frame_table
 from expman._errors import ProtocolError
 
 

@@ -17,7 +17,7 @@ import yaml
 import zmq
 
 import expman
-from expman import _protocol as proto
+from expman._wire import frames as proto
 from _helpers import wait_for
 from conftest import start_collector
 

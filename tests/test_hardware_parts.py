@@ -14,8 +14,8 @@ import duckdb
 import pytest
 
 import expman
-from expman._protocol import Frame
-from expman._schema import list_parts, part_name, write_yaml_atomic
+from expman._wire.frames import Frame
+from expman._storage.layout import list_parts, part_name, write_yaml_atomic
 from expman.collector._hardware import HardwareMonitor, HardwarePlan, Moment, RankTarget
 from expman.collector._hardware_store import HardwareStore
 from expman.collector._parts import MERGE_FANIN

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expman._identity import detect_launch
+from expman._rank.launcher import detect_launch
 from expman.integrations._params import to_params
 from expman.integrations._run_ids import JOB_ENV, job_seed
 

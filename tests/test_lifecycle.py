@@ -98,7 +98,7 @@ def test_exit_is_bounded_when_the_collector_hangs(root, short_dir, run_script):
 
 
 def test_local_collector_exits_when_idle_and_comes_back_on_demand(root, monkeypatch):
-    from expman import _api, _local
+    from expman._rank import local_collector as _local, start as _api
 
     monkeypatch.setattr(_local, "IDLE_EXIT_S", 0.5)
     with expman.start_experiment("e", "first", root=root) as exp:

@@ -16,9 +16,9 @@ import pytest
 
 import expman
 from _helpers import wait_for
-from expman._cli import main
-from expman._crypto import create_key_file
-from expman._protocol import ARTIFACT_CHUNK_BYTES
+from expman._cli.main import main
+from expman._storage.crypto import create_key_file
+from expman._wire.frames import ARTIFACT_CHUNK_BYTES
 
 BUCKET = "runs"
 
@@ -32,7 +32,7 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Experiment "mnist": two finished runs of two ranks each; lr0.1 also has a log line,
     a text point, an artifact and hardware samples, lr0.01 an encrypted artifact of three
     chunks."""
-    from expman import _api
+    from expman._rank import start as _api
 
     root = tmp_path_factory.mktemp("objstore")
     checkpoint = root.parent / "weights.bin"
@@ -48,7 +48,7 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _log_runs(root: Path, checkpoint: Path, secret: Path) -> None:
-    from expman import _api
+    from expman._rank import start as _api
 
     endpoint = _api._local_collector(root, None).endpoint
     for lr, run_id in ((0.1, "lr01"), (0.01, "lr001")):

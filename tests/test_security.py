@@ -17,10 +17,10 @@ from _helpers import wait_for
 from conftest import start_collector
 
 import expman
-from expman import _curve
-from expman import _protocol as proto
+from expman._wire import curve_keys as _curve
+from expman._wire import frames as proto
 from expman._errors import ProtocolError
-from expman.collector._limits import check_envelope
+from expman._wire.limits import check_envelope
 
 RANK = """
 import expman, sys
@@ -156,7 +156,7 @@ def test_clear_errors_for_missing_and_bad_keys(tmp_path, root, keys):
 
 
 def test_local_mode_socket_is_private(tmp_path):
-    from expman import _api
+    from expman._rank import start as _api
 
     exp = expman.start_experiment("sec", name="local", root=tmp_path / "runs")
     try:

@@ -17,9 +17,9 @@ import zmq
 from conftest import start_collector
 
 import expman
-from expman import _protocol as proto
+from expman._wire import frames as proto
 from expman._errors import ProtocolError
-from expman.collector._limits import check_envelope
+from expman._wire.limits import check_envelope
 
 TOTAL = 100_000
 OVERSIZED = 3  # frames just over the 64 MiB limit (ZMQ_MAXMSGSIZE allows 1 KiB more)

@@ -8,11 +8,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 import expman
-from expman import _protocol as proto
-from expman._columns import frame_table
-from expman._schema import WAL_DIR, list_parts, part_name
-from expman._storage_fs import LocalFiles
-from expman._wal import SegmentWriter, read_records, segment_path
+from expman._wire import frames as proto
+from expman._storage.rows import frame_table
+from expman._storage.layout import WAL_DIR, list_parts, part_name
+from expman._storage.files import LocalFiles
+from expman._storage.wal import SegmentWriter, read_records, segment_path
 from expman.collector._metrics_store import MetricsStore
 from expman.collector._parts import MERGE_FANIN
 

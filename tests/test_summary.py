@@ -11,9 +11,9 @@ import pytest
 from _tui_runs import T0, metrics_table
 
 import expman
-from expman import _summary
-from expman._buckets import aggregate, bucket_width
-from expman._schema import list_parts
+from expman._storage import summary as _summary
+from expman._storage.buckets import aggregate, bucket_width
+from expman._storage.layout import list_parts
 from expman.tui.data.runs import LatestValues
 from expman.tui.data.series import MetricsSource
 from conftest import start_collector

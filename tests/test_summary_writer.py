@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import expman
-from expman._summary_writer import UNSUPPORTED
+from expman._compat.summary_writer import UNSUPPORTED
 
 TB_SCRIPT = '''
 import math

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 import expman
-from expman._cli import main
+from expman._cli.main import main
 from _helpers import wait_for
 
 ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def _two_rank_run(root: Path) -> Path:
-    from expman._api import _local_collector
+    from expman._rank.start import _local_collector
 
     endpoint = _local_collector(root, None).endpoint  # one private collector (a job's shared one would linger)
     exps = [expman.start_experiment("tb", "ddp", root=root, rank=r, world_size=2, run_id="tbrun01", collector=endpoint)

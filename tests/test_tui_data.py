@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from _tui_runs import T0, make_run, metrics_table, write_part
 
-from expman._schema import list_parts, metrics_schema, part_name
+from expman._storage.layout import list_parts, metrics_schema, part_name
 from expman.collector._parts import write_part as write_merged_part
-from expman._buckets import aggregate, bucket_width, combine
+from expman._storage.buckets import aggregate, bucket_width, combine
 from expman.tui.data.runs import LogTail, RankRates, params_diff, rank_rows
 from expman.tui.data.series import MetricsSource
 from expman.tui.fuzzy import filter_keys
@@ -97,7 +97,7 @@ def test_series_reuses_parts_across_a_merge(tmp_path):
 
 
 def test_rank_rows_flag_the_straggler(tmp_path):
-    from expman._schema import read_yaml
+    from expman._storage.layout import read_yaml
 
     run = make_run(tmp_path, "e", "r", "cc000001", ranks=4, slow_rank=2, status="running", steps=100)
     rows = rank_rows(read_yaml(run / "run.yaml"), now=T0 + 10_000, rates=RankRates())

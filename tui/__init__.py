@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 
-POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
 
 
 def _port_number(text: str) -> int:
@@ -25,7 +24,9 @@ def _port_number(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from expman._errors import ExpmanError
-    from expman._identity import resolve_root
+
+    from .data.runs import POLL_INTERVAL_S
+    from expman._storage.files import resolve_root
 
     parser = argparse.ArgumentParser(prog="expman-tui", description="Watch expman runs live in the terminal.")
     parser.add_argument("root", nargs="?", default=None,

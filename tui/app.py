@@ -10,9 +10,8 @@ from typing import Callable
 from textual.app import App
 from textual.binding import Binding
 
-from .data.runs import DEFAULT_KEY_METRICS
+from .data.runs import DEFAULT_KEY_METRICS, POLL_INTERVAL_S
 from .screens.compare import CompareScreen
-from . import POLL_INTERVAL_S
 from .screens.help import HelpScreen, bindings_of
 from .screens.run import RunScreen
 from .screens.runs import RunsScreen

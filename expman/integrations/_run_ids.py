@@ -5,7 +5,7 @@ must name the same run without talking to the others. The order, first match win
 
 1. `run_id=` given to the adapter, then $EXPMAN_RUN_ID (the user chose).
 2. A job seed: the launcher's job id when a launcher we know started the ranks (torchrun,
-   Slurm, MPI: see expman/_identity.py); the seed of our parent when we are a rank that
+   Slurm, MPI: see expman/_env.py); the seed of our parent when we are a rank that
    Lightning's DDP launcher started (it runs the script again as children of rank 0 with
    rank 0's environment and LOCAL_RANK=1..N-1, so rank 0 exports its seed in
    $EXPMAN_ADAPTER_JOB as "<pid>:<seed>" before it launches them); else a fresh one.
@@ -22,7 +22,8 @@ import os
 import threading
 from typing import Mapping
 
-from .._identity import RUN_ID_ENV, detect_launch, new_uid
+from expman._env import RUN_ID_ENV
+from expman._rank.launcher import detect_launch, new_uid
 
 JOB_ENV = "EXPMAN_ADAPTER_JOB"
 

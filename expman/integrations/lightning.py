@@ -24,8 +24,8 @@ except ImportError as exc:
         "pip install 'expman[lightning]'"
     ) from exc
 
-from .._api import DEFAULT_EXPERIMENT, start_experiment
-from .._experiment import Experiment, describe_exception
+from expman._rank.start import DEFAULT_EXPERIMENT, start_experiment
+from expman._rank.experiment import Experiment, describe_exception
 from ._params import to_params
 from ._run_ids import adapter_run_id
 

@@ -26,8 +26,8 @@ except ImportError as exc:
         "expman.integrations.transformers needs Hugging Face Transformers: pip install 'expman[transformers]'"
     ) from exc
 
-from .._api import start_experiment
-from .._experiment import Experiment
+from expman._rank.start import start_experiment
+from expman._rank.experiment import Experiment
 from ._params import to_param, to_params
 from ._run_ids import adapter_run_id
 
@@ -135,7 +135,7 @@ class ExpmanCallback(TrainerCallback):
 
 
 def _valid_name(name: Any) -> str | None:
-    from .._schema import check_name
+    from expman._wire.limits import check_name
 
     if not isinstance(name, str) or not name:
         return None

@@ -15,13 +15,15 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from expman._reader import flat_params, run_folders
+from expman._reader.params import flat_params
+from expman._reader.run import run_folders
 from expman._errors import ExpmanError
-from expman._summary import read_summary
-from expman._schema import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
-from expman._wal import list_segments
+from expman._storage.summary import read_summary
+from expman._storage.layout import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._storage.wal import list_segments
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
+POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
 DEFAULT_KEY_METRICS = ("loss", "val_loss", "acc", "accuracy", "lr")
 MAX_KEY_METRICS = 3
 STRAGGLER_LAG_FRACTION = 0.05  # a running rank this far behind the fastest (and >= 10 steps) is a straggler

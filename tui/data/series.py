@@ -8,7 +8,7 @@ boundary at each: the points already held are reused and only the row groups of 
 inputs never seen are read. Write-ahead segments not yet in a part are re-read on each
 refresh; each segment is decoded once, and then only the records appended since.
 
-Merged parts carry a chart summary in their footer (expman/_summary.py): with x = step,
+Merged parts carry a chart summary in their footer (expman/_storage/summary.py): with x = step,
 such a part is drawn from its summary without reading its points, unless the chart asks
 for finer buckets than the summary has. That is what opens a 10 M-point run in well
 under a second. Only the columns a chart needs are read (value, step, rank; time when x
@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from expman import _summary
-from expman._columns import frame_table
-from expman._protocol import decode_frame
-from expman._schema import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
-from expman._wal import RECORD_OVERHEAD, list_segments, read_records
+from expman._storage import summary as _summary
+from expman._storage.rows import frame_table
+from expman._wire.frames import decode_frame
+from expman._storage.layout import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
+from expman._storage.wal import RECORD_OVERHEAD, list_segments, read_records
 
-from expman._buckets import Buckets, aggregate, bucket_width, combine
+from expman._storage.buckets import Buckets, aggregate, bucket_width, combine
 
 X_STEP, X_TIME = "step", "time"
 DEFAULT_BUDGET = 1 << 30  # bytes of raw points kept per run

@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Label
 
-from expman._schema import CONFIG_YAML, RUN_YAML
+from expman._storage.layout import CONFIG_YAML, RUN_YAML
 
 from ..data.runs import read_yaml_safe
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series

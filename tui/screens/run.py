@@ -22,7 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, Log, TabbedContent, TabPane
 
 from expman import open_run
-from expman._schema import CONFIG_YAML, RUN_LOG, RUN_YAML
+from expman._storage.layout import CONFIG_YAML, RUN_LOG, RUN_YAML
 
 from ..data.hardware import HardwareSeries, read_hardware
 from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, read_yaml_safe

@@ -13,7 +13,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
-from expman._schema import STATUSES
+from expman._storage.layout import STATUSES
 
 from ..data.runs import DEFAULT_KEY_METRICS, RunIndex, RunSummary
 from ..widgets.braille import format_elapsed, format_value

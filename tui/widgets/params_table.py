@@ -7,7 +7,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
-from expman._reader import flat_params
+from expman._reader.params import flat_params
 
 from ..data.runs import params_diff
 

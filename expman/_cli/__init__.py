@@ -1,0 +1,1 @@
+"""The `expman` command."""

@@ -1,0 +1,1 @@
+"""Other trackers' verbs over expman: W&B style, SummaryWriter, the expman-core facade, TensorBoard files."""

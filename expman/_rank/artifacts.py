@@ -1,0 +1,499 @@
+"""The rank side of artifacts: snapshot at the call, hand over in the background.
+
+`log_artifact` runs on the training thread, so it only pins the content down and
+queues a job; one pump thread per Sender reads, hashes and chunks the content into
+`artifact` frames (docs/protocol.md) that the Sender numbers, sends and resends like
+every other frame. The collector stores them (collector/_artifacts.py).
+
+What the call pins down, cheapest exact way first (docs/storage.md, "Snapshots"):
+
+1. files up to INLINE_MAX bytes are read during the call: exact;
+2. else, on filesystems with reflinks (btrfs, XFS, bcachefs, ...), a copy-on-write clone
+   into an unnamed O_TMPFILE beside the file: exact, O(1), nothing left behind;
+3. else a descriptor opened during the call, read in the background. Replacing or
+   deleting the file afterwards does not matter (the descriptor keeps the old content);
+   writing into it before the pump has read it is detected (size or mtime changed) and
+   the artifact is dropped with an error: never stored half old, half new;
+4. past OPEN_FDS_MAX queued descriptors, only the path and its (size, mtime) are kept;
+   any change before the read, replacing included, drops the artifact the same way.
+
+Memory: inline snapshots are bounded by INLINE_BUDGET, chunks in flight by WINDOW_BYTES.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from expman._wire import frames as proto
+from expman._storage.artifact_names import join_name, normalize_name
+from expman._errors import ArtifactError, ArtifactNameError
+
+if TYPE_CHECKING:
+    from expman._rank.experiment import Experiment
+    from expman._rank.sender import Sender
+
+log = logging.getLogger("expman")
+
+INLINE_MAX = 256 * 1024
+INLINE_BUDGET = 16 * 1024 * 1024
+OPEN_FDS_MAX = 256
+WINDOW_BYTES = 32 * 1024 * 1024
+WINDOW_FRAMES = 512
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed
+
+
+@dataclass
+class ArtifactState:
+    """One Experiment's artifact counters; `open_jobs` holds its finish frame back."""
+
+    encrypt: bool = False
+    open_jobs: int = 0
+    stored: int = 0
+    failed: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    exp: Experiment
+    name: str
+    size: int
+    logged_at: float
+    data: bytes | None = None  # read during the call
+    fd: int | None = None  # opened (or cloned) during the call
+    path: str | None = None  # only the path: opened by the pump
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) to compare; None: exact snapshot
+
+
+@dataclass(eq=False)
+class _CodeJob:
+    exp: Experiment
+    code_dir: Path | None
+
+
+@dataclass(eq=False)
+class _Transfer:
+    job_name: str
+    sent: int = 0
+    acked: int = 0
+    failed: str | None = None
+
+
+class _Changed(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class ChunkToken:
+    """Rides with one chunk frame through the Sender; `acked` runs on the Sender thread."""
+
+    pump: ArtifactPump
+    transfer: _Transfer
+    exp: Experiment
+    nbytes: int
+    final: bool = False
+
+    def acked(self, rejected: str | None) -> None:
+        self.pump._on_ack(self, rejected)
+
+
+class ArtifactPump:
+    """One per Sender: a thread that turns queued artifacts into chunk frames."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job | _CodeJob] = deque()
+        self._inline_bytes = 0
+        self._open_fds = 0
+        self._inflight_bytes = 0
+        self._inflight_frames = 0
+        self._next_transfer = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="expman-artifacts", daemon=True)
+        self._thread.start()
+
+    # --- the calling thread --------------------------------------------------------------
+    def snapshot(self, exp: Experiment, path: str | os.PathLike[str], name: str) -> None:
+        """Pin the file's current content down (see the module doc) and queue it."""
+        now = time.time()
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{path} is a directory; use log_artifacts() for folders")
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is not a regular file")
+        with self._cond:
+            inline = st.st_size <= INLINE_MAX and self._inline_bytes + st.st_size <= INLINE_BUDGET
+            use_fd = not inline and self._open_fds < OPEN_FDS_MAX
+            if inline:
+                self._inline_bytes += st.st_size  # reserved now, so two threads cannot both overshoot
+            elif use_fd:
+                self._open_fds += 1
+        job = _Job(exp, name, st.st_size, now)
+        try:
+            if inline:
+                with open(path, "rb") as fh:
+                    job.data = fh.read(INLINE_MAX + 1)
+                if len(job.data) > INLINE_MAX:  # it grew since the stat: take the descriptor route
+                    raise _Changed()
+                job.size = len(job.data)
+            elif use_fd:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fst = os.fstat(fd)
+                clone = _reflink(fd, fst, str(path))
+                if clone is not None:
+                    os.close(fd)
+                    job.fd, job.size = clone, fst.st_size
+                else:
+                    job.fd, job.size, job.stamp = fd, fst.st_size, (fst.st_size, fst.st_mtime_ns)
+            else:
+                job.path, job.stamp = os.fspath(path), (st.st_size, st.st_mtime_ns)
+        except _Changed:
+            with self._cond:
+                self._inline_bytes -= st.st_size
+            job.data = None
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fst = os.fstat(fd)
+            job.fd, job.size, job.stamp = fd, fst.st_size, (fst.st_size, fst.st_mtime_ns)
+            with self._cond:
+                self._open_fds += 1
+        except BaseException:
+            with self._cond:
+                if inline:
+                    self._inline_bytes -= st.st_size
+                elif use_fd:
+                    self._open_fds -= 1
+            raise
+        if inline and job.data is not None and len(job.data) != st.st_size:
+            with self._cond:
+                self._inline_bytes += len(job.data) - st.st_size
+        self._submit(job)
+
+    def capture_code(self, exp: Experiment, code_dir: Path | None) -> None:
+        self._submit(_CodeJob(exp, code_dir))
+
+    def _submit(self, job: _Job | _CodeJob) -> None:
+        with self._cond:
+            job.exp.artifact_state.open_jobs += 1
+            self._jobs.append(job)
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # --- the pump thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    jobs, self._jobs = list(self._jobs), deque()
+                    for job in jobs:
+                        self._release(job)
+                    return
+                job = self._jobs.popleft()
+            try:
+                if isinstance(job, _CodeJob):
+                    self._capture(job)
+                else:
+                    self._transfer(job)
+            except _Stopped:
+                self._release(job)
+                return
+            except Exception:  # one bad artifact must not stop the others
+                log.exception("expman: run %s: artifact hand-over failed", job.exp.uid)
+                if isinstance(job, _Job):
+                    self._count(job.exp, ok=False)
+            finally:
+                self._release(job)
+
+    def _release(self, job: _Job | _CodeJob) -> None:
+        """Give back what the job held, once; wake the Sender so a waiting finish can go."""
+        if getattr(job, "_released", False):
+            return
+        job._released = True  # type: ignore[union-attr]
+        with self._cond:
+            if isinstance(job, _Job):
+                if job.data is not None:
+                    self._inline_bytes -= job.size
+                    job.data = None
+                if job.fd is not None:
+                    os.close(job.fd)
+                    job.fd = None
+                    self._open_fds -= 1
+            job.exp.artifact_state.open_jobs -= 1
+        self.sender.wake()
+
+    def _count(self, exp: Experiment, ok: bool) -> None:
+        with self._cond:
+            if ok:
+                exp.artifact_state.stored += 1
+            else:
+                exp.artifact_state.failed += 1
+
+    def _transfer(self, job: _Job) -> None:
+        exp = job.exp
+        chunk = proto.ARTIFACT_CHUNK_BYTES
+        with self._cond:
+            transfer_id = self._next_transfer
+            self._next_transfer += 1
+        transfer = _Transfer(job.name)
+        fd = job.fd
+        own_fd = None
+        try:
+            if job.data is None and fd is None:  # path only: open now and check nothing changed
+                try:
+                    own_fd = fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise _Changed(f"it could not be opened any more: {exc.strerror}") from None
+                self._check(fd, job)
+            total = max(1, -(-job.size // chunk))
+            hasher = hashlib.sha256()
+            for index in range(total):
+                offset = index * chunk
+                want = min(chunk, job.size - offset)
+                if job.data is not None:
+                    data = job.data[offset : offset + want]
+                else:
+                    try:
+                        data = os.pread(fd, want, offset)  # type: ignore[arg-type]
+                    except OSError as exc:
+                        raise _Changed(f"reading it failed: {exc}") from None
+                    if len(data) != want:
+                        raise _Changed("it shrank while being read")
+                    self._check(fd, job)  # type: ignore[arg-type]
+                hasher.update(data)
+                last = index == total - 1
+                if last:
+                    self._wait_acked(transfer)
+                if transfer.failed:
+                    return
+                body = proto.artifact_body(
+                    transfer_id, index, data, last, name=job.name, size=job.size, chunk=chunk,
+                    encrypt=exp.artifact_state.encrypt, logged_at=job.logged_at,
+                    sha256=hasher.hexdigest() if last else None,
+                )
+                self._send(exp, body, ChunkToken(self, transfer, exp, len(data), final=last))
+                if index == 0 and not last:
+                    self._wait_acked(transfer)  # a refused first chunk stops the transfer before the rest
+        except _Changed as exc:
+            reason = (f"could not be read ({exc}); not stored" if str(exc).startswith("reading it failed")
+                      else f"the file changed after log_artifact() and before it was read ({exc}); not stored")
+            log.error("expman: run %s: artifact %r: %s. Log a copy, or write a new file instead of rewriting it.",
+                      exp.uid, job.name, reason)
+            with self._cond:
+                already_failed = transfer.failed is not None
+                transfer.failed = transfer.failed or reason  # counted once, here
+            if not already_failed:
+                self._count(exp, ok=False)
+            if transfer.sent and not already_failed:  # tell the collector to drop what it staged
+                self._wait_acked(transfer, everything=True)
+                body = proto.artifact_body(transfer_id, transfer.sent, b"", True, name=job.name, size=job.size,
+                                           chunk=chunk, encrypt=exp.artifact_state.encrypt,
+                                           logged_at=job.logged_at, abort=reason)
+                self._send(exp, body, ChunkToken(self, transfer, exp, 0))
+        finally:
+            if own_fd is not None:
+                os.close(own_fd)
+
+    @staticmethod
+    def _check(fd: int, job: _Job) -> None:
+        if job.stamp is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != job.stamp:
+            raise _Changed(f"size {job.stamp[0]} -> {st.st_size}" if st.st_size != job.stamp[0] else "modified")
+
+    def _send(self, exp: Experiment, body: dict[str, Any], token: ChunkToken | None, kind: str = proto.ARTIFACT) -> None:
+        """Queue a frame for the Sender, waiting while the window is full."""
+        n = token.nbytes if token is not None else 0
+        with self._cond:
+            while (self._inflight_frames >= WINDOW_FRAMES
+                   or (self._inflight_bytes and self._inflight_bytes + n > WINDOW_BYTES)):
+                if self._stopping:
+                    raise _Stopped()
+                self._cond.wait(0.5)
+            if token is not None:
+                self._inflight_bytes += n
+                self._inflight_frames += 1
+                token.transfer.sent += 1
+        exp.control.append(("frame", (kind, body, token)))
+        self.sender.wake()
+
+    def _wait_acked(self, transfer: _Transfer, everything: bool = False) -> None:
+        """Until every chunk sent is acknowledged (or, unless `everything`, one is refused)."""
+        with self._cond:
+            while transfer.acked < transfer.sent and (everything or not transfer.failed):
+                if self._stopping:
+                    raise _Stopped()
+                self._cond.wait(0.5)
+
+    def _on_ack(self, token: ChunkToken, rejected: str | None) -> None:
+        with self._cond:
+            self._inflight_bytes -= token.nbytes
+            self._inflight_frames -= 1
+            transfer = token.transfer
+            transfer.acked += 1
+            if rejected and not transfer.failed:
+                transfer.failed = rejected
+                token.exp.artifact_state.failed += 1
+                log.error("expman: run %s: artifact %r was not stored: %s", token.exp.uid, transfer.job_name, rejected)
+            elif token.final and not transfer.failed:
+                token.exp.artifact_state.stored += 1
+            self._cond.notify_all()
+
+    # --- code capture -------------------------------------------------------------------------
+    def _capture(self, job: _CodeJob) -> None:
+        from expman._rank.code_capture import collect
+
+        exp = job.exp
+        capture = collect(job.code_dir, exclude=[exp.root])
+        for name, path in capture.files:
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                capture.skip(name, f"unreadable: {exc}")
+                continue
+            self._transfer(_Job(exp, name, len(data), time.time(), data=data))
+        if capture.diff is not None:
+            self._transfer(_Job(exp, capture.diff_name, len(capture.diff), time.time(), data=capture.diff))
+        self._send(exp, {"code": capture.meta()}, None, kind=proto.CODE)
+
+
+# --- the calling thread's entry points (Experiment.log_artifact / log_artifacts) ---------------
+
+_pumps: dict[int, ArtifactPump] = {}
+_pumps_lock = threading.Lock()
+
+
+def pump_for(sender: Sender) -> ArtifactPump:
+    with _pumps_lock:
+        pump = _pumps.get(id(sender))
+        if pump is None or pump.sender is not sender:
+            pump = _pumps[id(sender)] = ArtifactPump(sender)
+        return pump
+
+
+def stop_all() -> None:
+    with _pumps_lock:
+        pumps = list(_pumps.values())
+        _pumps.clear()
+    for pump in pumps:
+        pump.stop()
+
+
+def _refuse_after_finish(exp: Experiment, what: str) -> bool:
+    if exp.finish_request is None:
+        return False
+    log.error("expman: run %s is finished; %s logged after finish() is not stored", exp.uid, what)
+    exp.artifact_state.failed += 1
+    return True
+
+
+def log_file(exp: Experiment, path: str | os.PathLike[str], name: str | None) -> str:
+    clean = normalize_name(name if name is not None else os.path.basename(os.fspath(path).rstrip("/")))
+    if not _refuse_after_finish(exp, f"artifact {clean!r}"):
+        pump_for(exp._sender).snapshot(exp, path, clean)
+    return clean
+
+
+def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: str | None,
+                  follow_symlinks: bool) -> list[str]:
+    """Every regular file under `directory`, named `prefix/relative path`. Symlinks that
+    resolve inside the folder are logged with their target's content; symlinks that point
+    outside it (or nowhere) are skipped with a warning, unless follow_symlinks=True; linked
+    folders are never descended (no loops, no escapes)."""
+    base = Path(directory)
+    if not base.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory; use log_artifact() for a file")
+    if prefix is not None:
+        normalize_name(prefix)
+    real_base = base.resolve()
+    runs_root = Path(exp.root).resolve()
+    plan: list[tuple[str, Path]] = []
+    skipped: list[str] = []
+    for folder, dirs, files in os.walk(base, followlinks=False):
+        here = Path(folder)
+        for d in list(dirs):
+            if (here / d).is_symlink():
+                skipped.append(f"{(here / d).relative_to(base)} (a linked folder)")
+                dirs.remove(d)
+            elif (here / d).resolve() == runs_root:  # never the runs being written, this one included
+                log.warning("expman: log_artifacts(%s) leaves out %s, the runs' root folder", directory, here / d)
+                dirs.remove(d)
+        dirs.sort()
+        for f in sorted(files):
+            path = here / f
+            relative = path.relative_to(base).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                inside = target == real_base or real_base in target.parents
+                if not target.is_file():
+                    skipped.append(f"{relative} (a link to {target}, which is not a file)")
+                    continue
+                if not inside and not follow_symlinks:
+                    skipped.append(f"{relative} (a link to {target}, outside {real_base})")
+                    continue
+            elif not path.is_file():
+                continue
+            try:
+                plan.append((join_name(prefix, relative), path))
+            except ArtifactNameError as exc:
+                skipped.append(f"{relative!r} ({exc})")
+    if skipped:
+        text = "; ".join(skipped[:20]) + (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+        log.warning("expman: run %s: log_artifacts(%s) skipped %d entries: %s (pass follow_symlinks=True "
+                    "to follow links that leave the folder)", exp.uid, directory, len(skipped), text)
+        exp.log_message(f"log_artifacts({directory}) skipped {len(skipped)} entries: {text}", "warning")
+    if _refuse_after_finish(exp, f"artifacts of {directory}"):
+        return []
+    pump = pump_for(exp._sender)
+    for name, path in plan:
+        pump.snapshot(exp, path, name)
+    return [name for name, _ in plan]
+
+
+def capture_code(exp: Experiment, code_dir: str | os.PathLike[str] | None) -> None:
+    """Queue code capture for `exp` (runs on the pump thread: git and file reads stay off
+    the caller)."""
+    pump_for(exp._sender).capture_code(exp, Path(code_dir).resolve() if code_dir is not None else None)
+
+
+def _reflink(fd: int, st: os.stat_result, path: str) -> int | None:
+    """A copy-on-write clone of `fd` in an unnamed temp file on the same filesystem, or
+    None where the filesystem (or platform) cannot: then the caller falls back."""
+    if st.st_dev in _no_reflink or not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        clone = os.open(os.path.dirname(os.path.abspath(path)), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            _no_reflink.add(st.st_dev)
+        return None
+    try:
+        fcntl.ioctl(clone, _FICLONE, fd)
+        return clone
+    except OSError:
+        os.close(clone)
+        _no_reflink.add(st.st_dev)
+        return None

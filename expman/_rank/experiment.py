@@ -1,0 +1,334 @@
+"""The Experiment a training rank logs into.
+
+The `log_*` calls only append to in-process buffers; the process's Sender thread
+drains them every few milliseconds, packs frames and ships them to a collector.
+The metric hot path is one dict lookup, two class checks and one `list.extend` of a
+4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic under the GIL,
+so other threads and the Sender's drain never see half a point, and the temporary tuple
+dies at once, so the garbage collector never sees it pile up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from expman._rank.artifacts import ArtifactState
+from expman._storage.layout import FINAL_STATUSES, run_dir_name
+from expman._rank.values import Metric, check_key, check_params, coerce_number, coerce_step, coerce_time
+
+if TYPE_CHECKING:
+    from expman._rank.sender import Sender
+
+log = logging.getLogger("expman")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEFAULT_FINISH_TIMEOUT = 30.0
+
+
+class _ClosedBuffer:
+    """Stands in for the point buffer once a run is finished: counts and reports late points."""
+
+    __slots__ = ("owner", "warned")
+
+    def __init__(self, owner: Experiment) -> None:
+        self.owner = owner
+        self.warned = False
+
+    def extend(self, items: Iterable[Any]) -> None:
+        self.owner._late_points += len(items) // 4  # type: ignore[arg-type]
+        if not self.warned:
+            self.warned = True
+            log.error("expman: run %s is finished; points logged after finish() are dropped", self.owner.uid)
+
+    def __len__(self) -> int:
+        return 0
+
+
+class Experiment:
+    """One run, as seen from one rank. Use `expman.start_experiment()` to get one."""
+
+    def __init__(
+        self,
+        *,
+        sender: Sender,
+        root: Path,
+        experiment: str,
+        name: str,
+        uid: str,
+        rank: int,
+        world_size: int,
+        host: str,
+        parent: str | None,
+        tags: list[str],
+        reopen: bool,
+        finish_timeout: float,
+        heartbeat_interval: float,
+        hello_extra: dict[str, Any],
+    ) -> None:
+        self.uid = uid
+        self.name = name
+        self.experiment = experiment
+        self.root = root
+        self.rank = rank
+        self.world_size = world_size
+        self.host = host
+        self.parent = parent
+        self.tags = tags
+        self.reopen = reopen
+        self.finish_timeout = finish_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.hello_extra = hello_extra
+        self.started_at = time.time()
+        self._predicted_run_dir = root / experiment / run_dir_name(name, uid)
+        self.confirmed_run_dir: Path | None = None
+        # Hot-path state. The Sender reads and trims these from its own thread.
+        self._key_ids: dict[str, int] = {}
+        self.key_names: list[str] = []
+        self._buf: list[Any] | _ClosedBuffer = []
+        self.texts: list[list[Any]] = []  # [key id, text, step, time]
+        self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line)
+        self._intern_lock = threading.Lock()
+        # Finish hand-over to the Sender.
+        self.final_buffer: list[Any] | None = None
+        self.finish_request: dict[str, Any] | None = None
+        self.finished = threading.Event()
+        self.hello_body: dict[str, Any] | None = None  # these belong to the Sender thread
+        self.hello_sent = False
+        self.finish_sent = False
+        self.last_step: int | None = None
+        self.next_heartbeat = 0.0  # monotonic
+        self.status = "running"
+        self._late_points = 0
+        self.artifact_state = ArtifactState()
+        self._children: list[Experiment] = []
+        self._child_names: dict[str | None, int] = {}
+        self._sender = sender
+        sender.register(self)
+
+    # --- hot path ------------------------------------------------------------------
+    def log_metric(
+        self,
+        key: str,
+        value: Any,
+        step: int | None = None,
+        timestamp: Any = None,
+        created_at: Any = None,
+    ) -> None:
+        """Record one point. Never blocks; bad values raise TypeError naming the key."""
+        kid = self._key_ids.get(key)
+        if kid is None:
+            kid = self._intern(key)
+        if value.__class__ is not float and value.__class__ is not int:
+            value = coerce_number(key, value)
+            if value.__class__ is str:
+                self._log_text(kid, key, value, step, timestamp, created_at)
+                return
+        if step is not None and step.__class__ is not int:
+            step = coerce_step(key, step)
+        if timestamp is not None or created_at is not None:
+            timestamp = coerce_time(key, timestamp if timestamp is not None else created_at)
+        self._buf.extend((kid, value, step, timestamp))
+
+    def log_metrics(
+        self,
+        metrics: dict[str, Any] | Iterable[Metric],
+        step: int | None = None,
+        timestamp: Any = None,
+    ) -> None:
+        """Record several points: a dict of key -> value at one step, or a list of Metric."""
+        if not isinstance(metrics, dict):
+            for m in metrics:
+                if not isinstance(m, Metric):
+                    raise TypeError(f"log_metrics takes a dict or a list of expman.Metric, got {type(m).__name__}")
+                self.log_metric(m.key, m.value, m.step if m.step is not None else step, m.timestamp or timestamp)
+            return
+        if step is not None and step.__class__ is not int:
+            step = coerce_step("<step>", step)
+        if timestamp is not None:
+            timestamp = coerce_time("<timestamp>", timestamp)
+        ids = self._key_ids
+        flat: list[Any] = []
+        for key, value in metrics.items():
+            kid = ids.get(key)
+            if kid is None:
+                kid = self._intern(key)
+            if value.__class__ is not float and value.__class__ is not int:
+                value = coerce_number(key, value)
+                if value.__class__ is str:
+                    self._log_text(kid, key, value, step, timestamp, None)
+                    continue
+            flat += (kid, value, step, timestamp)
+        self._buf.extend(flat)
+
+    def _intern(self, key: str) -> int:
+        check_key(key)
+        with self._intern_lock:
+            kid = self._key_ids.get(key)
+            if kid is None:
+                kid = len(self.key_names)
+                self.key_names.append(key)
+                self._key_ids[key] = kid
+        return kid
+
+    def _log_text(self, kid: int, key: str, text: str, step: Any, timestamp: Any, created_at: Any) -> None:
+        if step is not None:
+            step = coerce_step(key, step)
+        when = timestamp if timestamp is not None else created_at
+        if self.finish_request is not None:
+            self._buf.extend((kid, 0.0, step, None))  # counted and reported as late
+            return
+        self.texts.append([kid, text, step, None if when is None else coerce_time(key, when)])
+
+    # --- parameters and messages ----------------------------------------------------
+    def log_parameter(self, key: str, value: Any) -> None:
+        self.log_parameters({key: value})
+
+    def log_parameters(self, params: dict[str, Any]) -> None:
+        """Merge parameters into the run's config.yaml (later values for a key win)."""
+        checked = check_params(params)
+        self._control("params", checked)
+
+    def log_message(self, text: str, level: str = "info") -> None:
+        """Append a line to the run's run.log."""
+        level = str(level).lower()
+        if level == "warn":
+            level = "warning"
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        self._control("log", [time.time(), level, str(text)])
+
+    def info(self, text: str) -> None:
+        self.log_message(text, "info")
+
+    def warn(self, text: str) -> None:
+        self.log_message(text, "warning")
+
+    warning = warn
+
+    def error(self, text: str) -> None:
+        self.log_message(text, "error")
+
+    def _control(self, kind: str, payload: Any) -> None:
+        if self.finish_request is not None:
+            log.error("expman: run %s is finished; %s logged after finish() is dropped", self.uid, kind)
+            self._late_points += 1
+            return
+        self.control.append((kind, payload))
+
+    # --- artifacts (the hand-over is in _artifact_pump.py, storage in collector/_artifacts.py) ---
+    def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Store the file's content as it is now under `name` (default: the file's name).
+
+        Returns the normalized name at once; the content travels in the background, and
+        later changes to the file do not alter it (docs/storage.md, "Snapshots"). Raises
+        ArtifactNameError for names like '/abs', '../x' or ones with NUL bytes.
+        """
+        from expman._rank.artifacts import log_file
+
+        return log_file(self, path, name)
+
+    def log_artifacts(
+        self, directory: str | os.PathLike[str], prefix: str | None = None, *, follow_symlinks: bool = False
+    ) -> list[str]:
+        """Store every file under `directory` as `prefix/<relative path>`; returns the names.
+
+        Symlinks that point outside the folder are skipped with a warning (also written to
+        run.log) unless `follow_symlinks=True`; linked folders are never descended.
+        """
+        from expman._rank.artifacts import log_directory
+
+        return log_directory(self, directory, prefix, follow_symlinks)
+
+    # --- runs ---------------------------------------------------------------------------
+    def start_experiment(self, name: str | None = None, **kwargs: Any) -> Experiment:
+        """Start a child run in the same experiment, linked both ways in run.yaml."""
+        from expman._rank.start import start_experiment
+
+        kwargs.setdefault("root", self.root)
+        kwargs.setdefault("collector", self._sender.endpoint)
+        child = start_experiment(self.experiment, name, _parent=self, **kwargs)
+        self._children.append(child)
+        return child
+
+    def child_run_id(self, name: str | None) -> str:
+        """The id of this run's next child called `name`: the same in every rank, since
+        every rank starts its children in the same order."""
+        count = self._child_names[name] = self._child_names.get(name, 0) + 1
+        return hashlib.sha256(f"{self.uid}/{name}/{count}".encode()).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's directory, as reported by the collector once it has answered."""
+        return self.confirmed_run_dir or self._predicted_run_dir
+
+    def stats(self) -> dict[str, int]:
+        """Delivery counters: points sent, acknowledged (persisted), still buffered, dropped."""
+        return self._sender.stats_for(self)
+
+    def finish(self, status: str = "finished", timeout: float | None = None, *, error: dict | None = None) -> bool:
+        """Flush everything and wait (bounded) until the collector has persisted it.
+
+        Returns True when the collector confirmed every frame, False on timeout.
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"status must be one of {sorted(FINAL_STATUSES)}, got {status!r}")
+        if self.finish_request is None:
+            for child in self._children:
+                if child.finish_request is None:
+                    child.finish(status, timeout)
+            buffer, self._buf = self._buf, _ClosedBuffer(self)
+            self.final_buffer = buffer if isinstance(buffer, list) else []
+            self.status = status
+            self.finish_request = {"status": status, "ended_at": time.time(), "error": error}
+            self._sender.wake()
+        done = self.finished.wait(self.finish_timeout if timeout is None else timeout)
+        if not done:
+            s = self.stats()
+            log.error(
+                "expman: run %s: the collector did not confirm within the timeout; "
+                "%d points may be missing (sent %d, acknowledged %d)",
+                self.uid, s["buffered"], s["sent"], s["acked"],
+            )
+        self._sender.unregister(self)
+        return done
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.finish("finished")
+        elif isinstance(exc, KeyboardInterrupt):
+            self.finish("killed", error=describe_exception(exc))
+        else:
+            self.finish("failed", error=describe_exception(exc))
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the run's summary as the collector has written it so far."""
+        from expman._errors import RunNotFoundError
+        from expman._reader.notebook import pending_html, run_html
+        from expman._reader.run import Run
+
+        try:
+            return run_html(Run(self.run_dir))
+        except RunNotFoundError:
+            return pending_html(f"{self.experiment}/{self.name}")
+
+    def __repr__(self) -> str:
+        return f"<expman.Experiment {self.experiment}/{self.name} uid={self.uid} rank={self.rank} status={self.status}>"
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+    }

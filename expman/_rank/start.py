@@ -1,0 +1,259 @@
+"""`start_experiment` and the process-wide plumbing behind it (senders, local collectors, exit)."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from expman._errors import RunNotFoundError
+from expman._rank.experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
+from expman._env import COLLECTOR_ENV, hostname, software_info
+from expman._storage.files import resolve_root
+from expman._rank.launcher import Identity, resolve_identity
+from expman._rank.local_collector import LocalCollector
+from expman._storage.layout import RUN_YAML, read_yaml
+from expman._wire.limits import check_name
+from expman._rank.sender import Sender
+
+log = logging.getLogger("expman")
+
+DEFAULT_EXPERIMENT = "default"
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+
+_lock = threading.Lock()
+_senders: dict[str, Sender] = {}
+_local_collectors: dict[tuple[Path, str | None], LocalCollector] = {}
+_hooks_installed = False
+
+
+def start_experiment(
+    space: str | None = None,
+    name: str | None = None,
+    *,
+    code_dir: str | os.PathLike[str] | None | bool = None,
+    log_hardware: bool = False,
+    hardware_interval: float | None = None,
+    experiment_uid: str | None = None,
+    tags: list[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    collector: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    run_id: str | None = None,
+    heartbeat_interval: float | None = None,
+    finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+    encrypt_artifacts: bool = False,
+    flush_interval: float | None = None,
+    max_points_per_frame: int | None = None,
+    max_buffer_bytes: int | None = None,
+    max_spool_bytes: int | None = None,
+    _parent: Experiment | None = None,
+) -> Experiment:
+    """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
+
+    `space` is the experiment (a folder under the root), `name` the run's name. Every
+    rank of a launched job (torchrun, Slurm, MPI) lands in the same run without talking
+    to the others: see expman/_env.py for how rank and run id are found. With no
+    `collector` argument and no $EXPMAN_COLLECTOR, a local collector process is started
+    (one per process, or one shared by the job's ranks on this host).
+    `log_hardware=True` asks the host's collector to sample the host, this process and its
+    GPUs every `hardware_interval` seconds (default: the collector's setting, 1 s) while
+    the run is active (see docs/storage.md, "Hardware").
+    `code_dir` names the code to store under `code/` (default: the launching script and
+    git facts; False: nothing). `encrypt_artifacts` has the collector encrypt this run's
+    artifacts with its master key (`expman keys init`).
+    `max_buffer_bytes` (default $EXPMAN_MAX_BUFFER_BYTES, else 256 MiB) bounds the frames
+    kept in memory until the collector confirms them; past it they spill to a spool file
+    of at most `max_spool_bytes` (default $EXPMAN_MAX_SPOOL_BYTES, else 1 GiB) under
+    $EXPMAN_SPOOL_DIR (default $XDG_STATE_HOME/expman/spool); see docs/reliability.md.
+    """
+    root_path = resolve_root(root)
+    endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
+    if _parent is not None and run_id is None:
+        run_id = _parent.child_run_id(name)  # every rank derives the same child id
+    identity = resolve_identity(rank, world_size, run_id)
+    reopen = experiment_uid is not None
+    if reopen:
+        space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)
+        uid = str(experiment_uid)
+    else:
+        uid = check_name("run id", identity.run_id)
+    if name is None:  # ranks of one job must pick the same name, so only a lone process uses the clock
+        name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
+    experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
+    run_name = check_name("run", name)
+    tag_list = [str(t) for t in (tags or [])]
+    hardware = _hardware_hello(log_hardware, hardware_interval)
+    local = None
+    if endpoint is None:
+        if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
+            from expman._storage.crypto import check_key_file
+
+            check_key_file()
+        shared_key = None
+        if identity.world_size > 1 and identity.run_id_source != "fresh":  # one collector per job, host and root
+            shared_key = f"{uid}-{hashlib.sha256(str(root_path).encode()).hexdigest()[:8]}"
+        local = _local_collector(root_path, shared_key)
+        endpoint = local.endpoint
+    sender = _sender_for(endpoint, local)
+    sender.tune(flush_interval, max_points_per_frame, max_buffer_bytes, max_spool_bytes)
+    _install_exit_hooks()
+    exp = Experiment(
+        sender=sender,
+        root=root_path,
+        experiment=experiment,
+        name=run_name,
+        uid=uid,
+        rank=identity.rank,
+        world_size=identity.world_size,
+        host=hostname(),
+        parent=_parent.uid if _parent is not None else None,
+        tags=tag_list,
+        reopen=reopen,
+        finish_timeout=finish_timeout,
+        heartbeat_interval=_heartbeat_interval(heartbeat_interval),
+        hello_extra={"software": software_info(), **_launch_info(identity), **hardware},
+    )
+    exp.artifact_state.encrypt = bool(encrypt_artifacts)
+    if code_dir is True:
+        code_dir = None
+    if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):
+        from expman._rank.artifacts import capture_code
+
+        capture_code(exp, code_dir)  # type: ignore[arg-type]
+    return exp
+
+
+def _heartbeat_interval(value: float | None) -> float:
+    if value is None:
+        value = float(os.environ.get("EXPMAN_HEARTBEAT_INTERVAL") or DEFAULT_HEARTBEAT_INTERVAL)
+    if not value > 0:
+        raise ValueError(f"heartbeat_interval must be positive seconds, got {value!r}")
+    return float(value)
+
+
+def _launch_info(identity: Identity) -> dict[str, Any]:
+    launch = identity.launch
+    return {
+        "launcher": launch.launcher,
+        "job": launch.job_label,
+        "local_rank": launch.local_rank,
+        "node_rank": launch.node_rank,
+        "run_id_source": identity.run_id_source,
+    }
+
+
+def _hardware_hello(log_hardware: bool, interval: float | None) -> dict[str, Any]:
+    """Hello fields the collector needs to sample this rank's hardware and attribute GPUs
+    (the local rank is among the launch fields)."""
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ValueError(f"hardware_interval must be a positive number of seconds, got {interval!r}")
+        interval = float(interval)
+    return {
+        "log_hardware": bool(log_hardware),
+        "hardware_interval": interval,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "nvidia_visible_devices": os.environ.get("NVIDIA_VISIBLE_DEVICES"),  # in containers
+    }
+
+
+def _find_existing(root: Path, uid: str, space: str | None, name: str | None, must_exist: bool) -> tuple[str, str]:
+    for run_yaml in root.glob(f"*/*-{uid}/{RUN_YAML}"):
+        info = read_yaml(run_yaml)
+        if info.get("id") == uid:
+            return info.get("experiment", run_yaml.parent.parent.name), info.get("name", name or uid)
+    if must_exist:
+        raise RunNotFoundError(f"no run with id {uid!r} under {root}")
+    return space or DEFAULT_EXPERIMENT, name or uid
+
+
+def _local_collector(root: Path, shared_key: str | None) -> LocalCollector:
+    with _lock:
+        local = _local_collectors.get((root, shared_key))
+        if local is None:
+            local = _local_collectors[(root, shared_key)] = LocalCollector(root, shared_key)
+        else:
+            local.ensure_running()
+        return local
+
+
+def _sender_for(endpoint: str, local: LocalCollector | None) -> Sender:
+    with _lock:
+        sender = _senders.get(endpoint)
+        if sender is None:
+            sender = _senders[endpoint] = Sender(endpoint, on_idle_check=local.ensure_running if local else None)
+        return sender
+
+
+def active_experiments() -> list[Experiment]:
+    with _lock:
+        senders = list(_senders.values())
+    return [exp for s in senders for exp in s.active() if exp.finish_request is None]
+
+
+def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float | None = None) -> None:
+    # Children first, so a parent's finish does not wait on them twice.
+    for exp in sorted(active_experiments(), key=lambda e: e.parent is None):
+        try:
+            exp.finish(status, timeout, error=error)
+        except Exception:
+            log.exception("expman: could not finish run %s", exp.uid)
+
+
+def shutdown(status: str = "finished") -> None:
+    """Finish every open run, stop the sender threads and the local collectors.
+
+    Runs at interpreter exit; call it yourself to release everything earlier.
+    """
+    _finish_all(status)
+    from expman._rank.artifacts import stop_all
+
+    stop_all()
+    with _lock:
+        senders = list(_senders.values())
+        locals_ = list(_local_collectors.values())
+        _senders.clear()
+        _local_collectors.clear()
+    for sender in senders:
+        sender.stop()
+    for local in locals_:
+        local.shutdown()
+
+
+def _install_exit_hooks() -> None:
+    """Interpreter exit finishes open runs; an uncaught exception marks them failed;
+    SIGTERM marks them killed (only if nobody else handles SIGTERM)."""
+    global _hooks_installed
+    with _lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    atexit.register(shutdown)
+
+    previous_hook = sys.excepthook
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        _finish_all(status, describe_exception(exc))
+        previous_hook(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            _finish_all("killed", {"type": "SIGTERM", "message": "terminated by SIGTERM", "traceback": ""}, 10.0)
+            shutdown()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)

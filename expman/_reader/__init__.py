@@ -1,0 +1,1 @@
+"""Run directories back as Arrow tables: Run, artifacts, notebook views."""

@@ -1,0 +1,120 @@
+"""Notebook views of a run: a compact HTML summary with a sparkline per metric, and
+matplotlib plots. No matplotlib needed for the HTML (the charts are inline SVG)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Iterable
+
+from expman._reader.params import flat_params
+from expman._storage.layout import KEY, RANK, STEP, TEXT, VALUE
+
+MAX_PARAMS = 30
+MAX_METRICS = 50
+SPARK_POINTS = 80
+_W, _H = 120, 24
+
+
+def sparkline_svg(values: list[float], width: int = _W, height: int = _H) -> str:
+    """An inline SVG polyline of the finite values (down-sampled to SPARK_POINTS); "" if none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if len(finite) > SPARK_POINTS:
+        stride = len(finite) / SPARK_POINTS
+        finite = [finite[int(i * stride)] for i in range(SPARK_POINTS)] + [finite[-1]]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    span = (hi - lo) or 1.0
+    dx = width / max(len(finite) - 1, 1)
+    points = " ".join(f"{i * dx:.1f},{height - 1 - (v - lo) / span * (height - 2):.1f}" for i, v in enumerate(finite))
+    return (f'<svg class="expman-spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.2" points="{points}"/></svg>')
+
+
+def metric_series(run: Any, keys: Iterable[str] | None = None) -> dict[str, dict[int, dict[str, list[Any]]]]:
+    """key -> rank -> {"step": [...], "value": [...], "text": [...]} in arrival order."""
+    table = run.metrics(keys)
+    out: dict[str, dict[int, dict[str, list[Any]]]] = {}
+    columns = [table[c].to_pylist() for c in (KEY, RANK, STEP, VALUE, TEXT)]
+    for key, rank, step, value, text in zip(*columns):
+        series = out.setdefault(str(key), {}).setdefault(rank, {"step": [], "value": [], "text": []})
+        series["step"].append(step)
+        series["value"].append(value)
+        series["text"].append(text)
+    return out
+
+
+def run_html(run: Any) -> str:
+    info = run.info
+    ranks = info.get("ranks") or {}
+    states: dict[str, int] = {}
+    for state in ranks.values():
+        states[str(state.get("status", "unknown"))] = states.get(str(state.get("status", "unknown")), 0) + 1
+    rank_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none yet"
+    esc = html.escape
+    head = (f'<div class="expman-run"><b>{esc(str(info.get("experiment", "")))}/{esc(str(info.get("name", "")))}</b> '
+            f'<code>{esc(str(info.get("id", "")))}</code> · status <b>{esc(str(info.get("status", "unknown")))}</b> · '
+            f'ranks {len(ranks)} of {esc(str(info.get("world_size") or len(ranks)))} ({esc(rank_text)})')
+    params = list(flat_params(run.params).items())
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(_text(v))}</td></tr>" for k, v in params[:MAX_PARAMS])
+    more = f"<tr><td colspan=2>… {len(params) - MAX_PARAMS} more</td></tr>" if len(params) > MAX_PARAMS else ""
+    param_html = (f"<details><summary>params ({len(params)})</summary><table>{rows}{more}</table></details>"
+                  if params else "<div>params: none</div>")
+    metric_rows = []
+    series = metric_series(run)
+    for key in sorted(series)[:MAX_METRICS]:
+        by_rank = series[key]
+        first = by_rank[min(by_rank)]  # the lowest rank's series stands for the key
+        last_text = first["text"][-1]
+        last = last_text if last_text is not None else first["value"][-1]
+        step = first["step"][-1]
+        points = sum(len(s["value"]) for s in by_rank.values())
+        metric_rows.append(
+            f"<tr><td>{esc(key)}</td><td>{esc(_text(last))}</td><td>{'-' if step is None else step}</td>"
+            f"<td>{points}</td><td>{sparkline_svg(first['value'])}</td></tr>")
+    if len(series) > MAX_METRICS:
+        metric_rows.append(f"<tr><td colspan=5>… {len(series) - MAX_METRICS} more keys</td></tr>")
+    metric_html = ("<table><tr><th>metric</th><th>last</th><th>step</th><th>points</th><th></th></tr>"
+                   + "".join(metric_rows) + "</table>") if metric_rows else "<div>metrics: none</div>"
+    return f"{head}{param_html}{metric_html}</div>"
+
+
+def pending_html(label: str) -> str:
+    return f'<div class="expman-run"><b>{html.escape(label)}</b> · waiting for the collector to write the run</div>'
+
+
+def plot(run: Any, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
+    """A matplotlib Figure: one axes per key, one line per rank, value against step."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("Run.plot needs matplotlib: pip install matplotlib (or 'expman[notebook]')") from exc
+    wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
+    series = metric_series(run, wanted)
+    names = [k for k in (wanted or sorted(series)) if k in series and any(
+        v is not None for s in series[k].values() for v in s["value"])]
+    if not names:
+        raise ValueError(f"no numeric points for {wanted if wanted is not None else 'any key'} in {run.location}")
+    fig = Figure(figsize=(6, 2.2 * len(names)), layout="constrained")
+    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+    keep = set(ranks) if ranks is not None else None
+    for ax, key in zip(axes, names):
+        for rank, s in sorted(series[key].items()):
+            if keep is not None and rank not in keep:
+                continue
+            xs = [i if st is None else st for i, st in enumerate(s["step"])]
+            ax.plot(xs, [math.nan if v is None else v for v in s["value"]], label=f"rank {rank}", linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        if len(series[key]) > 1:
+            ax.legend(fontsize=7)
+    return fig
+
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value if isinstance(value, str) else json.dumps(value)

@@ -1,0 +1,378 @@
+"""Reading runs back: `open_run`, `list_runs`, and `Run`, which returns Arrow tables.
+
+Reads only the run directory (no collector needed). For a live or crashed run it also
+replays the write-ahead segments not yet in Parquet, so nothing persisted is hidden.
+Runs and roots may be local paths or URIs of any filesystem pyarrow opens (s3://,
+gs://, hdfs://, file://), or paths inside a `filesystem=`: every file is reached through
+expman/_storage/files.py. pyarrow is imported on first use, keeping `import expman` light.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from expman._errors import ExpmanError, RunNotFoundError
+from expman._env import chosen_root
+from expman._storage.files import resolve_root
+from expman._storage.layout import (
+    CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
+    list_parts, read_yaml, read_yaml_if_present,
+)
+from expman._storage.files import LOCAL, Files, is_uri, locate, shown
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+log = logging.getLogger("expman")
+
+
+class Run:
+    """A run directory, on disk or on object storage. `info` and `params` are re-read on
+    each access (runs may be live).
+
+    `path` is a `Path` for a local run; for a run read through a pyarrow filesystem it is
+    the path inside that filesystem (`bucket/prefix/mnist/run-1a2b` for S3), and
+    `location` is the URI to show.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None) -> None:
+        files, where = locate(path, filesystem)
+        self._at(files, where)
+        if not files.is_file(self.path / RUN_YAML):
+            raise RunNotFoundError(f"{self.location} is not a run directory (no {RUN_YAML})")
+
+    def _at(self, files: Files, path: PurePath) -> Run:
+        self._files = files
+        self.path = path.resolve() if isinstance(path, Path) else path
+        return self
+
+    @classmethod
+    def _found(cls, files: Files, path: PurePath) -> Run:
+        """A run whose run.yaml the caller has just seen: no second look."""
+        return cls.__new__(cls)._at(files, path)
+
+    @property
+    def location(self) -> str:
+        """Where the run is: its folder, or its URI (credentials and query left out)."""
+        return self._files.uri(self.path)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return read_yaml(self.path / RUN_YAML, self._files)
+
+    @property
+    def id(self) -> str:
+        return self.info.get("id", "")
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return read_yaml(self.path / CONFIG_YAML, self._files)
+
+    def log_text(self) -> str:
+        """run.log, merged in time order with the lines other hosts' collectors kept (logs/)."""
+        others = sorted(n for n in _visible(self._files.names(self.path / LOGS_DIR)) if n.endswith(".log"))
+        texts = []
+        for path in [self.path / RUN_LOG, *(self.path / LOGS_DIR / n for n in others)]:
+            try:
+                texts.append(self._files.read_text(path))
+            except FileNotFoundError:
+                continue
+        if len(texts) <= 1:
+            return texts[0] if texts else ""
+        entries = [_log_entries(text) for text in texts]
+        return "".join(heapq.merge(*entries))  # each entry starts with its ISO time, so text order is time order
+
+    def metrics(
+        self,
+        keys: str | Iterable[str] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        reduce: str | None = None,
+    ) -> pa.Table:
+        """One row per point (columns key, value, text, step, rank, host, time), in arrival order.
+
+        `ranks` keeps only those ranks. `reduce` ("mean", "min", "max", "median") instead
+        returns one row per key and step across ranks: key, step, value, ranks (how many
+        ranks had a value at that step), time (the latest). Median is t-digest based:
+        exact for up to about a hundred ranks.
+        """
+        table = self._points(keys)
+        if ranks is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            wanted_ranks = [ranks] if isinstance(ranks, int) else list(ranks)
+            table = table.filter(pc.is_in(table[RANK], pa.array(wanted_ranks, pa.int32())))
+        if reduce is None:
+            return table
+        return _reduce_across_ranks(table, reduce)
+
+    def rank_stats(self) -> pa.Table:
+        """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
+        the fastest rank), last_heartbeat. A straggler has a low rate and a large lag."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        points = self._points(None)
+        stepped = points.filter(pc.is_valid(points[STEP]))
+        grouped = stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")])
+        progress = {row[RANK]: row for row in grouped.to_pylist()}
+        ranks = self.info.get("ranks") or {}
+        fastest = max((row[f"{STEP}_max"] for row in progress.values()), default=None)
+        rows = []
+        for rank in sorted(set(ranks) | set(progress)):
+            state, seen = ranks.get(rank, {}), progress.get(rank)
+            rate = None
+            last_step = state.get("last_step")
+            if seen is not None:
+                last_step = seen[f"{STEP}_max"]
+                span = (seen[f"{TIME}_max"] - seen[f"{TIME}_min"]).total_seconds()
+                if span > 0:
+                    rate = (seen[f"{STEP}_max"] - seen[f"{STEP}_min"]) / span
+            rows.append({
+                "rank": rank,
+                "host": state.get("host"),
+                "status": state.get("status"),
+                "last_step": last_step,
+                "steps_per_s": rate,
+                "lag_steps": None if fastest is None or last_step is None else fastest - last_step,
+                "last_heartbeat": state.get("last_heartbeat"),
+            })
+        schema = pa.schema([("rank", pa.int32()), ("host", pa.string()), ("status", pa.string()),
+                            ("last_step", pa.int64()), ("steps_per_s", pa.float64()), ("lag_steps", pa.int64()),
+                            ("last_heartbeat", pa.string())])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
+        import pyarrow as pa
+
+        from expman._storage.rows import wal_table
+        from expman._storage.layout import metrics_schema
+        from expman._storage.wal import list_segments, read_records
+
+        wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
+        files, folder = self._files, self.path / METRICS_DIR
+        for _attempt in range(10):
+            parts, tables = _read_parts(files, folder, keys, metrics_schema())
+            covered: dict[str, int] = {}
+            for part in parts:
+                covered[part.writer] = max(covered.get(part.writer, -1), part.last)
+            segments = [
+                path
+                for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
+                for n, path in list_segments(self.path / WAL_DIR / writer, files)
+                if n > covered.get(writer, -1)
+            ]
+            tail = wal_table(rec for path in segments for rec in read_records(path, files))
+            # A live run's collector may have turned segments into a new part (and deleted
+            # them) after we listed the parts: those rows are in neither, so read again.
+            if list_parts(folder, files=files) == parts:
+                break
+        else:
+            raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
+        if tail is not None:
+            if wanted is not None:
+                import pyarrow.compute as pc
+
+                tail = tail.filter(pc.is_in(tail[KEY].cast(pa.string()), pa.array(wanted, pa.string())))
+            tables.append(tail)
+        if not tables:
+            return metrics_schema().empty_table()
+        return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+
+    def hardware(self, keys: str | Iterable[str] | None = None) -> pa.Table:
+        """Hardware samples (columns time, host, device, key, value, text, rank) of every host
+        that sampled this run, writer by writer in time order; empty if none was recorded."""
+        import pyarrow as pa
+
+        from expman._storage.layout import HARDWARE_DIR, hardware_schema
+
+        _, tables = _read_parts(self._files, self.path / HARDWARE_DIR, keys, hardware_schema())
+        if not tables:
+            return hardware_schema().empty_table()
+        return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+
+    # --- artifacts (expman/_reader/artifacts.py) ------------------------------------------------
+    def artifacts(self) -> list[ArtifactRecord]:
+        """The run's artifacts, by name: each has name, size, sha256, time, rank, encrypted
+        (and host, compression, stored, object)."""
+        from expman._reader import artifacts as _artifact_reader
+
+        return [r for _, r in sorted(_artifact_reader.records(self.path, self._files).items())]
+
+    def read_artifact(self, name: str, *, key_file: str | os.PathLike[str] | None = None) -> bytes:
+        """The artifact's bytes, checked against its SHA-256 (and decrypted with the master
+        key, default $EXPMAN_KEY_FILE or ~/.config/expman/master.key)."""
+        from expman._reader import artifacts as _artifact_reader
+
+        return _artifact_reader.read(self.path, name, key_file, self._files)
+
+    def download_artifact(
+        self, name: str, dest: str | os.PathLike[str], *, key_file: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Stream the artifact to `dest` (a local file, or a local folder to put it in); returns
+        the path. Memory stays at about two chunks whatever the size; nothing lands at `dest`
+        unless every check passed."""
+        from expman._reader import artifacts as _artifact_reader
+
+        return _artifact_reader.download(self.path, name, dest, key_file, self._files)
+
+    def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
+        """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""
+        from expman._reader.notebook import plot
+
+        return plot(self, keys, ranks)
+
+    def _repr_html_(self) -> str:
+        from expman._reader.notebook import run_html
+
+        return run_html(self)
+
+    def __repr__(self) -> str:
+        info = self.info
+        return f"<expman.Run {info.get('experiment')}/{info.get('name')} id={info.get('id')} status={info.get('status')}>"
+
+
+def _read_parts(
+    files: Files, folder: PurePath, keys: str | Iterable[str] | None, schema: pa.Schema
+) -> tuple[list, list[pa.Table]]:
+    """The live parts in `folder` and their rows (only `keys`, if given). A part merged away
+    while we read is no loss: its rows are in a newer part, so list again."""
+    wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
+    filters = [(KEY, "in", wanted)] if wanted is not None else None
+    for _attempt in range(10):
+        parts = list_parts(folder, files=files)
+        try:
+            return parts, [files.read_parquet(p.path, filters=filters, schema=schema) for p in parts]
+        except FileNotFoundError:
+            continue
+    raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
+
+
+def _visible(names: Iterable[str]) -> list[str]:
+    """Names a `*` glob would match: hidden entries (.wal, .incoming, temp files) left out."""
+    return [n for n in names if not n.startswith(".")]
+
+
+def _log_entries(text: str) -> list[str]:
+    """Split a log into entries: a line plus its indented continuation lines."""
+    entries: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("    ") and entries:
+            entries[-1] += line
+        else:
+            entries.append(line)
+    return entries
+
+
+REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}
+
+
+def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if how not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
+    numeric = table.filter(pc.is_valid(table[VALUE]))
+    numeric = numeric.set_column(0, KEY, numeric[KEY].cast(pa.string()))
+    grouped = numeric.group_by([KEY, STEP]).aggregate(
+        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")]
+    )
+    reduced = f"{VALUE}_{REDUCTIONS[how]}"
+    out = pa.table({
+        KEY: grouped[KEY],
+        STEP: grouped[STEP],
+        VALUE: grouped[reduced],
+        "ranks": grouped[f"{RANK}_count_distinct"],
+        TIME: grouped[f"{TIME}_max"],
+    })
+    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
+
+
+def open_run(
+    run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *, filesystem: pafs.FileSystem | None = None
+) -> Run:
+    """Open a run by its directory or URI (s3://bucket/prefix/mnist/run-1a2b), by
+    'experiment/run-folder' under the root, or by its id. With `filesystem` (a
+    `pyarrow.fs.FileSystem`, for your own credentials or endpoint), `run` and `root` are
+    paths inside it."""
+    files, path = locate(run, filesystem)
+    if _holds_run(files, path, guess=filesystem is not None and not is_uri(run)):
+        return Run._found(files, path)
+    if is_uri(run):
+        raise RunNotFoundError(f"{shown(str(run))} is not a run directory (no {RUN_YAML})")
+    files, base = _root(root, filesystem)
+    if files.is_file(base / run / RUN_YAML):
+        return Run._found(files, base / run)
+    uid = str(run)
+    for run_dir in _run_dirs(files, base, suffix=f"-{uid}"):
+        info = read_yaml_if_present(run_dir / RUN_YAML, files)
+        if info is not None and info.get("id") == uid:
+            return Run._found(files, run_dir)
+    raise RunNotFoundError(f"no run {uid!r}: not a run directory, and no run with that id under {files.uri(base)}")
+
+
+def list_runs(
+    root: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[Run]:
+    """The runs under a root (a folder, a URI such as s3://bucket/prefix, or a path inside
+    `filesystem`), optionally of one experiment, newest first."""
+    files, base = _root(root, filesystem)
+    runs = []
+    for run_dir in _run_dirs(files, base, experiment=experiment):
+        try:
+            info = read_yaml_if_present(run_dir / RUN_YAML, files)
+        except ExpmanError as exc:
+            log.warning("expman: skipping a run: %s", exc)
+            continue
+        if info is not None:
+            runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
+    runs.sort(key=lambda item: item[0], reverse=True)
+    return [run for _, run in runs]
+
+
+def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Candidate run folders under a local root, <root>/<experiment>/<run>, without reading
+    any file (a caller that caches run.yaml by its mtime reads only the ones that changed)."""
+    base = resolve_root(root)
+    return [Path(p) for p in _run_dirs(LOCAL, base)]
+
+
+def _holds_run(files: Files, path: PurePath, guess: bool) -> bool:
+    """Whether `path` is a run folder. A guess (an id or relative name tried as a full path
+    in a filesystem: its first part is then a bucket, maybe someone else's) that the store
+    refuses is a no, not an error."""
+    try:
+        return files.is_file(path / RUN_YAML)
+    except OSError:
+        if guess:
+            return False
+        raise
+
+
+def _root(root: str | os.PathLike[str] | None, filesystem: pafs.FileSystem | None) -> tuple[Files, PurePath]:
+    """Where the runs are: the `root` argument, else $EXPMAN_ROOT, else ./experiments."""
+    files, path = locate(chosen_root(root), filesystem)
+    return files, resolve_root(path) if isinstance(path, Path) else path
+
+
+def _run_dirs(files: Files, base: PurePath, experiment: str | None = None, suffix: str = "") -> Iterator[PurePath]:
+    """Candidate run folders, <base>/<experiment>/<run>, as the glob `*/*{suffix}` finds them:
+    one listing per experiment, so object stores answer a few requests, not one per file."""
+    experiments = [experiment] if experiment else _visible(files.dirs(base))
+    for name in experiments:
+        for run_name in _visible(files.dirs(base / name)):
+            if run_name.endswith(suffix):
+                yield base / name / run_name

@@ -1,0 +1,1 @@
+"""The run-directory contract: layout, schemas, record framing, rows, summaries, .expa objects, filesystems."""

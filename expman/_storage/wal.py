@@ -1,0 +1,128 @@
+"""The write-ahead log format: numbered segment files of length- and CRC-framed records.
+
+The collector appends each metrics frame, exactly as received, before acknowledging it;
+once a segment's frames are in a Parquet part the segment is deleted. Readers and a
+restarting collector replay what is left, stopping at the first torn or corrupt record,
+so a crash mid-write loses only the record that was being written (never acknowledged).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from pathlib import Path, PurePath
+from typing import Iterator
+
+from expman._storage.files import LOCAL, Files
+
+_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+_SUFFIX = ".wal"
+
+
+def segment_path(folder: Path, number: int) -> Path:
+    return folder / f"{number:08d}{_SUFFIX}"
+
+
+def list_segments(folder: PurePath, files: Files = LOCAL) -> list[tuple[int, PurePath]]:
+    """(number, path) of each segment, oldest first."""
+    out = []
+    for name in files.names(folder):
+        if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit():
+            out.append((int(name[: -len(_SUFFIX)]), folder / name))
+    return sorted(out)
+
+
+RECORD_OVERHEAD = _HEADER.size  # bytes a record takes beyond its payload
+
+
+def read_records(path: PurePath, files: Files = LOCAL, start: int = 0) -> Iterator[bytes]:
+    """Yield whole records from byte `start` on (a record boundary); stop quietly at a torn
+    or corrupt tail."""
+    try:
+        data = files.read_bytes(path)
+    except FileNotFoundError:
+        return
+    offset = start
+    while offset + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        payload = data[start : start + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        yield payload
+        offset = start + length
+
+
+# Test-only fault injection: while the file this names exists, `SegmentWriter.sync` fails
+# with ENOSPC as a full disk would (tests/test_spool.py). Not for production use.
+FAULT_ENOSPC_ENV = "EXPMAN_TEST_ENOSPC_FILE"
+_FAULT_FILE = os.environ.get(FAULT_ENOSPC_ENV)
+
+
+class SegmentWriter:
+    """Appends records to the current segment of one folder; `rotate()` seals it.
+
+    Appends are buffered in memory and written by `sync()`. A failed sync (a full disk,
+    an I/O error) truncates the segment back to the last synced record and discards the
+    buffer, so the segment holds only whole records the caller was told were durable.
+    """
+
+    def __init__(self, folder: Path, number: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.number = number
+        self._fd = self._open()
+        self.records = 0
+        self._buffer = bytearray()
+
+    def _open(self) -> int:
+        fd = os.open(segment_path(self.folder, self.number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._committed = os.lseek(fd, 0, os.SEEK_END)
+        return fd
+
+    def append(self, payload: bytes) -> None:
+        self._buffer += _HEADER.pack(len(payload), zlib.crc32(payload))
+        self._buffer += payload
+        self.records += 1
+
+    def sync(self) -> None:
+        """Make appended records durable (called once per receive batch, not per record).
+
+        On failure nothing of this batch stays in the segment, and the error is raised."""
+        if not self._buffer:
+            return
+        try:
+            if _FAULT_FILE and os.path.exists(_FAULT_FILE):
+                raise OSError(errno.ENOSPC, "No space left on device (injected: $" + FAULT_ENOSPC_ENV + ")")
+            data = bytes(self._buffer)
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+            os.fsync(self._fd)
+        except OSError:
+            self._buffer.clear()
+            try:
+                os.ftruncate(self._fd, self._committed)
+            except OSError:
+                pass  # a torn tail is cut by the reader at its first bad record
+            raise
+        self._committed += len(self._buffer)
+        self._buffer.clear()
+
+    def rotate(self) -> int:
+        """Seal the current segment and start the next; return the sealed segment's number."""
+        self.sync()
+        os.close(self._fd)
+        sealed = self.number
+        self.number += 1
+        self._fd = self._open()
+        self.records = 0
+        return sealed
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)
