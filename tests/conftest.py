@@ -58,11 +58,14 @@ class CollectorProcess:
         return self.proc.returncode
 
 
-def start_collector(root: Path, workdir: Path, bind: str | None = None, *extra: str) -> CollectorProcess:
+def start_collector(root: Path, workdir: Path, bind: str | None = None, *extra: str,
+                    program: list[str] | None = None) -> CollectorProcess:
+    """A real collector process, ready. `program`: the command that runs the daemon
+    (default `python -m expman.collector`; tests/_enospc_collector.py plays a full disk)."""
     ready = workdir / f"ready-{time.monotonic_ns()}.yaml"
     log_path = workdir / f"collector-{time.monotonic_ns()}.log"
     bind = bind or f"ipc://{workdir}/c.sock"
-    cmd = [sys.executable, "-m", "expman.collector", "--root", str(root), "--bind", bind,
+    cmd = [*(program or [sys.executable, "-m", "expman.collector"]), "--root", str(root), "--bind", bind,
            "--ready-file", str(ready), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
     try:

@@ -6,8 +6,8 @@ collector's duplicate check still hold), and read back in order as acknowledgeme
 free memory. At exit, whatever is still unacknowledged is written to the spool, and
 `expman sync` (`replay_folder`) delivers it later.
 
-A spool file is a sequence of records framed like the write-ahead log (expman/_storage/wal.py:
-length, crc32, payload). Record 0 is a msgpack map of facts about the sender
+A spool file is a sequence of records framed like the write-ahead log
+(expman/_storage/records.py: length, crc32, payload). Record 0 is a msgpack map of facts about the sender
 (`spool`: format version, `endpoint`, `sender`, `host`, `pid`, `created_at`); then come
 introductions (hello frames with no sequence number: what a replayer needs to introduce
 each run to a collector that has never heard of it), then frames exactly as sent.
@@ -22,15 +22,14 @@ import fcntl
 import logging
 import os
 import socket
-import struct
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 import msgpack
 
+from expman._storage.records import OVERHEAD, frame_record, iter_records, payload_length
 from expman._wire import frames as proto
 
 log = logging.getLogger("expman")
@@ -40,7 +39,6 @@ SUFFIX = ".spool"
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30  # 1 GiB per sender
 SPOOL_DIR_ENV = "EXPMAN_SPOOL_DIR"
 MAX_SPOOL_ENV = "EXPMAN_MAX_SPOOL_BYTES"
-_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 
 
 def spool_dir() -> Path:
@@ -59,21 +57,9 @@ def max_spool_bytes(value: int | None = None) -> int:
     return int(env) if env else DEFAULT_MAX_SPOOL_BYTES
 
 
-def _record(payload: bytes) -> bytes:
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
 def read_records(path: Path) -> Iterator[bytes]:
     """Whole records, in order; stops quietly at a torn or corrupt tail."""
-    data = path.read_bytes()
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        payload = data[offset + _HEADER.size : offset + _HEADER.size + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            return
-        yield payload
-        offset += _HEADER.size + length
+    return iter_records(path.read_bytes())
 
 
 def _meta(endpoint: str, sender: str) -> bytes:
@@ -94,7 +80,7 @@ class Spool:
         self.max_bytes = max_bytes
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
-        head = _record(_meta(endpoint, sender)) + b"".join(_record(i) for i in intros)
+        head = frame_record(_meta(endpoint, sender)) + b"".join(frame_record(i) for i in intros)
         os.write(self._fd, head)
         self._head = head
         self._write_at = len(head)
@@ -106,7 +92,7 @@ class Spool:
 
     def append(self, data: bytes, force: bool = False) -> bool:
         """Append one frame; False (nothing written) when the spool is full, unless `force`."""
-        rec = _record(data)
+        rec = frame_record(data)
         if not force and self.size + len(rec) > self.max_bytes:
             if self._read_at > len(self._head):
                 self._compact()
@@ -118,9 +104,9 @@ class Spool:
 
     def read_next(self) -> bytes:
         """The next unread frame (the sender keeps count of how many there are)."""
-        length, _crc = _HEADER.unpack(os.pread(self._fd, _HEADER.size, self._read_at))
-        data = os.pread(self._fd, length, self._read_at + _HEADER.size)
-        self._read_at += _HEADER.size + length
+        length = payload_length(os.pread(self._fd, OVERHEAD, self._read_at))
+        data = os.pread(self._fd, length, self._read_at + OVERHEAD)
+        self._read_at += OVERHEAD + length
         return data
 
     def unread(self) -> bytes:
@@ -154,11 +140,11 @@ def write_final(folder: Path, endpoint: str, sender: str, intros: list[bytes], f
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         os.chmod(tmp, 0o600)
-        fh.write(_record(_meta(endpoint, sender)))
+        fh.write(frame_record(_meta(endpoint, sender)))
         for item in intros:
-            fh.write(_record(item))
+            fh.write(frame_record(item))
         for data in frames:
-            fh.write(_record(data))
+            fh.write(frame_record(data))
         fh.write(tail)
         fh.flush()
         os.fsync(fh.fileno())

@@ -1,4 +1,4 @@
-"""The write-ahead log format: numbered segment files of length- and CRC-framed records.
+"""The write-ahead log: numbered segment files of records (framing: expman/_storage/records.py).
 
 The collector appends each metrics frame, exactly as received, before acknowledging it;
 once a segment's frames are in a Parquet part the segment is deleted. Readers and a
@@ -8,16 +8,13 @@ so a crash mid-write loses only the record that was being written (never acknowl
 
 from __future__ import annotations
 
-import errno
 import os
-import struct
-import zlib
 from pathlib import Path, PurePath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from expman._storage.files import LOCAL, Files
+from expman._storage.records import OVERHEAD, frame_record, iter_records
 
-_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 _SUFFIX = ".wal"
 
 
@@ -34,7 +31,7 @@ def list_segments(folder: PurePath, files: Files = LOCAL) -> list[tuple[int, Pur
     return sorted(out)
 
 
-RECORD_OVERHEAD = _HEADER.size  # bytes a record takes beyond its payload
+RECORD_OVERHEAD = OVERHEAD  # bytes a record takes beyond its payload
 
 
 def read_records(path: PurePath, files: Files = LOCAL, start: int = 0) -> Iterator[bytes]:
@@ -44,21 +41,7 @@ def read_records(path: PurePath, files: Files = LOCAL, start: int = 0) -> Iterat
         data = files.read_bytes(path)
     except FileNotFoundError:
         return
-    offset = start
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        payload = data[start : start + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            return
-        yield payload
-        offset = start + length
-
-
-# Test-only fault injection: while the file this names exists, `SegmentWriter.sync` fails
-# with ENOSPC as a full disk would (tests/test_spool.py). Not for production use.
-FAULT_ENOSPC_ENV = "EXPMAN_TEST_ENOSPC_FILE"
-_FAULT_FILE = os.environ.get(FAULT_ENOSPC_ENV)
+    yield from iter_records(data, start)
 
 
 class SegmentWriter:
@@ -67,7 +50,10 @@ class SegmentWriter:
     Appends are buffered in memory and written by `sync()`. A failed sync (a full disk,
     an I/O error) truncates the segment back to the last synced record and discards the
     buffer, so the segment holds only whole records the caller was told were durable.
+    `sync_file` is the seam a test replaces to play a full disk (tests/_enospc_collector.py).
     """
+
+    sync_file: Callable[[int], None] = staticmethod(os.fsync)
 
     def __init__(self, folder: Path, number: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -83,8 +69,7 @@ class SegmentWriter:
         return fd
 
     def append(self, payload: bytes) -> None:
-        self._buffer += _HEADER.pack(len(payload), zlib.crc32(payload))
-        self._buffer += payload
+        self._buffer += frame_record(payload)
         self.records += 1
 
     def sync(self) -> None:
@@ -94,13 +79,11 @@ class SegmentWriter:
         if not self._buffer:
             return
         try:
-            if _FAULT_FILE and os.path.exists(_FAULT_FILE):
-                raise OSError(errno.ENOSPC, "No space left on device (injected: $" + FAULT_ENOSPC_ENV + ")")
             data = bytes(self._buffer)
             written = 0
             while written < len(data):
                 written += os.write(self._fd, data[written:] if written else data)
-            os.fsync(self._fd)
+            self.sync_file(self._fd)
         except OSError:
             self._buffer.clear()
             try:
