@@ -77,7 +77,7 @@ def worker(argv: list[str]) -> int:
 
     exp = expman.start_experiment("bench", "dist", root=root)
     deadline = time.monotonic() + 60
-    while exp.confirmed_run_dir is None:  # the collector (or, through a relay, the head) answered
+    while not (exp._channel.hello_sent and exp.stats()["unacked_frames"] == 0):  # the collector (or the head) answered the hello
         if time.monotonic() > deadline:
             print(json.dumps({"error": "the collector never answered the hello"}), flush=True)
             exp.finish(timeout=2)

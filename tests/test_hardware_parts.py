@@ -326,13 +326,13 @@ def test_the_rank_tells_the_collector_what_it_needs(root, short_dir, monkeypatch
     nobody = f"ipc://{short_dir}/nobody.sock"
     exp = expman.start_experiment("e", "hello", root=root, collector=nobody, log_hardware=True, hardware_interval=2)
     fields = ("log_hardware", "hardware_interval", "local_rank", "cuda_visible_devices", "nvidia_visible_devices")
-    assert {k: exp.hello_extra[k] for k in fields} == {
+    assert {k: exp._channel.hello[k] for k in fields} == {
         "log_hardware": True, "hardware_interval": 2.0, "local_rank": 3, "cuda_visible_devices": "1,0",
         "nvidia_visible_devices": "GPU-ab,GPU-cd"}
     assert exp.finish(timeout=0.1) is False  # nobody listens: bounded
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     plain = expman.start_experiment("e", "plain", root=root, collector=nobody)
-    assert plain.hello_extra["log_hardware"] is False and plain.hello_extra["cuda_visible_devices"] is None
+    assert plain._channel.hello["log_hardware"] is False and plain._channel.hello["cuda_visible_devices"] is None
     plain.finish(timeout=0.1)
     for bad in (0, -1, "1", True, float("nan")):
         with pytest.raises(ValueError, match="hardware_interval"):

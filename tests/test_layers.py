@@ -144,15 +144,7 @@ def test_no_import_cycles():
     # the public door re-exports from below; submodules that import `expman` for its public
     # names (integrations, the TUI) are above it, not in a cycle with it
     cycles = {c for c in cycles if not c.startswith("expman -> ") and " -> expman -> " not in c}
-    assert sorted(cycles - KNOWN_CYCLES) == []
-
-
-# The rank side's Experiment still doubles as the sender's state; the per-run channel removes these.
-KNOWN_CYCLES = {
-    "expman._rank.experiment -> expman._rank.artifacts -> expman._rank.experiment",
-    "expman._rank.experiment -> expman._rank.artifacts -> expman._rank.sender -> expman._rank.experiment",
-    "expman._rank.experiment -> expman._rank.start -> expman._rank.experiment",
-}
+    assert sorted(cycles) == []
 
 
 def test_architecture_doc_lists_every_module():

@@ -16,6 +16,7 @@ from expman._storage.buckets import aggregate, bucket_width
 from expman._storage.layout import list_parts
 from expman.tui.data.runs import LatestValues
 from expman.tui.data.series import MetricsSource
+from _helpers import wait_for
 from conftest import start_collector
 
 
@@ -92,6 +93,8 @@ def test_a_real_run_opens_from_its_summary_and_matches_the_points(root, short_di
                 exp.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 60_000}, step=step)
                 if step == 31_337:
                     exp.log_metric("loss", 50.0, step=step)  # a spike the chart must keep
+                if step == 30_000:  # at least two parts, so finish merges them (summaries come with merges)
+                    wait_for(lambda: list_parts(exp.run_dir / "metrics"), 60, "a first part on disk")
     finally:
         assert c.stop() == 0, c.log()
     run = expman.open_run(exp.run_dir)

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 from expman._wire import frames as proto
 from expman._storage.artifact_names import join_name, normalize_name
 from expman._errors import ArtifactError, ArtifactNameError
+from expman._rank.channel import RunChannel
 
 if TYPE_CHECKING:
-    from expman._rank.experiment import Experiment
     from expman._rank.sender import Sender
 
 log = logging.getLogger("expman")
@@ -54,19 +54,9 @@ _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed
 
 
-@dataclass
-class ArtifactState:
-    """One Experiment's artifact counters; `open_jobs` holds its finish frame back."""
-
-    encrypt: bool = False
-    open_jobs: int = 0
-    stored: int = 0
-    failed: int = 0
-
-
 @dataclass(eq=False)
 class _Job:
-    exp: Experiment
+    run: RunChannel
     name: str
     size: int
     logged_at: float
@@ -78,7 +68,7 @@ class _Job:
 
 @dataclass(eq=False)
 class _CodeJob:
-    exp: Experiment
+    run: RunChannel
     code_dir: Path | None
 
 
@@ -104,7 +94,7 @@ class ChunkToken:
 
     pump: ArtifactPump
     transfer: _Transfer
-    exp: Experiment
+    run: RunChannel
     nbytes: int
     final: bool = False
 
@@ -129,7 +119,7 @@ class ArtifactPump:
         self._thread.start()
 
     # --- the calling thread --------------------------------------------------------------
-    def snapshot(self, exp: Experiment, path: str | os.PathLike[str], name: str) -> None:
+    def snapshot(self, run: RunChannel, path: str | os.PathLike[str], name: str) -> None:
         """Pin the file's current content down (see the module doc) and queue it."""
         now = time.time()
         st = os.stat(path)
@@ -144,7 +134,7 @@ class ArtifactPump:
                 self._inline_bytes += st.st_size  # reserved now, so two threads cannot both overshoot
             elif use_fd:
                 self._open_fds += 1
-        job = _Job(exp, name, st.st_size, now)
+        job = _Job(run, name, st.st_size, now)
         try:
             if inline:
                 with open(path, "rb") as fh:
@@ -184,12 +174,12 @@ class ArtifactPump:
                 self._inline_bytes += len(job.data) - st.st_size
         self._submit(job)
 
-    def capture_code(self, exp: Experiment, code_dir: Path | None) -> None:
-        self._submit(_CodeJob(exp, code_dir))
+    def capture_code(self, run: RunChannel, code_dir: Path | None) -> None:
+        self._submit(_CodeJob(run, code_dir))
 
     def _submit(self, job: _Job | _CodeJob) -> None:
         with self._cond:
-            job.exp.artifact_state.open_jobs += 1
+            job.run.artifacts.open_jobs += 1
             self._jobs.append(job)
             self._cond.notify_all()
 
@@ -220,9 +210,9 @@ class ArtifactPump:
                 self._release(job)
                 return
             except Exception:  # one bad artifact must not stop the others
-                log.exception("expman: run %s: artifact hand-over failed", job.exp.uid)
+                log.exception("expman: run %s: artifact hand-over failed", job.run.uid)
                 if isinstance(job, _Job):
-                    self._count(job.exp, ok=False)
+                    self._count(job.run, ok=False)
             finally:
                 self._release(job)
 
@@ -240,18 +230,18 @@ class ArtifactPump:
                     os.close(job.fd)
                     job.fd = None
                     self._open_fds -= 1
-            job.exp.artifact_state.open_jobs -= 1
+            job.run.artifacts.open_jobs -= 1
         self.sender.wake()
 
-    def _count(self, exp: Experiment, ok: bool) -> None:
+    def _count(self, run: RunChannel, ok: bool) -> None:
         with self._cond:
             if ok:
-                exp.artifact_state.stored += 1
+                run.artifacts.stored += 1
             else:
-                exp.artifact_state.failed += 1
+                run.artifacts.failed += 1
 
     def _transfer(self, job: _Job) -> None:
-        exp = job.exp
+        run = job.run
         chunk = proto.ARTIFACT_CHUNK_BYTES
         with self._cond:
             transfer_id = self._next_transfer
@@ -289,28 +279,28 @@ class ArtifactPump:
                     return
                 body = proto.artifact_body(
                     transfer_id, index, data, last, name=job.name, size=job.size, chunk=chunk,
-                    encrypt=exp.artifact_state.encrypt, logged_at=job.logged_at,
+                    encrypt=run.artifacts.encrypt, logged_at=job.logged_at,
                     sha256=hasher.hexdigest() if last else None,
                 )
-                self._send(exp, body, ChunkToken(self, transfer, exp, len(data), final=last))
+                self._send(run, body, ChunkToken(self, transfer, run, len(data), final=last))
                 if index == 0 and not last:
                     self._wait_acked(transfer)  # a refused first chunk stops the transfer before the rest
         except _Changed as exc:
             reason = (f"could not be read ({exc}); not stored" if str(exc).startswith("reading it failed")
                       else f"the file changed after log_artifact() and before it was read ({exc}); not stored")
             log.error("expman: run %s: artifact %r: %s. Log a copy, or write a new file instead of rewriting it.",
-                      exp.uid, job.name, reason)
+                      run.uid, job.name, reason)
             with self._cond:
                 already_failed = transfer.failed is not None
                 transfer.failed = transfer.failed or reason  # counted once, here
             if not already_failed:
-                self._count(exp, ok=False)
+                self._count(run, ok=False)
             if transfer.sent and not already_failed:  # tell the collector to drop what it staged
                 self._wait_acked(transfer, everything=True)
                 body = proto.artifact_body(transfer_id, transfer.sent, b"", True, name=job.name, size=job.size,
-                                           chunk=chunk, encrypt=exp.artifact_state.encrypt,
+                                           chunk=chunk, encrypt=run.artifacts.encrypt,
                                            logged_at=job.logged_at, abort=reason)
-                self._send(exp, body, ChunkToken(self, transfer, exp, 0))
+                self._send(run, body, ChunkToken(self, transfer, run, 0))
         finally:
             if own_fd is not None:
                 os.close(own_fd)
@@ -323,7 +313,7 @@ class ArtifactPump:
         if (st.st_size, st.st_mtime_ns) != job.stamp:
             raise _Changed(f"size {job.stamp[0]} -> {st.st_size}" if st.st_size != job.stamp[0] else "modified")
 
-    def _send(self, exp: Experiment, body: dict[str, Any], token: ChunkToken | None, kind: str = proto.ARTIFACT) -> None:
+    def _send(self, run: RunChannel, body: dict[str, Any], token: ChunkToken | None, kind: str = proto.ARTIFACT) -> None:
         """Queue a frame for the Sender, waiting while the window is full."""
         n = token.nbytes if token is not None else 0
         with self._cond:
@@ -336,7 +326,7 @@ class ArtifactPump:
                 self._inflight_bytes += n
                 self._inflight_frames += 1
                 token.transfer.sent += 1
-        exp.control.append(("frame", (kind, body, token)))
+        run.control.append(("frame", (kind, body, token)))
         self.sender.wake()
 
     def _wait_acked(self, transfer: _Transfer, everything: bool = False) -> None:
@@ -355,18 +345,18 @@ class ArtifactPump:
             transfer.acked += 1
             if rejected and not transfer.failed:
                 transfer.failed = rejected
-                token.exp.artifact_state.failed += 1
-                log.error("expman: run %s: artifact %r was not stored: %s", token.exp.uid, transfer.job_name, rejected)
+                token.run.artifacts.failed += 1
+                log.error("expman: run %s: artifact %r was not stored: %s", token.run.uid, transfer.job_name, rejected)
             elif token.final and not transfer.failed:
-                token.exp.artifact_state.stored += 1
+                token.run.artifacts.stored += 1
             self._cond.notify_all()
 
     # --- code capture -------------------------------------------------------------------------
     def _capture(self, job: _CodeJob) -> None:
         from expman._rank.code_capture import collect
 
-        exp = job.exp
-        capture = collect(job.code_dir, exclude=[exp.root])
+        run = job.run
+        capture = collect(job.code_dir, exclude=[run.root])
         for name, path in capture.files:
             try:
                 with open(path, "rb") as fh:
@@ -374,10 +364,10 @@ class ArtifactPump:
             except OSError as exc:
                 capture.skip(name, f"unreadable: {exc}")
                 continue
-            self._transfer(_Job(exp, name, len(data), time.time(), data=data))
+            self._transfer(_Job(run, name, len(data), time.time(), data=data))
         if capture.diff is not None:
-            self._transfer(_Job(exp, capture.diff_name, len(capture.diff), time.time(), data=capture.diff))
-        self._send(exp, {"code": capture.meta()}, None, kind=proto.CODE)
+            self._transfer(_Job(run, capture.diff_name, len(capture.diff), time.time(), data=capture.diff))
+        self._send(run, {"code": capture.meta()}, None, kind=proto.CODE)
 
 
 # --- the calling thread's entry points (Experiment.log_artifact / log_artifacts) ---------------
@@ -402,22 +392,22 @@ def stop_all() -> None:
         pump.stop()
 
 
-def _refuse_after_finish(exp: Experiment, what: str) -> bool:
-    if exp.finish_request is None:
+def _refuse_after_finish(run: RunChannel, what: str) -> bool:
+    if run.finish_request is None:
         return False
-    log.error("expman: run %s is finished; %s logged after finish() is not stored", exp.uid, what)
-    exp.artifact_state.failed += 1
+    log.error("expman: run %s is finished; %s logged after finish() is not stored", run.uid, what)
+    run.artifacts.failed += 1
     return True
 
 
-def log_file(exp: Experiment, path: str | os.PathLike[str], name: str | None) -> str:
+def log_file(run: RunChannel, sender: Sender, path: str | os.PathLike[str], name: str | None) -> str:
     clean = normalize_name(name if name is not None else os.path.basename(os.fspath(path).rstrip("/")))
-    if not _refuse_after_finish(exp, f"artifact {clean!r}"):
-        pump_for(exp._sender).snapshot(exp, path, clean)
+    if not _refuse_after_finish(run, f"artifact {clean!r}"):
+        pump_for(sender).snapshot(run, path, clean)
     return clean
 
 
-def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: str | None,
+def log_directory(run: RunChannel, sender: Sender, directory: str | os.PathLike[str], prefix: str | None,
                   follow_symlinks: bool) -> list[str]:
     """Every regular file under `directory`, named `prefix/relative path`. Symlinks that
     resolve inside the folder are logged with their target's content; symlinks that point
@@ -429,7 +419,7 @@ def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: st
     if prefix is not None:
         normalize_name(prefix)
     real_base = base.resolve()
-    runs_root = Path(exp.root).resolve()
+    runs_root = Path(run.root).resolve()
     plan: list[tuple[str, Path]] = []
     skipped: list[str] = []
     for folder, dirs, files in os.walk(base, followlinks=False):
@@ -463,20 +453,20 @@ def log_directory(exp: Experiment, directory: str | os.PathLike[str], prefix: st
     if skipped:
         text = "; ".join(skipped[:20]) + (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else "")
         log.warning("expman: run %s: log_artifacts(%s) skipped %d entries: %s (pass follow_symlinks=True "
-                    "to follow links that leave the folder)", exp.uid, directory, len(skipped), text)
-        exp.log_message(f"log_artifacts({directory}) skipped {len(skipped)} entries: {text}", "warning")
-    if _refuse_after_finish(exp, f"artifacts of {directory}"):
+                    "to follow links that leave the folder)", run.uid, directory, len(skipped), text)
+        run.post("log", [time.time(), "warning", f"log_artifacts({directory}) skipped {len(skipped)} entries: {text}"])
+    if _refuse_after_finish(run, f"artifacts of {directory}"):
         return []
-    pump = pump_for(exp._sender)
+    pump = pump_for(sender)
     for name, path in plan:
-        pump.snapshot(exp, path, name)
+        pump.snapshot(run, path, name)
     return [name for name, _ in plan]
 
 
-def capture_code(exp: Experiment, code_dir: str | os.PathLike[str] | None) -> None:
-    """Queue code capture for `exp` (runs on the pump thread: git and file reads stay off
+def capture_code(run: RunChannel, sender: Sender, code_dir: str | os.PathLike[str] | None) -> None:
+    """Queue code capture for `run` (runs on the pump thread: git and file reads stay off
     the caller)."""
-    pump_for(exp._sender).capture_code(exp, Path(code_dir).resolve() if code_dir is not None else None)
+    pump_for(sender).capture_code(run, Path(code_dir).resolve() if code_dir is not None else None)
 
 
 def _reflink(fd: int, st: os.stat_result, path: str) -> int | None:

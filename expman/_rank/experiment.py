@@ -1,11 +1,11 @@
-"""The Experiment a training rank logs into.
+"""The Experiment a training rank logs into: the user's verbs and the hot path.
 
-The `log_*` calls only append to in-process buffers; the process's Sender thread
-drains them every few milliseconds, packs frames and ships them to a collector.
-The metric hot path is one dict lookup, two class checks and one `list.extend` of a
-4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic under the GIL,
-so other threads and the Sender's drain never see half a point, and the temporary tuple
-dies at once, so the garbage collector never sees it pile up.
+The `log_*` calls only append to the run's channel (expman/_rank/channel.py); the
+process's sender thread drains it every few milliseconds, packs frames and ships them to
+a collector. The metric hot path is one dict lookup, two class checks and one
+`list.extend` of a 4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic
+under the GIL, so other threads and the sender's drain never see half a point, and the
+temporary tuple dies at once, so the garbage collector never sees it pile up.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import os
 import threading
 import time
 import traceback
-from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from expman._rank.artifacts import ArtifactState
-from expman._storage.layout import FINAL_STATUSES, run_dir_name
+from expman._errors import ExpmanError
+from expman._rank.channel import RunChannel
 from expman._rank.values import Metric, check_key, check_params, coerce_number, coerce_step, coerce_time
+from expman._storage.layout import FINAL_STATUSES
 
 if TYPE_CHECKING:
     from expman._rank.sender import Sender
@@ -31,22 +31,23 @@ log = logging.getLogger("expman")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_FINISH_TIMEOUT = 30.0
+RUN_DIR_WAIT_S = 10.0  # how long `run_dir` waits for a separate collector to name the run's folder
 
 
 class _ClosedBuffer:
     """Stands in for the point buffer once a run is finished: counts and reports late points."""
 
-    __slots__ = ("owner", "warned")
+    __slots__ = ("channel", "warned")
 
-    def __init__(self, owner: Experiment) -> None:
-        self.owner = owner
+    def __init__(self, channel: RunChannel) -> None:
+        self.channel = channel
         self.warned = False
 
     def extend(self, items: Iterable[Any]) -> None:
-        self.owner._late_points += len(items) // 4  # type: ignore[arg-type]
+        self.channel.late += len(items) // 4  # type: ignore[arg-type]
         if not self.warned:
             self.warned = True
-            log.error("expman: run %s is finished; points logged after finish() are dropped", self.owner.uid)
+            log.error("expman: run %s is finished; points logged after finish() are dropped", self.channel.uid)
 
     def __len__(self) -> int:
         return 0
@@ -58,60 +59,38 @@ class Experiment:
     def __init__(
         self,
         *,
+        channel: RunChannel,
         sender: Sender,
-        root: Path,
         experiment: str,
         name: str,
-        uid: str,
-        rank: int,
         world_size: int,
-        host: str,
         parent: str | None,
         tags: list[str],
-        reopen: bool,
         finish_timeout: float,
-        heartbeat_interval: float,
-        hello_extra: dict[str, Any],
+        start_child: Callable[..., Experiment],
     ) -> None:
-        self.uid = uid
+        self.uid = channel.uid
         self.name = name
         self.experiment = experiment
-        self.root = root
-        self.rank = rank
+        self.root = channel.root
+        self.rank = channel.rank
         self.world_size = world_size
-        self.host = host
+        self.host = channel.host
         self.parent = parent
         self.tags = tags
-        self.reopen = reopen
         self.finish_timeout = finish_timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.hello_extra = hello_extra
-        self.started_at = time.time()
-        self._predicted_run_dir = root / experiment / run_dir_name(name, uid)
-        self.confirmed_run_dir: Path | None = None
-        # Hot-path state. The Sender reads and trims these from its own thread.
-        self._key_ids: dict[str, int] = {}
-        self.key_names: list[str] = []
-        self._buf: list[Any] | _ClosedBuffer = []
-        self.texts: list[list[Any]] = []  # [key id, text, step, time]
-        self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line)
-        self._intern_lock = threading.Lock()
-        # Finish hand-over to the Sender.
-        self.final_buffer: list[Any] | None = None
-        self.finish_request: dict[str, Any] | None = None
-        self.finished = threading.Event()
-        self.hello_body: dict[str, Any] | None = None  # these belong to the Sender thread
-        self.hello_sent = False
-        self.finish_sent = False
-        self.last_step: int | None = None
-        self.next_heartbeat = 0.0  # monotonic
         self.status = "running"
-        self._late_points = 0
-        self.artifact_state = ArtifactState()
+        self._channel = channel
+        self._sender = sender
+        self._start_child = start_child
+        # Hot-path state: the channel's buffers, held directly (one attribute lookup a call).
+        self._key_ids: dict[str, int] = {}
+        self._key_names = channel.key_names
+        self._buf: list[Any] | _ClosedBuffer = channel.points
+        self._intern_lock = threading.Lock()
         self._children: list[Experiment] = []
         self._child_names: dict[str | None, int] = {}
-        self._sender = sender
-        sender.register(self)
+        sender.register(channel)
 
     # --- hot path ------------------------------------------------------------------
     def log_metric(
@@ -173,8 +152,8 @@ class Experiment:
         with self._intern_lock:
             kid = self._key_ids.get(key)
             if kid is None:
-                kid = len(self.key_names)
-                self.key_names.append(key)
+                kid = len(self._key_names)
+                self._key_names.append(key)
                 self._key_ids[key] = kid
         return kid
 
@@ -182,10 +161,10 @@ class Experiment:
         if step is not None:
             step = coerce_step(key, step)
         when = timestamp if timestamp is not None else created_at
-        if self.finish_request is not None:
+        if self._channel.finish_request is not None:
             self._buf.extend((kid, 0.0, step, None))  # counted and reported as late
             return
-        self.texts.append([kid, text, step, None if when is None else coerce_time(key, when)])
+        self._channel.texts.append([kid, text, step, None if when is None else coerce_time(key, when)])
 
     # --- parameters and messages ----------------------------------------------------
     def log_parameter(self, key: str, value: Any) -> None:
@@ -193,8 +172,7 @@ class Experiment:
 
     def log_parameters(self, params: dict[str, Any]) -> None:
         """Merge parameters into the run's config.yaml (later values for a key win)."""
-        checked = check_params(params)
-        self._control("params", checked)
+        self._channel.post("params", check_params(params))
 
     def log_message(self, text: str, level: str = "info") -> None:
         """Append a line to the run's run.log."""
@@ -203,7 +181,7 @@ class Experiment:
             level = "warning"
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        self._control("log", [time.time(), level, str(text)])
+        self._channel.post("log", [time.time(), level, str(text)])
 
     def info(self, text: str) -> None:
         self.log_message(text, "info")
@@ -216,14 +194,7 @@ class Experiment:
     def error(self, text: str) -> None:
         self.log_message(text, "error")
 
-    def _control(self, kind: str, payload: Any) -> None:
-        if self.finish_request is not None:
-            log.error("expman: run %s is finished; %s logged after finish() is dropped", self.uid, kind)
-            self._late_points += 1
-            return
-        self.control.append((kind, payload))
-
-    # --- artifacts (the hand-over is in _artifact_pump.py, storage in collector/_artifacts.py) ---
+    # --- artifacts (the hand-over is in expman/_rank/artifacts.py, storage in collector/_artifacts.py) ---
     def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> str:
         """Store the file's content as it is now under `name` (default: the file's name).
 
@@ -233,7 +204,7 @@ class Experiment:
         """
         from expman._rank.artifacts import log_file
 
-        return log_file(self, path, name)
+        return log_file(self._channel, self._sender, path, name)
 
     def log_artifacts(
         self, directory: str | os.PathLike[str], prefix: str | None = None, *, follow_symlinks: bool = False
@@ -245,16 +216,14 @@ class Experiment:
         """
         from expman._rank.artifacts import log_directory
 
-        return log_directory(self, directory, prefix, follow_symlinks)
+        return log_directory(self._channel, self._sender, directory, prefix, follow_symlinks)
 
     # --- runs ---------------------------------------------------------------------------
     def start_experiment(self, name: str | None = None, **kwargs: Any) -> Experiment:
         """Start a child run in the same experiment, linked both ways in run.yaml."""
-        from expman._rank.start import start_experiment
-
         kwargs.setdefault("root", self.root)
         kwargs.setdefault("collector", self._sender.endpoint)
-        child = start_experiment(self.experiment, name, _parent=self, **kwargs)
+        child = self._start_child(self.experiment, name, _parent=self, **kwargs)
         self._children.append(child)
         return child
 
@@ -266,12 +235,26 @@ class Experiment:
 
     @property
     def run_dir(self) -> Path:
-        """The run's directory, as reported by the collector once it has answered."""
-        return self.confirmed_run_dir or self._predicted_run_dir
+        """The run's folder, as the collector that writes it names it.
+
+        In local mode it is known at once. With a separate collector (a service, a relay
+        head, `EXPMAN_COLLECTOR`) whose root may differ from this process's, it is the
+        collector's answer to the run's first frame: read before that answer, this waits
+        for it up to RUN_DIR_WAIT_S (10 s) and raises ExpmanError if the collector has not
+        answered, rather than guess a path that may never exist. Behind a relay it is the
+        folder on the head collector's host.
+        """
+        channel = self._channel
+        if not channel.run_dir_known.wait(RUN_DIR_WAIT_S):
+            raise ExpmanError(
+                f"run {self.uid}: the collector at {self._sender.endpoint} has not answered within "
+                f"{RUN_DIR_WAIT_S:g} s, so the run's folder is not known yet (is the collector running?)"
+            )
+        return channel.run_dir  # type: ignore[return-value]
 
     def stats(self) -> dict[str, int]:
         """Delivery counters: points sent, acknowledged (persisted), still buffered, dropped."""
-        return self._sender.stats_for(self)
+        return self._sender.stats_for(self._channel)
 
     def finish(self, status: str = "finished", timeout: float | None = None, *, error: dict | None = None) -> bool:
         """Flush everything and wait (bounded) until the collector has persisted it.
@@ -280,16 +263,16 @@ class Experiment:
         """
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {sorted(FINAL_STATUSES)}, got {status!r}")
-        if self.finish_request is None:
+        channel = self._channel
+        if channel.finish_request is None:
             for child in self._children:
-                if child.finish_request is None:
+                if child._channel.finish_request is None:
                     child.finish(status, timeout)
-            buffer, self._buf = self._buf, _ClosedBuffer(self)
-            self.final_buffer = buffer if isinstance(buffer, list) else []
+            self._buf = _ClosedBuffer(channel)
             self.status = status
-            self.finish_request = {"status": status, "ended_at": time.time(), "error": error}
+            channel.finish_request = {"status": status, "ended_at": time.time(), "error": error}
             self._sender.wake()
-        done = self.finished.wait(self.finish_timeout if timeout is None else timeout)
+        done = channel.finished.wait(self.finish_timeout if timeout is None else timeout)
         if not done:
             s = self.stats()
             log.error(
@@ -297,8 +280,13 @@ class Experiment:
                 "%d points may be missing (sent %d, acknowledged %d)",
                 self.uid, s["buffered"], s["sent"], s["acked"],
             )
-        self._sender.unregister(self)
+        self._sender.unregister(channel)
         return done
+
+    @property
+    def finishing(self) -> bool:
+        """Whether finish() has been called (the run may still be flushing)."""
+        return self._channel.finish_request is not None
 
     def __enter__(self) -> Experiment:
         return self

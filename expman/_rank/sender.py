@@ -26,18 +26,16 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
+from expman._rank.channel import RunChannel
 from expman._wire import frames as proto
 from expman._wire.curve_keys import client_keys
 from expman._rank.spool import Spool, spool_dir, write_final
 from expman._rank.spool import max_spool_bytes as _spool_budget
 
-if TYPE_CHECKING:
-    from expman._rank.experiment import Experiment
 
 log = logging.getLogger("expman")
 
@@ -59,11 +57,11 @@ def _fits_int64(step: Any) -> bool:
     return step is not None and _INT64_MIN <= step <= _INT64_MAX
 
 
-def _pack_values(values: list[Any], exp: Experiment) -> bytes:
+def _pack_values(values: list[Any], run: RunChannel) -> bytes:
     try:
         return struct.pack(f"<{len(values)}d", *values)
     except (OverflowError, struct.error):  # an int too large for a float64: store it as ±inf, and say so
-        log.error("expman: run %s: a metric value is too large for float64; stored as inf", exp.uid)
+        log.error("expman: run %s: a metric value is too large for float64; stored as inf", run.uid)
         return struct.pack(f"<{len(values)}d", *(_clamp(v) for v in values))
 
 
@@ -74,7 +72,7 @@ def _clamp(value: Any) -> float:
         return float("inf") if value > 0 else float("-inf")
 
 
-def _pack_steps(steps: list[Any], exp: Experiment) -> bytes | list[int | None]:
+def _pack_steps(steps: list[Any], run: RunChannel) -> bytes | list[int | None]:
     """int64 binary when every point has a step, else a list with None (msgpack nil)."""
     try:
         return struct.pack(f"<{len(steps)}q", *steps)
@@ -82,7 +80,7 @@ def _pack_steps(steps: list[Any], exp: Experiment) -> bytes | list[int | None]:
         pass
     if all(s is None or _fits_int64(s) for s in steps):
         return steps
-    log.error("expman: run %s: a step outside the int64 range is stored as no step", exp.uid)
+    log.error("expman: run %s: a step outside the int64 range is stored as no step", run.uid)
     return [s if _fits_int64(s) else None for s in steps]
 
 
@@ -110,7 +108,7 @@ def lower_switch_interval() -> None:
 @dataclass(slots=True)
 class _Pending:
     seq: int
-    exp: Experiment
+    run: RunChannel
     kind: str
     data: bytes
     points: int
@@ -157,7 +155,7 @@ class Sender:
         self._on_idle_check = on_idle_check  # called on resend rounds: restarts a dead local collector
         self._ctx = zmq.Context.instance()
         self._lock = threading.Lock()
-        self._experiments: list[Experiment] = []
+        self._experiments: list[RunChannel] = []
         self._counters: dict[int, _Counters] = {}
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._unsent: deque[int] = deque()  # seqs to send, in order
@@ -192,30 +190,30 @@ class Sender:
         if max_points_per_frame is not None:
             self.max_points_per_frame = min(self.max_points_per_frame, max(int(max_points_per_frame), 1))
 
-    def register(self, exp: Experiment) -> None:
+    def register(self, run: RunChannel) -> None:
         with self._lock:
-            self._experiments.append(exp)
-            self._counters[id(exp)] = _Counters()
+            self._experiments.append(run)
+            self._counters[id(run)] = _Counters()
         self.wake()
 
-    def unregister(self, exp: Experiment) -> None:
+    def unregister(self, run: RunChannel) -> None:
         with self._lock:
-            if exp in self._experiments and exp.finished.is_set():
-                self._experiments.remove(exp)
+            if run in self._experiments and run.finished.is_set():
+                self._experiments.remove(run)
 
-    def stats_for(self, exp: Experiment) -> dict[str, int]:
-        c = self._counters.get(id(exp)) or _Counters()
-        in_buffer = len(exp._buf) // 4 + len(exp.texts) + len(exp.final_buffer or ()) // 4
+    def stats_for(self, run: RunChannel) -> dict[str, int]:
+        c = self._counters.get(id(run)) or _Counters()
+        in_buffer = len(run.points) // 4 + len(run.texts)
         return {
             "sent": c.sent,
             "acked": c.acked,
             "buffered": in_buffer + c.pending,
-            "dropped": c.dropped + exp._late_points,
+            "dropped": c.dropped + run.late,
             "spilled": c.spilled,
             "unacked_frames": c.unacked_frames,
-            "artifacts_stored": exp.artifact_state.stored,
-            "artifacts_failed": exp.artifact_state.failed,
-            "artifacts_pending": exp.artifact_state.open_jobs,
+            "artifacts_stored": run.artifacts.stored,
+            "artifacts_failed": run.artifacts.failed,
+            "artifacts_pending": run.artifacts.open_jobs,
         }
 
     def wake(self) -> None:
@@ -242,7 +240,7 @@ class Sender:
             except zmq.Again:
                 pass  # a wake-up is already queued
 
-    def active(self) -> list[Experiment]:
+    def active(self) -> list[RunChannel]:
         with self._lock:
             return list(self._experiments)
 
@@ -279,11 +277,11 @@ class Sender:
                     self._read_acks(dealer)
                 now = time.monotonic()
                 self._busy = False
-                for exp in self.active():
+                for run in self.active():
                     try:
-                        self._drain(exp, now)
+                        self._drain(run, now)
                     except Exception:  # one run's bad data must not stop the others
-                        log.exception("expman: run %s: could not send its data", exp.uid)
+                        log.exception("expman: run %s: could not send its data", run.uid)
                 if now >= next_resend_check:
                     next_resend_check = now + RESEND_AFTER_S / 2
                     self._mark_stale_for_resend(now)
@@ -307,14 +305,14 @@ class Sender:
             dealer.close(0)
             wake.close(0)
 
-    def _enqueue(self, exp: Experiment, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
-        c = self._counters[id(exp)]
+    def _enqueue(self, run: RunChannel, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
+        c = self._counters[id(run)]
         seq = self._next_seq
         data = proto.encode_frame(
-            kind, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
+            kind, run=run.uid, host=run.host, rank=run.rank, sender=self.sender_id,
             seq=seq, sent_at=time.time(), body=body, low=self._low(seq),
         )
-        item = _Pending(seq, exp, kind, data, points, token=token, size=len(data))
+        item = _Pending(seq, run, kind, data, points, token=token, size=len(data))
         # Past the memory budget (or while older frames wait in the spool: order) frames
         # go to the spool; only when it is full too are metrics dropped.
         if self._spooled or (self._pending and self._pending_bytes + len(data) > self.max_pending_bytes):
@@ -325,7 +323,7 @@ class Sender:
                 c.unacked_frames += 1
                 return
             if kind == proto.METRICS:
-                self._drop(exp, c, points)
+                self._drop(run, c, points)
                 return
         self._next_seq += 1
         self._pending[seq] = item
@@ -348,7 +346,7 @@ class Sender:
             low = min(low, self._spooled[0].seq)
         return low
 
-    def _drop(self, exp: Experiment, c: _Counters, points: int) -> None:
+    def _drop(self, run: RunChannel, c: _Counters, points: int) -> None:
         c.dropped += points
         now = time.monotonic()
         if now - self._drop_logged_at >= DROP_LOG_EVERY_S:
@@ -357,19 +355,19 @@ class Sender:
                 "expman: run %s: collector at %s has not confirmed %d MB in memory and %d MB in the spool "
                 "(%s); DROPPING points: %d dropped so far (raise max_buffer_bytes / max_spool_bytes, "
                 "or check the collector)",
-                exp.uid, self.endpoint, self._pending_bytes >> 20,
+                run.uid, self.endpoint, self._pending_bytes >> 20,
                 (self._spool.size if self._spool else 0) >> 20,
                 self._spool.path if self._spool else "no spool", c.dropped,
             )
 
-    def _intros(self, exps: Any) -> list[bytes]:
+    def _intros(self, runs: Any) -> list[bytes]:
         """Hello frames without a seq: how a replayer introduces these runs to a collector."""
         out = []
-        for exp in exps:
-            if exp.hello_body is not None:
-                out.append(proto.encode_frame(proto.HELLO, run=exp.uid, host=exp.host, rank=exp.rank,
+        for run in runs:
+            if run.hello is not None:
+                out.append(proto.encode_frame(proto.HELLO, run=run.uid, host=run.host, rank=run.rank,
                                               sender=self.sender_id, seq=None, sent_at=time.time(),
-                                              body=exp.hello_body))
+                                              body=run.hello))
         return out
 
     def _spill(self, item: _Pending, force: bool) -> bool:
@@ -420,82 +418,60 @@ class Sender:
                 spool.close(delete=True)
             return
         in_memory = sorted(self._pending.values(), key=lambda p: p.seq)
-        exps = {id(p.exp): p.exp for p in (*in_memory, *self._spooled)}
+        runs = {id(p.run): p.run for p in (*in_memory, *self._spooled)}
         frames = len(in_memory) + len(self._spooled)
         points = sum(p.points for p in in_memory) + sum(p.points for p in self._spooled)
         try:
             path = write_final(spool_dir() if spool is None else spool.path.parent, self.endpoint, self.sender_id,
-                               self._intros(exps.values()), [p.data for p in in_memory],
+                               self._intros(runs.values()), [p.data for p in in_memory],
                                spool.unread() if spool is not None else b"")
         finally:
             if spool is not None:
                 spool.close(delete=False)
         log.error("expman: the collector at %s has not confirmed %d frames (%d points) of run(s) %s; "
                   "they are kept in %s: run `expman sync` to deliver them",
-                  self.endpoint, frames, points, ", ".join(sorted(e.uid for e in exps.values())), path)
+                  self.endpoint, frames, points, ", ".join(sorted(e.uid for e in runs.values())), path)
 
-    def _drain(self, exp: Experiment, now: float) -> None:
-        if not exp.hello_sent:
-            exp.hello_sent = True
-            self._enqueue(exp, proto.HELLO, self._hello_body(exp))
-        request = exp.finish_request
-        artifacts_idle = exp.artifact_state.open_jobs == 0  # read first: the pump queues its frames before it says done
-        buf = exp.final_buffer if request is not None else exp._buf
-        if buf:  # type: ignore[truthy-bool]
-            self._drain_points(exp, buf)  # type: ignore[arg-type]
-        elif exp.texts:
-            self._drain_points(exp, [])
-        while exp.control:
-            kind, payload = exp.control.popleft()
+    def _drain(self, run: RunChannel, now: float) -> None:
+        if not run.hello_sent:
+            run.hello_sent = True
+            self._enqueue(run, proto.HELLO, run.hello)
+        request = run.finish_request
+        artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
+        if run.points:
+            self._drain_points(run, run.points)
+        elif run.texts:
+            self._drain_points(run, [])
+        while run.control:
+            kind, payload = run.control.popleft()
             if kind == "params":
-                self._enqueue(exp, proto.PARAMS, {"params": payload})
+                self._enqueue(run, proto.PARAMS, {"params": payload})
             elif kind == "frame":  # prepared by the artifact pump: (kind, body, token)
-                self._enqueue(exp, payload[0], payload[1], token=payload[2])
+                self._enqueue(run, payload[0], payload[1], token=payload[2])
             else:
                 lines = [payload]
-                while exp.control and exp.control[0][0] == "log":
-                    lines.append(exp.control.popleft()[1])
-                self._enqueue(exp, proto.LOG, {"lines": lines})
-        if request is not None and not exp.finish_sent and artifacts_idle:
-            exp.finish_sent = True
-            dropped = self._counters[id(exp)].dropped + exp._late_points
-            self._enqueue(exp, proto.FINISH, {**request, "last_step": exp.last_step, "dropped_points": dropped})
-            self._check_finished(exp)
-        elif not exp.finish_sent and now >= exp.next_heartbeat:  # until finish is sent: artifacts may hold it back
-            exp.next_heartbeat = now + exp.heartbeat_interval
-            self._send_heartbeat(exp)
+                while run.control and run.control[0][0] == "log":
+                    lines.append(run.control.popleft()[1])
+                self._enqueue(run, proto.LOG, {"lines": lines})
+        if request is not None and not run.finish_sent and artifacts_idle:
+            run.finish_sent = True
+            dropped = self._counters[id(run)].dropped + run.late
+            self._enqueue(run, proto.FINISH, {**request, "last_step": run.last_step, "dropped_points": dropped})
+            self._check_finished(run)
+        elif not run.finish_sent and now >= run.next_heartbeat:  # until finish is sent: artifacts may hold it back
+            run.next_heartbeat = now + run.heartbeat_interval
+            self._send_heartbeat(run)
 
-    def _hello_body(self, exp: Experiment) -> dict[str, Any]:
-        if exp.hello_body is None:
-            exp.hello_body = self._first_hello_body(exp)
-        return exp.hello_body
-
-    def _first_hello_body(self, exp: Experiment) -> dict[str, Any]:
-        return {
-            "experiment": exp.experiment,
-            "name": exp.name,
-            "dir": exp._predicted_run_dir.name,
-            "root": str(exp.root),
-            "reopen": exp.reopen,
-            "parent": exp.parent,
-            "tags": exp.tags,
-            "world_size": exp.world_size,
-            "pid": os.getpid(),
-            "started_at": exp.started_at,
-            "heartbeat_interval": exp.heartbeat_interval,
-            **exp.hello_extra,
-        }
-
-    def _drain_points(self, exp: Experiment, buf: list[Any]) -> None:
+    def _drain_points(self, run: RunChannel, buf: list[Any]) -> None:
         """Turn buffered points into metrics frames. This holds the GIL, so it is kept to
         C-level list slicing and `struct.pack` (about 60 ns a point, no Python loop)."""
         n = len(buf)
         self._busy = True
         texts: list[list[Any]] = []
-        if exp.texts:
-            m = len(exp.texts)
-            texts = exp.texts[:m]
-            del exp.texts[:m]
+        if run.texts:
+            m = len(run.texts)
+            texts = run.texts[:m]
+            del run.texts[:m]
         step_width = 4 * self.max_points_per_frame
         for start in range(0, max(n, 1), step_width):
             stop = min(n, start + step_width)
@@ -507,7 +483,7 @@ class Sender:
             values = buf[start + 1 : stop : 4]
             count = len(ids)
             used_texts, texts = texts, []
-            names = exp.key_names
+            names = run.key_names
             if len(names) <= _FULL_KEY_TABLE:
                 keys = dict(enumerate(names[:]))
             else:
@@ -516,24 +492,24 @@ class Sender:
                 body = proto.metrics_body(
                     keys,
                     struct.pack(f"<{count}i", *ids),
-                    _pack_values(values, exp),
-                    _pack_steps(steps, exp),
+                    _pack_values(values, run),
+                    _pack_steps(steps, run),
                     None if times.count(None) == count else times,
                     used_texts,
                 )
                 if count and _fits_int64(steps[-1]):
-                    exp.last_step = steps[-1]
-                self._enqueue(exp, proto.METRICS, body, points=count + len(used_texts))
+                    run.last_step = steps[-1]
+                self._enqueue(run, proto.METRICS, body, points=count + len(used_texts))
             except Exception:  # a bug must cost this batch, loudly, never the thread
-                self._counters[id(exp)].dropped += count + len(used_texts)
-                log.exception("expman: run %s: could not pack %d points; DROPPED", exp.uid, count + len(used_texts))
+                self._counters[id(run)].dropped += count + len(used_texts)
+                log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, count + len(used_texts))
         del buf[:n]
 
-    def _send_heartbeat(self, exp: Experiment) -> None:
+    def _send_heartbeat(self, run: RunChannel) -> None:
         data = proto.encode_frame(
-            proto.HEARTBEAT, run=exp.uid, host=exp.host, rank=exp.rank, sender=self.sender_id,
+            proto.HEARTBEAT, run=run.uid, host=run.host, rank=run.rank, sender=self.sender_id,
             seq=None, sent_at=time.time(),
-            body={"pid": os.getpid(), "last_step": exp.last_step},
+            body={"pid": os.getpid(), "last_step": run.last_step},
         )
         try:
             self._dealer.send(data, zmq.NOBLOCK)
@@ -556,7 +532,7 @@ class Sender:
             if item.first_sent_at is None:
                 item.first_sent_at = now
             if item.kind == proto.METRICS:
-                self._counters[id(item.exp)].sent += item.points
+                self._counters[id(item.run)].sent += item.points
 
     def _resend_after(self) -> float:
         """Resend only frames unacknowledged for well past the usual ack latency, so a busy
@@ -571,7 +547,7 @@ class Sender:
                 item.resends += 1
                 self._unsent.append(item.seq)
                 if item.kind == proto.METRICS:
-                    self._counters[id(item.exp)].sent -= item.points  # counted again when resent
+                    self._counters[id(item.run)].sent -= item.points  # counted again when resent
 
     def _read_acks(self, dealer: zmq.Socket) -> None:
         while True:
@@ -594,7 +570,7 @@ class Sender:
                 if item.first_sent_at is not None and item.resends == 0:
                     latency = time.monotonic() - item.first_sent_at
                     self._ack_latency += 0.2 * (latency - self._ack_latency)
-                c = self._counters[id(item.exp)]
+                c = self._counters[id(item.run)]
                 c.pending -= item.points
                 c.unacked_frames -= 1
                 if item.kind == proto.METRICS:
@@ -603,23 +579,23 @@ class Sender:
                         c.sent += item.points
                 details = ack.info.get(seq) or {}
                 if details.get("run_dir"):
-                    item.exp.confirmed_run_dir = Path(details["run_dir"])
+                    item.run.confirm_run_dir(details["run_dir"])
                 if item.token is not None:
                     item.token.acked(details.get("rejected"))  # the pump logs and counts its own refusals
                 elif details.get("rejected"):
                     c.dropped += item.points
                     c.acked -= item.points if item.kind == proto.METRICS else 0
                     log.error("expman: run %s: the collector rejected a %s frame (%d points): %s",
-                              item.exp.uid, item.kind, item.points, details["rejected"])
-                self._check_finished(item.exp)
+                              item.run.uid, item.kind, item.points, details["rejected"])
+                self._check_finished(item.run)
 
     def _hello_again(self, run_ids: set[str]) -> None:
         """The collector does not know these runs (it restarted): introduce them again."""
-        for exp in self.active():
-            if exp.uid in run_ids and not any(p.exp is exp and p.kind == proto.HELLO for p in self._pending.values()):
-                self._enqueue(exp, proto.HELLO, {**self._hello_body(exp), "reopen": True})
+        for run in self.active():
+            if run.uid in run_ids and not any(p.run is run and p.kind == proto.HELLO for p in self._pending.values()):
+                self._enqueue(run, proto.HELLO, {**run.hello, "reopen": True})
 
-    def _check_finished(self, exp: Experiment) -> None:
-        c = self._counters[id(exp)]
-        if exp.finish_sent and c.unacked_frames == 0:
-            exp.finished.set()
+    def _check_finished(self, run: RunChannel) -> None:
+        c = self._counters[id(run)]
+        if run.finish_sent and c.unacked_frames == 0:
+            run.finished.set()

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from expman._errors import RunNotFoundError
+from expman._rank.channel import RunChannel
 from expman._rank.experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
 from expman._env import COLLECTOR_ENV, hostname, software_info
 from expman._storage.files import resolve_root
 from expman._rank.launcher import Identity, resolve_identity
 from expman._rank.local_collector import LocalCollector
-from expman._storage.layout import RUN_YAML, read_yaml
+from expman._storage.layout import RUN_YAML, read_yaml, run_dir_name
 from expman._wire.limits import check_name
 from expman._rank.sender import Sender
 
@@ -31,6 +32,7 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 _lock = threading.Lock()
 _senders: dict[str, Sender] = {}
 _local_collectors: dict[tuple[Path, str | None], LocalCollector] = {}
+_open_runs: list[Experiment] = []  # started and not yet finished, for the exit hooks
 _hooks_installed = False
 
 
@@ -106,29 +108,49 @@ def start_experiment(
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame, max_buffer_bytes, max_spool_bytes)
     _install_exit_hooks()
+    heartbeat = _heartbeat_interval(heartbeat_interval)
+    hello = {
+        "experiment": experiment,
+        "name": run_name,
+        "dir": run_dir_name(run_name, uid),
+        "root": str(root_path),
+        "reopen": reopen,
+        "parent": _parent.uid if _parent is not None else None,
+        "tags": tag_list,
+        "world_size": identity.world_size,
+        "pid": os.getpid(),
+        "started_at": time.time(),
+        "heartbeat_interval": heartbeat,
+        "software": software_info(),
+        **_launch_info(identity),
+        **hardware,
+    }
+    # A private collector writes under our own root, so the folder is known now; a separate
+    # one names it in its answer to the hello (Experiment.run_dir).
+    known_dir = root_path / experiment / run_dir_name(run_name, uid) if local is not None else None
+    channel = RunChannel(uid=uid, host=hostname(), rank=identity.rank, root=root_path, hello=hello,
+                         heartbeat_interval=heartbeat, run_dir=known_dir)
+    channel.artifacts.encrypt = bool(encrypt_artifacts)
     exp = Experiment(
+        channel=channel,
         sender=sender,
-        root=root_path,
         experiment=experiment,
         name=run_name,
-        uid=uid,
-        rank=identity.rank,
         world_size=identity.world_size,
-        host=hostname(),
-        parent=_parent.uid if _parent is not None else None,
+        parent=hello["parent"],
         tags=tag_list,
-        reopen=reopen,
         finish_timeout=finish_timeout,
-        heartbeat_interval=_heartbeat_interval(heartbeat_interval),
-        hello_extra={"software": software_info(), **_launch_info(identity), **hardware},
+        start_child=start_experiment,
     )
-    exp.artifact_state.encrypt = bool(encrypt_artifacts)
+    with _lock:
+        _open_runs[:] = [e for e in _open_runs if not e.finishing]
+        _open_runs.append(exp)
     if code_dir is True:
         code_dir = None
     if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):
         from expman._rank.artifacts import capture_code
 
-        capture_code(exp, code_dir)  # type: ignore[arg-type]
+        capture_code(channel, sender, code_dir)  # type: ignore[arg-type]
     return exp
 
 
@@ -195,9 +217,9 @@ def _sender_for(endpoint: str, local: LocalCollector | None) -> Sender:
 
 
 def active_experiments() -> list[Experiment]:
+    """Runs started in this process and not finished yet."""
     with _lock:
-        senders = list(_senders.values())
-    return [exp for s in senders for exp in s.active() if exp.finish_request is None]
+        return [exp for exp in _open_runs if not exp.finishing]
 
 
 def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float | None = None) -> None:

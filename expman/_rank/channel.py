@@ -1,0 +1,77 @@
+"""One run as the sender thread sees it: its identity, the hand-over buffers, its delivery state.
+
+The Experiment (on the user's threads) appends to `points`, `texts` and `control` and asks
+for the finish; the sender thread (expman/_rank/sender.py) and the artifact pump
+(expman/_rank/artifacts.py) drain them and report back through `finished`, `run_dir` and
+the counters. This object is all the two sides share, so neither reaches into the other.
+
+`points` is the flat hot-path buffer: (key id, value, step, time) per point, four items
+each (expman/_wire/columns.py packs it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("expman")
+
+
+@dataclass
+class ArtifactState:
+    """One run's artifact counters; `open_jobs` holds its finish frame back."""
+
+    encrypt: bool = False
+    open_jobs: int = 0
+    stored: int = 0
+    failed: int = 0
+
+
+class RunChannel:
+    """The per-run state shared by an Experiment and the sender thread that delivers it."""
+
+    def __init__(self, *, uid: str, host: str, rank: int, root: Path, hello: dict[str, Any],
+                 heartbeat_interval: float, run_dir: Path | None = None) -> None:
+        self.uid = uid
+        self.host = host
+        self.rank = rank
+        self.root = root
+        self.hello = hello  # the hello frame's body, sent first and again after a collector restart
+        self.heartbeat_interval = heartbeat_interval
+        # written by the Experiment, drained by the sender
+        self.key_names: list[str] = []  # key id -> name; appended under the Experiment's intern lock
+        self.points: list[Any] = []
+        self.texts: list[list[Any]] = []  # [key id, text, step, time]
+        self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line) / ("frame", ...)
+        self.finish_request: dict[str, Any] | None = None
+        self.late = 0  # points and messages logged after finish(): dropped and counted
+        self.artifacts = ArtifactState()
+        # written by the sender thread
+        self.hello_sent = False
+        self.finish_sent = False
+        self.last_step: int | None = None
+        self.next_heartbeat = 0.0  # monotonic
+        self.finished = threading.Event()  # every frame of the run acknowledged, finish included
+        self.run_dir = run_dir  # where the collector keeps the run, once known
+        self.run_dir_known = threading.Event()
+        if run_dir is not None:
+            self.run_dir_known.set()
+
+    def post(self, kind: str, payload: Any) -> bool:
+        """Queue a parameters, log or prepared frame for the sender; False (counted, logged)
+        once the run is finished."""
+        if self.finish_request is not None:
+            log.error("expman: run %s is finished; %s logged after finish() is dropped", self.uid, kind)
+            self.late += 1
+            return False
+        self.control.append((kind, payload))
+        return True
+
+    def confirm_run_dir(self, path: str) -> None:
+        """The collector's answer: the run's folder as it sees it (sender thread)."""
+        self.run_dir = Path(path)
+        self.run_dir_known.set()
