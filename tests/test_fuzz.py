@@ -8,13 +8,14 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expman._wire import columns
 from expman._wire import frames as proto
 from expman._storage.rows import frame_table
 from expman._errors import ProtocolError
 
 
 def valid_metrics_frame() -> bytes:
-    body = proto.metrics_body({0: "loss", 1: "acc"}, array("i", [0, 1, 0]).tobytes(), array("d", [1.0, 0.5, 2.0]).tobytes(),
+    body = columns.metrics_body({0: "loss", 1: "acc"}, array("i", [0, 1, 0]).tobytes(), array("d", [1.0, 0.5, 2.0]).tobytes(),
                               [1, None, 3], [None, 2.0, None], [[1, "text", 4, None]])
     return proto.encode_frame("metrics", run="r1", host="h", rank=0, sender="s", seq=7, sent_at=1.0, body=body)
 

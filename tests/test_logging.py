@@ -186,7 +186,7 @@ def test_stats_count_sent_acked_buffered_dropped(root):
     for step in range(500):
         exp.log_metric("loss", 0.1, step=step)
     assert exp.finish() is True
-    assert exp.stats() == {"sent": 500, "acked": 500, "buffered": 0, "dropped": 0, "spilled": 0, "unacked_frames": 0,
+    assert exp.stats() == {"sent": 500, "acked": 500, "buffered": 0, "dropped": 0, "spilled": 0, "rejected": 0, "unacked_frames": 0,
                            "artifacts_stored": 0, "artifacts_failed": 0, "artifacts_pending": 0}
     exp.log_metric("loss", 0.1, step=501)  # after finish: counted as dropped, never silent
     assert exp.stats()["dropped"] == 1

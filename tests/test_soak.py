@@ -17,6 +17,7 @@ import zmq
 from conftest import start_collector
 
 import expman
+from expman._wire import columns
 from expman._wire import frames as proto
 from expman._errors import ProtocolError
 from expman._wire.limits import check_envelope
@@ -29,7 +30,7 @@ TOO_COMPLEX = 5
 
 def valid_frame(rng: random.Random) -> bytes:
     n = rng.randint(1, 40)
-    body = proto.metrics_body({0: "loss", 1: "acc"}, array("i", [rng.randint(0, 1) for _ in range(n)]).tobytes(),
+    body = columns.metrics_body({0: "loss", 1: "acc"}, array("i", [rng.randint(0, 1) for _ in range(n)]).tobytes(),
                               array("d", [rng.random() for _ in range(n)]).tobytes(), list(range(n)), None,
                               [[1, "text", 4, None]])
     return proto.encode_frame("metrics", run="soak0000", host="h", rank=0, sender="soak", seq=rng.randint(0, 10**6),

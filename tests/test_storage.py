@@ -8,6 +8,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 import expman
+from expman._wire import columns
 from expman._wire import frames as proto
 from expman._storage.rows import frame_table
 from expman._storage.layout import WAL_DIR, list_parts, part_name
@@ -20,7 +21,7 @@ from expman.collector._parts import MERGE_FANIN
 def metrics_frame(seq: int, n: int, key: str = "loss") -> bytes:
     from array import array
 
-    body = proto.metrics_body({0: key}, array("i", [0] * n).tobytes(), array("d", [float(seq)] * n).tobytes(),
+    body = columns.metrics_body({0: key}, array("i", [0] * n).tobytes(), array("d", [float(seq)] * n).tobytes(),
                               array("q", range(seq * n, seq * n + n)).tobytes(), None, None)
     return proto.encode_frame("metrics", run="r", host="h", rank=2, sender="s", seq=seq, sent_at=1.0, body=body)
 

@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from expman._rank.spool import spool_dir, sync_folder
+    from expman._rank.spool import spool_dir
+    from expman._rank.sync import sync_folder
 
     folder = args.spool or spool_dir()
     delivered, frames, left = sync_folder(folder, args.collector, args.timeout, out=sys.stdout)

@@ -16,23 +16,24 @@ PUSH socket it polls (`wake`, `stop`).
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
-import struct
 import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from expman._rank.channel import RunChannel
+from expman._rank.dealer import connect, read_acks, send_due
+from expman._wire import columns
 from expman._wire import frames as proto
 from expman._wire.curve_keys import client_keys
+from expman._wire.delivery import RESEND_AFTER_S, Entry, Outbox
 from expman._rank.spool import Spool, spool_dir, write_final
 from expman._rank.spool import max_spool_bytes as _spool_budget
 
@@ -41,47 +42,11 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
-RESEND_AFTER_S = 2.0  # at least; more when acks are slow (see _resend_after)
 IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
 MAX_POINTS_PER_FRAME = 16384
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
 DROP_LOG_EVERY_S = 10.0
-_FULL_KEY_TABLE = 256  # below this many keys every frame carries the whole table
-
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _fits_int64(step: Any) -> bool:
-    return step is not None and _INT64_MIN <= step <= _INT64_MAX
-
-
-def _pack_values(values: list[Any], run: RunChannel) -> bytes:
-    try:
-        return struct.pack(f"<{len(values)}d", *values)
-    except (OverflowError, struct.error):  # an int too large for a float64: store it as ±inf, and say so
-        log.error("expman: run %s: a metric value is too large for float64; stored as inf", run.uid)
-        return struct.pack(f"<{len(values)}d", *(_clamp(v) for v in values))
-
-
-def _clamp(value: Any) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        return float("inf") if value > 0 else float("-inf")
-
-
-def _pack_steps(steps: list[Any], run: RunChannel) -> bytes | list[int | None]:
-    """int64 binary when every point has a step, else a list with None (msgpack nil)."""
-    try:
-        return struct.pack(f"<{len(steps)}q", *steps)
-    except struct.error:  # a None (no step), or out of range
-        pass
-    if all(s is None or _fits_int64(s) for s in steps):
-        return steps
-    log.error("expman: run %s: a step outside the int64 range is stored as no step", run.uid)
-    return [s if _fits_int64(s) else None for s in steps]
 
 
 def lower_switch_interval() -> None:
@@ -106,17 +71,13 @@ def lower_switch_interval() -> None:
 
 
 @dataclass(slots=True)
-class _Pending:
-    seq: int
+class _Frame:
+    """What the sender knows of a frame in its Outbox (the Entry's tag)."""
+
     run: RunChannel
     kind: str
-    data: bytes
     points: int
-    sent_at: float | None = None  # None: not sent yet (or due for a resend)
-    first_sent_at: float | None = None
-    resends: int = 0
     token: Any = None  # artifact chunks: told of the ack (expman/_rank/artifacts.py)
-    size: int = 0  # len(data); data is None while the frame sits in the spool
 
 
 @dataclass(slots=True)
@@ -125,6 +86,7 @@ class _Counters:
     acked: int = 0
     dropped: int = 0
     spilled: int = 0
+    rejected: int = 0
     pending: int = 0
     unacked_frames: int = 0
 
@@ -157,16 +119,12 @@ class Sender:
         self._lock = threading.Lock()
         self._experiments: list[RunChannel] = []
         self._counters: dict[int, _Counters] = {}
-        self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._unsent: deque[int] = deque()  # seqs to send, in order
-        self._pending_bytes = 0
-        self._low_heap: list[int] = []  # seqs of _pending, lazily cleaned: the oldest unacked
+        self._outbox = Outbox()  # unacknowledged frames in memory (sender thread only)
         self._spool: Spool | None = None  # frames past the memory budget (sender thread only)
-        self._spooled: deque[_Pending] = deque()  # their entries, data None, in seq order
+        self._spooled: deque[Entry] = deque()  # their entries, data None, in seq order
         self._spool_failed_at = -DROP_LOG_EVERY_S
         self._drop_logged_at = -DROP_LOG_EVERY_S
         self._exiting = False
-        self._ack_latency = 0.0  # seconds, moving average
         self._busy = False  # this tick drained points
         self._next_seq = 0
         self._wake_addr = f"inproc://expman-sender-{self.sender_id}"
@@ -210,6 +168,7 @@ class Sender:
             "buffered": in_buffer + c.pending,
             "dropped": c.dropped + run.late,
             "spilled": c.spilled,
+            "rejected": c.rejected,
             "unacked_frames": c.unacked_frames,
             "artifacts_stored": run.artifacts.stored,
             "artifacts_failed": run.artifacts.failed,
@@ -249,16 +208,7 @@ class Sender:
         wake = self._ctx.socket(zmq.PULL)
         wake.bind(self._wake_addr)
         self._wake_ready.set()
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails and we keep the frame
-        dealer.setsockopt(zmq.RECONNECT_IVL, 20)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 250)  # a restarted collector is found within 0.25 s
-        dealer.setsockopt(zmq.SNDHWM, 1000)
-        if self._curve is not None:
-            self._curve.apply(dealer, self.endpoint)  # tcp only
-        dealer.connect(self.endpoint)
-        self._dealer = dealer
+        self._dealer = dealer = connect(self._ctx, self.endpoint, self._curve)
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
@@ -284,14 +234,14 @@ class Sender:
                         log.exception("expman: run %s: could not send its data", run.uid)
                 if now >= next_resend_check:
                     next_resend_check = now + RESEND_AFTER_S / 2
-                    self._mark_stale_for_resend(now)
-                    if self._pending and self._on_idle_check is not None:
+                    self._expire(now)
+                    if self._outbox and self._on_idle_check is not None:
                         self._on_idle_check()
                 if self._spooled:
                     self._load_from_spool()
                 self._send_pending(dealer)
                 # Wake every flush_interval while points flow; back off when idle (it costs CPU).
-                timeout = self.flush_interval if self._busy or self._unsent else min(timeout * 2, IDLE_POLL_MAX_S)
+                timeout = self.flush_interval if self._busy or self._outbox.has_due else min(timeout * 2, IDLE_POLL_MAX_S)
         except zmq.ContextTerminated:
             pass
         except Exception:  # never let a bug here take the training process down
@@ -312,10 +262,10 @@ class Sender:
             kind, run=run.uid, host=run.host, rank=run.rank, sender=self.sender_id,
             seq=seq, sent_at=time.time(), body=body, low=self._low(seq),
         )
-        item = _Pending(seq, run, kind, data, points, token=token, size=len(data))
+        item = Entry(seq, data, len(data), tag=_Frame(run, kind, points, token))
         # Past the memory budget (or while older frames wait in the spool: order) frames
         # go to the spool; only when it is full too are metrics dropped.
-        if self._spooled or (self._pending and self._pending_bytes + len(data) > self.max_pending_bytes):
+        if self._spooled or (self._outbox and self._outbox.bytes + len(data) > self.max_pending_bytes):
             if self._spill(item, force=kind != proto.METRICS):
                 self._next_seq += 1
                 c.spilled += points
@@ -326,25 +276,14 @@ class Sender:
                 self._drop(run, c, points)
                 return
         self._next_seq += 1
-        self._pending[seq] = item
-        heapq.heappush(self._low_heap, seq)
-        self._unsent.append(seq)
-        self._pending_bytes += len(data)
+        self._outbox.add(item)
         c.pending += points
         c.unacked_frames += 1
 
     def _low(self, seq: int) -> int:
         """The oldest unacknowledged seq (in memory or spooled), else `seq`."""
-        heap = self._low_heap
-        while heap and heap[0] not in self._pending:
-            heapq.heappop(heap)
-        if len(heap) > 2 * len(self._pending) + 1024:  # acked seqs stuck behind an old one
-            self._low_heap = heap = list(self._pending)
-            heapq.heapify(heap)
-        low = heap[0] if heap else seq
-        if self._spooled:
-            low = min(low, self._spooled[0].seq)
-        return low
+        low = self._outbox.low(seq)
+        return min(low, self._spooled[0].seq) if self._spooled else low
 
     def _drop(self, run: RunChannel, c: _Counters, points: int) -> None:
         c.dropped += points
@@ -355,7 +294,7 @@ class Sender:
                 "expman: run %s: collector at %s has not confirmed %d MB in memory and %d MB in the spool "
                 "(%s); DROPPING points: %d dropped so far (raise max_buffer_bytes / max_spool_bytes, "
                 "or check the collector)",
-                run.uid, self.endpoint, self._pending_bytes >> 20,
+                run.uid, self.endpoint, self._outbox.bytes >> 20,
                 (self._spool.size if self._spool else 0) >> 20,
                 self._spool.path if self._spool else "no spool", c.dropped,
             )
@@ -370,7 +309,7 @@ class Sender:
                                               body=run.hello))
         return out
 
-    def _spill(self, item: _Pending, force: bool) -> bool:
+    def _spill(self, item: Entry, force: bool) -> bool:
         if self._spool is None:
             if time.monotonic() - self._spool_failed_at < DROP_LOG_EVERY_S:
                 return False
@@ -384,7 +323,7 @@ class Sender:
                           "are dropped", folder, exc)
                 return False
             log.warning("expman: collector at %s is behind by %d MB; spilling further frames to %s",
-                        self.endpoint, self._pending_bytes >> 20, self._spool.path)
+                        self.endpoint, self._outbox.bytes >> 20, self._spool.path)
         try:
             if not self._spool.append(item.data, force):
                 return False
@@ -399,13 +338,11 @@ class Sender:
         """Bring spooled frames back into memory, oldest first, as the budget allows."""
         spool = self._spool
         assert spool is not None
-        while self._spooled and (not self._pending or self._pending_bytes + self._spooled[0].size <= self.max_pending_bytes):
+        outbox = self._outbox
+        while self._spooled and (not outbox or outbox.bytes + self._spooled[0].size <= self.max_pending_bytes):
             item = self._spooled.popleft()
             item.data = spool.read_next()
-            self._pending[item.seq] = item
-            heapq.heappush(self._low_heap, item.seq)
-            self._unsent.append(item.seq)
-            self._pending_bytes += item.size
+            outbox.add(item)
         if not self._spooled:
             spool.close(delete=True)  # every frame is back in memory (and spilled again at exit)
             self._spool = None
@@ -413,14 +350,14 @@ class Sender:
     def _spill_at_exit(self) -> None:
         """Whatever the collector has not confirmed goes to the spool file, for `expman sync`."""
         spool, self._spool = self._spool, None
-        if not self._pending and not self._spooled:
+        if not self._outbox and not self._spooled:
             if spool is not None:
                 spool.close(delete=True)
             return
-        in_memory = sorted(self._pending.values(), key=lambda p: p.seq)
-        runs = {id(p.run): p.run for p in (*in_memory, *self._spooled)}
+        in_memory = sorted(self._outbox.entries.values(), key=lambda p: p.seq)
+        runs = {id(p.tag.run): p.tag.run for p in (*in_memory, *self._spooled)}
         frames = len(in_memory) + len(self._spooled)
-        points = sum(p.points for p in in_memory) + sum(p.points for p in self._spooled)
+        points = sum(p.tag.points for p in (*in_memory, *self._spooled))
         try:
             path = write_final(spool_dir() if spool is None else spool.path.parent, self.endpoint, self.sender_id,
                                self._intros(runs.values()), [p.data for p in in_memory],
@@ -463,8 +400,7 @@ class Sender:
             self._send_heartbeat(run)
 
     def _drain_points(self, run: RunChannel, buf: list[Any]) -> None:
-        """Turn buffered points into metrics frames. This holds the GIL, so it is kept to
-        C-level list slicing and `struct.pack` (about 60 ns a point, no Python loop)."""
+        """Turn buffered points into metrics frames (expman/_wire/columns.py packs them)."""
         n = len(buf)
         self._busy = True
         texts: list[list[Any]] = []
@@ -472,37 +408,23 @@ class Sender:
             m = len(run.texts)
             texts = run.texts[:m]
             del run.texts[:m]
-        step_width = 4 * self.max_points_per_frame
+        step_width = columns.POINT_STRIDE * self.max_points_per_frame
+
+        def warn(message: str) -> None:
+            log.error("expman: run %s: %s", run.uid, message)
+
         for start in range(0, max(n, 1), step_width):
-            stop = min(n, start + step_width)
-            # Strided slices of the live list: items below n never move until the del below,
-            # and the hot path only appends past them.
-            ids = buf[start:stop:4]
-            steps = buf[start + 2 : stop : 4]
-            times = buf[start + 3 : stop : 4]
-            values = buf[start + 1 : stop : 4]
-            count = len(ids)
             used_texts, texts = texts, []
-            names = run.key_names
-            if len(names) <= _FULL_KEY_TABLE:
-                keys = dict(enumerate(names[:]))
-            else:
-                keys = {i: names[i] for i in set(ids).union(t[0] for t in used_texts)}
+            points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
             try:
-                body = proto.metrics_body(
-                    keys,
-                    struct.pack(f"<{count}i", *ids),
-                    _pack_values(values, run),
-                    _pack_steps(steps, run),
-                    None if times.count(None) == count else times,
-                    used_texts,
-                )
-                if count and _fits_int64(steps[-1]):
-                    run.last_step = steps[-1]
-                self._enqueue(run, proto.METRICS, body, points=count + len(used_texts))
+                body, _count, last_step = columns.pack(buf, start, min(n, start + step_width), run.key_names,
+                                                       used_texts, warn)
+                if last_step is not None:
+                    run.last_step = last_step
+                self._enqueue(run, proto.METRICS, body, points=points)
             except Exception:  # a bug must cost this batch, loudly, never the thread
-                self._counters[id(run)].dropped += count + len(used_texts)
-                log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, count + len(used_texts))
+                self._counters[id(run)].dropped += points
+                log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
         del buf[:n]
 
     def _send_heartbeat(self, run: RunChannel) -> None:
@@ -517,82 +439,53 @@ class Sender:
             pass  # heartbeats are not kept: the next one says the same
 
     def _send_pending(self, dealer: zmq.Socket) -> None:
-        now = time.monotonic()
-        while self._unsent:
-            item = self._pending.get(self._unsent[0])
-            if item is None or item.sent_at is not None:
-                self._unsent.popleft()  # acked meanwhile, or already resent
-                continue
-            try:
-                dealer.send(item.data, zmq.NOBLOCK, copy=len(item.data) < 65536)
-            except zmq.Again:
-                return  # no connection or queue full: try again next tick
-            self._unsent.popleft()
-            item.sent_at = now
-            if item.first_sent_at is None:
-                item.first_sent_at = now
-            if item.kind == proto.METRICS:
-                self._counters[id(item.run)].sent += item.points
+        for entry in send_due(dealer, self._outbox, time.monotonic()):
+            if entry.tag.kind == proto.METRICS:
+                self._counters[id(entry.tag.run)].sent += entry.tag.points
 
-    def _resend_after(self) -> float:
-        """Resend only frames unacknowledged for well past the usual ack latency, so a busy
-        collector is not buried in duplicates; each resend of a frame doubles its wait."""
-        return min(max(RESEND_AFTER_S, 4 * self._ack_latency), 30.0)
-
-    def _mark_stale_for_resend(self, now: float) -> None:
-        base = self._resend_after()
-        for item in self._pending.values():
-            if item.sent_at is not None and now - item.sent_at > base * 2 ** min(item.resends, 5):
-                item.sent_at = None
-                item.resends += 1
-                self._unsent.append(item.seq)
-                if item.kind == proto.METRICS:
-                    self._counters[id(item.run)].sent -= item.points  # counted again when resent
+    def _expire(self, now: float) -> None:
+        for entry in self._outbox.expire(now):
+            if entry.tag.kind == proto.METRICS:
+                self._counters[id(entry.tag.run)].sent -= entry.tag.points  # counted again when resent
 
     def _read_acks(self, dealer: zmq.Socket) -> None:
-        while True:
-            try:
-                data = dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                ack = proto.decode_ack(data)
-            except Exception as exc:
-                log.warning("expman: ignoring a reply from the collector that is not an ack: %s", exc)
-                continue
+        for ack in read_acks(dealer):
             if ack.unknown_runs:
                 self._hello_again(set(ack.unknown_runs))
             for seq in ack.seqs:
-                item = self._pending.pop(seq, None)
-                if item is None:
-                    continue  # a duplicate ack after a resend
-                self._pending_bytes -= len(item.data)
-                if item.first_sent_at is not None and item.resends == 0:
-                    latency = time.monotonic() - item.first_sent_at
-                    self._ack_latency += 0.2 * (latency - self._ack_latency)
-                c = self._counters[id(item.run)]
-                c.pending -= item.points
-                c.unacked_frames -= 1
-                if item.kind == proto.METRICS:
-                    c.acked += item.points
-                    if item.sent_at is None:  # acked while waiting for a resend
-                        c.sent += item.points
-                details = ack.info.get(seq) or {}
-                if details.get("run_dir"):
-                    item.run.confirm_run_dir(details["run_dir"])
-                if item.token is not None:
-                    item.token.acked(details.get("rejected"))  # the pump logs and counts its own refusals
-                elif details.get("rejected"):
-                    c.dropped += item.points
-                    c.acked -= item.points if item.kind == proto.METRICS else 0
-                    log.error("expman: run %s: the collector rejected a %s frame (%d points): %s",
-                              item.run.uid, item.kind, item.points, details["rejected"])
-                self._check_finished(item.run)
+                entry = self._outbox.acked(seq, time.monotonic())
+                if entry is not None:
+                    self._settle(entry, ack.info.get(seq) or {})
+
+    def _settle(self, entry: Entry, details: dict[str, Any]) -> None:
+        """Account for one acknowledged frame: stored, or rejected (dropped and counted,
+        never resent)."""
+        frame: _Frame = entry.tag
+        c = self._counters[id(frame.run)]
+        c.pending -= frame.points
+        c.unacked_frames -= 1
+        if frame.kind == proto.METRICS:
+            c.acked += frame.points
+            if entry.sent_at is None:  # acked while waiting for a resend
+                c.sent += frame.points
+        if details.get("run_dir"):
+            frame.run.confirm_run_dir(details["run_dir"])
+        rejected = details.get("rejected")
+        if frame.token is not None:
+            frame.token.acked(rejected)  # the pump logs and counts its own refusals
+        elif rejected:
+            c.rejected += frame.points or 1
+            if frame.kind == proto.METRICS:
+                c.acked -= frame.points
+            log.error("expman: run %s: the collector rejected a %s frame (%d points); it is not resent: %s",
+                      frame.run.uid, frame.kind, frame.points, rejected)
+        self._check_finished(frame.run)
 
     def _hello_again(self, run_ids: set[str]) -> None:
         """The collector does not know these runs (it restarted): introduce them again."""
         for run in self.active():
-            if run.uid in run_ids and not any(p.run is run and p.kind == proto.HELLO for p in self._pending.values()):
+            if run.uid in run_ids and not any(p.tag.run is run and p.tag.kind == proto.HELLO
+                                              for p in self._outbox.entries.values()):
                 self._enqueue(run, proto.HELLO, {**run.hello, "reopen": True})
 
     def _check_finished(self, run: RunChannel) -> None:

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from expman._errors import ProtocolError
-from expman._wire.frames import Frame, MetricsBatch, decode_frame, read_metrics_body
+from expman._wire.columns import MetricsBatch, read_metrics_body
+from expman._wire.frames import Frame, decode_frame
 from expman._storage.layout import metrics_schema
 
 _SCHEMA = metrics_schema()

@@ -161,66 +161,6 @@ def decode_ack(data: bytes) -> Ack:
     return Ack(list(obj.get("seqs") or ()), dict(obj.get("info") or {}), list(obj.get("unknown_runs") or ()))
 
 
-# --- metrics batches -------------------------------------------------------------------
-# A batch is columnar: key ids (int32), values (float64) and steps (int64, or a list
-# with None for missing) as little-endian binary fields, so packing costs the rank a
-# memcpy and the collector decodes millions of points per second without Python loops.
-
-
-def metrics_body(
-    keys: dict[int, str],
-    ids: bytes,
-    values: bytes,
-    steps: bytes | list[int | None],
-    times: list[float | None] | None,
-    texts: list[list[Any]] | None,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"keys": keys, "ids": ids, "values": values, "steps": steps}
-    if times is not None:
-        body["times"] = times
-    if texts:
-        body["texts"] = texts
-    return body
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsBatch:
-    """The checked fields of a metrics body; binary columns stay as bytes."""
-
-    keys: dict[int, str]
-    ids: bytes
-    values: bytes
-    steps: bytes | list[int | None]
-    times: list[float | None] | None
-    texts: list[list[Any]]
-
-    @property
-    def count(self) -> int:
-        return len(self.ids) // 4
-
-
-def read_metrics_body(body: dict[str, Any]) -> MetricsBatch:
-    keys, ids, values, steps = body.get("keys"), body.get("ids"), body.get("values"), body.get("steps")
-    times, texts = body.get("times"), body.get("texts") or []
-    if not isinstance(keys, dict) or not all(isinstance(k, int) and isinstance(v, str) for k, v in keys.items()):
-        raise ProtocolError("bad-shape", "metrics keys must map int ids to names")
-    if not isinstance(ids, bytes) or not isinstance(values, bytes) or len(ids) % 4:
-        raise ProtocolError("bad-shape", "metrics ids/values must be binary")
-    n = len(ids) // 4
-    if len(values) != 8 * n:
-        raise ProtocolError("bad-shape", f"{n} ids but {len(values) // 8} values")
-    if isinstance(steps, bytes):
-        if len(steps) != 8 * n:
-            raise ProtocolError("bad-shape", "steps length differs from ids")
-    elif not isinstance(steps, list) or len(steps) != n:
-        raise ProtocolError("bad-shape", "steps must be binary or a list as long as ids")
-    if times is not None and (not isinstance(times, list) or len(times) != n):
-        raise ProtocolError("bad-shape", "times must be a list as long as ids")
-    if not isinstance(texts, list) or not all(isinstance(t, list) and len(t) == 4 for t in texts):
-        raise ProtocolError("bad-shape", "texts must be [id, text, step, time] rows")
-    return MetricsBatch(keys, ids, values, steps, times, texts)
-
-
 # --- artifacts ---------------------------------------------------------------------------
 # An artifact travels as a transfer: numbered chunks of `chunk` bytes (the last may be
 # shorter), each its own acknowledged frame. The first chunk names the artifact, the last

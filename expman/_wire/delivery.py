@@ -1,0 +1,125 @@
+"""The delivery policy: which frames wait for an acknowledgement, and when each is sent again.
+
+A rule, not a socket. The rank's sender loop (expman/_rank/sender.py) and `expman sync`
+(expman/_rank/sync.py) both keep their unacknowledged frames in an `Outbox`, ask it what
+to send now, and tell it what went out and what the collector acknowledged; the sockets
+stay theirs. The collector drops duplicates, so sending a frame twice is always safe,
+only wasteful: a frame is sent again only once it has waited well past the usual ack
+latency, and each resend of it doubles its wait.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+RESEND_AFTER_S = 2.0  # at least; more when acks are slow
+MAX_RESEND_AFTER_S = 30.0
+MAX_BACKOFF_DOUBLINGS = 5
+
+
+@dataclass(slots=True)
+class Entry:
+    """One frame waiting for its acknowledgement. `tag` is the owner's (run, kind, counts)."""
+
+    seq: int
+    data: bytes | None  # None while the owner keeps it elsewhere (the sender's spool)
+    size: int
+    tag: Any = None
+    sent_at: float | None = None  # None: not sent yet, or due again
+    first_sent_at: float | None = None
+    resends: int = 0
+
+
+class Outbox:
+    """Unacknowledged frames in sequence order, with the resend and ack-floor rules."""
+
+    def __init__(self, resend_after: float = RESEND_AFTER_S) -> None:
+        self.min_resend_after = resend_after
+        self.entries: OrderedDict[int, Entry] = OrderedDict()
+        self.bytes = 0  # sizes of the entries held
+        self.ack_latency = 0.0  # seconds, moving average of first sends
+        self._unsent: deque[int] = deque()  # seqs to send, in order
+        self._low_heap: list[int] = []  # seqs of entries, lazily cleaned: the oldest unacked
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def has_due(self) -> bool:
+        """Whether some entry waits to be sent (or sent again)."""
+        return bool(self._unsent)
+
+    def add(self, entry: Entry) -> None:
+        """Hold `entry` until it is acknowledged; it goes out on the next `due()`."""
+        self.entries[entry.seq] = entry
+        heapq.heappush(self._low_heap, entry.seq)
+        self._unsent.append(entry.seq)
+        self.bytes += entry.size
+
+    def due(self) -> Iterator[Entry]:
+        """Entries to send now, oldest first. Stop iterating when the socket says no; an
+        entry counts as sent only once `sent()` is called for it."""
+        while self._unsent:
+            entry = self.entries.get(self._unsent[0])
+            if entry is None or entry.sent_at is not None:
+                self._unsent.popleft()  # acknowledged meanwhile, or already resent
+                continue
+            yield entry
+
+    def sent(self, entry: Entry, now: float) -> None:
+        if self._unsent and self._unsent[0] == entry.seq:
+            self._unsent.popleft()
+        entry.sent_at = now
+        if entry.first_sent_at is None:
+            entry.first_sent_at = now
+
+    @property
+    def resend_after(self) -> float:
+        """Resend only frames unacknowledged for well past the usual ack latency, so a busy
+        collector is not buried in duplicates."""
+        return min(max(self.min_resend_after, 4 * self.ack_latency), MAX_RESEND_AFTER_S)
+
+    def expire(self, now: float) -> list[Entry]:
+        """Mark entries that waited too long for their ack as due again; return them."""
+        base = self.resend_after
+        stale = []
+        for entry in self.entries.values():
+            if entry.sent_at is not None and now - entry.sent_at > base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS):
+                stale.append(entry)
+        for entry in stale:
+            self.resend_now(entry)
+        return stale
+
+    def resend_now(self, entry: Entry) -> None:
+        """Send `entry` again at the next `due()` (say, the collector forgot its run)."""
+        entry.sent_at = None
+        entry.resends += 1
+        self._unsent.append(entry.seq)
+
+    def resend_where(self, wanted: Callable[[Entry], bool]) -> None:
+        for entry in self.entries.values():
+            if entry.sent_at is not None and wanted(entry):
+                self.resend_now(entry)
+
+    def acked(self, seq: int, now: float) -> Entry | None:
+        """Forget an acknowledged entry and return it; None for an ack of nothing we hold."""
+        entry = self.entries.pop(seq, None)
+        if entry is None:
+            return None  # a duplicate ack after a resend
+        self.bytes -= entry.size
+        if entry.first_sent_at is not None and entry.resends == 0:
+            self.ack_latency += 0.2 * (now - entry.first_sent_at - self.ack_latency)
+        return entry
+
+    def low(self, default: int) -> int:
+        """The oldest unacknowledged seq, else `default` (the ack floor a frame carries)."""
+        heap = self._low_heap
+        while heap and heap[0] not in self.entries:
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(self.entries) + 1024:  # acked seqs stuck behind an old one
+            self._low_heap = heap = list(self.entries)
+            heapq.heapify(heap)
+        return heap[0] if heap else default
