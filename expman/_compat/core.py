@@ -12,24 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expman._rank.start import start_experiment
 from expman._rank.experiment import Experiment
+from expman._rank.start import start_experiment
+from expman._rank.values import Metric
+from expman._storage.layout import STATUSES
 
 
-class RunStatus(str, enum.Enum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    KILLED = "killed"
-    CRASHED = "crashed"
+# The run statuses of the storage schema, as expman-core's enum (one list: expman/_storage/layout.py).
+RunStatus = enum.Enum("RunStatus", {status.upper(): status for status in STATUSES}, type=str)  # type: ignore[misc]
 
-
-@dataclass(frozen=True, slots=True)
-class MetricValue:
-    key: str
-    value: float | int | str
-    step: int | None = None
-    timestamp: float | None = None
+# expman-core's name for one point of `log_vector`: the same type as `expman.Metric`.
+MetricValue = Metric
 
 
 @dataclass

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from expman._errors import ExpmanError, RunNotFoundError
 from expman._env import chosen_root
+from expman._reader.progress import StepSpan, rank_progress
 from expman._storage.files import resolve_root
 from expman._storage.layout import (
     CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
-    list_parts, read_yaml, read_yaml_if_present,
+    format_time, list_parts, read_yaml, read_yaml_if_present,
 )
 from expman._storage.files import LOCAL, Files, is_uri, locate, shown
 
@@ -117,38 +118,32 @@ class Run:
 
     def rank_stats(self) -> pa.Table:
         """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
-        the fastest rank), last_heartbeat. A straggler has a low rate and a large lag."""
+        the furthest rank), last_heartbeat, straggler. Definitions: expman/_reader/progress.py,
+        shared with `expman show` and the TUI."""
+        import time
+
         import pyarrow as pa
         import pyarrow.compute as pc
 
         points = self._points(None)
         stepped = points.filter(pc.is_valid(points[STEP]))
-        grouped = stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")])
-        progress = {row[RANK]: row for row in grouped.to_pylist()}
-        ranks = self.info.get("ranks") or {}
-        fastest = max((row[f"{STEP}_max"] for row in progress.values()), default=None)
-        rows = []
-        for rank in sorted(set(ranks) | set(progress)):
-            state, seen = ranks.get(rank, {}), progress.get(rank)
-            rate = None
-            last_step = state.get("last_step")
-            if seen is not None:
-                last_step = seen[f"{STEP}_max"]
-                span = (seen[f"{TIME}_max"] - seen[f"{TIME}_min"]).total_seconds()
-                if span > 0:
-                    rate = (seen[f"{STEP}_max"] - seen[f"{STEP}_min"]) / span
-            rows.append({
-                "rank": rank,
-                "host": state.get("host"),
-                "status": state.get("status"),
-                "last_step": last_step,
-                "steps_per_s": rate,
-                "lag_steps": None if fastest is None or last_step is None else fastest - last_step,
-                "last_heartbeat": state.get("last_heartbeat"),
-            })
+        spans = {}
+        for row in stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")]).to_pylist():
+            spans[row[RANK]] = StepSpan(row[f"{STEP}_min"], row[f"{STEP}_max"],
+                                        row[f"{TIME}_min"].timestamp(), row[f"{TIME}_max"].timestamp())
+        rows = [{
+            "rank": p.rank,
+            "host": p.host,
+            "status": p.status,
+            "last_step": p.last_step,
+            "steps_per_s": p.steps_per_s,
+            "lag_steps": p.lag_steps,
+            "last_heartbeat": format_time(p.last_heartbeat),
+            "straggler": p.straggler,
+        } for p in rank_progress(self.info, time.time(), spans)]
         schema = pa.schema([("rank", pa.int32()), ("host", pa.string()), ("status", pa.string()),
                             ("last_step", pa.int64()), ("steps_per_s", pa.float64()), ("lag_steps", pa.int64()),
-                            ("last_heartbeat", pa.string())])
+                            ("last_heartbeat", pa.string()), ("straggler", pa.bool_())])
         return pa.Table.from_pylist(rows, schema=schema)
 
     def _points(self, keys: str | Iterable[str] | None) -> pa.Table:

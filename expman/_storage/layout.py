@@ -6,6 +6,8 @@ describes it. pyarrow is imported lazily so `import expman` stays light on ranks
 
 from __future__ import annotations
 
+import datetime as dt
+
 import json
 import os
 import re
@@ -34,7 +36,6 @@ OWNER_FILE = "owner"  # the name of the collector that writes run.yaml, config.y
 
 # Metrics columns, one row per point.
 KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
-METRIC_COLUMNS = (KEY, VALUE, TEXT, STEP, RANK, HOST, TIME)
 
 STATUSES = ("running", "finished", "failed", "killed", "crashed")
 FINAL_STATUSES = frozenset(STATUSES[1:])
@@ -54,6 +55,30 @@ def metrics_schema() -> pa.Schema:
             pa.field(TIME, pa.timestamp("us", tz="UTC"), nullable=False),
         ]
     )
+
+
+def format_time(ts: float | None) -> str | None:
+    """run.yaml's time format: ISO 8601 in UTC with milliseconds (None stays None)."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_time(value: Any) -> float | None:
+    """Seconds since the epoch from a run.yaml time (an ISO string, or a datetime YAML
+    already parsed); None for a missing or unreadable one. Naive times are UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        when = value
+    else:
+        try:
+            when = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
 
 
 def run_dir_name(name: str, uid: str) -> str:
@@ -160,7 +185,6 @@ HARDWARE_DIR = "hardware"
 DEVICE = "device"
 # Long schema, one row per reading; `device` is null for host-wide and process readings,
 # `rank` is null for readings that belong to no rank of the run.
-HARDWARE_COLUMNS = (TIME, HOST, DEVICE, KEY, VALUE, TEXT, RANK)
 
 
 def hardware_schema() -> pa.Schema:

@@ -24,8 +24,9 @@ except ImportError as exc:
         "pip install 'expman[lightning]'"
     ) from exc
 
-from expman._rank.start import DEFAULT_EXPERIMENT, start_experiment
-from expman._rank.experiment import Experiment, describe_exception
+from expman import Experiment, start_experiment
+from expman._rank.experiment import describe_exception  # the shape run.yaml's `error` takes
+from expman._rank.start import DEFAULT_EXPERIMENT
 from ._params import to_params
 from ._run_ids import adapter_run_id
 

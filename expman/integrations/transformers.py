@@ -26,8 +26,7 @@ except ImportError as exc:
         "expman.integrations.transformers needs Hugging Face Transformers: pip install 'expman[transformers]'"
     ) from exc
 
-from expman._rank.start import start_experiment
-from expman._rank.experiment import Experiment
+from expman import Experiment, start_experiment
 from ._params import to_param, to_params
 from ._run_ids import adapter_run_id
 
