@@ -241,6 +241,9 @@ class ArtifactPump:
                 run.artifacts.failed += 1
 
     def _transfer(self, job: _Job) -> None:
+        """Read, hash and send one artifact as chunk frames within the byte window; the
+        last chunk only once every earlier one is acknowledged (docs/protocol.md). One
+        loop over the content with its checks inline: the order of the steps is the point."""
         run = job.run
         chunk = proto.ARTIFACT_CHUNK_BYTES
         with self._cond:

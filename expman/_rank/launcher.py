@@ -65,7 +65,10 @@ def _process_identity(pid: int) -> str:
 
 
 def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
-    """Read the launcher's variables (see the module docstring for the order)."""
+    """Read the launcher's variables (see the module docstring for the order).
+
+    One branch per launcher, in the order they are tried, so the whole rule reads top to
+    bottom in one place; that makes it longer than most functions here."""
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" in env or ("LOCAL_RANK" in env and "RANK" in env and "WORLD_SIZE" in env):
         run = env.get("TORCHELASTIC_RUN_ID", "none")

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,39 +83,23 @@ def start_experiment(
     if _parent is not None and run_id is None:
         run_id = _parent.child_run_id(name)  # every rank derives the same child id
     identity = resolve_identity(rank, world_size, run_id)
-    reopen = experiment_uid is not None
-    if reopen:
-        space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)
-        uid = str(experiment_uid)
-    else:
-        uid = check_name("run id", identity.run_id)
-    if name is None:  # ranks of one job must pick the same name, so only a lone process uses the clock
-        name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
-    experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
-    run_name = check_name("run", name)
+    names = _name_run(root_path, identity, space, name, experiment_uid, must_exist=endpoint is None)
     tag_list = [str(t) for t in (tags or [])]
     hardware = _hardware_hello(log_hardware, hardware_interval)
+    heartbeat = _heartbeat_interval(heartbeat_interval)
     local = None
     if endpoint is None:
-        if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
-            from expman._storage.crypto import check_key_file
-
-            check_key_file()
-        shared_key = None
-        if identity.world_size > 1 and identity.run_id_source != "fresh":  # one collector per job, host and root
-            shared_key = f"{uid}-{hashlib.sha256(str(root_path).encode()).hexdigest()[:8]}"
-        local = _local_collector(root_path, shared_key)
+        local = _local_for(root_path, identity, names.uid, encrypt_artifacts)
         endpoint = local.endpoint
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame, max_buffer_bytes, max_spool_bytes)
     _install_exit_hooks()
-    heartbeat = _heartbeat_interval(heartbeat_interval)
     hello = {
-        "experiment": experiment,
-        "name": run_name,
-        "dir": run_dir_name(run_name, uid),
+        "experiment": names.experiment,
+        "name": names.run,
+        "dir": run_dir_name(names.run, names.uid),
         "root": str(root_path),
-        "reopen": reopen,
+        "reopen": names.reopen,
         "parent": _parent.uid if _parent is not None else None,
         "tags": tag_list,
         "world_size": identity.world_size,
@@ -127,21 +112,13 @@ def start_experiment(
     }
     # A private collector writes under our own root, so the folder is known now; a separate
     # one names it in its answer to the hello (Experiment.run_dir).
-    known_dir = root_path / experiment / run_dir_name(run_name, uid) if local is not None else None
-    channel = RunChannel(uid=uid, host=hostname(), rank=identity.rank, root=root_path, hello=hello,
+    known_dir = root_path / names.experiment / run_dir_name(names.run, names.uid) if local is not None else None
+    channel = RunChannel(uid=names.uid, host=hostname(), rank=identity.rank, root=root_path, hello=hello,
                          heartbeat_interval=heartbeat, run_dir=known_dir)
     channel.artifacts.encrypt = bool(encrypt_artifacts)
-    exp = Experiment(
-        channel=channel,
-        sender=sender,
-        experiment=experiment,
-        name=run_name,
-        world_size=identity.world_size,
-        parent=hello["parent"],
-        tags=tag_list,
-        finish_timeout=finish_timeout,
-        start_child=start_experiment,
-    )
+    exp = Experiment(channel=channel, sender=sender, experiment=names.experiment, name=names.run,
+                     world_size=identity.world_size, parent=hello["parent"], tags=tag_list,
+                     finish_timeout=finish_timeout, start_child=start_experiment)
     with _lock:
         _open_runs[:] = [e for e in _open_runs if not e.finishing]
         _open_runs.append(exp)
@@ -152,6 +129,43 @@ def start_experiment(
 
         capture_code(channel, sender, code_dir)  # type: ignore[arg-type]
     return exp
+
+
+@dataclass(frozen=True)
+class _RunNames:
+    experiment: str
+    run: str
+    uid: str
+    reopen: bool
+
+
+def _name_run(root: Path, identity: Identity, space: str | None, name: str | None, experiment_uid: str | None,
+              must_exist: bool) -> _RunNames:
+    """The run's experiment, name and id: a reopened run's own, else the arguments', else
+    ones every rank of the job derives alike."""
+    reopen = experiment_uid is not None
+    if reopen:
+        space, name = _find_existing(root, str(experiment_uid), space, name, must_exist=must_exist)
+        uid = str(experiment_uid)
+    else:
+        uid = check_name("run id", identity.run_id)
+    if name is None:  # ranks of one job must pick the same name, so only a lone process uses the clock
+        name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
+    experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
+    return _RunNames(experiment, check_name("run", name), uid, reopen)
+
+
+def _local_for(root: Path, identity: Identity, uid: str, encrypt_artifacts: bool) -> LocalCollector:
+    """The private collector for this root: one per process, or one per job, host and root
+    when the job's ranks share a run."""
+    if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
+        from expman._storage.crypto import check_key_file
+
+        check_key_file()
+    shared_key = None
+    if identity.world_size > 1 and identity.run_id_source != "fresh":
+        shared_key = f"{uid}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+    return _local_collector(root, shared_key)
 
 
 def _heartbeat_interval(value: float | None) -> float:

@@ -40,6 +40,8 @@ def replay(spool: SpoolFile, endpoint: str, timeout: float = 60.0, window: int =
     (it restarted) gets them again. Frames go out exactly as spooled, a window at a time,
     on a second socket, so acks (which carry sequence numbers only) are never ambiguous.
     Both sockets follow the same delivery rule as a live sender (expman/_wire/delivery.py).
+    One loop with its two sockets and two outboxes in view, so the order (introductions
+    before frames, re-introductions after a restart) reads in one place.
     """
     ctx = zmq.Context.instance()
     curve = client_keys()
