@@ -387,6 +387,16 @@ def pump_for(sender: Sender) -> ArtifactPump:
         return pump
 
 
+def _forget_after_fork() -> None:
+    """A forked child has none of the parent's pump threads (expman/_rank/start.py)."""
+    global _pumps_lock
+    _pumps_lock = threading.Lock()
+    _pumps.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def stop_all() -> None:
     with _pumps_lock:
         pumps = list(_pumps.values())

@@ -49,6 +49,7 @@ class RunChannel:
         self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line) / ("frame", ...)
         self.finish_request: dict[str, Any] | None = None
         self.late = 0  # points and messages logged after finish(): dropped and counted
+        self.inherited_by_fork = False  # this process is a fork of the one that started the run
         self.artifacts = ArtifactState()
         # written by the sender thread
         self.hello_sent = False
@@ -64,12 +65,19 @@ class RunChannel:
     def post(self, kind: str, payload: Any) -> bool:
         """Queue a parameters, log or prepared frame for the sender; False (counted, logged)
         once the run is finished."""
-        if self.finish_request is not None:
-            log.error("expman: run %s is finished; %s logged after finish() is dropped", self.uid, kind)
+        if self.finish_request is not None or self.inherited_by_fork:
+            log.error("expman: %s; %s dropped", self.why_closed(), kind)
             self.late += 1
             return False
         self.control.append((kind, payload))
         return True
+
+    def why_closed(self) -> str:
+        """Why nothing more is delivered for this run (for the one warning a caller logs)."""
+        if self.inherited_by_fork:
+            return (f"run {self.uid} was started by the process this one was forked from, and only that "
+                    f"process delivers it (call expman.start_experiment() here to log from this process)")
+        return f"run {self.uid} is finished; what is logged after finish() is not stored"
 
     def confirm_run_dir(self, path: str) -> None:
         """The collector's answer: the run's folder as it sees it (sender thread)."""

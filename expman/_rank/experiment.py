@@ -47,7 +47,7 @@ class _ClosedBuffer:
         self.channel.late += len(items) // 4  # type: ignore[arg-type]
         if not self.warned:
             self.warned = True
-            log.error("expman: run %s is finished; points logged after finish() are dropped", self.channel.uid)
+            log.error("expman: %s; points dropped", self.channel.why_closed())
 
     def __len__(self) -> int:
         return 0
@@ -161,7 +161,7 @@ class Experiment:
         if step is not None:
             step = coerce_step(key, step)
         when = timestamp if timestamp is not None else created_at
-        if self._channel.finish_request is not None:
+        if isinstance(self._buf, _ClosedBuffer):
             self._buf.extend((kid, 0.0, step, None))  # counted and reported as late
             return
         self._channel.texts.append([kid, text, step, None if when is None else coerce_time(key, when)])
@@ -264,6 +264,9 @@ class Experiment:
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {sorted(FINAL_STATUSES)}, got {status!r}")
         channel = self._channel
+        if channel.inherited_by_fork:  # the parent process delivers and finishes this run
+            log.warning("expman: %s; finish() here does nothing", channel.why_closed())
+            return False
         if channel.finish_request is None:
             for child in self._children:
                 if child._channel.finish_request is None:
@@ -282,6 +285,13 @@ class Experiment:
             )
         self._sender.unregister(channel)
         return done
+
+    def _inherited_by_fork(self) -> None:
+        """In a forked child: this run belongs to the parent, whose sender thread the child
+        does not have. Points and messages are dropped with one warning; finish() returns
+        False at once (expman/_rank/start.py registers this at fork)."""
+        self._channel.inherited_by_fork = True
+        self._buf = _ClosedBuffer(self._channel)
 
     @property
     def finishing(self) -> bool:

@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ log = logging.getLogger("expman")
 SHUTDOWN_TIMEOUT_S = 10.0
 IDLE_EXIT_S = 10.0  # the collector exits this long after its last run ended; restarted on demand
 SHARED_IDLE_EXIT_S = 30.0
+_MAX_DIR_CHARS = 60  # ipc paths stop at 107 bytes; "job-<key>/collector.sock" takes ~40 of them
 
 
 def _is_collector(pid_file: Path) -> bool:
@@ -33,14 +35,42 @@ def _is_collector(pid_file: Path) -> bool:
 
 
 def runtime_dir() -> Path:
-    """A private (0700) folder for sockets: $XDG_RUNTIME_DIR/expman or /tmp/expman-<uid>."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "expman" if base else Path(tempfile.gettempdir()) / f"expman-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise PermissionError(f"runtime folder {path} belongs to another user")
-    os.chmod(path, 0o700)
-    return path
+    """A private (0700) folder for sockets, the same for every process of this user.
+
+    The first of these that is (or can be made) a real folder owned by us: $XDG_RUNTIME_DIR/expman,
+    /tmp/expman-<uid>, ~/.local/state/expman/run. Anyone can create /tmp/expman-<uid> first
+    (a squatter, or a stale folder of another user with the same uid elsewhere): such a
+    folder is skipped with a warning, never trusted and never fatal.
+    """
+    uid = os.getuid()
+    candidates = [Path(tempfile.gettempdir()) / f"expman-{uid}",
+                  Path(os.path.expanduser("~")) / ".local" / "state" / "expman" / "run"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.insert(0, Path(os.environ["XDG_RUNTIME_DIR"]) / "expman")
+    for path in candidates:
+        problem = "a socket path under it would pass the kernel's limit" if len(str(path)) > _MAX_DIR_CHARS else None
+        problem = problem or _private_folder(path, uid)
+        if problem is None:
+            return path
+        log.warning("expman: not using %s for the local collector's socket: %s", path, problem)
+    return Path(tempfile.mkdtemp(prefix=f"expman-{uid}-"))  # private and unique; no shared collector then
+
+
+def _private_folder(path: Path, uid: int) -> str | None:
+    """Make `path` a 0700 folder of ours; None when it is one, else what is wrong with it."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        return str(exc)
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a folder (a link or a file)"
+    if st.st_uid != uid:
+        return f"it belongs to uid {st.st_uid}"
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return None
 
 
 class LocalCollector:

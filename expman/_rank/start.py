@@ -265,6 +265,25 @@ def shutdown(status: str = "finished") -> None:
         local.shutdown()
 
 
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's sender threads, collectors and runs are the parent's.
+
+    The child starts with none of them (its own start_experiment() gets its own sender),
+    the runs it inherited drop what it logs into them with one warning, and its exit does
+    not wait on deliveries that no thread of its own would ever make."""
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    inherited = list(_open_runs)
+    _open_runs.clear()
+    _senders.clear()
+    _local_collectors.clear()  # the parent's: never shut down from here
+    for exp in inherited:
+        exp._inherited_by_fork()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _install_exit_hooks() -> None:
     """Interpreter exit finishes open runs; an uncaught exception marks them failed;
     SIGTERM marks them killed (only if nobody else handles SIGTERM)."""
