@@ -11,7 +11,7 @@ Quick scripts can use the W&B-style verbs instead (`import expman as wandb`):
 """
 
 from expman._rank.start import start_experiment
-from expman._compat.core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
+from expman._compat.expman_core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
 from expman._errors import (
     ArtifactError,
     ArtifactIntegrityError,
