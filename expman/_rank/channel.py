@@ -49,12 +49,14 @@ class RunChannel:
         self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line) / ("frame", ...)
         self.finish_request: dict[str, Any] | None = None
         self.late = 0  # points and messages logged after finish(): dropped and counted
+        self.held = 0  # device tensors put into `points` (expman/_rank/device.py), not yet taken by the sender
         self.inherited_by_fork = False  # this process is a fork of the one that started the run
         self.artifacts = ArtifactState()
         # written by the sender thread
         self.hello_sent = False
         self.finish_sent = False
         self.last_step: int | None = None
+        self.device_batches: deque[Any] = deque()  # DeviceBatch: points waiting for their device values, in order
         self.next_heartbeat = 0.0  # monotonic
         self.finished = threading.Event()  # every frame of the run acknowledged, finish included
         self.run_dir = run_dir  # where the collector keeps the run, once known

@@ -110,6 +110,8 @@ class Experiment:
             if value.__class__ is str:
                 self._log_text(kid, key, value, step, timestamp, created_at)
                 return
+            if value.__class__ is not float:  # a device tensor, kept as is: no sync here
+                self._channel.held += 1
         if step is not None and step.__class__ is not int:
             step = coerce_step(key, step)
         if timestamp is not None or created_at is not None:
@@ -144,6 +146,8 @@ class Experiment:
                 if value.__class__ is str:
                     self._log_text(kid, key, value, step, timestamp, None)
                     continue
+                if value.__class__ is not float:  # a device tensor, kept as is: no sync here
+                    self._channel.held += 1
             flat += (kid, value, step, timestamp)
         self._buf.extend(flat)
 

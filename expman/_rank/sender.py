@@ -30,6 +30,7 @@ import zmq
 
 from expman._rank.channel import RunChannel
 from expman._rank.dealer import connect, read_acks, send_due
+from expman._rank.device import DeviceBatch
 from expman._wire import columns
 from expman._wire import frames as proto
 from expman._wire.curve_keys import client_keys
@@ -161,7 +162,8 @@ class Sender:
 
     def stats_for(self, run: RunChannel) -> dict[str, int]:
         c = self._counters.get(id(run)) or _Counters()
-        in_buffer = len(run.points) // 4 + len(run.texts)
+        waiting = sum(len(batch.points) for batch in list(run.device_batches))  # a copy: the sender appends
+        in_buffer = (len(run.points) + waiting) // 4 + len(run.texts)
         return {
             "sent": c.sent,
             "acked": c.acked,
@@ -375,7 +377,9 @@ class Sender:
             self._enqueue(run, proto.HELLO, run.hello)
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
-        if run.points:
+        if run.held or run.device_batches:
+            self._drain_device_points(run)
+        elif run.points:
             self._drain_points(run, run.points)
         elif run.texts:
             self._drain_points(run, [])
@@ -390,7 +394,7 @@ class Sender:
                 while run.control and run.control[0][0] == "log":
                     lines.append(run.control.popleft()[1])
                 self._enqueue(run, proto.LOG, {"lines": lines})
-        if request is not None and not run.finish_sent and artifacts_idle:
+        if request is not None and not run.finish_sent and artifacts_idle and not run.device_batches:
             run.finish_sent = True
             dropped = self._counters[id(run)].dropped + run.late
             self._enqueue(run, proto.FINISH, {**request, "last_step": run.last_step, "dropped_points": dropped})
@@ -398,6 +402,23 @@ class Sender:
         elif not run.finish_sent and now >= run.next_heartbeat:  # until finish is sent: artifacts may hold it back
             run.next_heartbeat = now + run.heartbeat_interval
             self._send_heartbeat(run)
+
+    def _drain_device_points(self, run: RunChannel) -> None:
+        """Points among which are held device tensors (expman/_rank/device.py): the slice
+        waits, in order, until its values are read without a sync; later points of the run
+        queue behind it."""
+        self._busy = True
+        buf = run.points
+        n = len(buf)
+        if n:
+            held, chunk = run.held, buf[:n]
+            del buf[:n]
+            run.held -= held
+            run.device_batches.append(DeviceBatch(chunk, lambda message: log.error("expman: run %s: %s", run.uid, message)))
+        while run.device_batches and run.device_batches[0].ready():
+            batch = run.device_batches.popleft()
+            self._counters[id(run)].dropped += batch.failed
+            self._drain_points(run, batch.points)
 
     def _drain_points(self, run: RunChannel, buf: list[Any]) -> None:
         """Turn buffered points into metrics frames (expman/_wire/columns.py packs them)."""

@@ -12,6 +12,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+from expman._rank.device import hold, is_device_scalar
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +34,17 @@ def check_key(key: Any) -> str:
     return key
 
 
-def coerce_number(key: str, value: Any) -> float | str:
-    """Return a float, or the str itself for a text value; TypeError naming the key otherwise."""
+def coerce_number(key: str, value: Any) -> Any:
+    """Return a float, the str itself for a text value, or a held device tensor; TypeError
+    naming the key otherwise."""
     if isinstance(value, str):
         return value
     if isinstance(value, (bytes, bytearray, dict, list, tuple, set)) or value is None:
         raise TypeError(f"metric {key!r}: value of type {type(value).__name__} is not a number or str")
+    if is_device_scalar(value):
+        return hold(value)  # read later, in a batch, by the sender (expman/_rank/device.py): no sync here
     try:
-        return float(value)  # int, bool, numpy scalars, 0-d tensors (__float__)
+        return float(value)  # int, bool, numpy scalars, 0-d CPU tensors (__float__)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metric {key!r}: value of type {type(value).__name__} is not a number or str") from exc
 
