@@ -47,6 +47,7 @@ class RunChannel:
         self.points: list[Any] = []
         self.texts: list[list[Any]] = []  # [key id, text, step, time]
         self.control: deque[tuple[str, Any]] = deque()  # ("params", dict) / ("log", line) / ("frame", ...)
+        self.console: list[list[Any]] = []  # printed lines: [time, "stdout" | "stderr", text] (expman/_rank/console.py)
         self.finish_request: dict[str, Any] | None = None
         self.late = 0  # points and messages logged after finish(): dropped and counted
         self.held = 0  # device tensors put into `points` (expman/_rank/device.py), not yet taken by the sender

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from expman._errors import ExpmanError
+from expman._rank import console
 from expman._rank.channel import RunChannel
 from expman._rank.values import Metric, check_key, check_params, coerce_number, coerce_step, coerce_time
 from expman._storage.layout import FINAL_STATUSES
@@ -275,6 +276,7 @@ class Experiment:
             for child in self._children:
                 if child._channel.finish_request is None:
                     child.finish(status, timeout)
+            console.detach(channel)
             self._buf = _ClosedBuffer(channel)
             self.status = status
             channel.finish_request = {"status": status, "ended_at": time.time(), "error": error}

@@ -45,6 +45,7 @@ FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
 IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
 MAX_POINTS_PER_FRAME = 16384
+MAX_CONSOLE_LINES_PER_FRAME = 4096
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
 DROP_LOG_EVERY_S = 10.0
@@ -383,6 +384,8 @@ class Sender:
             self._drain_points(run, run.points)
         elif run.texts:
             self._drain_points(run, [])
+        if run.console:
+            self._drain_console(run)
         while run.control:
             kind, payload = run.control.popleft()
             if kind == "params":
@@ -402,6 +405,14 @@ class Sender:
         elif not run.finish_sent and now >= run.next_heartbeat:  # until finish is sent: artifacts may hold it back
             run.next_heartbeat = now + run.heartbeat_interval
             self._send_heartbeat(run)
+
+    def _drain_console(self, run: RunChannel) -> None:
+        """Printed lines go as log lines, many to a frame: one slice of the list, no loop."""
+        lines = run.console
+        n = len(lines)
+        for start in range(0, n, MAX_CONSOLE_LINES_PER_FRAME):
+            self._enqueue(run, proto.LOG, {"lines": lines[start : min(n, start + MAX_CONSOLE_LINES_PER_FRAME)]})
+        del lines[:n]
 
     def _drain_device_points(self, run: RunChannel) -> None:
         """Points among which are held device tensors (expman/_rank/device.py): the slice

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from expman._errors import RunNotFoundError
+from expman._rank import console
 from expman._rank.channel import RunChannel
 from expman._rank.experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
 from expman._env import COLLECTOR_ENV, hostname, software_info
@@ -58,6 +59,7 @@ def start_experiment(
     max_points_per_frame: int | None = None,
     max_buffer_bytes: int | None = None,
     max_spool_bytes: int | None = None,
+    capture_console: bool | None = None,
     _parent: Experiment | None = None,
 ) -> Experiment:
     """Start (or, with `experiment_uid`, reopen) a run and return its Experiment.
@@ -77,6 +79,9 @@ def start_experiment(
     kept in memory until the collector confirms them; past it they spill to a spool file
     of at most `max_spool_bytes` (default $EXPMAN_MAX_SPOOL_BYTES, else 1 GiB) under
     $EXPMAN_SPOOL_DIR (default $XDG_STATE_HOME/expman/spool); see docs/reliability.md.
+    `capture_console` (default on, unless $EXPMAN_CONSOLE=off) copies what the process
+    prints to stdout and stderr into the run's run.log, each line with its rank and stream
+    (`Run.console()`); prints still reach the terminal as before and never wait.
     """
     root_path = resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
@@ -122,6 +127,8 @@ def start_experiment(
     with _lock:
         _open_runs[:] = [e for e in _open_runs if not e.finishing]
         _open_runs.append(exp)
+    if _parent is None and console.wanted(capture_console):
+        console.attach(channel)
     if code_dir is True:
         code_dir = None
     if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):

@@ -92,6 +92,13 @@ class Run:
         entries = [_log_entries(text) for text in texts]
         return "".join(heapq.merge(*entries))  # each entry starts with its ISO time, so text order is time order
 
+    def console(self) -> pa.Table:
+        """What the ranks printed (stdout and stderr), one row per line: time, host, rank,
+        stream, line; in time order across hosts."""
+        from expman._reader.console import console_table
+
+        return console_table(_log_entries(self.log_text()))
+
     def metrics(
         self,
         keys: str | Iterable[str] | None = None,
