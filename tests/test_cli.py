@@ -284,6 +284,7 @@ def test_demo_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert run.params["model"]["layers"] == [784, 512, 256, 10]
     assert "epoch 10/10" in run.log_text()
     (child_id,) = run.info["children"]
+    assert len(run.id) == len(child_id) == 12  # one id length for parent and child runs
     child = expman.open_run(child_id, root=tmp_path)
     assert child.metrics("eval/accuracy").num_rows == 10
 
