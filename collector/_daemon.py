@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
     p.add_argument("--artifact-compression", choices=COMPRESSIONS,
                    help="compress artifact chunks before storing/encrypting (default: none)")
-    p.add_argument("--curve-secret", metavar="FILE", type=existing_file,
+    p.add_argument("--curve-secret", metavar="FILE",
                    help="CURVE secret key of this collector (`expman keys curve-init`): tcp endpoints then accept "
                         "only clients whose public key is allowed; ipc endpoints are unchanged (default: none, tcp is open)")
     p.add_argument("--curve-allow", metavar="DIR",
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
                               hardware_interval=float(hardware_interval))
-    except (ArtifactError, CurveKeyError, ValueError) as exc:
-        fail(parser.prog, str(exc), 1)
+    except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
+        parser.error(str(exc))
     except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable
         fail(parser.prog, f"cannot listen on {', '.join(binds)}: {exc}", 1)
     if mode is not None:
