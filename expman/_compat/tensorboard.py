@@ -2,7 +2,7 @@
 
 Export writes the event files itself (expman/_compat/event_files.py: numpy, no
 protobuf per point); import reads with the `tensorboard` package's own EventAccumulator
-(no TensorFlow), installed with `pip install 'expman[tensorboard]'`.
+(no TensorFlow), installed with the `tensorboard` extra.
 
 Layout of an export: one folder per rank, `<out>/rank<N>/events.out.tfevents.*`, each
 metric key a scalar tag. `tensorboard --logdir <out>` shows the ranks as runs.
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 _RANK_DIR = re.compile(r"^rank(\d+)$")
 _EVENT_FILE = "tfevents"
-_INSTALL_HINT = "TensorBoard event files need the tensorboard package: pip install 'expman[tensorboard]'"
+_INSTALL_HINT = ("TensorBoard event files need the tensorboard package: pip install tensorboard "
+                 "(or the extra: pip install -e '.[tensorboard]' in the expman clone)")
 
 
 def _require_tensorboard() -> None:
