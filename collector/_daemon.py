@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         root = resolve_root(args.root or config.get("root"))
         root.mkdir(parents=True, exist_ok=True)
     except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
-        parser.error(str(exc))
+        raise SystemExit(f"expman-collector: {exc}") from None
     except OSError as exc:
         fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")

@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = resolve_root(args.root)
     except ExpmanError as exc:  # a URI: the TUI tails local folders only
-        parser.error(str(exc))
+        print(f"expman-tui: {exc}", file=sys.stderr)
+        return 2
     if not root.is_dir():
-        parser.error(f"{root} is not a folder (give ROOT, or set EXPMAN_ROOT)")
+        print(f"expman-tui: error: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
+        return 2
 
     if args.serve:
         try:
