@@ -1,14 +1,17 @@
 """What the three commands say about a bad option value: one line, exit 2, no traceback.
 
-Each case runs the installed program as a user would (a real process), so what argparse,
-the config loader and the bind do with the value all count.
+The cases call each program's main() as its console script does (a traceback would fail
+the test as the exception it is); starting and binding use real processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,32 @@ import expman
 PROGRAMS = {"expman": "expman", "expman-collector": "expman.collector", "expman-tui": "expman.tui"}
 
 
-def run(program: str, *argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", PROGRAMS[program], *argv], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def one_line_error(done: subprocess.CompletedProcess[str], program: str, *words: str) -> str:
+def run(program: str, *argv: str) -> Done:
+    """`program argv...` in this process: its exit status and what it printed."""
+    from expman._cli.main import main as expman_main
+    from expman.collector._daemon import main as collector_main
+    from expman.tui import main as tui_main
+
+    entry = {"expman": expman_main, "expman-collector": collector_main, "expman-tui": tui_main}[program]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = entry(list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            if isinstance(exc.code, str):
+                err.write(exc.code + "\n")
+    return Done(code or 0, out.getvalue(), err.getvalue())
+
+
+def one_line_error(done: Done, program: str, *words: str) -> str:
     err = done.stderr.strip()
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr and len(err.splitlines()) == 1, done.stderr
@@ -62,7 +85,8 @@ def test_collector_config_values_are_checked_like_options(tmp_path):
 
 
 def test_collector_that_cannot_bind_says_so_in_one_line(tmp_path):
-    done = run("expman-collector", "--bind", "tcp://no-such-host.invalid:5555", "--root", str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "expman.collector", "--bind", "tcp://no-such-host.invalid:5555",
+                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("expman-collector: error: cannot listen on")
 
@@ -113,7 +137,8 @@ def test_version_and_help(program):
 
 def test_curve_init_prints_a_collector_command_that_starts(tmp_path):
     """The printed collector command, with its --bind, starts a CURVE collector as printed."""
-    done = run("expman", "keys", "curve-init", "--dir", str(tmp_path / "keys"))
+    done = subprocess.run([sys.executable, "-m", "expman", "keys", "curve-init", "--dir", str(tmp_path / "keys")],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if l.startswith("collector:"))
     command = line.split(":", 1)[1].split(" (accepts", 1)[0].split()
