@@ -180,10 +180,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expman-collector: {exc}") from None
     except OSError as exc:
         fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)
-    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
-    hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     socket_mode = args.socket_mode if args.socket_mode is not None else config.get("socket_mode")
     mode = _socket_mode_option(socket_mode) if isinstance(socket_mode, str) else socket_mode
+    collector = _collector(parser, args, config, root, list(binds))
+    if mode is not None:
+        apply_socket_mode(collector.endpoints, mode)
+    _serve(collector, args, root)
+    return 0
+
+
+def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any], root: Path,
+               binds: list[str]) -> Collector:
+    """The Collector the options and config ask for, bound; a bad key file or setting is one line."""
+    timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
+    hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         forward = args.forward or config.get("forward")
         forward_keys = client_keys(args.forward_server_key or config.get("forward_server_key"),
                                    args.forward_client_key or config.get("forward_client_key")) if forward else None
-        collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+        collector = Collector(root, binds, parent_pid=args.parent_pid,
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
@@ -208,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable
         fail(parser.prog, f"cannot listen on {', '.join(binds)}: {exc}", 1)
-    if mode is not None:
-        apply_socket_mode(collector.endpoints, mode)
+    return collector
+
+
+def _serve(collector: Collector, args: argparse.Namespace, root: Path) -> None:
+    """Run until stopped, with the signals, the ready file and sd_notify around it."""
     # sd_notify (systemd Type=notify): a no-op without $NOTIFY_SOCKET. A private local-mode
     # collector (--parent-pid) is never a unit's main process, so it keeps quiet.
     notifier = Notifier({} if args.parent_pid is not None else None)
@@ -232,4 +245,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         notifier.stopping()  # idle exit or parent gone: no signal said it already
         notifier.close()
-    return 0

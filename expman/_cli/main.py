@@ -265,7 +265,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from expman._cli.demo import DEFAULT_STEPS, run_demo
+    from expman._cli.demo import DEFAULT_STEPS, own_commands, run_demo
 
     steps = args.steps or DEFAULT_STEPS
     started = time.monotonic()
@@ -276,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  run dir:  {result.run_dir}")
     print(f"  id:       {result.uid}")
     print(f"  child:    {result.child_dir} (eval)")
-    expman_cmd, python_cmd, activate = _own_commands()
+    expman_cmd, python_cmd, activate = own_commands(PROG)
     print("view it" + (f" (or `source {activate}` first, then plain `{PROG}` and `python` work):" if activate else ":"))
     print(f"  {expman_cmd} show {result.uid}{root_flag}")
     print(f"  {expman_cmd} ls{root_flag}")
@@ -284,35 +284,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {python_cmd} -c {shlex.quote(code)}")
     print(f"  # a pyarrow Table; DuckDB and Polars read {result.run_dir}/metrics/*.parquet too")
     return 0
-
-
-def _own_commands() -> tuple[str, str, str | None]:
-    """How to run this installation's `expman` and `python` from the user's shell: the plain
-    names when PATH finds these, else their paths (and the activate script to source, if any).
-
-    `.venv/bin/expman demo` runs with the venv never activated: plain `expman` is then
-    not found, or is another installation's, and plain `python` lacks our dependencies."""
-    import shutil
-
-    bin_dir = Path(sys.executable).parent
-    here = bin_dir / PROG
-    found = shutil.which(PROG)
-    on_path = found is not None and here.exists() and Path(found).resolve() == here.resolve()
-    python_found = shutil.which("python")
-    python_ok = python_found is not None and Path(python_found).parent.resolve() == bin_dir.resolve()
-    if on_path and python_ok:
-        return PROG, "python", None
-
-    def short(path: Path) -> str:
-        try:
-            relative = path.relative_to(Path.cwd())
-        except ValueError:
-            return shlex.quote(str(path))
-        return shlex.quote(str(relative) if str(relative).startswith(".") else f"./{relative}")
-
-    expman_cmd = short(here) if here.exists() else f"{short(Path(sys.executable))} -m {PROG}"
-    activate = bin_dir / "activate"
-    return expman_cmd, short(Path(sys.executable)), short(activate) if activate.exists() else None
 
 
 # --- helpers ---------------------------------------------------------------------------
