@@ -335,3 +335,20 @@ def test_demo_prints_commands_that_work_as_printed_without_an_activated_venv(tmp
         activated = subprocess.run(["bash", "-c", shell], cwd=tmp_path, env=env, capture_output=True, text=True,
                                    timeout=120)
         assert activated.returncode == 0, activated.stderr
+
+
+def test_printed_commands_use_plain_names_only_where_path_finds_this_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._cli import shell
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "expman").exists():
+        pytest.skip("expman is not installed as a console script beside this python")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")  # an activated venv
+    assert (shell.program("expman"), shell.program("expman-collector"), shell.python()) == (
+        "expman", "expman-collector", "python")
+    assert shell.activate_hint() is None
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}/bin")  # README's first command: not activated
+    monkeypatch.chdir(bin_dir.parent.parent)
+    venv = bin_dir.parent.name
+    assert shell.program("expman") == f"{venv}/bin/expman" or shell.program("expman").endswith("/bin/expman")
+    assert shell.python() != "python" and shell.activate_hint() is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -136,17 +137,22 @@ def test_version_and_help(program):
 
 
 def test_curve_init_prints_a_collector_command_that_starts(tmp_path):
-    """The printed collector command, with its --bind, starts a CURVE collector as printed."""
-    done = subprocess.run([sys.executable, "-m", "expman", "keys", "curve-init", "--dir", str(tmp_path / "keys")],
-                          capture_output=True, text=True, timeout=120)
+    """The printed collector command, with its --bind, starts a CURVE collector as printed,
+    from a shell where the venv is not activated (README's first command leaves it so)."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "expman").exists():
+        pytest.skip("expman is not installed as a console script beside this python")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    done = subprocess.run([str(bin_dir / "expman"), "keys", "curve-init", "--dir", str(tmp_path / "keys")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if l.startswith("collector:"))
-    command = line.split(":", 1)[1].split(" (accepts", 1)[0].split()
-    assert command[0] == "expman-collector" and "--bind" in command and "--curve-secret" in command
+    command = shlex.split(line.split(":", 1)[1].split(" (accepts", 1)[0])
+    assert command[0].endswith("expman-collector") and "--bind" in command and "--curve-secret" in command
     command[command.index("--bind") + 1] = "tcp://127.0.0.1:0"  # the suggested port may be taken here
     ready = tmp_path / "ready.yaml"
-    proc = subprocess.Popen([sys.executable, "-m", "expman.collector", *command[1:], "--root", str(tmp_path / "runs"),
-                             "--ready-file", str(ready)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*command, "--root", str(tmp_path / "runs"), "--ready-file", str(ready)],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         from _helpers import wait_for
 

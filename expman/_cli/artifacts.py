@@ -17,6 +17,7 @@ from typing import Any
 
 from expman._storage.artifact_names import destination, normalize_name
 from expman._errors import ArtifactError
+from expman._cli import shell
 from expman._cli.text import aligned
 
 PROG = "expman"
@@ -109,7 +110,7 @@ def cmd_keys_curve_init(args: argparse.Namespace) -> int:
     folder = made["collector"][0].parent
     for name, (public, created) in made.items():
         print(f"{'created' if created else 'kept   '} {folder / (name + SECRET_SUFFIX)} (mode 0600) and {public.name}")
-    print(f"collector: expman-collector --bind tcp://0.0.0.0:{DEFAULT_TCP_PORT} "
+    print(f"collector: {shell.program('expman-collector')} --bind tcp://0.0.0.0:{DEFAULT_TCP_PORT} "
           f"--curve-secret {shlex.quote(str(folder / ('collector' + SECRET_SUFFIX)))} "
           f"(accepts the public keys in {folder / ALLOWED_DIR})")
     print(f"ranks:     EXPMAN_CURVE_SERVER_KEY={shlex.quote(str(folder / 'collector.public'))} "

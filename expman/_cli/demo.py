@@ -3,7 +3,7 @@
 It uses only the public API, the way a training script would: parameters, a metric per
 step, a few log lines, and a child run for evaluation. No collector needs to be set up:
 with none configured, `start_experiment` starts a private one (local mode). The commands
-it prints to look at the run must work pasted into the shell that ran it: `own_commands`.
+it prints to look at the run work pasted into the shell that ran it (expman/_cli/shell.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shlex
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,29 +91,3 @@ def _train(exp: Experiment, evaluation: Experiment, steps: int, rng: random.Rand
             exp.info(f"epoch {epoch}/{EPOCHS}: loss {loss:.4f}, accuracy {accuracy:.3f}, eval accuracy {eval_accuracy:.3f}")
     exp.log_metric("phase", "done", step=steps - 1)
 
-
-def own_commands(prog: str = "expman") -> tuple[str, str, str | None]:
-    """How to run this installation's `expman` and `python` from the user's shell: the plain
-    names when PATH finds these, else their paths (and the activate script to source, if any).
-
-    `.venv/bin/expman demo` runs with the venv never activated: plain `expman` is then
-    not found, or is another installation's, and plain `python` lacks our dependencies."""
-    bin_dir = Path(sys.executable).parent
-    here = bin_dir / prog
-    found = shutil.which(prog)
-    on_path = found is not None and here.exists() and Path(found).resolve() == here.resolve()
-    python_found = shutil.which("python")
-    python_ok = python_found is not None and Path(python_found).parent.resolve() == bin_dir.resolve()
-    if on_path and python_ok:
-        return prog, "python", None
-
-    def short(path: Path) -> str:
-        try:
-            relative = path.relative_to(Path.cwd())
-        except ValueError:
-            return shlex.quote(str(path))
-        return shlex.quote(str(relative) if str(relative).startswith(".") else f"./{relative}")
-
-    expman_cmd = short(here) if here.exists() else f"{short(Path(sys.executable))} -m {prog}"
-    activate = bin_dir / "activate"
-    return expman_cmd, short(Path(sys.executable)), short(activate) if activate.exists() else None

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from expman._cli import shell
 from expman._cli.progress import Progress
 from expman._cli.text import aligned
 from expman._cli.artifacts import add_commands as add_artifact_commands
@@ -146,13 +147,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     chosen = chosen_root(args.root)
     if not is_uri(chosen) and not resolve_root(chosen).is_dir():
         named = "--root" if args.root is not None else f"${ROOT_ENV}" if os.environ.get(ROOT_ENV) else "the default root"
-        hint = f"; `{PROG} demo` logs a run there" if named == "the default root" else ""
+        hint = f"; `{shell.program(PROG)} demo` logs a run there" if named == "the default root" else ""
         fail(PROG, f"{named} {resolve_root(chosen)} is not a folder{hint}")
     runs = list_runs(args.root, experiment=args.experiment)
     if not runs:
         where = shown(str(chosen)) if is_uri(chosen) else resolve_root(chosen)
         scope = f"experiment {args.experiment!r} under {where}" if args.experiment else where
-        print(f"No runs in {scope}. Try `{PROG} demo` to log one.")
+        print(f"No runs in {scope}. Try `{shell.program(PROG)} demo` to log one.")
         return 0
     rows = []
     for run in runs:
@@ -258,14 +259,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     for run in result["runs"]:
         print(f"imported {run['scalars']} scalars of {run['ranks']} {_plural(run['ranks'], 'rank')}"
               + (f" and {run['params']} hparams" if run["params"] else "") + f" into {run['run_dir']}")
-        print(f"  {PROG} show {run['id']}{root_flag}")
+        print(f"  {shell.program(PROG)} show {run['id']}{root_flag}")
     for what, count in sorted(result["skipped"].items()):
         print(f"skipped {count} {what}", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from expman._cli.demo import DEFAULT_STEPS, own_commands, run_demo
+    from expman._cli.demo import DEFAULT_STEPS, run_demo
 
     steps = args.steps or DEFAULT_STEPS
     started = time.monotonic()
@@ -276,12 +277,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  run dir:  {result.run_dir}")
     print(f"  id:       {result.uid}")
     print(f"  child:    {result.child_dir} (eval)")
-    expman_cmd, python_cmd, activate = own_commands(PROG)
-    print("view it" + (f" (or `source {activate}` first, then plain `{PROG}` and `python` work):" if activate else ":"))
-    print(f"  {expman_cmd} show {result.uid}{root_flag}")
-    print(f"  {expman_cmd} ls{root_flag}")
+    activate = shell.activate_hint()
+    print("view it" + (f" (or `{activate}` first, then plain `{PROG}` and `python` work):" if activate else ":"))
+    print(f"  {shell.program(PROG)} show {result.uid}{root_flag}")
+    print(f"  {shell.program(PROG)} ls{root_flag}")
     code = f"import expman; print(expman.open_run({json.dumps(str(result.run_dir))}).metrics())"
-    print(f"  {python_cmd} -c {shlex.quote(code)}")
+    print(f"  {shell.python()} -c {shlex.quote(code)}")
     print(f"  # a pyarrow Table; DuckDB and Polars read {result.run_dir}/metrics/*.parquet too")
     return 0
 
