@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to wait for each file's acks")
     sync.set_defaults(handler=cmd_sync)
 
-    imp = commands.add_parser("import", help="read TensorBoard scalar event files into a new run")
+    imp = commands.add_parser("import", help="read TensorBoard runs (scalars and hparams) into new runs")
     imp.add_argument("logdir", metavar="DIR", type=Path,
                      help="a TensorBoard log folder: each folder under it that holds event files is a run "
                           "(rank<N>/ folders are ranks of one run)")
@@ -424,20 +424,17 @@ def _plural(n: int, noun: str) -> str:
 
 def _write_table(table: pa.Table, path: Path, fmt: str, progress: Callable[[int], None]) -> None:
     """CSV or Parquet, in batches of rows so a long export can show its progress."""
-    batches = table.to_batches(max_chunksize=_EXPORT_BATCH_ROWS)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        ready = _csv_ready(table)
-        with pacsv.CSVWriter(path, ready.schema) as writer:
-            for batch in ready.to_batches(max_chunksize=_EXPORT_BATCH_ROWS):
-                writer.write_batch(batch)
-                progress(batch.num_rows)
-        return
-    import pyarrow.parquet as pq
+        table = _csv_ready(table)
+        writer = pacsv.CSVWriter(path, table.schema)
+    else:
+        import pyarrow.parquet as pq
 
-    with pq.ParquetWriter(path, table.schema) as writer:
-        for batch in batches:
+        writer = pq.ParquetWriter(path, table.schema)
+    with writer:
+        for batch in table.to_batches(max_chunksize=_EXPORT_BATCH_ROWS):
             writer.write_batch(batch)
             progress(batch.num_rows)
 
