@@ -8,15 +8,19 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+import zmq
 
 from expman._storage.files import resolve_root
 from expman._storage.layout import write_yaml_atomic
 
 from expman._wire.curve_keys import CurveKeyError, client_keys
 from expman._errors import ArtifactError, ExpmanError
+from expman._options import (DefaultsFormatter, OneLineParser, endpoint, existing_file, fail, log_level, number,
+                             positive_seconds)
+from expman._version import __version__
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._auth import CurveServer
@@ -31,30 +35,41 @@ _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "na
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expman-collector", description="Receive runs from training ranks and write them to disk.")
-    p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT or ./experiments)")
-    p.add_argument("--bind", action="append", help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--config", help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
-                                    "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
-                                    "curve_allow, forward_server_key, forward_client_key")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
-    p.add_argument("--hardware-interval", type=float,
-                   help="seconds between hardware samples for runs that do not choose (default 1)")
-    p.add_argument("--ready-file", help="write the bound endpoints here (YAML) once listening")
-    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # local mode: exit when this process does
+    p = OneLineParser(prog="expman-collector", formatter_class=DefaultsFormatter,
+                      description="Receive runs from training ranks and write them to disk.")
+    p.add_argument("--version", action="version", version=f"expman-collector {__version__}")
+    need = p.add_argument_group("required (on the command line, or as bind: in --config)")
+    need.add_argument("--bind", action="append", type=endpoint, metavar="ENDPOINT",
+                      help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
+    p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT, else ./experiments)")
+    p.add_argument("--config", metavar="FILE", type=config_file,
+                   help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
+                        "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
+                        "curve_allow, forward_server_key, forward_client_key (the command line wins)")
+    p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
+    p.add_argument("--hardware-interval", type=positive_seconds, metavar="SECONDS",
+                   help="seconds between hardware samples for runs that do not choose (default: 1)")
+    p.add_argument("--ready-file", metavar="FILE", help="write the bound endpoints here (YAML) once listening")
+    p.add_argument("--parent-pid", type=number(int, low=1), help=argparse.SUPPRESS)  # local mode: exit when this process does
     p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
-    p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
-    p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    p.add_argument("--socket-mode", help="octal permissions for the ipc socket files after bind, e.g. 0660 "
-                                         "(who may push: connecting needs write permission)")
+    p.add_argument("--forward", metavar="ENDPOINT", type=endpoint,
+                   help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
+    p.add_argument("--idle-exit", type=positive_seconds, metavar="SECONDS",
+                   help="exit after this many seconds with no running run and no frame (default: never)")
+    p.add_argument("--log-level", type=log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    p.add_argument("--socket-mode", metavar="MODE", type=_socket_mode_option,
+                   help="octal permissions for the ipc socket files after bind, e.g. 0660 "
+                        "(who may push: connecting needs write permission; default: as the umask leaves them)")
     p.add_argument("--encrypt-artifacts", action="store_true", default=None,
-                   help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True)")
-    p.add_argument("--key-file", help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
-    p.add_argument("--artifact-compression", choices=COMPRESSIONS, help="compress artifact chunks before storing/encrypting (default none)")
+                   help="encrypt every run's artifacts (runs can also ask with encrypt_artifacts=True; default: off)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="master key for artifact encryption (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)")
+    p.add_argument("--artifact-compression", choices=COMPRESSIONS,
+                   help="compress artifact chunks before storing/encrypting (default: none)")
     p.add_argument("--curve-secret", metavar="FILE",
                    help="CURVE secret key of this collector (`expman keys curve-init`): tcp endpoints then accept "
-                        "only clients whose public key is allowed; ipc endpoints are unchanged")
+                        "only clients whose public key is allowed; ipc endpoints are unchanged (default: none, tcp is open)")
     p.add_argument("--curve-allow", metavar="DIR",
                    help="folder of allowed client public keys, *.public (default: allowed/ beside --curve-secret)")
     p.add_argument("--forward-server-key", metavar="FILE",
@@ -65,17 +80,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_file(path: str) -> dict[str, Any]:
+    """An argparse type: a collector config file, read and checked (`load_config`)."""
+    try:
+        return _read_config(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def load_config(path: str | None) -> dict[str, Any]:
+    """The settings in a collector config file, each checked like its command-line option;
+    a bad file ends the program with one line."""
     if not path:
         return {}
-    with open(path, encoding="utf-8") as fh:
-        config = yaml.safe_load(fh) or {}
+    try:
+        return _read_config(path)
+    except ValueError as exc:
+        raise SystemExit(f"expman-collector: {exc}") from None
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        existing_file(path)
+        with open(Path(path).expanduser(), encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not readable YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(config, dict):
-        raise SystemExit(f"expman-collector: {path}: expected a mapping at the top level")
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
     unknown = set(config) - _CONFIG_KEYS
     if unknown:
-        raise SystemExit(f"expman-collector: {path}: unknown settings {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+    for key, check in _CONFIG_TYPES.items():
+        value = config.get(key)
+        values = [value] if isinstance(value, (str, int, float)) or key != "bind" else value
+        try:
+            for item in values if value is not None else ():
+                check(item if key == "socket_mode" else str(item))
+        except (argparse.ArgumentTypeError, TypeError) as exc:
+            raise ValueError(f"{path}: {key}: {exc}") from None
     return config
+
+
+def _socket_mode_option(text: Any) -> int:
+    try:
+        return parse_socket_mode(text)
+    except SystemExit as exc:
+        raise argparse.ArgumentTypeError(str(exc.code).removeprefix("expman-collector: ")) from None
+
+
+_CONFIG_TYPES: dict[str, Callable[[Any], Any]] = {
+    "bind": endpoint, "forward": endpoint, "log_level": log_level, "heartbeat_timeout": positive_seconds,
+    "hardware_interval": positive_seconds, "socket_mode": _socket_mode_option,
+}
 
 
 def parse_socket_mode(value: Any) -> int:
@@ -104,24 +163,37 @@ def apply_socket_mode(endpoints: list[str], mode: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    config = load_config(args.config)
-    level = (args.log_level or config.get("log_level") or "INFO").upper()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    config = args.config or {}
+    level = log_level(args.log_level or config.get("log_level") or "INFO")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s expman-collector[%(process)d] %(levelname)s %(message)s")
     binds = args.bind or config.get("bind") or []
     if isinstance(binds, str):
         binds = [binds]
     if not binds:
-        raise SystemExit("expman-collector: give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT)")
+        parser.error("give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT), or bind: in --config")
     try:
         root = resolve_root(args.root or config.get("root"))
+        root.mkdir(parents=True, exist_ok=True)
     except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
         raise SystemExit(f"expman-collector: {exc}") from None
-    root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)
+    socket_mode = args.socket_mode if args.socket_mode is not None else config.get("socket_mode")
+    mode = _socket_mode_option(socket_mode) if isinstance(socket_mode, str) else socket_mode
+    collector = _collector(parser, args, config, root, list(binds))
+    if mode is not None:
+        apply_socket_mode(collector.endpoints, mode)
+    _serve(collector, args, root)
+    return 0
+
+
+def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any], root: Path,
+               binds: list[str]) -> Collector:
+    """The Collector the options and config ask for, bound; a bad key file or setting is one line."""
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
-    socket_mode = args.socket_mode or config.get("socket_mode")
-    mode = parse_socket_mode(socket_mode) if socket_mode is not None else None
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -137,15 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         forward = args.forward or config.get("forward")
         forward_keys = client_keys(args.forward_server_key or config.get("forward_server_key"),
                                    args.forward_client_key or config.get("forward_client_key")) if forward else None
-        collector = Collector(root, list(binds), parent_pid=args.parent_pid,
+        collector = Collector(root, binds, parent_pid=args.parent_pid,
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
                               hardware_interval=float(hardware_interval))
-    except (ArtifactError, CurveKeyError, ValueError) as exc:
-        raise SystemExit(f"expman-collector: {exc}") from None
-    if mode is not None:
-        apply_socket_mode(collector.endpoints, mode)
+    except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
+        parser.error(str(exc))
+    except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable
+        fail(parser.prog, f"cannot listen on {', '.join(binds)}: {exc}", 1)
+    return collector
+
+
+def _serve(collector: Collector, args: argparse.Namespace, root: Path) -> None:
+    """Run until stopped, with the signals, the ready file and sd_notify around it."""
     # sd_notify (systemd Type=notify): a no-op without $NOTIFY_SOCKET. A private local-mode
     # collector (--parent-pid) is never a unit's main process, so it keeps quiet.
     notifier = Notifier({} if args.parent_pid is not None else None)
@@ -168,4 +245,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         notifier.stopping()  # idle exit or parent gone: no signal said it already
         notifier.close()
-    return 0

@@ -171,8 +171,10 @@ class ServiceStatus:
         rate_points = points / elapsed if elapsed > 0 else 0.0
         rate_frames = frames / elapsed if elapsed > 0 else 0.0
         runs = f"{len(active)} run{'' if len(active) == 1 else 's'} active"
+        refused = sum(n for reason, n in c.rejects.items() if reason.startswith("auth-"))
         return (f"{runs} ({ranks} rank{'' if ranks == 1 else 's'}), {_si(rate_points)} points/s, "
-                f"{_si(rate_frames)} frames/s, {sum(c.rejects.values())} rejected")
+                f"{_si(rate_frames)} frames/s, {sum(c.rejects.values()) - refused} rejected"
+                + (f", {refused} handshakes refused" if refused else ""))
 
     def _mark(self, now: float) -> None:
         self._last_at = now

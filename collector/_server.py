@@ -156,7 +156,7 @@ class Collector:
                 if curve is None:
                     log.warning("%s has no CURVE keys (--curve-secret): anyone who reaches it can write runs", binds[i])
                 elif self.zap is None:
-                    self.zap = ZapHandler(self._ctx, CurvePolicy(curve.allowed), self._reject)
+                    self.zap = ZapHandler(self._ctx, CurvePolicy(curve.allowed), self.rejects, monitor=self._router)
                     self._router.curve_secretkey = curve.secret
                     self._router.curve_publickey = curve.public
                     self._router.curve_server = True
@@ -186,15 +186,16 @@ class Collector:
         poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._stop_pull, zmq.POLLIN)
-        if self.zap is not None:
-            poller.register(self.zap.socket, zmq.POLLIN)
+        zap_sockets = self.zap.sockets() if self.zap is not None else []
+        for sock in zap_sockets:
+            poller.register(sock, zmq.POLLIN)
         next_periodic = 0.0
         try:
             while not self._stopping:
                 events = dict(poller.poll(100))
                 if self._stop_pull in events:
                     break
-                if self.zap is not None and self.zap.socket in events:
+                if self.zap is not None and any(sock in events for sock in zap_sockets):
                     self.zap.handle()
                 if self._router in events:
                     self._turn()

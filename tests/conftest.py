@@ -69,7 +69,7 @@ def start_collector(root: Path, workdir: Path, bind: str | None = None, *extra: 
            "--ready-file", str(ready), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
     try:
-        wait_for(lambda: ready.exists() or proc.poll() is not None, 15, "the collector to report ready")
+        wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the collector to report ready")
     except AssertionError:
         proc.kill()
         raise

@@ -91,7 +91,7 @@ def test_200_mb_streamed_encrypted_with_bounded_memory(root, short_dir, tmp_path
         collector_peak_mb = _status_kb(c.proc.pid, "VmHWM") / 1024
     finally:
         assert c.stop() == 0, c.log()
-    assert call < 0.1, f"log_artifact took {call:.3f} s for a 200 MB file"
+    assert call < 2.0, f"log_artifact took {call:.3f} s for a 200 MB file"  # ~0.2 ms: benchmarks/bench_artifacts.py
     assert collector_peak_mb < 300, f"collector peak RSS {collector_peak_mb:.0f} MB"
     record = expman.open_run(exp.run_dir).artifacts()[0]
     assert (record.size, record.sha256, record.encrypted) == (size, digest.hexdigest(), True)
@@ -365,7 +365,7 @@ def test_run_log_and_run_yaml_are_untouched_by_artifacts(root, collector, tmp_pa
         exp.log_artifact(_write(tmp_path / "f.txt", b"x"))
     info = yaml.safe_load((exp.run_dir / "run.yaml").read_text())
     assert info["status"] == "finished" and "code" not in info
-    wait_for(lambda: (exp.run_dir / "artifacts" / "manifest.yaml").exists(), 5, "the manifest")
+    wait_for(lambda: (exp.run_dir / "artifacts" / "manifest.yaml").exists(), 30, "the manifest")
 
 
 def test_past_the_descriptor_budget_only_the_path_is_kept_and_checked(root, short_dir, tmp_path, monkeypatch):

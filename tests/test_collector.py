@@ -23,7 +23,7 @@ def test_collector_not_running_at_first_then_started(root, short_dir):
         exp.log_metric("loss", 1.0, step=step)
     exp.log_parameters({"lr": 0.1})
     exp.info("logged before the collector existed")
-    assert time.perf_counter() - t0 < 2.0, "logging must not wait for a collector"
+    assert time.perf_counter() - t0 < 10.0, "logging must not wait for a collector"  # ~10 ms; a wait never ends
     assert exp.stats()["acked"] == 0
     c = start_collector(root, short_dir, endpoint)
     try:
@@ -123,7 +123,7 @@ def test_kill_9_collector_keeps_acknowledged_data_readable_and_restart_recovers(
         steps = run.metrics()["step"].to_pylist()
         assert sorted(steps) == list(range(6000)), "no point lost, none duplicated"
         assert run.status == "finished"
-        wait_for(lambda: not (run.path / ".wal").exists(), 5, "the WAL to be folded away after finish")
+        wait_for(lambda: not (run.path / ".wal").exists(), 30, "the WAL to be folded away after finish")
         assert len(list((run.path / "metrics").glob("*.parquet"))) == 1
     finally:
         assert c2.stop() == 0

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCES = {"expman": "expman", "collector": "expman.collector", "tui": "expman.tui"}
 
 LAYERS = [
-    {"expman._errors", "expman._version", "expman._env"},
+    {"expman._errors", "expman._version", "expman._env", "expman._options"},
     {"expman._wire"},
     {"expman._storage"},
     {"expman._reader"},
@@ -25,8 +25,8 @@ LAYERS = [
     {"expman._cli"},
     {"expman", "expman.__main__", "expman.notebook", "expman.integrations"},
 ]
-COLLECTOR_MAY_IMPORT = {"expman._errors", "expman._version", "expman._env", "expman._wire", "expman._storage"}
-TUI_MAY_IMPORT = {"expman", "expman._errors", "expman._version", "expman._env", "expman._storage", "expman._reader"}
+COLLECTOR_MAY_IMPORT = {"expman._errors", "expman._version", "expman._env", "expman._options", "expman._wire", "expman._storage"}
+TUI_MAY_IMPORT = {"expman", "expman._errors", "expman._version", "expman._env", "expman._options", "expman._storage", "expman._reader"}
 
 
 def module_name(path: Path) -> str:

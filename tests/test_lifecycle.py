@@ -87,10 +87,10 @@ def test_exit_is_bounded_when_the_collector_hangs(root, short_dir, run_script):
             t = time.monotonic()
             print(exp.finish(), exp.stats()["buffered"], round(time.monotonic() - t, 1))
         """)
-        assert time.monotonic() - t0 < 15
+        assert time.monotonic() - t0 < 50  # the script's own timeout is 60 s
         assert result.returncode == 0, result.stderr
         confirmed, buffered, waited = result.stdout.split()
-        assert confirmed == "False" and int(buffered) == 1 and float(waited) <= 2.0
+        assert confirmed == "False" and int(buffered) == 1 and float(waited) <= 10.0  # 1 s asked; the default is 30
         assert "did not confirm" in result.stderr
     finally:
         os.kill(c.proc.pid, signal.SIGCONT)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 import expman
@@ -64,36 +66,124 @@ def test_export_loads_in_tensorboards_reader(root, tmp_path, capsys):
     assert points(again) == points(original)
 
 
-def test_import_other_writers_runs_as_key_prefixes(root, tmp_path):
-    """Folders not named rank<N> are TensorBoard runs: their path prefixes the tag."""
+def _write_scalars(folder: Path, tag: str, values: list[float]) -> None:
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    logdir = tmp_path / "logs"
-    for run, offset in (("train", 0.0), ("val", 1.0)):
-        writer = EventFileWriter(str(logdir / run))
-        for step in range(5):
-            value = Summary(value=[Summary.Value(tag="loss", simple_value=offset + step)])
-            writer.add_event(Event(wall_time=1.7e9 + step, step=step, summary=value))
-        writer.close()
+    writer = EventFileWriter(str(folder))
+    for step, value in enumerate(values):
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        writer.add_event(Event(wall_time=1.7e9 + step, step=step, summary=summary))
+    writer.close()
+
+
+def _points(run: expman.Run) -> dict[tuple[str, int], float]:
+    table = run.metrics()
+    return {(str(k), s): v for k, s, v in zip(table["key"].to_pylist(), table["step"].to_pylist(),
+                                              table["value"].to_pylist())}
+
+
+def test_import_makes_one_run_per_run_folder_and_keeps_hparams(root, tmp_path, capsys):
+    """A log folder with one folder per run (each with train/ and val/ inside, as Keras and
+    many scripts write them) becomes one expman run per run folder; add_hparams parameters
+    become the run's parameters; what is not a scalar is reported as skipped."""
     torch_tb = pytest.importorskip("torch.utils.tensorboard")
-    with torch_tb.SummaryWriter(str(logdir / "torch")) as writer:  # tensor-style (new_style) scalars too
+    logdir = tmp_path / "logs"
+    for run, offset in (("run_a", 0.0), ("run_b", 10.0)):
+        _write_scalars(logdir / run / "train", "loss", [offset + s for s in range(5)])
+        _write_scalars(logdir / run / "val", "loss", [offset + 1 + s for s in range(5)])
+    with torch_tb.SummaryWriter(str(logdir / "run_c")) as writer:  # PyTorch's writer: new-style scalars, hparams
         writer.add_scalar("acc", 0.5, 3, new_style=True)
         writer.add_scalar("acc2", 0.25, 4)
+        writer.add_histogram("weights", np.array([0.1, 0.2, 0.3]), 0)
+        writer.add_hparams({"lr": 0.01, "optimizer": "adam", "layers": 3}, {"hparam/final_acc": 0.75})
+    assert main(["import", str(logdir), "-e", "tb", "--root", str(root)]) == 0
+    out, err = capsys.readouterr()
+    runs = {run.info["name"]: run for run in expman.list_runs(root, experiment="tb")}
+    assert sorted(runs) == ["run_a", "run_b", "run_c"]
+    for name, run in runs.items():
+        assert run.status == "finished" and run.params["imported_from"] == str((logdir / name).resolve())
+        assert f"expman show {run.id} --root {root}" in out
+    a, b = _points(runs["run_a"]), _points(runs["run_b"])
+    assert a[("train/loss", 4)] == 4.0 and a[("val/loss", 0)] == 1.0 and len(a) == 10
+    assert b[("train/loss", 0)] == 10.0 and len(b) == 10
+    c = _points(runs["run_c"])
+    assert c[("acc", 3)] == 0.5 and c[("acc2", 4)] == 0.25 and c[("hparam/final_acc", 0)] == 0.75
+    assert {k: runs["run_c"].params[k] for k in ("lr", "optimizer", "layers")} == {"lr": 0.01, "optimizer": "adam",
+                                                                                  "layers": 3}
+    assert "3 hparams" in out
+    assert "skipped 1 histogram tags" in err
+
+
+def test_import_of_one_run_keeps_its_folders_as_key_prefixes(root, tmp_path):
+    """A folder that holds one run's event files (directly or in rank<N>/) is one run."""
+    logdir = tmp_path / "single"
+    _write_scalars(logdir, "loss", [1.0, 2.0])
+    _write_scalars(logdir / "eval", "acc", [0.5])
     assert main(["import", str(logdir), "--name", "imported", "--root", str(root)]) == 0
-    run = expman.list_runs(root, experiment="default")[0]
-    assert run.info["name"] == "imported" and run.params["imported_from"] == str(logdir.resolve())
-    table = run.metrics()
-    got = {(str(k), s): v for k, s, v in zip(table["key"].to_pylist(), table["step"].to_pylist(),
-                                            table["value"].to_pylist())}
-    assert got[("train/loss", 4)] == 4.0 and got[("val/loss", 0)] == 1.0
-    assert got[("torch/acc", 3)] == 0.5 and got[("torch/acc2", 4)] == 0.25
-    assert len(got) == 12
+    (run,) = expman.list_runs(root, experiment="default")
+    assert run.info["name"] == "imported"
+    assert _points(run) == {("loss", 0): 1.0, ("loss", 1): 2.0, ("eval/acc", 0): 0.5}
 
 
 def test_import_errors(root, tmp_path, capsys):
-    assert main(["import", str(tmp_path / "missing"), "--root", str(root)]) == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["import", str(tmp_path / "missing"), "--root", str(root)])
+    assert exited.value.code == 2 and "missing is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["import", str(tmp_path / "empty"), "--root", str(root)]) == 1
     assert "no TensorBoard event files" in capsys.readouterr().err
+    for run in ("a", "b"):
+        _write_scalars(tmp_path / "two" / run, "loss", [1.0])
+    assert main(["import", str(tmp_path / "two"), "--name", "x", "--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "holds 2 TensorBoard runs (a, b)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_numbers_steps_of_stepless_points_on_from_their_key(root, tmp_path):
+    """Points logged without a step continue from the last step of their key and rank."""
+    from expman._compat.tensorboard import _fill_steps
+    import numpy as np
+
+    keys = np.array([0, 1, 0, 0, 1, 2, 2])
+    steps = np.array([5, -1, -1, 9, -1, -1, -1])
+    missing = steps == -1
+    assert _fill_steps(keys, steps, missing).tolist() == [5, 0, 6, 9, 1, 0, 1]
+
+
+def test_export_writes_the_events_tensorboards_own_writer_writes(tmp_path):
+    """Our numpy event files frame and checksum each record as TFRecord does, and every record
+    parses to the Event TensorBoard's own writer makes (ours spells out zero fields and pads
+    steps to one varint width per tag, which protobuf readers accept)."""
+    import struct
+
+    import numpy as np
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from expman._compat.event_files import ScalarEventFile
+
+    tags = [b"loss", b"a/much/longer/tag/" + b"x" * 150]  # lengths past one varint byte
+    index = np.array([0, 1, 0, 1, 0, 0])
+    steps = np.array([0, 1, 300, 2**40, -3, 7])
+    values = np.array([0.5, -1.25, 3.0, np.inf, np.nan, 0.0], dtype=np.float32)
+    wall = np.array([1.7e9, 1.7e9 + 0.25, 1.7e9 + 1, 1.7e9 + 2, 1.7e9 + 3, 1.7e9 + 4])
+    with ScalarEventFile(tmp_path / "ours", wall_time=1.7e9) as events:
+        events.write(tags, index[:4], steps[:4], values[:4], wall[:4])
+        events.write(tags, index[4:], steps[4:], values[4:], wall[4:])
+    (ours,) = (tmp_path / "ours").iterdir()
+    data, records = ours.read_bytes(), []
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        assert struct.unpack("<I", data[8:12])[0] == masked_crc32c(data[:8])
+        assert struct.unpack("<I", data[12 + length:16 + length])[0] == masked_crc32c(data[12:12 + length])
+        records.append(Event.FromString(data[12:12 + length]))
+        data = data[16 + length:]
+    expected = [Event(wall_time=1.7e9, file_version="brain.Event:2")]
+    for batch in ([0, 2, 1, 3], [4, 5]):  # each write: a tag's points in order, tags in order of appearance
+        for i in batch:
+            summary = Summary(value=[Summary.Value(tag=tags[index[i]].decode(), simple_value=values[i])])
+            expected.append(Event(wall_time=wall[i], step=int(steps[i]), summary=summary))
+    assert [str(r) for r in records] == [str(e) for e in expected]  # str: NaN != NaN in ==

@@ -51,6 +51,6 @@ def test_expman_tui_in_tmux(tmp_path, session):
     wait_for(lambda: "closes this" not in screen(), 10, "help closed")
     started = time.monotonic()
     tmux("send-keys", "-t", session, "q")
-    wait_for(done.exists, 10, "expman-tui to exit")
-    assert time.monotonic() - started < 5
+    wait_for(done.exists, 30, "expman-tui to exit")
+    assert time.monotonic() - started < 30  # a hang, not a speed
     assert done.read_text().strip() == "0"

@@ -15,36 +15,46 @@ import sys
 
 
 
-def _port_number(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
-    return port
+def _parser() -> argparse.ArgumentParser:
+    from expman._options import DefaultsFormatter, OneLineParser, number, port_number
+    from expman._version import __version__
 
+    from .data.runs import DEFAULT_KEY_METRICS, POLL_INTERVAL_S
 
-def main(argv: list[str] | None = None) -> int:
-    from expman._errors import ExpmanError
-
-    from .data.runs import POLL_INTERVAL_S
-    from expman._storage.files import resolve_root
-
-    parser = argparse.ArgumentParser(prog="expman-tui", description="Watch expman runs live in the terminal.")
-    parser.add_argument("root", nargs="?", default=None,
+    parser = OneLineParser(prog="expman-tui", formatter_class=DefaultsFormatter,
+                           description="Watch expman runs live in the terminal.")
+    parser.add_argument("--version", action="version", version=f"expman-tui {__version__}")
+    parser.add_argument("root", nargs="?", default=None, metavar="ROOT",
                         help="folder holding <experiment>/<run>/ (default: $EXPMAN_ROOT, else ./experiments)")
-    parser.add_argument("--poll", type=float, default=POLL_INTERVAL_S,
-                        help=f"seconds between reads of live runs (default {POLL_INTERVAL_S})")
-    parser.add_argument("--keys", default=None,
-                        help="comma-separated metric keys for the Runs screen columns (default: loss,val_loss,acc,accuracy,lr)")
+    parser.add_argument("--poll", type=number(float, low=0.01, high=3600), default=POLL_INTERVAL_S, metavar="SECONDS",
+                        help="seconds between reads of live runs")
+    parser.add_argument("--keys", default=None, type=_key_list, metavar="KEY,KEY",
+                        help="comma-separated metric keys for the Runs screen columns "
+                             f"(default: {','.join(DEFAULT_KEY_METRICS)})")
     parser.add_argument("--serve", action="store_true",
                         help="show the app in a browser instead (needs textual-serve: pip install 'expman[serve]'); "
                              "there is no login, so anyone who can reach HOST:PORT sees the runs")
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --serve: address to listen on (default 127.0.0.1, this machine only; "
                              "anything else exposes the runs to the network: prefer ssh -L 8000:localhost:8000 HOST)")
-    parser.add_argument("--port", type=_port_number, default=8000, help="with --serve: port to listen on (default 8000)")
-    parser.add_argument("--public-url", default=None,
+    parser.add_argument("--port", type=port_number, default=8000, help="with --serve: port to listen on")
+    parser.add_argument("--public-url", default=None, metavar="URL",
                         help="with --serve: the address the browser uses, when not http://HOST:PORT "
                              "(e.g. http://localhost:9000 for ssh -L 9000:localhost:8000)")
+    return parser
+
+
+def _key_list(text: str) -> str:
+    if not any(k.strip() for k in text.split(",")):
+        raise argparse.ArgumentTypeError("give at least one key, e.g. --keys loss,acc")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from expman._errors import ExpmanError
+    from expman._storage.files import resolve_root
+
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         root = resolve_root(args.root)
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expman-tui: {exc}", file=sys.stderr)
         return 2
     if not root.is_dir():
-        print(f"expman-tui: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
+        print(f"expman-tui: error: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
         return 2
 
     if args.serve:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from expman._storage.artifact_names import destination, normalize_name
 from expman._errors import ArtifactError
+from expman._cli import shell
 from expman._cli.text import aligned
 
 PROG = "expman"
 _KEY_HELP = "master key file (default: $EXPMAN_KEY_FILE, else ~/.config/expman/master.key)"
+DEFAULT_TCP_PORT = 5555  # what curve-init suggests; any free port works
 _RUN_HELP = "a run directory or URI (s3://...), experiment/run-folder under the root, or a run id"
 
 
@@ -83,7 +86,8 @@ def cmd_artifacts_get(args: argparse.Namespace) -> int:
             target = destination(args.output, name[len(folder) + 1 :])
             run.download_artifact(name, target, key_file=args.key_file)
             total += target.stat().st_size
-        print(f"wrote {len(inside)} artifacts ({_size(total)}) under {args.output}")
+        noun = "artifact" if len(inside) == 1 else "artifacts"
+        print(f"wrote {len(inside)} {noun} ({_size(total)}) under {args.output}")
         return 0
     path = run.download_artifact(folder, args.output, key_file=args.key_file)
     print(f"wrote {folder} ({_size(path.stat().st_size)}) to {path}")
@@ -106,10 +110,12 @@ def cmd_keys_curve_init(args: argparse.Namespace) -> int:
     folder = made["collector"][0].parent
     for name, (public, created) in made.items():
         print(f"{'created' if created else 'kept   '} {folder / (name + SECRET_SUFFIX)} (mode 0600) and {public.name}")
-    print(f"collector: expman-collector --curve-secret {folder / ('collector' + SECRET_SUFFIX)} "
+    print(f"collector: {shell.program('expman-collector')} --bind tcp://0.0.0.0:{DEFAULT_TCP_PORT} "
+          f"--curve-secret {shlex.quote(str(folder / ('collector' + SECRET_SUFFIX)))} "
           f"(accepts the public keys in {folder / ALLOWED_DIR})")
-    print(f"ranks:     EXPMAN_CURVE_SERVER_KEY={folder / 'collector.public'} "
-          f"EXPMAN_CURVE_CLIENT_KEY={folder / (args.client + SECRET_SUFFIX)}")
+    print(f"ranks:     EXPMAN_CURVE_SERVER_KEY={shlex.quote(str(folder / 'collector.public'))} "
+          f"EXPMAN_CURVE_CLIENT_KEY={shlex.quote(str(folder / (args.client + SECRET_SUFFIX)))} "
+          f"EXPMAN_COLLECTOR=tcp://COLLECTOR_HOST:{DEFAULT_TCP_PORT}")
     print("Copy the client's secret only to the machines that run its ranks.", file=sys.stderr)
     return 0
 

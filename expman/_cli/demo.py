@@ -2,7 +2,8 @@
 
 It uses only the public API, the way a training script would: parameters, a metric per
 step, a few log lines, and a child run for evaluation. No collector needs to be set up:
-with none configured, `start_experiment` starts a private one (local mode).
+with none configured, `start_experiment` starts a private one (local mode). The commands
+it prints to look at the run work pasted into the shell that ran it (expman/_cli/shell.py).
 """
 
 from __future__ import annotations
@@ -89,3 +90,4 @@ def _train(exp: Experiment, evaluation: Experiment, steps: int, rng: random.Rand
             evaluation.log_metrics({"eval/loss": eval_loss, "eval/accuracy": eval_accuracy}, step=step)
             exp.info(f"epoch {epoch}/{EPOCHS}: loss {loss:.4f}, accuracy {accuracy:.3f}, eval accuracy {eval_accuracy:.3f}")
     exp.log_metric("phase", "done", step=steps - 1)
+

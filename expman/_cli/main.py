@@ -10,8 +10,9 @@
     expman keys init                 # a master key for artifact encryption
     expman sync                      # deliver spooled frames once the collector is back
 
-One function per subcommand; each returns the exit code. Errors that are the user's to
-fix (an unknown run, an unwritable path) print one line on stderr and exit 1.
+One function per subcommand; each returns the exit code. A bad option value (a root that
+does not exist, an unknown format) prints one line and exits 2, like argparse; errors
+found while working (an unknown run, an unwritable path) print one line and exit 1.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from expman._cli import shell
+from expman._cli.progress import Progress
 from expman._cli.text import aligned
 from expman._cli.artifacts import add_commands as add_artifact_commands
 from expman._errors import ExpmanError
@@ -36,6 +39,7 @@ from expman._reader.params import flat_params
 from expman._reader.run import Run, list_runs, open_run
 from expman._storage.layout import KEY, RANK, STEP, TEXT, TIME, VALUE
 from expman._storage.files import is_uri, shown
+from expman._options import DefaultsFormatter, OneLineParser, endpoint, fail, number, positive_seconds
 from expman._version import __version__
 
 if TYPE_CHECKING:
@@ -43,8 +47,10 @@ if TYPE_CHECKING:
 
 PROG = "expman"
 FORMATS = ("csv", "parquet", "tensorboard")
+SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_RANK_LINES = 8
 _MAX_TEXT = 60
+_EXPORT_BATCH_ROWS = 256 * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Experiment tracking for distributed training.")
+    parser = OneLineParser(prog=PROG, description="Experiment tracking for distributed training.",
+                           formatter_class=DefaultsFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=lambda **kw: OneLineParser(formatter_class=DefaultsFormatter, **kw))
 
     root_help = f"the runs' root folder, or a URI such as s3://bucket/prefix (default: ${ROOT_ENV}, else ./experiments)"
     run_help = "a run directory or URI (s3://...), experiment/run-folder under the root, or a run id"
@@ -84,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a run's metrics as CSV, Parquet or TensorBoard event files")
     export.add_argument("run", metavar="RUN", help=run_help)
-    export.add_argument("--format", "-f", choices=FORMATS, help="output format (default: from the file suffix, else csv)")
+    export.add_argument("--format", "-f", choices=FORMATS,
+                        help="output format (default: from the suffix of --output: .csv, .parquet or .pq)")
     export.add_argument("--output", "-o", metavar="PATH", required=True, type=Path,
                         help="file to write (a folder for tensorboard: one rank<N>/ folder per rank)")
     export.add_argument("--keys", "-k", type=_key_list, help="comma-separated metric keys (default: all)")
@@ -94,23 +103,28 @@ def _parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="deliver spooled frames (a collector was down) to a collector")
     sync.add_argument("--spool", metavar="DIR", type=Path,
                       help="spool folder (default: $EXPMAN_SPOOL_DIR, else $XDG_STATE_HOME/expman/spool)")
-    sync.add_argument("--collector", metavar="ENDPOINT",
+    sync.add_argument("--collector", metavar="ENDPOINT", type=endpoint,
                       help="collector endpoint (default: $EXPMAN_COLLECTOR, else the one the spool names, "
                            "else a local collector for the runs' root)")
-    sync.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each file's acks (default 60)")
+    sync.add_argument("--timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
+                      help="seconds to wait for each file's acks")
     sync.set_defaults(handler=cmd_sync)
 
-    imp = commands.add_parser("import", help="read TensorBoard scalar event files into a new run")
-    imp.add_argument("logdir", metavar="DIR", type=Path, help="a TensorBoard log folder (searched recursively)")
-    imp.add_argument("--experiment", "-e", metavar="NAME", help="the experiment to put the run in (default: default)")
-    imp.add_argument("--name", "-n", metavar="NAME", help="the run's name (default: the folder's name)")
+    imp = commands.add_parser("import", help="read TensorBoard runs (scalars and hparams) into new runs")
+    imp.add_argument("logdir", metavar="DIR", type=Path,
+                     help="a TensorBoard log folder: each folder under it that holds event files is a run "
+                          "(rank<N>/ folders are ranks of one run)")
+    imp.add_argument("--experiment", "-e", metavar="NAME", help="the experiment to put the runs in (default: default)")
+    imp.add_argument("--name", "-n", metavar="NAME",
+                     help="the run's name when DIR holds one run (default: the run folder's name)")
     imp.add_argument("--root", help=root_help)
     imp.set_defaults(handler=cmd_import)
 
     demo = commands.add_parser("demo", help="log a simulated training run (no setup needed)")
     demo.add_argument("--root", help=root_help)
-    demo.add_argument("--steps", type=_positive_int, default=None, help="training steps to simulate (default: 2000)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for the simulated noise")
+    demo.add_argument("--steps", type=number(int, low=1, high=10_000_000), default=None,
+                      help="training steps to simulate (default: 2000)")
+    demo.add_argument("--seed", type=number(int), default=0, help="random seed for the simulated noise")
     demo.set_defaults(handler=cmd_demo)
 
     add_artifact_commands(commands, root_help)  # artifacts ls|get, keys init
@@ -131,12 +145,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    chosen = chosen_root(args.root)
+    if not is_uri(chosen) and not resolve_root(chosen).is_dir():
+        named = "--root" if args.root is not None else f"${ROOT_ENV}" if os.environ.get(ROOT_ENV) else "the default root"
+        hint = f"; `{shell.program(PROG)} demo` logs a run there" if named == "the default root" else ""
+        fail(PROG, f"{named} {resolve_root(chosen)} is not a folder{hint}")
     runs = list_runs(args.root, experiment=args.experiment)
     if not runs:
-        chosen = chosen_root(args.root)
         where = shown(str(chosen)) if is_uri(chosen) else resolve_root(chosen)
         scope = f"experiment {args.experiment!r} under {where}" if args.experiment else where
-        print(f"No runs in {scope}. Try `{PROG} demo` to log one.")
+        print(f"No runs in {scope}. Try `{shell.program(PROG)} demo` to log one.")
         return 0
     rows = []
     for run in runs:
@@ -181,6 +199,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name:<{width}}  {value}")
+    if isinstance(error, dict) and str(error.get("traceback") or "").strip():
+        print("\ntraceback (from run.yaml)")
+        print(_indent(str(error["traceback"]).rstrip()))
 
     params = list(flat_params(run.params).items())
     print("\nparams" if params else "\nparams: none")
@@ -197,24 +218,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    fmt = args.format or ("parquet" if args.output.suffix.lower() in (".parquet", ".pq") else "csv")
+    fmt = args.format or SUFFIX_FORMATS.get(args.output.suffix.lower())
+    if fmt is None:
+        fail(PROG, f"cannot tell the format of {args.output} from its suffix: name it .csv, .parquet or .pq, "
+                   f"or give --format {{{','.join(FORMATS)}}}")
     run = open_run(args.run, root=args.root)
     if fmt == "tensorboard":
         from expman._compat.tensorboard import export_tensorboard
 
-        counts = export_tensorboard(run, args.output, args.keys)
+        with Progress("exporting", "points") as bar:
+            counts = export_tensorboard(run, args.output, args.keys, progress=bar.update)
         skipped = f", {counts['text_skipped']} text points skipped" if counts["text_skipped"] else ""
-        print(f"wrote {counts['scalars']} scalars of {counts['ranks']} ranks to {args.output} (tensorboard{skipped})")
+        print(f"wrote {counts['scalars']} scalars of {counts['ranks']} {_plural(counts['ranks'], 'rank')} "
+              f"to {args.output} (tensorboard{skipped})")
         return 0
     table = run.metrics(args.keys)
-    if fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(_csv_ready(table), args.output)
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, args.output)
+    with Progress("exporting", "rows", total=table.num_rows) as bar:
+        _write_table(table, args.output, fmt, bar.update)
     if args.keys:
         found = set(table.column(KEY).unique().cast("string").to_pylist()) if table.num_rows else set()
         missing = [k for k in args.keys if k not in found]
@@ -229,13 +249,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     from expman._compat.tensorboard import import_tensorboard
 
     if not args.logdir.is_dir():
-        raise ExpmanError(f"{args.logdir} is not a folder")
+        fail(PROG, f"{args.logdir} is not a folder")
     try:
-        result = import_tensorboard(args.logdir, experiment=args.experiment, name=args.name, root=args.root)
+        with Progress("importing", "points") as bar:
+            result = import_tensorboard(args.logdir, experiment=args.experiment, name=args.name, root=args.root,
+                                        progress=bar.update)
     finally:
         shutdown()  # the collector writes run.yaml as it exits
-    print(f"imported {result['scalars']} scalars of {result['ranks']} ranks into {result['run_dir']}")
-    print(f"  {PROG} show {result['id']}" + (f" --root {shlex.quote(args.root)}" if args.root else ""))
+    root_flag = f" --root {shlex.quote(args.root)}" if args.root else ""
+    for run in result["runs"]:
+        print(f"imported {run['scalars']} scalars of {run['ranks']} {_plural(run['ranks'], 'rank')}"
+              + (f" and {run['params']} hparams" if run["params"] else "") + f" into {run['run_dir']}")
+        print(f"  {shell.program(PROG)} show {run['id']}{root_flag}")
+    for what, count in sorted(result["skipped"].items()):
+        print(f"skipped {count} {what}", file=sys.stderr)
     return 0
 
 
@@ -251,13 +278,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  run dir:  {result.run_dir}")
     print(f"  id:       {result.uid}")
     print(f"  child:    {result.child_dir} (eval)")
-    print("view it:")
-    print(f"  {PROG} show {result.uid}{root_flag}")
-    print(f"  {PROG} ls{root_flag}")
-    print(
-        f"  python -c \"import expman; print(expman.open_run('{result.run_dir}').metrics())\""
-        f"  # a pyarrow Table; DuckDB and Polars read {result.run_dir}/metrics/*.parquet too"
-    )
+    activate = shell.activate_hint()
+    print("view it" + (f" (or `{activate}` first, then plain `{PROG}` and `python` work):" if activate else ":"))
+    print(f"  {shell.program(PROG)} show {result.uid}{root_flag}")
+    print(f"  {shell.program(PROG)} ls{root_flag}")
+    code = f"import expman; print(expman.open_run({json.dumps(str(result.run_dir))}).metrics())"
+    print(f"  {shell.python()} -c {shlex.quote(code)}")
+    print(f"  # a pyarrow Table; DuckDB and Polars read {result.run_dir}/metrics/*.parquet too")
     return 0
 
 
@@ -392,6 +419,27 @@ def _last_values(table: pa.Table) -> list[list[str]]:
     return [["KEY", *(["RANK"] if by_rank else []), "LAST", "STEP", "POINTS"], *rows]
 
 
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{noun}s"
+
+
+def _write_table(table: pa.Table, path: Path, fmt: str, progress: Callable[[int], None]) -> None:
+    """CSV or Parquet, in batches of rows so a long export can show its progress."""
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        table = _csv_ready(table)
+        writer = pacsv.CSVWriter(path, table.schema)
+    else:
+        import pyarrow.parquet as pq
+
+        writer = pq.ParquetWriter(path, table.schema)
+    with writer:
+        for batch in table.to_batches(max_chunksize=_EXPORT_BATCH_ROWS):
+            writer.write_batch(batch)
+            progress(batch.num_rows)
+
+
 def _csv_ready(table: pa.Table) -> pa.Table:
     """CSV has no dictionaries or time zones: keys and hosts as text, time as ISO 8601 UTC."""
     import pyarrow as pa
@@ -412,16 +460,6 @@ def _key_list(text: str) -> list[str]:
     if not keys:
         raise argparse.ArgumentTypeError("give at least one key, e.g. --keys loss,accuracy")
     return keys
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 __all__ = ["main"]

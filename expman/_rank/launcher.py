@@ -173,6 +173,7 @@ def resolve_identity(
 
 
 def new_uid() -> str:
-    return secrets.token_hex(4)
+    """A fresh run id: 12 hex characters, the length of child run ids too."""
+    return secrets.token_hex(6)
 
 

@@ -145,6 +145,23 @@ class ClientKeys:
         return cls(server_public, zmq.curve_public(secret), secret)
 
 
+def curve_refusal_hint(endpoint: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The one line a rank prints when the collector at `endpoint` did not confirm its frames
+    and CURVE may be why: which of EXPMAN_CURVE_SERVER_KEY / EXPMAN_CURVE_CLIENT_KEY to set or
+    check. None for endpoints that never use CURVE (ipc)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    env = os.environ if env is None else env
+    server_key = env.get(SERVER_KEY_ENV)
+    if not server_key:
+        return (f"if the collector at {endpoint} requires CURVE (expman-collector --curve-secret), it refuses this "
+                f"process: set {SERVER_KEY_ENV} to its collector.public and {CLIENT_KEY_ENV} to an allowed "
+                f"client.secret (from `expman keys curve-init`)")
+    client = env.get(CLIENT_KEY_ENV) or str(default_dir() / f"client{SECRET_SUFFIX}")
+    return (f"if the collector at {endpoint} requires CURVE, check that {SERVER_KEY_ENV} ({server_key}) is its "
+            f"collector.public and that the public key of {CLIENT_KEY_ENV} ({client}) is in its {ALLOWED_DIR}/ folder")
+
+
 def client_keys(server_key: str | Path | None = None, client_secret: str | Path | None = None,
                 env: Mapping[str, str] | None = None) -> ClientKeys | None:
     """Client keys from the arguments, else $EXPMAN_CURVE_SERVER_KEY and
