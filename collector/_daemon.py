@@ -27,7 +27,7 @@ log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
                 "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
-                "forward_server_key", "forward_client_key"}
+                "forward_server_key", "forward_client_key", "group_readable"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
     p.add_argument("--forward", metavar="ENDPOINT", help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=float, help="exit after this many seconds with no running run and no frame")
+    p.add_argument("--group-readable", action="store_true", default=None,
+                   help="let the group of the run folders read what the collector writes (default: owner only, 0600/0700)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--socket-mode", help="octal permissions for the ipc socket files after bind, e.g. 0660 "
                                          "(who may push: connecting needs write permission)")
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         root = resolve_root(args.root or config.get("root"))
     except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
         raise SystemExit(f"expman-collector: {exc}") from None
+    group_readable = args.group_readable if args.group_readable is not None else config.get("group_readable", False)
+    if not isinstance(group_readable, bool):
+        raise SystemExit(f"expman-collector: group_readable must be true or false, got {group_readable!r}")
+    os.umask(0o027 if group_readable else 0o077)  # run folders, WAL, parts, logs, artifacts: private by default
     root.mkdir(parents=True, exist_ok=True)
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
