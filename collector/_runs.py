@@ -35,6 +35,7 @@ from expman._storage.layout import (
     write_yaml_atomic,
 )
 
+from ._delivery import Windows
 from ._metrics_store import MetricsStore
 
 log = logging.getLogger("expman.collector")
@@ -45,7 +46,6 @@ RUN_YAML_MIN_INTERVAL_S = 1.0
 _SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
 RANK_FINAL = frozenset(rank for rank, _ in _SEVERITY)
 RANK_FINISHED = RANK_FINAL - {"lost"}  # said by the rank's own finish frame: only a new incarnation reopens it
-Windows = dict[str, tuple[int, list[list[int]]]]  # sender -> (floor, [lo, hi] ranges above it)
 
 
 def iso(ts: float | None) -> str | None:
@@ -59,6 +59,18 @@ def find_run_dir(root: Path, uid: str) -> Path | None:
         if read_yaml(run_yaml).get("id") == uid:
             return run_yaml.parent
     return None
+
+
+def add_child_on_disk(root: Path, parent_uid: str, child_uid: str) -> None:
+    """Name a child in the run.yaml of a parent this collector does not hold open."""
+    run_dir = find_run_dir(root, parent_uid)
+    if run_dir is None:
+        log.warning("run %s names parent %s, which is not under %s", child_uid, parent_uid, root)
+        return
+    info = read_yaml(run_dir / RUN_YAML)
+    if child_uid not in info.setdefault("children", []):
+        info["children"].append(child_uid)
+        write_yaml_atomic(run_dir / RUN_YAML, info)
 
 
 def claim_ownership(run_dir: Path, writer: str) -> bool:

@@ -12,8 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,16 +23,16 @@ from expman._wire import frames as proto
 from expman._storage.rows import frame_table
 from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
-from expman._storage.layout import HOSTS_DIR, RUN_YAML, STEP, read_yaml, write_yaml_atomic
-from expman._wire.limits import check_name
+from expman._storage.layout import HOSTS_DIR, STEP
+from expman._wire.limits import check_envelope, check_name
 
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
-from expman._wire.limits import check_envelope
 from ._relay import Relay
-from ._runs import Run, Windows, find_run_dir
-from ._seq_window import SeqWindow
+from ._write_failures import WriteFailures
+from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
+from ._runs import Run, add_child_on_disk
 
 log = logging.getLogger("expman.collector")
 
@@ -43,38 +42,7 @@ FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
-PERSIST_FAILURE_LOG_EVERY_S = 30.0
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
-
-
-@dataclass(eq=False)
-class _Applied:
-    """A frame applied this turn, acknowledged only once it is durable."""
-
-    identity: bytes
-    sender: str
-    seq: int
-    run: Run
-    info: dict[str, Any] | None
-    store: Any  # the run's metrics store for a metrics frame, else None
-    rollbacks: int  # the store's failed syncs before this frame
-
-
-@dataclass
-class _Turn:
-    """What one turn gathers before it answers: acks and facts per sender identity."""
-
-    acks: dict[bytes, list[int]] = field(default_factory=lambda: defaultdict(list))
-    infos: dict[bytes, dict[int, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
-    unknown: dict[bytes, set[str]] = field(default_factory=lambda: defaultdict(set))
-    touched: set[Run] = field(default_factory=set)
-    applied: list[_Applied] = field(default_factory=list)
-    this_turn: set[tuple[str, int]] = field(default_factory=set)
-    failed: set[Run] = field(default_factory=set)  # a write for this run failed: its non-metrics frames wait
-
-    def refuse(self, identity: bytes, seq: int, reason: str) -> None:
-        self.acks[identity].append(seq)
-        self.infos[identity][seq] = {"rejected": reason}
 
 
 class Collector:
@@ -107,7 +75,7 @@ class Collector:
         self.max_frame_bytes = max_frame_bytes
         self.runs: dict[str, Run] = {}
         self.artifacts = ArtifactService(artifacts)
-        self.windows: dict[str, SeqWindow] = defaultdict(SeqWindow)
+        self.senders = Senders()
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
         self._ctx = zmq.Context()
@@ -121,9 +89,7 @@ class Collector:
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
         self._stopping = False
-        self._failing_since: float | None = None  # monotonic time of the first failed write, until one works
-        self._failure_logged_at = 0.0
-        self._refused_while_failing = 0
+        self.write_failures = WriteFailures()
         self._poller = zmq.Poller()
         self.relay = Relay(self._ctx, forward, self._poller, forward_keys) if forward else None
         # Called with the loop's monotonic time after each round of periodic work (the
@@ -202,7 +168,7 @@ class Collector:
                     self.relay.pass_back(sock, self._router)
 
     def _turn(self) -> None:
-        turn = _Turn()
+        turn = Turn()
         for parts in self._receive():
             try:
                 self._take(parts, turn)
@@ -224,7 +190,7 @@ class Collector:
                 break
         return messages
 
-    def _take(self, parts: list[bytes], turn: _Turn) -> None:
+    def _take(self, parts: list[bytes], turn: Turn) -> None:
         """Check one message and apply it; every frame with a usable seq gets an answer."""
         if len(parts) != 2:
             self._reject("bad-envelope", f"{len(parts)} message parts")
@@ -247,13 +213,7 @@ class Collector:
                 self.counters["relay-busy"] += 1
             return
         if frame.seq is not None:
-            window = self.windows[frame.sender]
-            if frame.low > window.floor:
-                if window.may_raise_to(frame.low, frame.seq):
-                    window.raise_floor(frame.low)
-                else:  # a floor above anything seen from that sender: not this frame's to claim
-                    self.counters["low-ignored"] += 1
-            if window.seen(frame.seq):
+            if self.senders.is_duplicate(frame):
                 self.counters["duplicates"] += 1
                 turn.acks[identity].append(frame.seq)  # the first ack may have been lost
                 return
@@ -263,11 +223,11 @@ class Collector:
             turn.this_turn.add((frame.sender, frame.seq))
         self._apply_guarded(identity, frame, data, turn)
 
-    def _apply_guarded(self, identity: bytes, frame: proto.Frame, data: bytes, turn: _Turn) -> None:
+    def _apply_guarded(self, identity: bytes, frame: proto.Frame, data: bytes, turn: Turn) -> None:
         try:
             info, run = self._apply(frame, data)
         except OSError as exc:  # a full disk: not stored, not acknowledged; the sender resends
-            self._persist_failed(exc, frame.run)
+            self.write_failures.failed(exc, frame.run)
             if frame.run in self.runs:
                 turn.failed.add(self.runs[frame.run])
             return
@@ -283,8 +243,8 @@ class Collector:
                 self._internal_error(f"applying a {frame.kind} frame of run {frame.run} from sender "
                                      f"{frame.sender[:16]} (rank {frame.rank})")
             if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
-                self.windows[frame.sender].add(frame.seq)
-                turn.refuse(identity, frame.seq, f"{reason}: {detail}"[:1000])
+                self.senders.mark(frame.sender, frame.seq)
+                turn.refuse(identity, frame.seq, f"{reason}: {detail}")
             return
         if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
             if frame.kind != proto.HEARTBEAT:
@@ -293,27 +253,27 @@ class Collector:
         turn.touched.add(run)
         if frame.seq is not None:
             store = run.store if frame.kind == proto.METRICS else None
-            turn.applied.append(_Applied(identity, frame.sender, frame.seq, run, info, store,
+            turn.applied.append(Applied(identity, frame.sender, frame.seq, run, info, store,
                                          store.rollbacks if store is not None else 0))
 
-    def _refuse(self, turn: _Turn, identity: bytes, seq: int | None, exc: ProtocolError) -> None:
+    def _refuse(self, turn: Turn, identity: bytes, seq: int | None, exc: ProtocolError) -> None:
         """A frame refused before it reached a run: counted, logged, and answered when it had a seq."""
         self._reject(exc.reason, exc.detail)
         if seq is not None:
-            turn.refuse(identity, seq, f"{exc.reason}: {exc.detail}"[:1000])
+            turn.refuse(identity, seq, f"{exc.reason}: {exc.detail}")
 
-    def _make_durable(self, turn: _Turn) -> None:
+    def _make_durable(self, turn: Turn) -> None:
         """fsync each touched run once, record what was applied, then mark the frames seen."""
         for run in turn.touched:
             try:
                 run.sync()
             except OSError as exc:
                 turn.failed.add(run)
-                self._persist_failed(exc, str(run.dir))
+                self.write_failures.failed(exc, str(run.dir))
         try:
             self.artifacts.sync()
         except OSError as exc:
-            self._persist_failed(exc, "artifacts")
+            self.write_failures.failed(exc, "artifacts")
             turn.failed.update(turn.touched)
         durable = [a for a in turn.applied
                    if ((a.store.rollbacks == a.rollbacks) if a.store is not None else a.run not in turn.failed)]
@@ -323,42 +283,28 @@ class Collector:
             if a.store is None and a.run in unrecorded:
                 refused += 1
                 continue
-            self.windows[a.sender].add(a.seq)
+            self.senders.mark(a.sender, a.seq)
             turn.acks[a.identity].append(a.seq)
             if a.info:
                 turn.infos[a.identity][a.seq] = a.info
         if refused:
             self.counters["unpersisted"] += refused
-            self._refused_while_failing += refused
-        elif turn.applied and self._failing_since is not None:
-            log.warning("writing works again after %.0f s; %d frames were refused meanwhile (their senders resent them)",
-                        time.monotonic() - self._failing_since, self._refused_while_failing)
-            self._failing_since = None
+        self.write_failures.turn_done(len(turn.applied), refused)
 
-    def _save_deliveries(self, runs: set[Run], durable: list[_Applied]) -> set[Run]:
+    def _save_deliveries(self, runs: set[Run], durable: list[Applied]) -> set[Run]:
         """Each run that applied params, log lines, hello or finish records so (with this
         turn's seqs) before the acks go out; returns the runs whose record failed."""
         failed = set()
         for run in runs:
             if run.delivery_dirty:
                 try:
-                    run.save_delivery(self._windows_of(run, [(a.sender, a.seq) for a in durable]))
+                    run.save_delivery(self.senders.snapshot(run.senders, [(a.sender, a.seq) for a in durable]))
                 except OSError as exc:
                     failed.add(run)
-                    self._persist_failed(exc, str(run.dir))
+                    self.write_failures.failed(exc, str(run.dir))
         return failed
 
-    def _windows_of(self, run: Run, extra: list[tuple[str, int]] = ()) -> Windows:  # type: ignore[assignment]
-        out: Windows = {}
-        for sender in run.senders:
-            window = self.windows[sender].copy()
-            for who, seq in extra:
-                if who == sender:
-                    window.add(seq)
-            out[sender] = (window.floor, window.ranges)
-        return out
-
-    def _answer(self, turn: _Turn) -> None:
+    def _answer(self, turn: Turn) -> None:
         for identity in set(turn.acks) | set(turn.unknown):
             reply = proto.encode_ack(turn.acks.get(identity, []), turn.infos.get(identity),
                                      sorted(turn.unknown.get(identity, ())))
@@ -414,16 +360,12 @@ class Collector:
         if run is None:
             run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
             log.info("run %s started in %s", frame.run, run.dir)
-            for sender, ranges in (run.store.stored_frames if run.store else {}).items():
-                for lo, hi in ranges:  # stored before a crash or restart: a resend is a duplicate
-                    self.windows[sender].add_range(lo, hi)
-            for sender, (floor, ranges) in run.delivered.items():  # params, log, finish applied before
-                self.windows[sender].seed(floor, ranges)
+            self.senders.seed(run.store.stored_frames if run.store else {}, run.delivered)
             parent = frame.body.get("parent")
             if parent:
                 self._link_child(str(parent), frame.run)
         run.senders.add(frame.sender)
-        if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
+        if frame.seq is not None and self.senders.seen(frame.sender, frame.seq):
             self.counters["duplicates"] += 1  # applied before a restart; answer with the folder again
             return {"run_dir": str(run.dir)}, run
         if frame.seq is not None:
@@ -438,28 +380,7 @@ class Collector:
         if parent is not None:
             parent.add_child(child_uid)
             return
-        run_dir = find_run_dir(self.root, parent_uid)
-        if run_dir is None:
-            log.warning("run %s names parent %s, which is not under %s", child_uid, parent_uid, self.root)
-            return
-        info = read_yaml(run_dir / RUN_YAML)
-        if child_uid not in info.setdefault("children", []):
-            info["children"].append(child_uid)
-            write_yaml_atomic(run_dir / RUN_YAML, info)
-
-    def _persist_failed(self, exc: OSError, what: str) -> None:
-        """A write failed (ENOSPC, EIO...): say why at once, then every 30 s while it lasts."""
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-            self._refused_while_failing = 0
-            self._failure_logged_at = now
-            log.error("cannot write (%s: %s); not acknowledging what is not stored: senders keep "
-                      "their frames (and spill them) until space returns", what, exc)
-        elif now - self._failure_logged_at >= PERSIST_FAILURE_LOG_EVERY_S:
-            self._failure_logged_at = now
-            log.error("still cannot write for %.0f s (%s: %s); %d frames refused so far",
-                      now - self._failing_since, what, exc, self._refused_while_failing)
+        add_child_on_disk(self.root, parent_uid, child_uid)
 
     def _internal_error(self, where: str) -> None:
         """Call from an except block: a bug met some input. Logged with its traceback (the
@@ -484,7 +405,7 @@ class Collector:
             try:
                 self._periodic_run(uid, run, now, parent_gone)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
-                self._persist_failed(exc, uid)
+                self.write_failures.failed(exc, uid)
             except Exception:
                 self._internal_error(f"in the periodic work of run {uid}")
         try:
@@ -515,7 +436,7 @@ class Collector:
         run.write_info()
         if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
             self.artifacts.close_run(uid, final=True)
-            run.save_delivery(self._windows_of(run))
+            run.save_delivery(self.senders.snapshot(run.senders))
             run.close()
             del self.runs[uid]
 
@@ -546,11 +467,12 @@ class Collector:
                                  {"type": "Crashed", "message": "the collector stopped before the rank finished"})
             try:
                 self.artifacts.close_run(uid, final=run.final_since is not None)
-                run.save_delivery(self._windows_of(run))
+                run.save_delivery(self.senders.snapshot(run.senders))
                 run.close()
             except Exception:
                 log.exception("could not close run %s cleanly", uid)
         self.runs.clear()
+        self.counters["low-ignored"] = self.senders.ignored_floors
         log.info("collector stopped: %s; rejected: %s", dict(self.counters), dict(self.rejects))
         if self.relay is not None:
             self.relay.close()
