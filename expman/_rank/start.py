@@ -22,6 +22,7 @@ from expman._rank.local_collector import LocalCollector
 from expman._storage.layout import RUN_YAML, read_yaml
 from expman._wire.limits import check_name
 from expman._rank.sender import Sender
+from expman._rank.values import check_tags
 
 log = logging.getLogger("expman")
 
@@ -90,7 +91,7 @@ def start_experiment(
         name = time.strftime("run-%Y%m%d-%H%M%S") if identity.run_id_source == "fresh" else identity.launch.job_label or "run"
     experiment = check_name("experiment", space if space is not None else DEFAULT_EXPERIMENT)
     run_name = check_name("run", name)
-    tag_list = [str(t) for t in (tags or [])]
+    tag_list = check_tags(tags)
     hardware = _hardware_hello(log_hardware, hardware_interval)
     local = None
     if endpoint is None:
@@ -210,9 +211,14 @@ def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float
 
 
 def shutdown(status: str = "finished") -> None:
-    """Finish every open run, stop the sender threads and the local collectors.
+    """Finish every open run (with `status`), then stop expman's background threads and
+    the local collectors it started.
 
-    Runs at interpreter exit; call it yourself to release everything earlier.
+    It runs by itself at interpreter exit, so most scripts never call it. Call it when the
+    process lives on after training and you want everything delivered and released now:
+    a notebook or service between runs, before `os.fork()`, or before a final step that
+    must not share the machine with expman's threads. Each run waits at most its
+    `finish_timeout`; a later `start_experiment` starts afresh.
     """
     _finish_all(status)
     from expman._rank.artifacts import stop_all

@@ -76,7 +76,7 @@ def time_problem(value: Any) -> str | None:
         return f"{value!r} is not a finite time"
     for divisor, unit in ((1e3, "milliseconds"), (1e6, "microseconds"), (1e9, "nanoseconds")):
         if MIN_TIME_S < value / divisor <= MAX_TIME_S:
-            return f"{value!r} is not seconds since the epoch (milliseconds? it reads as {unit})"
+            return f"{value!r} is not seconds since the epoch ({unit}? divide by {divisor:g})"
     return f"{value!r} is outside the times storage holds (1970 .. 9999 in seconds since the epoch)"
 
 
