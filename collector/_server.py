@@ -247,7 +247,7 @@ class Collector:
                 turn.refuse(identity, frame.seq, f"{reason}: {detail}")
             return
         if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
-            if frame.kind != proto.HEARTBEAT:
+            if frame.kind != proto.HEARTBEAT or frame.seq is not None:  # a rank's heartbeats carry no seq
                 turn.unknown[identity].add(frame.run)
             return
         turn.touched.add(run)

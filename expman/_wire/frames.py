@@ -123,7 +123,7 @@ def refused_seq(obj: dict[Any, Any]) -> int | None:
     """The sequence number a refused frame carried, if it is one a sender could have
     used (so the refusal can be acknowledged: the sender stops resending it)."""
     seq = obj.get("seq")
-    return seq if type(seq) is int and 0 <= seq < 2**63 else None
+    return seq if type(seq) is int and 0 <= seq < 2**64 else None
 
 
 def _frame_from_map(obj: dict[Any, Any]) -> Frame:
