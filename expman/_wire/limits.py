@@ -219,11 +219,18 @@ def _check_heartbeat(frame: proto.Frame) -> None:
 
 
 def _steps_ok(steps: list[Any]) -> bool:
-    return all(s is None or (type(s) is int and INT64_MIN <= s <= INT64_MAX) for s in steps)
+    """Every step an int64 or nil (C-level passes: this runs for every frame with a gap in its steps)."""
+    given = [s for s in steps if s is not None]
+    return not given or (set(map(type, given)) == {int} and INT64_MIN <= min(given) and max(given) <= INT64_MAX)
 
 
 def _times_ok(times: list[Any]) -> bool:
-    return all(t is None or (type(t) in (int, float) and MIN_TIME_S <= t <= MAX_TIME_S) for t in times)
+    """Every time storable or nil; NaN makes the sum NaN (min and max may step over it)."""
+    given = [t for t in times if t is not None] if None in times else times
+    if not given:
+        return True
+    return (set(map(type, given)) <= {float, int} and MIN_TIME_S <= min(given) and max(given) <= MAX_TIME_S
+            and not math.isnan(sum(given)))
 
 
 def _first_bad_time(times: list[Any]) -> Any:
