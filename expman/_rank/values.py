@@ -68,8 +68,13 @@ def coerce_time(key: str, when: Any) -> float:
     hint when it looks like milliseconds."""
     if isinstance(when, _dt.datetime):
         seconds = when.timestamp()
-    elif isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
-        seconds = float(when)
+    elif isinstance(when, (int, float)) and not isinstance(when, bool):
+        try:
+            seconds = float(when)
+        except OverflowError:  # an int past what a float holds
+            raise ValueError(f"metric {key!r}: timestamp is outside the times storage holds (1970 .. 9999)") from None
+        if not math.isfinite(seconds):
+            raise TypeError(f"metric {key!r}: timestamp must be epoch seconds or a datetime, got {when!r}")
     else:
         raise TypeError(f"metric {key!r}: timestamp must be epoch seconds or a datetime, got {when!r}")
     problem = limits.time_problem(seconds)

@@ -68,15 +68,15 @@ def time_problem(value: Any) -> str | None:
     seconds since the epoch between 1970 and 9999; says which unit a too-large value
     looks like (milliseconds passed as seconds is the usual mistake)."""
     if type(value) is not float and type(value) is not int:
-        return f"{value!r} is not a number of seconds since the epoch"
+        return f"a {type(value).__name__} is not a number of seconds since the epoch"
     if MIN_TIME_S <= value <= MAX_TIME_S:
         return None
-    if not math.isfinite(value):
+    if type(value) is float and not math.isfinite(value):
         return f"{value!r} is not a finite time"
     for divisor, unit in ((1e3, "milliseconds"), (1e6, "microseconds"), (1e9, "nanoseconds")):
-        if MIN_TIME_S < value / divisor <= MAX_TIME_S:
+        if MIN_TIME_S * divisor < value <= MAX_TIME_S * divisor:
             return f"{value!r} is not seconds since the epoch ({unit}? divide by {divisor:g})"
-    return f"{value!r} is outside the times storage holds (1970 .. 9999 in seconds since the epoch)"
+    return f"{_short(value)} is outside the times storage holds (1970 .. 9999 in seconds since the epoch)"
 
 
 def _refuse(detail: str) -> None:
