@@ -11,6 +11,7 @@ run.yaml and config.yaml are rewritten atomically; logs are appended.
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ def iso(ts: float | None) -> str | None:
 
 
 def find_run_dir(root: Path, uid: str) -> Path | None:
-    for run_yaml in root.glob(f"*/*-{uid}/{RUN_YAML}"):
+    for run_yaml in root.glob(f"*/*-{glob.escape(uid)}/{RUN_YAML}"):  # an id of "*" matches only itself
         if read_yaml(run_yaml).get("id") == uid:
             return run_yaml.parent
     return None

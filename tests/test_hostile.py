@@ -319,6 +319,8 @@ def test_api_refuses_at_the_call_what_the_collector_refuses(root, collector):
         expman.start_experiment("e", "tags", root=root, collector=collector.endpoint, tags=["t"] * 300)
     with pytest.raises(ValueError, match="longer than 256"):
         expman.start_experiment("e", "tags", root=root, collector=collector.endpoint, tags=["t" * 300])
+    with pytest.raises(ValueError, match="world size"):
+        expman.start_experiment("e", "wide", root=root, collector=collector.endpoint, rank=0, world_size=2**21)
     exp.log_metric("loss", 1.0, timestamp=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), step=1)
     assert exp.finish(timeout=20) is True
     run = expman.open_run(exp.run_dir)

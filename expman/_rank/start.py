@@ -22,7 +22,7 @@ from expman._rank.local_collector import LocalCollector
 from expman._storage.layout import RUN_YAML, read_yaml
 from expman._wire.limits import check_name
 from expman._rank.sender import Sender
-from expman._rank.values import check_tags
+from expman._rank.values import check_tags, check_world_size
 
 log = logging.getLogger("expman")
 
@@ -81,6 +81,7 @@ def start_experiment(
     if _parent is not None and run_id is None:
         run_id = _parent.child_run_id(name)  # every rank derives the same child id
     identity = resolve_identity(rank, world_size, run_id)
+    check_world_size(identity.world_size)
     reopen = experiment_uid is not None
     if reopen:
         space, name = _find_existing(root_path, str(experiment_uid), space, name, must_exist=endpoint is None)

@@ -91,6 +91,13 @@ def check_log_text(text: Any) -> str:
     return text
 
 
+def check_world_size(world_size: int) -> int:
+    """A run's world size as the collector takes it: at most MAX_WORLD_SIZE ranks."""
+    if world_size > limits.MAX_WORLD_SIZE:
+        raise ValueError(f"world size {world_size} is over the {limits.MAX_WORLD_SIZE} ranks a run may have")
+    return world_size
+
+
 def check_tags(tags: Any) -> list[str]:
     """Run tags as the collector takes them: at most MAX_TAGS, each at most MAX_TAG characters."""
     if tags is None:
