@@ -86,6 +86,19 @@ def claim_ownership(run_dir: Path, writer: str) -> bool:
     return True
 
 
+def _parse_delivery(record: dict[str, Any], run_dir: Path) -> tuple[Windows, dict[int, list[Any]], dict[int, list[Any]]]:
+    """The delivery record's parts, typed; a damaged record counts as none (with a warning)."""
+    try:
+        windows = {str(sender): (int(floor), [[int(lo), int(hi)] for lo, hi in ranges])
+                   for sender, (floor, ranges) in record.get("windows", {}).items()}
+        incarnations = {int(r): [str(v[0]), v[1]] for r, v in record.get("incarnations", {}).items()}
+        finished = {int(r): [str(v[0]), v[1]] for r, v in record.get("finished", {}).items()}
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        log.warning("%s: ignoring a damaged delivery record (%s)", run_dir / DELIVERY_DIR, exc)
+        return {}, {}, {}
+    return windows, incarnations, finished
+
+
 class Run:
     """A run the collector is writing (or has written, and may reopen for late frames)."""
 
@@ -106,12 +119,11 @@ class Run:
         log_path = run_dir / RUN_LOG if self.owner else run_dir / LOGS_DIR / f"{writer}.log"
         log_path.parent.mkdir(exist_ok=True)
         self._delivery_path = run_dir / DELIVERY_DIR / f"{writer}.json"
-        record = self._load_delivery(log_path)
-        self.delivered: Windows = {s: (int(f), r) for s, (f, r) in record.get("windows", {}).items()}
+        self.delivered: Windows
+        self.incarnations: dict[int, list[Any]]  # rank -> [sender, started_at] of its latest hello
+        self.finished_by: dict[int, list[Any]]  # rank -> [sender, started_at] of the incarnation that finished it
+        self.delivered, self.incarnations, self.finished_by = _parse_delivery(self._load_delivery(log_path), run_dir)
         self.senders: set[str] = set(self.delivered)
-        # rank -> [sender, started_at] of its latest hello, and of the incarnation that finished it
-        self.incarnations: dict[int, list[Any]] = {int(r): v for r, v in record.get("incarnations", {}).items()}
-        self.finished_by: dict[int, list[Any]] = {int(r): v for r, v in record.get("finished", {}).items()}
         self.delivery_dirty = False
         self._log = open(log_path, "a", encoding="utf-8")
         self._log_dirty = False
@@ -402,12 +414,14 @@ class Run:
             record = json.loads(self._delivery_path.read_text())
         except (OSError, ValueError):
             return {}
+        if not isinstance(record, dict):
+            return {}
         size = record.get("log_bytes")
         if isinstance(size, int) and log_path.exists() and log_path.stat().st_size > size:
             log.warning("%s: removing %d bytes that no acknowledged frame wrote (they are resent)",
                         log_path, log_path.stat().st_size - size)
             os.truncate(log_path, size)
-        return record if isinstance(record, dict) else {}
+        return record
 
     def save_delivery(self, windows: Windows) -> None:
         """Record, before the acks go out, which frames are applied (per sender: a floor and
