@@ -31,7 +31,7 @@ log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
                 "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
-                "forward_server_key", "forward_client_key"}
+                "forward_server_key", "forward_client_key", "group_readable"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
     p.add_argument("--idle-exit", type=positive_seconds, metavar="SECONDS",
                    help="exit after this many seconds with no running run and no frame (default: never)")
+    p.add_argument("--group-readable", action="store_true", default=None,
+                   help="let the group of the run folders read what the collector writes (default: owner only, 0600/0700)")
     p.add_argument("--log-level", type=log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     p.add_argument("--socket-mode", metavar="MODE", type=_socket_mode_option,
                    help="octal permissions for the ipc socket files after bind, e.g. 0660 "
@@ -173,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         binds = [binds]
     if not binds:
         parser.error("give at least one --bind endpoint (ipc://PATH or tcp://HOST:PORT), or bind: in --config")
+    group_readable = args.group_readable if args.group_readable is not None else config.get("group_readable", False)
+    if not isinstance(group_readable, bool):
+        fail(parser.prog, f"group_readable must be true or false, got {group_readable!r}")
+    os.umask(0o027 if group_readable else 0o077)  # run folders, WAL, parts, logs, artifacts: private by default
     try:
         root = resolve_root(args.root or config.get("root"))
         root.mkdir(parents=True, exist_ok=True)

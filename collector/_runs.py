@@ -11,6 +11,8 @@ run.yaml and config.yaml are rewritten atomically; logs are appended.
 from __future__ import annotations
 
 import datetime as dt
+import glob
+import json
 import logging
 import os
 import time
@@ -22,6 +24,7 @@ from expman._wire.frames import Frame
 from expman._wire.limits import check_name
 from expman._storage.layout import (
     CONFIG_YAML,
+    DELIVERY_DIR,
     FINAL_STATUSES,
     HOSTS_DIR,
     LOGS_DIR,
@@ -33,6 +36,7 @@ from expman._storage.layout import (
     write_yaml_atomic,
 )
 
+from ._delivery import Windows
 from ._metrics_store import MetricsStore
 
 log = logging.getLogger("expman.collector")
@@ -42,6 +46,7 @@ RUN_YAML_MIN_INTERVAL_S = 1.0
 # vanished is "lost", and makes the run "crashed".
 _SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
 RANK_FINAL = frozenset(rank for rank, _ in _SEVERITY)
+RANK_FINISHED = RANK_FINAL - {"lost"}  # said by the rank's own finish frame: only a new incarnation reopens it
 
 
 def iso(ts: float | None) -> str | None:
@@ -51,10 +56,22 @@ def iso(ts: float | None) -> str | None:
 
 
 def find_run_dir(root: Path, uid: str) -> Path | None:
-    for run_yaml in root.glob(f"*/*-{uid}/{RUN_YAML}"):
+    for run_yaml in root.glob(f"*/*-{glob.escape(uid)}/{RUN_YAML}"):  # an id of "*" matches only itself
         if read_yaml(run_yaml).get("id") == uid:
             return run_yaml.parent
     return None
+
+
+def add_child_on_disk(root: Path, parent_uid: str, child_uid: str) -> None:
+    """Name a child in the run.yaml of a parent this collector does not hold open."""
+    run_dir = find_run_dir(root, parent_uid)
+    if run_dir is None:
+        log.warning("run %s names parent %s, which is not under %s", child_uid, parent_uid, root)
+        return
+    info = read_yaml(run_dir / RUN_YAML)
+    if child_uid not in info.setdefault("children", []):
+        info["children"].append(child_uid)
+        write_yaml_atomic(run_dir / RUN_YAML, info)
 
 
 def claim_ownership(run_dir: Path, writer: str) -> bool:
@@ -67,6 +84,19 @@ def claim_ownership(run_dir: Path, writer: str) -> bool:
     with os.fdopen(fd, "w") as fh:
         fh.write(writer + "\n")
     return True
+
+
+def _parse_delivery(record: dict[str, Any], run_dir: Path) -> tuple[Windows, dict[int, list[Any]], dict[int, list[Any]]]:
+    """The delivery record's parts, typed; a damaged record counts as none (with a warning)."""
+    try:
+        windows = {str(sender): (int(floor), [[int(lo), int(hi)] for lo, hi in ranges])
+                   for sender, (floor, ranges) in record.get("windows", {}).items()}
+        incarnations = {int(r): [str(v[0]), v[1]] for r, v in record.get("incarnations", {}).items()}
+        finished = {int(r): [str(v[0]), v[1]] for r, v in record.get("finished", {}).items()}
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        log.warning("%s: ignoring a damaged delivery record (%s)", run_dir / DELIVERY_DIR, exc)
+        return {}, {}, {}
+    return windows, incarnations, finished
 
 
 class Run:
@@ -88,6 +118,13 @@ class Run:
         self.local_ranks: set[int] = set()
         log_path = run_dir / RUN_LOG if self.owner else run_dir / LOGS_DIR / f"{writer}.log"
         log_path.parent.mkdir(exist_ok=True)
+        self._delivery_path = run_dir / DELIVERY_DIR / f"{writer}.json"
+        self.delivered: Windows
+        self.incarnations: dict[int, list[Any]]  # rank -> [sender, started_at] of its latest hello
+        self.finished_by: dict[int, list[Any]]  # rank -> [sender, started_at] of the incarnation that finished it
+        self.delivered, self.incarnations, self.finished_by = _parse_delivery(self._load_delivery(log_path), run_dir)
+        self.senders: set[str] = set(self.delivered)
+        self.delivery_dirty = False
         self._log = open(log_path, "a", encoding="utf-8")
         self._log_dirty = False
         self.store: MetricsStore | None = MetricsStore(run_dir, writer)
@@ -142,13 +179,24 @@ class Run:
 
     # --- frames ----------------------------------------------------------------------
     def hello(self, frame: Frame) -> None:
+        """A rank says who it is. Only a hello with a seq from a new incarnation reopens a
+        rank that finished: a re-introduction (after a collector restart) from the process
+        that sent the finish, and an introduction without a seq (a spool replay), do not."""
         body = frame.body
+        known = self.info["ranks"].get(frame.rank)
+        if known is not None and (frame.seq is None or self._reintroduced(frame, known)):
+            if frame.host not in self.info["hosts"]:
+                self.info["hosts"].append(frame.host)
+            return
         if frame.seq is not None and frame.seq < self.finished_at_seq.get(frame.sender, -1):
             return  # a resent hello from before this sender's finish: nothing to reopen
+        if frame.seq is not None:
+            self.incarnations[frame.rank] = [frame.sender, body.get("started_at")]
+            self.delivery_dirty = True
         started = iso(body.get("started_at") or frame.sent_at)
         if started and started < (self.info.get("started_at") or started):
             self.info["started_at"] = started  # the run starts with its earliest rank
-        if body.get("reopen") or self.info.get("status") in FINAL_STATUSES:
+        if frame.seq is not None and (body.get("reopen") or self.info.get("status") in FINAL_STATUSES):
             if self.info.get("status") in FINAL_STATUSES:
                 self.info.setdefault("reopened_at", []).append(iso(frame.sent_at))
             self.info["status"] = "running"
@@ -173,15 +221,27 @@ class Run:
         rank.setdefault("last_step", None)
         self.touch(force=True)
 
+    def _reintroduced(self, frame: Frame, rank: dict[str, Any]) -> bool:
+        """True for a hello from the incarnation (sender and start time) that finished this rank."""
+        if rank.get("status") not in RANK_FINISHED:
+            return False
+        by = self.finished_by.get(frame.rank)
+        return by is not None and by[0] == frame.sender and by[1] in (None, frame.body.get("started_at"))
+
     def heartbeat(self, frame: Frame) -> None:
         rank = self.info["ranks"].get(frame.rank)
         if rank is None:
             return
         rank["last_heartbeat"] = iso(frame.sent_at)
-        last_step = frame.body.get("last_step")
-        if isinstance(last_step, int):
-            rank["last_step"] = last_step
         self.touch()
+
+    def stored_step(self, rank_id: int, step: int) -> None:
+        """The collector stored points of this rank up to `step`: run.yaml's last_step is
+        the highest stored step, so it holds where a killed rank stopped."""
+        rank = self.info["ranks"].get(rank_id)
+        if rank is not None and (rank.get("last_step") is None or step > rank["last_step"]):
+            rank["last_step"] = step
+            self.touch()
 
     def set_params(self, rank: int, params: dict[str, Any]) -> None:
         """Merge one rank's parameters (a rank's later values win)."""
@@ -236,10 +296,13 @@ class Run:
         status = body.get("status")
         if status not in FINAL_STATUSES or status == "crashed":
             raise ProtocolError("bad-values", f"unknown final status {status!r}")
-        if isinstance(body.get("last_step"), int):
+        if isinstance(body.get("last_step"), int) and self.info["ranks"].get(frame.rank, {}).get("last_step") is None:
             self.info["ranks"].setdefault(frame.rank, {})["last_step"] = body["last_step"]
         if frame.seq is not None:
             self.finished_at_seq[frame.sender] = frame.seq
+            hello = self.incarnations.get(frame.rank)
+            self.finished_by[frame.rank] = [frame.sender, hello[1] if hello and hello[0] == frame.sender else None]
+            self.delivery_dirty = True
         dropped = body.get("dropped_points")
         if type(dropped) is int and dropped > 0:  # memory and spool were both full: say so in run.yaml
             self.info["ranks"].setdefault(frame.rank, {})["dropped_points"] = dropped
@@ -344,6 +407,40 @@ class Run:
             self._info_dirty = False
             self._info_written_at = now
 
+    def _load_delivery(self, log_path: Path) -> dict[str, Any]:
+        """What a previous collector recorded; cut run.log back to what it had acknowledged
+        (lines past that were never acknowledged: their frames come again)."""
+        try:
+            record = json.loads(self._delivery_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        size = record.get("log_bytes")
+        if isinstance(size, int) and log_path.exists() and log_path.stat().st_size > size:
+            log.warning("%s: removing %d bytes that no acknowledged frame wrote (they are resent)",
+                        log_path, log_path.stat().st_size - size)
+            os.truncate(log_path, size)
+        return record
+
+    def save_delivery(self, windows: Windows) -> None:
+        """Record, before the acks go out, which frames are applied (per sender: a floor and
+        ranges), which incarnation said hello and finished each rank, and how long run.log
+        is: a restarted collector applies params, log lines and finish exactly once."""
+        self._log.flush()
+        record = {
+            "windows": {s: [floor, ranges] for s, (floor, ranges) in windows.items()},
+            "incarnations": {str(r): v for r, v in self.incarnations.items()},
+            "finished": {str(r): v for r, v in self.finished_by.items()},
+            "log_bytes": os.fstat(self._log.fileno()).st_size,
+        }
+        self._delivery_path.parent.mkdir(exist_ok=True)
+        tmp = self._delivery_path.with_name(f".{self._delivery_path.name}.tmp")
+        tmp.write_text(json.dumps(record, separators=(",", ":")))
+        os.replace(tmp, self._delivery_path)  # a kill leaves the old record or the new one
+        self.delivered = windows
+        self.delivery_dirty = False
+
     def sync(self) -> None:
         """Make everything appended since the last sync durable before acks go out."""
         if self.store is not None:
@@ -351,6 +448,7 @@ class Run:
         if self._log_dirty:
             self._log.flush()
             self._log_dirty = False
+            self.delivery_dirty = True
 
     def flush_metrics(self, final: bool = False) -> None:
         """Write pending rows as a part; `final` also merges all parts and closes the WAL."""

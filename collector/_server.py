@@ -8,30 +8,31 @@ flushes, run.yaml updates, missing heartbeats) happens between turns.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import socket
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.compute as pc
 import zmq
 
 from expman._wire import frames as proto
 from expman._storage.rows import frame_table
 from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
-from expman._storage.layout import HOSTS_DIR, RUN_YAML, read_yaml, write_yaml_atomic
-from expman._wire.limits import check_name
+from expman._storage.layout import HOSTS_DIR, STEP
+from expman._wire.limits import check_envelope, check_name
 
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
-from expman._wire.limits import check_envelope
 from ._relay import Relay
-from ._runs import Run, find_run_dir
+from ._write_failures import WriteFailures
+from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
+from ._runs import Run, add_child_on_disk
 
 log = logging.getLogger("expman.collector")
 
@@ -41,56 +42,7 @@ FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
-PERSIST_FAILURE_LOG_EVERY_S = 30.0
-
-
-class SeqWindow:
-    """The sequence numbers seen from one sender: a floor plus sorted [lo, hi] ranges above it.
-
-    Each frame also says below which seq the sender has everything acknowledged (`low`);
-    those never come again, so the floor moves up to it. Ranges keep the window small
-    even when a restarted collector is seeded with the frames its predecessors stored.
-    """
-
-    __slots__ = ("floor", "ranges")
-
-    def __init__(self) -> None:
-        self.floor = 0  # every seq below this has been seen (or will never be sent again)
-        self.ranges: list[list[int]] = []  # disjoint, sorted, all above the floor
-
-    def raise_floor(self, low: int) -> None:
-        if low > self.floor:
-            self.floor = low
-            self._normalize()
-
-    def seen(self, seq: int) -> bool:
-        if seq < self.floor:
-            return True
-        i = bisect.bisect_right(self.ranges, [seq, float("inf")]) - 1
-        return i >= 0 and self.ranges[i][0] <= seq <= self.ranges[i][1]
-
-    def add(self, seq: int) -> None:
-        self.add_range(seq, seq)
-
-    def add_range(self, lo: int, hi: int) -> None:
-        bisect.insort(self.ranges, [lo, hi])
-        self._normalize()
-
-    def _normalize(self) -> None:
-        merged: list[list[int]] = []
-        for lo, hi in self.ranges:
-            if hi < self.floor:
-                continue
-            if lo <= self.floor:
-                self.floor = hi + 1
-                continue
-            if merged and lo <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        while merged and merged[0][0] <= self.floor:  # the floor may have grown into them
-            self.floor = max(self.floor, merged.pop(0)[1] + 1)
-        self.ranges = merged
+_DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
 
 
 class Collector:
@@ -123,7 +75,7 @@ class Collector:
         self.max_frame_bytes = max_frame_bytes
         self.runs: dict[str, Run] = {}
         self.artifacts = ArtifactService(artifacts)
-        self.windows: dict[str, SeqWindow] = defaultdict(SeqWindow)
+        self.senders = Senders()
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
         self._ctx = zmq.Context()
@@ -137,9 +89,7 @@ class Collector:
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
         self._stopping = False
-        self._failing_since: float | None = None  # monotonic time of the first failed write, until one works
-        self._failure_logged_at = 0.0
-        self._refused_while_failing = 0
+        self.write_failures = WriteFailures()
         self._poller = zmq.Poller()
         self.relay = Relay(self._ctx, forward, self._poller, forward_keys) if forward else None
         # Called with the loop's monotonic time after each round of periodic work (the
@@ -195,14 +145,12 @@ class Collector:
                 events = dict(poller.poll(100))
                 if self._stop_pull in events:
                     break
-                if self.zap is not None and any(sock in events for sock in zap_sockets):
-                    self.zap.handle()
-                if self._router in events:
-                    self._turn()
-                if self.relay is not None:
-                    for sock in self.relay.sockets():
-                        if sock in events:
-                            self.relay.pass_back(sock, self._router)
+                try:
+                    self._serve_events(events, zap_sockets)
+                except zmq.ContextTerminated:
+                    raise
+                except Exception:  # no input, and no bug it reaches, ends the process
+                    self._internal_error("in the receive loop")
                 now = time.monotonic()
                 if now >= next_periodic:
                     next_periodic = now + 0.1
@@ -210,7 +158,27 @@ class Collector:
         finally:
             self._shutdown()
 
+    def _serve_events(self, events: dict[Any, int], zap_sockets: list[Any]) -> None:
+        if self.zap is not None and any(sock in events for sock in zap_sockets):
+            self.zap.handle()
+        if self._router in events:
+            self._turn()
+        if self.relay is not None:
+            for sock in self.relay.sockets():
+                if sock in events:
+                    self.relay.pass_back(sock, self._router)
+
     def _turn(self) -> None:
+        turn = Turn()
+        for parts in self._receive():
+            try:
+                self._take(parts, turn)
+            except Exception:  # a bug met this frame: it costs the frame, never the loop
+                self._internal_error("while taking a frame")
+        self._make_durable(turn)
+        self._answer(turn)
+
+    def _receive(self) -> list[list[bytes]]:
         messages = []
         size = 0
         for _ in range(RECV_BATCH):
@@ -221,136 +189,154 @@ class Collector:
             size += len(messages[-1][-1])
             if size > RECV_BATCH_BYTES:
                 break
-        acks: dict[bytes, list[int]] = defaultdict(list)
-        infos: dict[bytes, dict[int, dict[str, Any]]] = defaultdict(dict)
-        unknown: dict[bytes, set[str]] = defaultdict(set)
-        touched: set[Run] = set()
-        # Frames applied this turn, acknowledged only once they are durable:
-        # (identity, sender, seq, run, info, metrics store or None, its rollbacks then)
-        applied: list[tuple[bytes, str, int, Run, Any, Any, int]] = []
-        this_turn: set[tuple[str, int]] = set()
-        failed: set[Run] = set()  # a write for this run failed this turn: its non-metrics frames wait
-        for parts in messages:
-            if len(parts) != 2:
-                self._reject("bad-envelope", f"{len(parts)} message parts")
-                continue
-            identity, data = parts
-            try:
-                frame = proto.decode_frame(data, self.max_frame_bytes)
-                check_envelope(frame)
-            except ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
-                continue
-            self.counters["frames"] += 1
-            self._last_frame_at = time.monotonic()
-            if self.relay is not None:
-                if not self.relay.forward(frame.sender, identity, data):
-                    self.counters["relay-busy"] += 1
-                continue
-            if frame.seq is not None:
-                self.windows[frame.sender].raise_floor(frame.low)
-            if frame.seq is not None and self.windows[frame.sender].seen(frame.seq):
+        return messages
+
+    def _take(self, parts: list[bytes], turn: Turn) -> None:
+        """Check one message and apply it; every frame with a usable seq gets an answer."""
+        if len(parts) != 2:
+            self._reject("bad-envelope", f"{len(parts)} message parts")
+            return
+        identity, data = parts
+        try:
+            frame = proto.decode_frame(data, self.max_frame_bytes)
+        except ProtocolError as exc:
+            self._refuse(turn, identity, getattr(exc, "seq", None), exc)
+            return
+        try:
+            check_envelope(frame)
+        except ProtocolError as exc:
+            self._refuse(turn, identity, frame.seq, exc)
+            return
+        self.counters["frames"] += 1
+        self._last_frame_at = time.monotonic()
+        if self.relay is not None:
+            if not self.relay.forward(frame.sender, identity, data):
+                self.counters["relay-busy"] += 1
+            return
+        if frame.seq is not None:
+            if self.senders.is_duplicate(frame):
                 self.counters["duplicates"] += 1
-                acks[identity].append(frame.seq)  # the first ack may have been lost
-                continue
-            if frame.seq is not None:
-                if (frame.sender, frame.seq) in this_turn:
-                    self.counters["duplicates"] += 1  # a resend in the same batch: acked with the first
-                    continue
-                this_turn.add((frame.sender, frame.seq))
-            try:
-                info, run = self._apply(frame, data)
-            except OSError as exc:  # a full disk: not stored, not acknowledged; the sender resends
-                self._persist_failed(exc, frame.run)
-                if frame.run in self.runs:
-                    failed.add(self.runs[frame.run])
-                continue
-            except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
-                self.counters["deferred"] += 1
-                continue
-            except (ProtocolError, TypeError, ValueError, RecursionError) as exc:  # not OSError: a disk's fault, not the frame's
-                reason, detail = (exc.reason, exc.detail) if isinstance(exc, ProtocolError) else ("bad-values", repr(exc))
-                if not isinstance(exc, ProtocolError):
-                    log.exception("frame %s of run %s could not be applied", frame.kind, frame.run)
-                self._reject(reason, detail)
-                if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
-                    self.windows[frame.sender].add(frame.seq)
-                    acks[identity].append(frame.seq)
-                    infos[identity][frame.seq] = {"rejected": f"{reason}: {detail}"}
-                continue
-            if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
-                if frame.kind != proto.HEARTBEAT:
-                    unknown[identity].add(frame.run)
-                continue
-            touched.add(run)
-            if frame.seq is not None:
-                store = run.store if frame.kind == proto.METRICS else None
-                applied.append((identity, frame.sender, frame.seq, run, info, store,
-                                store.rollbacks if store is not None else 0))
-        for run in touched:
+                turn.acks[identity].append(frame.seq)  # the first ack may have been lost
+                return
+            if (frame.sender, frame.seq) in turn.this_turn:
+                self.counters["duplicates"] += 1  # a resend in the same batch: acked with the first
+                return
+            turn.this_turn.add((frame.sender, frame.seq))
+        self._apply_guarded(identity, frame, data, turn)
+
+    def _apply_guarded(self, identity: bytes, frame: proto.Frame, data: bytes, turn: Turn) -> None:
+        try:
+            info, run = self._apply(frame, data)
+        except OSError as exc:  # a full disk: not stored, not acknowledged; the sender resends
+            self.write_failures.failed(exc, frame.run)
+            if frame.run in self.runs:
+                turn.failed.add(self.runs[frame.run])
+            return
+        except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
+            self.counters["deferred"] += 1
+            return
+        except Exception as exc:
+            if isinstance(exc, ProtocolError):
+                reason, detail = exc.reason, exc.detail
+                self._reject(reason, f"run {frame.run} rank {frame.rank} {frame.kind}: {detail}")
+            else:  # a bug, not the frame's fault as far as we know: say where, count it, go on
+                reason, detail = "internal-error", repr(exc)
+                self._internal_error(f"applying a {frame.kind} frame of run {frame.run} from sender "
+                                     f"{frame.sender[:16]} (rank {frame.rank})")
+            if frame.seq is not None:  # tell the sender, so it stops resending and counts the loss
+                self.senders.mark(frame.sender, frame.seq)
+                turn.refuse(identity, frame.seq, f"{reason}: {detail}")
+            return
+        if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
+            if frame.kind != proto.HEARTBEAT or frame.seq is not None:  # a rank's heartbeats carry no seq
+                turn.unknown[identity].add(frame.run)
+            return
+        turn.touched.add(run)
+        if frame.seq is not None:
+            store = run.store if frame.kind == proto.METRICS else None
+            turn.applied.append(Applied(identity, frame.sender, frame.seq, run, info, store,
+                                         store.rollbacks if store is not None else 0))
+
+    def _refuse(self, turn: Turn, identity: bytes, seq: int | None, exc: ProtocolError) -> None:
+        """A frame refused before it reached a run: counted, logged, and answered when it had a seq."""
+        self._reject(exc.reason, exc.detail)
+        if seq is not None:
+            turn.refuse(identity, seq, f"{exc.reason}: {exc.detail}")
+
+    def _make_durable(self, turn: Turn) -> None:
+        """fsync each touched run once, record what was applied, then mark the frames seen."""
+        for run in turn.touched:
             try:
                 run.sync()
             except OSError as exc:
-                failed.add(run)
-                self._persist_failed(exc, str(run.dir))
+                turn.failed.add(run)
+                self.write_failures.failed(exc, str(run.dir))
         try:
             self.artifacts.sync()
         except OSError as exc:
-            self._persist_failed(exc, "artifacts")
-            failed.update(touched)
-        refused = 0
-        for identity, sender, seq, run, info, store, rollbacks in applied:
-            if (store.rollbacks != rollbacks) if store is not None else run in failed:
-                refused += 1  # not durable: no ack, not marked seen, so the resend is stored
+            self.write_failures.failed(exc, "artifacts")
+            turn.failed.update(turn.touched)
+        durable = [a for a in turn.applied
+                   if ((a.store.rollbacks == a.rollbacks) if a.store is not None else a.run not in turn.failed)]
+        refused = len(turn.applied) - len(durable)  # not durable: no ack, not marked seen, so the resend is stored
+        unrecorded = self._save_deliveries(turn.touched - turn.failed, durable)
+        for a in durable:
+            if a.store is None and a.run in unrecorded:
+                refused += 1
                 continue
-            self.windows[sender].add(seq)
-            acks[identity].append(seq)
-            if info:
-                infos[identity][seq] = info
+            self.senders.mark(a.sender, a.seq)
+            turn.acks[a.identity].append(a.seq)
+            if a.info:
+                turn.infos[a.identity][a.seq] = a.info
         if refused:
             self.counters["unpersisted"] += refused
-        elif applied and self._failing_since is not None:
-            log.warning("writing works again after %.0f s; %d frames were refused meanwhile (their senders resent them)",
-                        time.monotonic() - self._failing_since, self._refused_while_failing)
-            self._failing_since = None
-        if refused:
-            self._refused_while_failing += refused
-        for identity in set(acks) | set(unknown):
-            reply = proto.encode_ack(acks.get(identity, []), infos.get(identity), sorted(unknown.get(identity, ())))
+        self.write_failures.turn_done(len(turn.applied), refused)
+
+    def _save_deliveries(self, runs: set[Run], durable: list[Applied]) -> set[Run]:
+        """Each run that applied params, log lines, hello or finish records so (with this
+        turn's seqs) before the acks go out; returns the runs whose record failed."""
+        failed = set()
+        for run in runs:
+            if run.delivery_dirty:
+                try:
+                    run.save_delivery(self.senders.snapshot(run.senders, [(a.sender, a.seq) for a in durable]))
+                except OSError as exc:
+                    failed.add(run)
+                    self.write_failures.failed(exc, str(run.dir))
+        return failed
+
+    def _answer(self, turn: Turn) -> None:
+        for identity in set(turn.acks) | set(turn.unknown):
+            reply = proto.encode_ack(turn.acks.get(identity, []), turn.infos.get(identity),
+                                     sorted(turn.unknown.get(identity, ())))
             try:
                 self._router.send_multipart([identity, reply], zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the sender resends and gets a fresh ack
 
     def _apply(self, frame: proto.Frame, data: bytes) -> tuple[dict[str, Any] | None, Run | None]:
+        """Apply one checked frame to its run; returns (facts for the ack, the run or None)."""
         kind = frame.kind
         if kind == proto.HELLO:
-            run = self.runs.get(frame.run)
-            if run is None:
-                run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
-                log.info("run %s started in %s", frame.run, run.dir)
-                for sender, ranges in (run.store.stored_frames if run.store else {}).items():
-                    for lo, hi in ranges:  # stored before a crash or restart: a resend is a duplicate
-                        self.windows[sender].add_range(lo, hi)
-                parent = frame.body.get("parent")
-                if parent:
-                    self._link_child(str(parent), frame.run)
-            run.hello(frame)
-            self.hardware.hello(frame, run.dir)  # log_hardware=True: sample while the rank runs
-            return {"run_dir": str(run.dir)}, run
+            return self._hello(frame)
         run = self.runs.get(frame.run)
         if run is None:
             self.counters["waiting-for-hello"] += 1
             return None, None
+        if frame.rank >= run.info["world_size"]:
+            raise ProtocolError("bad-values", f"rank {frame.rank} is outside [0, {run.info['world_size']}) of run {frame.run}")
+        run.senders.add(frame.sender)
+        if frame.seq is not None and kind in _DELIVERY_KINDS:
+            run.delivery_dirty = True
         if kind == proto.METRICS:
             table = frame_table(frame)
             run.metrics_store().add(data, table, frame.sender, frame.seq)
             self.counters["points"] += table.num_rows
+            last = pc.max(table.column(STEP)).as_py()
+            if last is not None:
+                run.stored_step(frame.rank, last)
         elif kind == proto.PARAMS:
-            params = frame.body.get("params")
-            if not isinstance(params, dict):
-                raise ProtocolError("bad-shape", "params body must be a map")
-            run.set_params(frame.rank, params)
+            run.set_params(frame.rank, frame.body["params"])
         elif kind == proto.LOG:
             run.log_lines(frame)
         elif kind == proto.HEARTBEAT:
@@ -370,33 +356,40 @@ class Collector:
         run.rank_seen[frame.rank] = time.monotonic()
         return None, run
 
+    def _hello(self, frame: proto.Frame) -> tuple[dict[str, Any], Run]:
+        run = self.runs.get(frame.run)
+        if run is None:
+            run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
+            log.info("run %s started in %s", frame.run, run.dir)
+            self.senders.seed(run.store.stored_frames if run.store else {}, run.delivered)
+            parent = frame.body.get("parent")
+            if parent:
+                self._link_child(str(parent), frame.run)
+        run.senders.add(frame.sender)
+        if frame.seq is not None and self.senders.seen(frame.sender, frame.seq):
+            self.counters["duplicates"] += 1  # applied before a restart; answer with the folder again
+            return {"run_dir": str(run.dir)}, run
+        if frame.seq is not None:
+            run.delivery_dirty = True
+        run.hello(frame)
+        self.hardware.hello(frame, run.dir)  # log_hardware=True: sample while the rank runs
+        run.rank_seen[frame.rank] = time.monotonic()
+        return {"run_dir": str(run.dir)}, run
+
     def _link_child(self, parent_uid: str, child_uid: str) -> None:
         parent = self.runs.get(parent_uid)
         if parent is not None:
             parent.add_child(child_uid)
             return
-        run_dir = find_run_dir(self.root, parent_uid)
-        if run_dir is None:
-            log.warning("run %s names parent %s, which is not under %s", child_uid, parent_uid, self.root)
-            return
-        info = read_yaml(run_dir / RUN_YAML)
-        if child_uid not in info.setdefault("children", []):
-            info["children"].append(child_uid)
-            write_yaml_atomic(run_dir / RUN_YAML, info)
+        add_child_on_disk(self.root, parent_uid, child_uid)
 
-    def _persist_failed(self, exc: OSError, what: str) -> None:
-        """A write failed (ENOSPC, EIO...): say why at once, then every 30 s while it lasts."""
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-            self._refused_while_failing = 0
-            self._failure_logged_at = now
-            log.error("cannot write (%s: %s); not acknowledging what is not stored: senders keep "
-                      "their frames (and spill them) until space returns", what, exc)
-        elif now - self._failure_logged_at >= PERSIST_FAILURE_LOG_EVERY_S:
-            self._failure_logged_at = now
-            log.error("still cannot write for %.0f s (%s: %s); %d frames refused so far",
-                      now - self._failing_since, what, exc, self._refused_while_failing)
+    def _internal_error(self, where: str) -> None:
+        """Call from an except block: a bug met some input. Logged with its traceback (the
+        first ten, then every thousandth), counted as `internal-error`; the loop goes on."""
+        self.rejects["internal-error"] += 1
+        count = self.rejects["internal-error"]
+        if count <= 10 or count % 1000 == 0:
+            log.exception("internal error %s (%d so far); carrying on", where, count)
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejects[reason] += 1
@@ -413,8 +406,13 @@ class Collector:
             try:
                 self._periodic_run(uid, run, now, parent_gone)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
-                self._persist_failed(exc, uid)
-        self._periodic_rest(now, parent_gone)
+                self.write_failures.failed(exc, uid)
+            except Exception:
+                self._internal_error(f"in the periodic work of run {uid}")
+        try:
+            self._periodic_rest(now, parent_gone)
+        except Exception:
+            self._internal_error("in the periodic work")
 
     def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool) -> None:
         store = run.store
@@ -439,6 +437,7 @@ class Collector:
         run.write_info()
         if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
             self.artifacts.close_run(uid, final=True)
+            run.save_delivery(self.senders.snapshot(run.senders))
             run.close()
             del self.runs[uid]
 
@@ -469,10 +468,12 @@ class Collector:
                                  {"type": "Crashed", "message": "the collector stopped before the rank finished"})
             try:
                 self.artifacts.close_run(uid, final=run.final_since is not None)
+                run.save_delivery(self.senders.snapshot(run.senders))
                 run.close()
             except Exception:
                 log.exception("could not close run %s cleanly", uid)
         self.runs.clear()
+        self.counters["low-ignored"] = self.senders.ignored_floors
         log.info("collector stopped: %s; rejected: %s", dict(self.counters), dict(self.rejects))
         if self.relay is not None:
             self.relay.close()

@@ -10,7 +10,7 @@ Quick scripts can use the W&B-style verbs instead (`import expman as wandb`):
 `expman.init`, `expman.log`, `expman.finish`, `expman.config`, `expman.run`.
 """
 
-from expman._rank.start import start_experiment
+from expman._rank.start import shutdown, start_experiment
 from expman._compat.expman_core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
 from expman._errors import (
     ArtifactError,
@@ -53,6 +53,7 @@ __all__ = [
     "login",
     "open_run",
     "run",
+    "shutdown",
     "start_experiment",
 ]
 

@@ -65,9 +65,9 @@ def test_bad_frames_are_rejected_counted_and_the_collector_keeps_serving(root, c
     bad = [
         b"\xc1 not msgpack",                                                   # not-msgpack
         msgpack.packb([1, 2, 3]),                                             # bad-shape
-        msgpack.packb({**good_envelope, "v": 99}),                            # bad-version
-        msgpack.packb({**good_envelope, "kind": "explode"}),                  # bad-kind
-        msgpack.packb({**good_envelope, "rank": -1}),                         # bad-shape
+        msgpack.packb({**good_envelope, "v": 99, "seq": 10}),                 # bad-version
+        msgpack.packb({**good_envelope, "kind": "explode", "seq": 11}),       # bad-kind
+        msgpack.packb({**good_envelope, "rank": -1, "seq": 12}),              # bad-shape
         b"x" * (proto.MAX_FRAME_BYTES + 10),                                  # oversized
     ]
     for frame in bad:
@@ -75,9 +75,16 @@ def test_bad_frames_are_rejected_counted_and_the_collector_keeps_serving(root, c
     # A hello that tries to escape the root, then metrics with a broken body.
     sock.send(proto.encode_frame("hello", run="evil", host="h", rank=0, sender="s", seq=1, sent_at=0.0,
                                  body={"experiment": "..", "name": "x", "dir": "x"}))
-    assert sock.poll(5000), "a rejected hello is still acknowledged, so the sender stops resending"
-    ack = proto.decode_ack(sock.recv())
-    assert ack.seqs == [1] and "rejected" in ack.info[1]
+    answers: dict[int, list[str]] = {}
+    deadline = time.monotonic() + 10
+    while not {1, 10, 11, 12} <= set(answers) and time.monotonic() < deadline:
+        if sock.poll(500):
+            ack = proto.decode_ack(sock.recv())
+            for seq in ack.seqs:
+                answers.setdefault(seq, []).append(ack.info[seq]["rejected"])
+    assert answers.get(1) and "bad-values" in answers[1][0], "a rejected hello is still acknowledged"
+    # The envelope refusals that carried a seq are answered too, with their reason.
+    assert [answers[seq][0].split(":")[0] for seq in (10, 11, 12)] == ["bad-version", "bad-kind", "bad-shape"]
     wait_for(lambda: "not-msgpack" in collector.log() and "bad-version" in collector.log(), 10, "reject log lines")
     with expman.start_experiment("e", "after", root=root, collector=collector.endpoint) as exp:
         exp.log_metric("loss", 0.5, step=1)

@@ -46,6 +46,7 @@ def test_collector_logs_and_counts_clients_that_fail_the_curve_handshake(root, s
         env = {SERVER_KEY_ENV: "", CLIENT_KEY_ENV: ""}
         keyless = run_script(RANK.format(root=str(root), endpoint=c.endpoint), env=env)
         assert "unconfirmed" in keyless.stdout, keyless.stderr
+        assert "nothing was ever acknowledged" in keyless.stderr and SERVER_KEY_ENV in keyless.stderr, keyless.stderr
         # libzmq reports it as a mechanism mismatch, or as the client hanging up mid-handshake
         # (which one depends on who notices first): either way one line naming the variables.
         lines = wait_for(lambda: refusal_lines(c.log(), "auth-no-curve") or refusal_lines(c.log(), "auth-dropped"),

@@ -59,3 +59,16 @@ def test_facade_context_manager_records_failure(root):
             engine.log_scalar("x", 1.0)
             raise RuntimeError("oops")
     assert expman.open_run(engine.run_dir).status == "failed"
+
+
+def test_shutdown_is_public_and_finishes_open_runs(root):
+    """expman.shutdown() finishes what is open and releases the threads; a later run starts afresh."""
+    assert "shutdown" in expman.__all__ and expman.shutdown.__doc__
+    exp = expman.start_experiment("e", "open", root=root)
+    exp.log_metric("loss", 0.5, step=1)
+    expman.shutdown()
+    run = expman.open_run(exp.run_dir)
+    assert run.status == "finished" and run.metrics().num_rows == 1
+    with expman.start_experiment("e", "after", root=root) as again:
+        again.log_metric("loss", 0.25, step=2)
+    assert expman.open_run(again.run_dir).status == "finished"

@@ -220,7 +220,11 @@ def test_ordinary_frames_pass():
     check_envelope(frame(proto.HELLO, {"experiment": "e", "name": "n", "tags": ["a", "b"], "parent": None}))
     check_envelope(frame(proto.LOG, {"lines": [[1.0, "info", "two\nlines\twith tab \x1b[1mbold"]]}))
     check_envelope(frame(proto.PARAMS, {"params": {"lr": 0.1, "model": {"layers": [1, 2, 3]}}}))
-    check_envelope(frame(proto.METRICS, {"keys": {0: "train/loss ✓"}, "texts": [[0, "ok", 1, None]]}))
+    check_envelope(frame(proto.METRICS, {"keys": {0: "train/loss ✓"}, "ids": b"", "values": b"", "steps": b"",
+                                         "texts": [[0, "ok", 1, None]]}))
+    check_envelope(frame(proto.FINISH, {"status": "failed", "ended_at": 2.0, "last_step": 3, "dropped_points": 0,
+                                        "error": {"type": "ValueError", "message": "boom", "traceback": "..."}}))
+    check_envelope(frame(proto.HEARTBEAT, {"pid": 123, "last_step": None}, seq=None))
 
 
 any_value = st.recursive(

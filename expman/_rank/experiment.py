@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from expman._errors import ExpmanError
 from expman._rank import console
 from expman._rank.channel import RunChannel
-from expman._rank.values import Metric, check_key, check_params, coerce_number, coerce_step, coerce_time
+from expman._rank.values import Metric, check_key, check_log_text, check_params, coerce_number, coerce_step, coerce_time
 from expman._storage.layout import FINAL_STATUSES
+from expman._wire.curve_keys import curve_refusal_hint
 
 if TYPE_CHECKING:
     from expman._rank.sender import Sender
@@ -186,7 +187,7 @@ class Experiment:
             level = "warning"
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        self._channel.post("log", [time.time(), level, str(text)])
+        self._channel.post("log", [time.time(), level, check_log_text(text)])
 
     def info(self, text: str) -> None:
         self.log_message(text, "info")
@@ -289,6 +290,9 @@ class Experiment:
                 "%d points may be missing (sent %d, acknowledged %d)",
                 self.uid, s["buffered"], s["sent"], s["acked"],
             )
+            hint = None if self._sender.heard_from_collector else curve_refusal_hint(self._sender.endpoint)
+            if hint:
+                log.error("expman: run %s: nothing was ever acknowledged; %s", self.uid, hint)
         self._sender.unregister(channel)
         return done
 

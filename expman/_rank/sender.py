@@ -128,6 +128,7 @@ class Sender:
         self._drop_logged_at = -DROP_LOG_EVERY_S
         self._exiting = False
         self._busy = False  # this tick drained points
+        self.heard_from_collector = False  # any ack at all: a CURVE refusal or a wrong endpoint never gives one
         self._next_seq = 0
         self._wake_addr = f"inproc://expman-sender-{self.sender_id}"
         self._wake_ready = threading.Event()
@@ -482,6 +483,7 @@ class Sender:
 
     def _read_acks(self, dealer: zmq.Socket) -> None:
         for ack in read_acks(dealer):
+            self.heard_from_collector = True
             if ack.unknown_runs:
                 self._hello_again(set(ack.unknown_runs))
             for seq in ack.seqs:

@@ -25,6 +25,7 @@ from expman._rank.local_collector import LocalCollector
 from expman._storage.layout import RUN_YAML, read_yaml, run_dir_name
 from expman._wire.limits import check_name
 from expman._rank.sender import Sender
+from expman._rank.values import check_tags, check_world_size
 
 log = logging.getLogger("expman")
 
@@ -88,8 +89,9 @@ def start_experiment(
     if _parent is not None and run_id is None:
         run_id = _parent.child_run_id(name)  # every rank derives the same child id
     identity = resolve_identity(rank, world_size, run_id)
+    check_world_size(identity.world_size)
     names = _name_run(root_path, identity, space, name, experiment_uid, must_exist=endpoint is None)
-    tag_list = [str(t) for t in (tags or [])]
+    tag_list = check_tags(tags)
     hardware = _hardware_hello(log_hardware, hardware_interval)
     heartbeat = _heartbeat_interval(heartbeat_interval)
     local = None
@@ -253,9 +255,14 @@ def _finish_all(status: str, error: dict[str, str] | None = None, timeout: float
 
 
 def shutdown(status: str = "finished") -> None:
-    """Finish every open run, stop the sender threads and the local collectors.
+    """Finish every open run (with `status`), then stop expman's background threads and
+    the local collectors it started.
 
-    Runs at interpreter exit; call it yourself to release everything earlier.
+    It runs by itself at interpreter exit, so most scripts never call it. Call it when the
+    process lives on after training and you want everything delivered and released now:
+    a notebook or service between runs, before `os.fork()`, or before a final step that
+    must not share the machine with expman's threads. Each run waits at most its
+    `finish_timeout`; a later `start_experiment` starts afresh.
     """
     _finish_all(status)
     from expman._rank.artifacts import stop_all

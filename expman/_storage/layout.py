@@ -33,6 +33,7 @@ WAL_DIR = ".wal"  # .wal/<writer>/NNNNNNNN.wal
 HOSTS_DIR = "hosts"  # hosts/<writer>.yaml: the ranks, hosts and parameters other collectors hold
 LOGS_DIR = "logs"  # logs/<writer>.log: run.log lines that other collectors received
 OWNER_FILE = "owner"  # the name of the collector that writes run.yaml, config.yaml, run.log
+DELIVERY_DIR = ".delivery"  # .delivery/<writer>.json: what a collector has applied, kept across its restarts
 
 # Metrics columns, one row per point.
 KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
@@ -90,6 +91,7 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode any new file gets
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)
             fh.flush()
@@ -101,6 +103,18 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc); 0o022 elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

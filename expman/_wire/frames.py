@@ -98,7 +98,8 @@ class _DecodeBudget:
 
 
 def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
-    """Decode and check the envelope of one frame; raise ProtocolError naming what is wrong."""
+    """Decode and check the envelope of one frame; raise ProtocolError naming what is wrong
+    (its `seq` attribute is the refused frame's sequence number when it had a usable one)."""
     if len(data) > max_bytes:
         raise ProtocolError("oversized", f"{len(data)} bytes > limit {max_bytes}")
     budget = _DecodeBudget()
@@ -111,6 +112,21 @@ def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise ProtocolError("not-msgpack", str(exc)) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-shape", "frame is not a map")
+    try:
+        return _frame_from_map(obj)
+    except ProtocolError as exc:
+        exc.seq = refused_seq(obj)  # type: ignore[attr-defined]  # the collector still answers it
+        raise
+
+
+def refused_seq(obj: dict[Any, Any]) -> int | None:
+    """The sequence number a refused frame carried, if it is one a sender could have
+    used (so the refusal can be acknowledged: the sender stops resending it)."""
+    seq = obj.get("seq")
+    return seq if type(seq) is int and 0 <= seq < 2**64 else None
+
+
+def _frame_from_map(obj: dict[Any, Any]) -> Frame:
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
         raise ProtocolError("bad-version", f"version {version!r}, this collector speaks {PROTOCOL_VERSION}")
