@@ -96,24 +96,50 @@ class Run:
         keys: str | Iterable[str] | None = None,
         ranks: int | Iterable[int] | None = None,
         reduce: str | None = None,
+        *,
+        steps: tuple[int | None, int | None] | range | None = None,
+        columns: Iterable[str] | None = None,
     ) -> pa.Table:
-        """One row per point (columns key, value, text, step, rank, host, time), in arrival order.
+        """One row per point (columns key, value, text, step, rank, host, time); each key's
+        points in arrival order (keys in name order within each part, then the points not yet
+        in a part).
 
-        `ranks` keeps only those ranks. `reduce` ("mean", "min", "max", "median") instead
-        returns one row per key and step across ranks: key, step, value, ranks (how many
-        ranks had a value at that step), time (the latest). Median is t-digest based:
-        exact for up to about a hundred ranks.
+        Only what is asked for is read: `keys`, `ranks`, `steps` ((first, last), both included,
+        None for open; or a range) and `columns` (a subset of the above). `reduce` ("mean",
+        "min", "max", "median") instead returns one row per key and step across ranks: key,
+        step, value, ranks (how many ranks had a value at that step), time (the latest).
+        Median is t-digest based: exact for up to about a hundred ranks. For runs larger than
+        memory, `iter_metrics` streams the same rows batch by batch.
         """
-        table = self._points(keys)
-        if ranks is not None:
-            import pyarrow as pa
-            import pyarrow.compute as pc
+        from expman._reader.scan import REDUCTIONS, Scan, make_query, reduce_across_ranks
 
-            wanted_ranks = [ranks] if isinstance(ranks, int) else list(ranks)
-            table = table.filter(pc.is_in(table[RANK], pa.array(wanted_ranks, pa.int32())))
         if reduce is None:
-            return table
-        return _reduce_across_ranks(table, reduce)
+            return Scan(self._snapshot(), make_query(keys, ranks, steps, columns)).table()
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {reduce!r}")
+        if columns is not None:
+            raise ValueError("columns= does not apply with reduce= (the result's columns are fixed)")
+        query = make_query(keys, ranks, steps, (KEY, VALUE, STEP, RANK, TIME), numeric=True)
+        return reduce_across_ranks(Scan(self._snapshot(), query).table(), reduce)
+
+    def iter_metrics(
+        self,
+        keys: str | Iterable[str] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        *,
+        steps: tuple[int | None, int | None] | range | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pa.RecordBatchReader:
+        """The rows `metrics()` returns, as a stream of record batches (at most a row group,
+        128k rows, each): memory stays at a batch whatever the size of the run. Iterate it,
+        call `.read_all()`, or hand it to DuckDB or Polars, which scan it lazily. The run is
+        read as it stood when this was called (its parts are held open)."""
+        import pyarrow as pa
+
+        from expman._reader.scan import Scan, make_query
+
+        scan = Scan(self._snapshot(), make_query(keys, ranks, steps, columns))
+        return pa.RecordBatchReader.from_batches(scan.schema, scan.batches())
 
     def rank_stats(self) -> pa.Table:
         """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
@@ -121,7 +147,7 @@ class Run:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        points = self._points(None)
+        points = self.metrics(columns=(STEP, RANK, TIME))
         stepped = points.filter(pc.is_valid(points[STEP]))
         grouped = stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")])
         progress = {row[RANK]: row for row in grouped.to_pylist()}
@@ -151,42 +177,11 @@ class Run:
                             ("last_heartbeat", pa.string())])
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
-        import pyarrow as pa
+    def _snapshot(self) -> Any:
+        """A consistent look at the metrics: parts (held open) and write-ahead rows past them."""
+        from expman._reader.live import snapshot
 
-        from expman._storage.rows import wal_table
-        from expman._storage.layout import metrics_schema
-        from expman._storage.wal import list_segments, read_records
-
-        wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        files, folder = self._files, self.path / METRICS_DIR
-        for _attempt in range(10):
-            parts, tables = _read_parts(files, folder, keys, metrics_schema())
-            covered: dict[str, int] = {}
-            for part in parts:
-                covered[part.writer] = max(covered.get(part.writer, -1), part.last)
-            segments = [
-                path
-                for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
-                for n, path in list_segments(self.path / WAL_DIR / writer, files)
-                if n > covered.get(writer, -1)
-            ]
-            tail = wal_table(rec for path in segments for rec in read_records(path, files))
-            # A live run's collector may have turned segments into a new part (and deleted
-            # them) after we listed the parts: those rows are in neither, so read again.
-            if list_parts(folder, files=files) == parts:
-                break
-        else:
-            raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
-        if tail is not None:
-            if wanted is not None:
-                import pyarrow.compute as pc
-
-                tail = tail.filter(pc.is_in(tail[KEY].cast(pa.string()), pa.array(wanted, pa.string())))
-            tables.append(tail)
-        if not tables:
-            return metrics_schema().empty_table()
-        return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+        return snapshot(self.path, self._files)
 
     def hardware(self, keys: str | Iterable[str] | None = None) -> pa.Table:
         """Hardware samples (columns time, host, device, key, value, text, rank) of every host
@@ -271,31 +266,6 @@ def _log_entries(text: str) -> list[str]:
         else:
             entries.append(line)
     return entries
-
-
-REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}
-
-
-def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if how not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
-    numeric = table.filter(pc.is_valid(table[VALUE]))
-    numeric = numeric.set_column(0, KEY, numeric[KEY].cast(pa.string()))
-    grouped = numeric.group_by([KEY, STEP]).aggregate(
-        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")]
-    )
-    reduced = f"{VALUE}_{REDUCTIONS[how]}"
-    out = pa.table({
-        KEY: grouped[KEY],
-        STEP: grouped[STEP],
-        VALUE: grouped[reduced],
-        "ranks": grouped[f"{RANK}_count_distinct"],
-        TIME: grouped[f"{TIME}_max"],
-    })
-    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
 
 
 def open_run(
