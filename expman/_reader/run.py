@@ -119,8 +119,7 @@ class Run:
             raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {reduce!r}")
         if columns is not None:
             raise ValueError("columns= does not apply with reduce= (the result's columns are fixed)")
-        query = make_query(keys, ranks, steps, (KEY, VALUE, STEP, RANK, TIME), numeric=True)
-        return reduce_across_ranks(Scan(self._snapshot(), query).table(), reduce)
+        return reduce_across_ranks(self._snapshot(), make_query(keys, ranks, steps), reduce)
 
     def iter_metrics(
         self,

@@ -12,7 +12,7 @@ costs about 28 bytes per returned row (value, step, time, rank) beyond a fixed a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -184,14 +184,16 @@ class Scan:
     def _indexed(self, file: pq.ParquetFile, index: KeyIndex) -> Iterator[pa.RecordBatch]:
         wanted = index if self.query.keys is None else {k: index[k] for k in self.query.keys if k in index}
         ranges = sorted((first, rows, key) for key, (first, rows) in wanted.items())
-        last: tuple[int, pa.Table] | None = None  # a row group shared by two keys is decoded once
+        last: tuple[int, pa.Table, dict] | None = None  # a row group shared by two keys is decoded once
         for first, rows, key in ranges:
             for span in spans(file.metadata, [(first, rows)]):
                 if not self._may_match(file.metadata.row_group(span.group)):
                     continue
                 if last is None or last[0] != span.group:
-                    last = (span.group, file.read_row_group(span.group, columns=self._read, use_threads=True))
-                yield from self._finish(_slice(last[1], span), key)
+                    fixed = _constant_columns(file.metadata.row_group(span.group), self._read)
+                    columns = [c for c in self._read if c not in fixed]
+                    last = (span.group, file.read_row_group(span.group, columns=columns, use_threads=True), fixed)
+                yield from self._finish(_slice(last[1], span), key, last[2])
 
     # --- parts without one, and the write-ahead tail -------------------------------------------
     def _unindexed(self, file: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
@@ -218,8 +220,10 @@ class Scan:
                 return False
         return True
 
-    def _finish(self, table: pa.Table | pa.RecordBatch, key: str | None) -> Iterator[pa.RecordBatch]:
-        """Filter rows, re-code dictionaries, put columns in order: one output batch."""
+    def _finish(self, table: pa.Table | pa.RecordBatch, key: str | None,
+                fixed: dict[str, str | None] | None = None) -> Iterator[pa.RecordBatch]:
+        """Filter rows, re-code dictionaries, put columns in order: one output batch. `key`:
+        the rows' one key (not read); `fixed`: columns with one value in these rows (not read)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -253,6 +257,9 @@ class Scan:
                 out.append(self.dicts.repeat(KEY, key, rows) if key is not None
                            else self.dicts.encode(KEY, _one_chunk(table.column(KEY))))
                 continue
+            if fixed and name in fixed:
+                out.append(self.dicts.null_text(rows) if name == TEXT else self.dicts.repeat(name, fixed[name], rows))
+                continue
             column = _one_chunk(table.column(name))
             if name == HOST:
                 column = self.dicts.encode(HOST, column)
@@ -269,6 +276,22 @@ def _slice(table: pa.Table, span: Span) -> pa.Table:
     if piece.num_rows < _COMPACT * table.num_rows:
         piece = piece.take(np.arange(piece.num_rows))
     return piece
+
+
+def _constant_columns(group: pq.RowGroupMetaData, columns: list[str]) -> dict[str, str | None]:
+    """`host` and `text` where the row group's statistics say they hold one value (one host;
+    no text at all): made from that value instead of decoded, 4 bytes a row saved each."""
+    fixed: dict[str, str | None] = {}
+    for name in (HOST, TEXT):
+        column = _column_index(group, name) if name in columns else None
+        stats = None if column is None else group.column(column).statistics
+        if stats is None or stats.null_count is None:
+            continue
+        if name == TEXT and stats.null_count == group.num_rows:
+            fixed[TEXT] = None
+        elif name == HOST and stats.null_count == 0 and stats.has_min_max and stats.min == stats.max:
+            fixed[HOST] = stats.min if isinstance(stats.min, str) else bytes(stats.min).decode()
+    return fixed
 
 
 def _one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -293,23 +316,102 @@ def _output_schema(columns: tuple[str, ...]) -> pa.Schema:
     return pa.schema([full.field(c) for c in columns])
 
 
-def reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
+def reduce_across_ranks(tail: MetricsTail, query: Query, how: str) -> pa.Table:
     """One row per key and step: the reduction of the values over ranks, how many ranks had
-    one, and the latest time. `table` holds numeric rows only (key, value, step, rank, time)."""
+    one, and the latest time. A key at a time where every part has a key index (memory
+    holds one key's rows), else the whole read at once."""
     import pyarrow as pa
 
     if how not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
-    grouped = table.group_by([KEY, STEP], use_threads=False).aggregate(
-        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")])
-    key = grouped[KEY]
-    if pa.types.is_dictionary(key.type):
-        key = key.cast(pa.string())
-    out = pa.table({
-        KEY: key,
-        STEP: grouped[STEP],
-        VALUE: grouped[f"{VALUE}_{REDUCTIONS[how]}"],
-        "ranks": grouped[f"{RANK}_count_distinct"],
-        TIME: grouped[f"{TIME}_max"],
-    })
-    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
+    query = replace(query, columns=(KEY, VALUE, STEP, RANK, TIME), numeric=True)
+    keys = _indexed_keys(tail, query)
+    if keys is None:
+        pieces = [_reduce(Scan(tail, query).table(), how)]
+    else:
+        pieces = [_reduce(Scan(tail, replace(query, keys=[key])).table(), how) for key in keys]
+    pieces = [p for p in pieces if p.num_rows]
+    return pa.concat_tables(pieces) if pieces else _reduced_schema().empty_table()
+
+
+def _indexed_keys(tail: MetricsTail, query: Query) -> list[str] | None:
+    """The keys to read one by one, sorted; None when a part has no key index."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found: set[str] = set()
+    for part in tail.parts:
+        index = read_index(tail.opened[part.path])
+        if index is None:
+            return None
+        found.update(index)
+    if tail.tail is not None:
+        found.update(pc.unique(tail.tail.column(KEY).cast(pa.string())).to_pylist())
+    return sorted(found if query.keys is None else found & set(query.keys))
+
+
+def _reduce(table: pa.Table, how: str) -> pa.Table:
+    """Sort rows by (key, step) and reduce each run of equal ones with numpy: no hashing.
+    min and max skip NaN (NaN only when every value is), mean keeps it, median is exact and
+    skips NaN; rows without a step form one group per key, listed last."""
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        return _reduced_schema().empty_table()
+    table = table.combine_chunks()
+    key_col = table.column(KEY).chunk(0)
+    names = key_col.dictionary
+    keys = key_col.indices.to_numpy(zero_copy_only=False)
+    step_col = table.column(STEP).chunk(0)
+    no_step = np.iinfo(np.int64).max
+    steps = step_col.fill_null(no_step).to_numpy(zero_copy_only=False) if step_col.null_count else step_col.to_numpy()
+    values = table.column(VALUE).chunk(0).to_numpy(zero_copy_only=False)
+    if how == "median":  # NaN sort last within a group
+        order = np.lexsort((values, steps, keys))
+    elif (keys == keys[0]).all():
+        order = np.argsort(steps, kind="stable")
+    else:
+        order = np.lexsort((steps, keys))
+    keys, steps, values = keys[order], steps[order], values[order]
+    starts = np.flatnonzero(np.r_[True, (steps[1:] != steps[:-1]) | (keys[1:] != keys[:-1])])
+    counts = np.diff(np.r_[starts, len(steps)])
+    if how == "mean":
+        out = np.add.reduceat(values, starts) / counts
+    elif how == "min":
+        out = np.fmin.reduceat(values, starts)
+    elif how == "max":
+        out = np.fmax.reduceat(values, starts)
+    else:
+        finite = np.add.reduceat((~np.isnan(values)).astype(np.int64), starts)  # NaN sorted last in each group
+        held = np.maximum(finite, 1)
+        middle = (values[starts + (held - 1) // 2] + values[starts + held // 2]) / 2
+        out = np.where(finite > 0, middle, np.nan)
+    times = table.column(TIME).chunk(0).cast(pa.int64()).to_numpy()[order]
+    ranks = _distinct_per_group(table.column(RANK).chunk(0).to_numpy()[order], starts)
+    group_steps = steps[starts]
+    return pa.table({
+        KEY: pa.DictionaryArray.from_arrays(pa.array(keys[starts]), names).cast(pa.string()),
+        STEP: pa.array(group_steps, pa.int64(), mask=group_steps == no_step),
+        VALUE: pa.array(out, pa.float64()),
+        "ranks": pa.array(ranks, pa.int64()),
+        TIME: pa.array(np.maximum.reduceat(times, starts)).cast(_reduced_schema().field(TIME).type),
+    }, schema=_reduced_schema())
+
+
+def _distinct_per_group(rank: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """How many distinct ranks each group (rows [starts[i], starts[i + 1])) holds."""
+    low = int(rank.min())
+    if int(rank.max()) - low < 64:  # a bit per rank, or-ed over each group
+        bits = np.left_shift(np.uint64(1), (rank - low).astype(np.uint64))
+        return np.bitwise_count(np.bitwise_or.reduceat(bits, starts)).astype(np.int64)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(rank)]))
+    pairs = np.unique(np.stack([group, rank.astype(np.int64)]), axis=1)
+    return np.bincount(pairs[0], minlength=len(starts)).astype(np.int64)
+
+
+def _reduced_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    full = metrics_schema()
+    return pa.schema([pa.field(KEY, pa.string()), pa.field(STEP, pa.int64()), pa.field(VALUE, pa.float64()),
+                      pa.field("ranks", pa.int64()), pa.field(TIME, full.field(TIME).type)])
