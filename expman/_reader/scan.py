@@ -13,7 +13,7 @@ costs about 28 bytes per returned row (value, step, time, rank) beyond a fixed a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -327,9 +327,9 @@ def reduce_across_ranks(tail: MetricsTail, query: Query, how: str) -> pa.Table:
     query = replace(query, columns=(KEY, VALUE, STEP, RANK, TIME), numeric=True)
     keys = _indexed_keys(tail, query)
     if keys is None:
-        pieces = [_reduce(Scan(tail, query).table(), how)]
+        pieces = [_reduce(Scan(tail, query).table, how)]
     else:
-        pieces = [_reduce(Scan(tail, replace(query, keys=[key])).table(), how) for key in keys]
+        pieces = [_reduce(Scan(tail, replace(query, keys=[key])).table, how) for key in keys]
     pieces = [p for p in pieces if p.num_rows]
     return pa.concat_tables(pieces) if pieces else _reduced_schema().empty_table()
 
@@ -350,29 +350,36 @@ def _indexed_keys(tail: MetricsTail, query: Query) -> list[str] | None:
     return sorted(found if query.keys is None else found & set(query.keys))
 
 
-def _reduce(table: pa.Table, how: str) -> pa.Table:
+def _reduce(read: Callable[[], pa.Table], how: str) -> pa.Table:
     """Sort rows by (key, step) and reduce each run of equal ones with numpy: no hashing.
     min and max skip NaN (NaN only when every value is), mean keeps it, median is exact and
-    skips NaN; rows without a step form one group per key, listed last."""
+    skips NaN; rows without a step form one group per key, listed last. `read` gives the
+    rows; they are freed column by column as numpy takes them over (memory: about one copy)."""
     import pyarrow as pa
 
+    table = read()
     if table.num_rows == 0:
         return _reduced_schema().empty_table()
-    table = table.combine_chunks()
-    key_col = table.column(KEY).chunk(0)
-    names = key_col.dictionary
-    keys = key_col.indices.to_numpy(zero_copy_only=False)
-    step_col = table.column(STEP).chunk(0)
+    key_col = table.column(KEY).combine_chunks()
+    names, keys = key_col.dictionary, key_col.indices.to_numpy(zero_copy_only=False)
+    step_col = table.column(STEP)
     no_step = np.iinfo(np.int64).max
-    steps = step_col.fill_null(no_step).to_numpy(zero_copy_only=False) if step_col.null_count else step_col.to_numpy()
-    values = table.column(VALUE).chunk(0).to_numpy(zero_copy_only=False)
+    steps = (step_col.fill_null(no_step) if step_col.null_count else step_col).to_numpy()
+    values = table.column(VALUE).to_numpy()
+    ranks = table.column(RANK).to_numpy()
+    times = table.column(TIME).cast(pa.int64()).to_numpy()
+    del table, key_col, step_col
+    single_key = bool((keys == keys[0]).all())
     if how == "median":  # NaN sort last within a group
-        order = np.lexsort((values, steps, keys))
-    elif (keys == keys[0]).all():
-        order = np.argsort(steps, kind="stable")
+        order = np.lexsort((values, steps) if single_key else (values, steps, keys))
     else:
-        order = np.lexsort((steps, keys))
-    keys, steps, values = keys[order], steps[order], values[order]
+        order = np.argsort(steps, kind="stable") if single_key else np.lexsort((steps, keys))
+    steps = steps[order]  # one at a time: each unsorted copy is freed before the next is sorted
+    values = values[order]
+    ranks = ranks[order]
+    times = times[order]
+    keys = keys[:1].repeat(len(steps)) if single_key else keys[order]
+    del order
     starts = np.flatnonzero(np.r_[True, (steps[1:] != steps[:-1]) | (keys[1:] != keys[:-1])])
     counts = np.diff(np.r_[starts, len(steps)])
     if how == "mean":
@@ -386,14 +393,12 @@ def _reduce(table: pa.Table, how: str) -> pa.Table:
         held = np.maximum(finite, 1)
         middle = (values[starts + (held - 1) // 2] + values[starts + held // 2]) / 2
         out = np.where(finite > 0, middle, np.nan)
-    times = table.column(TIME).chunk(0).cast(pa.int64()).to_numpy()[order]
-    ranks = _distinct_per_group(table.column(RANK).chunk(0).to_numpy()[order], starts)
     group_steps = steps[starts]
     return pa.table({
         KEY: pa.DictionaryArray.from_arrays(pa.array(keys[starts]), names).cast(pa.string()),
         STEP: pa.array(group_steps, pa.int64(), mask=group_steps == no_step),
         VALUE: pa.array(out, pa.float64()),
-        "ranks": pa.array(ranks, pa.int64()),
+        "ranks": pa.array(_distinct_per_group(ranks, starts), pa.int64()),
         TIME: pa.array(np.maximum.reduceat(times, starts)).cast(_reduced_schema().field(TIME).type),
     }, schema=_reduced_schema())
 
@@ -415,3 +420,50 @@ def _reduced_schema() -> pa.Schema:
     full = metrics_schema()
     return pa.schema([pa.field(KEY, pa.string()), pa.field(STEP, pa.int64()), pa.field(VALUE, pa.float64()),
                       pa.field("ranks", pa.int64()), pa.field(TIME, full.field(TIME).type)])
+
+
+# --- one part, key by key (expman-tui's incremental reads) ------------------------------------
+def read_keys(file: pq.ParquetFile, keys: list[str], columns: list[str],
+              skip: dict[str, int] | None = None) -> dict[str, tuple[pa.Table, int]]:
+    """Each key's rows in one part past its first `skip[key]` (rows a caller already holds from
+    the parts this one merged: a merge puts each key's rows of its inputs one after another),
+    and how many rows the key has in the part. Through the key index only the key's row
+    groups are decoded; a part without one is read whole and split."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    skip = skip or {}
+    index = read_index(file)
+    out: dict[str, tuple[pa.Table, int]] = {}
+    if index is None:
+        table = file.read(columns=sorted(set(columns) | {KEY}, key=METRIC_COLUMNS.index), use_threads=True)
+        names = table.column(KEY).cast(pa.string())
+        for key in keys:
+            rows = table.filter(pc.equal(names, key)).select(columns)
+            out[key] = (rows.slice(skip.get(key, 0)), rows.num_rows)
+        return out
+    groups: dict[int, pa.Table] = {}
+    for key in keys:
+        first, count = index.get(key, (0, 0))
+        held = min(skip.get(key, 0), count)
+        pieces = []
+        for span in spans(file.metadata, [(first + held, count - held)]):
+            if span.group not in groups:
+                groups[span.group] = file.read_row_group(span.group, columns=columns, use_threads=True)
+            pieces.append(groups[span.group].slice(span.start, span.stop - span.start))
+        schema = _output_schema(tuple(c for c in METRIC_COLUMNS if c in columns))
+        out[key] = (pa.concat_tables(pieces) if pieces else schema.empty_table(), count)
+    return out
+
+
+def part_keys(file: pq.ParquetFile) -> set[str]:
+    """The keys in a part: from its key index, else from its key column's dictionaries."""
+    import pyarrow.compute as pc
+
+    index = read_index(file)
+    if index is not None:
+        return set(index)
+    out: set[str] = set()
+    for chunk in file.read(columns=[KEY]).column(KEY).chunks:
+        out.update(chunk.dictionary.take(pc.unique(chunk.indices)).to_pylist())
+    return out
