@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import re
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -268,12 +269,18 @@ def _log_entries(text: str) -> list[str]:
 
 
 def open_run(
-    run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *, filesystem: pafs.FileSystem | None = None
+    run: Run | str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Run:
-    """Open a run by its directory or URI (s3://bucket/prefix/mnist/run-1a2b), by
-    'experiment/run-folder' under the root, or by its id. With `filesystem` (a
-    `pyarrow.fs.FileSystem`, for your own credentials or endpoint), `run` and `root` are
-    paths inside it."""
+    """Open a run: a `Run` (what `list_runs` returns), its directory or URI
+    (s3://bucket/prefix/mnist/run-1a2b), 'experiment/run-folder' under the root, its id, a
+    unique prefix of its id, or its name. An id wins over a name; a name or prefix that more
+    than one run has is an error that lists them. With `filesystem` (a `pyarrow.fs.FileSystem`,
+    for your own credentials or endpoint), `run` and `root` are paths inside it."""
+    if isinstance(run, Run):
+        return Run._found(run._files, run.path)
+    if not isinstance(run, (str, os.PathLike)):
+        raise TypeError(f"open_run takes a Run, a run directory, an id or a name; got {type(run).__name__}")
     files, path = locate(run, filesystem)
     if _holds_run(files, path, guess=filesystem is not None and not is_uri(run)):
         return Run._found(files, path)
@@ -282,12 +289,39 @@ def open_run(
     files, base = _root(root, filesystem)
     if files.is_file(base / run / RUN_YAML):
         return Run._found(files, base / run)
-    uid = str(run)
-    for run_dir in _run_dirs(files, base, suffix=f"-{uid}"):
-        info = read_yaml_if_present(run_dir / RUN_YAML, files)
-        if info is not None and info.get("id") == uid:
+    return _by_id_or_name(files, base, str(run))
+
+
+def _by_id_or_name(files: Files, base: PurePath, text: str) -> Run:
+    """The run whose id is `text`, else the one run whose id starts with it or whose name it is.
+    Folders are <name>-<id>, so only folders whose name could match have their run.yaml read."""
+    found: dict[PurePath, dict[str, Any]] = {}
+    for run_dir in _run_dirs(files, base):
+        folder = run_dir.name
+        if f"-{text}" not in folder and not folder.startswith(f"{text}-"):
+            continue
+        try:
+            info = read_yaml_if_present(run_dir / RUN_YAML, files)
+        except ExpmanError:
+            continue
+        if info is None:
+            continue
+        uid = str(info.get("id", ""))
+        if uid == text:
             return Run._found(files, run_dir)
-    raise RunNotFoundError(f"no run {uid!r}: not a run directory, and no run with that id under {files.uri(base)}")
+        if uid.startswith(text) or str(info.get("name", "")) == text:
+            found[run_dir] = info
+    if len(found) == 1:
+        return Run._found(files, next(iter(found)))
+    if not found:
+        raise RunNotFoundError(f"no run {text!r}: not a run directory, and no run with that id, id prefix or name "
+                               f"under {files.uri(base)}")
+    listed = sorted(found.items(), key=lambda item: str(item[1].get("started_at") or ""), reverse=True)
+    names = [f"{d.parent.name}/{d.name} (id {i.get('id')}, {i.get('status', 'unknown')}, started {i.get('started_at')})"
+             for d, i in listed[:10]]
+    more = f"; and {len(listed) - 10} more" if len(listed) > 10 else ""
+    raise RunNotFoundError(f"{text!r} matches {len(listed)} runs: " + "; ".join(names) + more
+                           + ". Give more of the id, or the run's folder")
 
 
 def list_runs(
@@ -297,19 +331,38 @@ def list_runs(
     filesystem: pafs.FileSystem | None = None,
 ) -> list[Run]:
     """The runs under a root (a folder, a URI such as s3://bucket/prefix, or a path inside
-    `filesystem`), optionally of one experiment, newest first."""
+    `filesystem`), optionally of one experiment, newest first. Only each run.yaml's start
+    time is read here (one line, for a file the collector wrote); `info` reads the rest."""
     files, base = _root(root, filesystem)
     runs = []
     for run_dir in _run_dirs(files, base, experiment=experiment):
         try:
-            info = read_yaml_if_present(run_dir / RUN_YAML, files)
+            started = _started_at(files, run_dir / RUN_YAML)
         except ExpmanError as exc:
             log.warning("expman: skipping a run: %s", exc)
             continue
-        if info is not None:
-            runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
+        if started is not None:
+            runs.append((started, Run._found(files, run_dir)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]
+
+
+# The collector writes run.yaml with yaml.safe_dump: a top-level key starts a line, and a
+# string that looks like a time is quoted. Anything else is parsed (and checked) in full.
+_STARTED_AT = re.compile(r"^started_at: *(?:'([^'\n]*)'|\"([^\"\n]*)\"|(null|~)?) *$", re.M)
+
+
+def _started_at(files: Files, path: PurePath) -> str | None:
+    """The run's start time as text, for sorting ("" if it has none); None without run.yaml."""
+    try:
+        text = files.read_text(path)
+    except FileNotFoundError:
+        return None
+    match = _STARTED_AT.search(text) if text.startswith(("id:", "name:", "experiment:")) else None
+    if match is not None:
+        return match[1] or match[2] or ""
+    info = read_yaml_if_present(path, files) if text.strip() else {}
+    return None if info is None else str(info.get("started_at") or "")
 
 
 def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:
