@@ -47,6 +47,9 @@ def test_reads_during_flushes_and_merges_are_whole_and_never_raise(collector, ro
     try:
         wait_for(lambda: (exp.run_dir / "run.yaml").exists(), 30, "the collector to create the run")
         run = expman.open_run(exp.run_dir)
+        wait_for(lambda: list_parts(run.path / "metrics"), 60, "a first part")
+        held = [p.path for p in list_parts(run.path / "metrics")]
+        stream = run.iter_metrics()  # a lazy read: its parts are held open from here on
         tail = MetricsTail(exp.run_dir)
         rows, merged_reads, deadline = 0, 0, time.monotonic() + 300  # a hang guard, not a timing
         while merged_reads < 3 and time.monotonic() < deadline:
@@ -60,6 +63,8 @@ def test_reads_during_flushes_and_merges_are_whole_and_never_raise(collector, ro
                 merged_reads += 1  # the collector flushed or merged while this read ran
         assert merged_reads == 3, "the collector never merged while we read"
         assert any(p.level > 0 for p in tail.parts)
+        assert not all(path.exists() for path in held)  # merged away meanwhile ...
+        assert check_whole(stream.read_all()) > 0  # ... and the stream still reads them whole
     finally:
         stop.set()
         writer.join()
