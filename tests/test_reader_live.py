@@ -58,6 +58,7 @@ def test_reads_during_flushes_and_merges_are_whole_and_never_raise(collector, ro
             assert seen >= rows  # nothing acknowledged disappears between looks
             rows = seen
             tail.poll()  # the TUI's incremental look too
+            assert "loss" in run._repr_html_()  # and the notebook summary
             after = list_parts(run.path / "metrics")
             if before != after and any(p.level > 0 for p in after):
                 merged_reads += 1  # the collector flushed or merged while this read ran
