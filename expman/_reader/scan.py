@@ -106,8 +106,11 @@ class _Dictionaries:
 
         held = self._constants.get(code)
         if held is None or len(held) < rows + 1:
-            size = max(rows + 1, 2 * (0 if held is None else len(held)), 1 << 17)
-            held = self._constants[code] = np.zeros(size, np.int32) if code == 0 else np.full(size, code, np.int32)
+            size = max(rows + 1, 2 * (0 if held is None else len(held)))
+            if code == 0:  # calloc'ed pages: free until written, so make it big at once
+                held = self._constants[code] = np.zeros(max(size, 1 << 20), np.int32)
+            else:
+                held = self._constants[code] = np.full(size, code, np.int32)
         return pa.array(held[:rows])
 
     def encode(self, column: str, array: pa.Array) -> pa.DictionaryArray:

@@ -35,15 +35,13 @@ def sort_by_key(table: pa.Table) -> tuple[pa.Table, KeyIndex]:
 
     if table.num_rows == 0:
         return table, {}
-    table = table.unify_dictionaries().combine_chunks()
-    column = table.column(KEY).chunk(0)
-    if not pa.types.is_dictionary(column.type):
-        column = column.dictionary_encode()
-    names = column.dictionary.to_pylist()
+    table = table.unify_dictionaries()  # one dictionary for every chunk: no copy of the rows
+    chunks = table.column(KEY).chunks
+    names = chunks[0].dictionary.to_pylist()
     order_of_name = np.argsort(np.array(names, dtype=object), kind="stable")
     rank = np.empty(len(names), np.int32)
     rank[order_of_name] = np.arange(len(names), dtype=np.int32)
-    ranked = rank[column.indices.to_numpy(zero_copy_only=False)]
+    ranked = rank[np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])]
     counts = np.bincount(ranked, minlength=len(names))
     if not (np.diff(ranked) >= 0).all():
         table = table.take(pa.array(np.argsort(ranked, kind="stable")))
