@@ -130,7 +130,10 @@ def test_a_filtered_read_equals_a_full_read_filtered_afterwards(run, keys, ranks
 
 @pytest.mark.parametrize("how", ["mean", "min", "max", "median"])
 @pytest.mark.parametrize("keys", [None, ["loss", "lr"]])
-def test_reduce_equals_a_group_by_of_the_full_read(run, how, keys):
+@pytest.mark.parametrize("batch_rows", [None, 50])
+def test_reduce_equals_a_group_by_of_the_full_read(run, how, keys, batch_rows, monkeypatch):
+    if batch_rows is not None:  # a key or a few at a time, as for runs bigger than this one
+        monkeypatch.setattr("expman._reader.reduce.BATCH_ROWS", batch_rows)
     full = run.metrics()
     numeric = full.filter(pc.is_valid(full["value"]))
     numeric = numeric.set_column(0, "key", numeric["key"].cast(pa.string()))

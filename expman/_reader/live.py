@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from expman._errors import ExpmanError
 from expman._storage.files import LOCAL, ArrowFiles, Files
+from expman._storage.key_index import KeyIndex, read_index
 from expman._storage.layout import METRICS_DIR, WAL_DIR, Part, list_parts
 from expman._storage.wal import RECORD_OVERHEAD, list_segments, read_records
 
@@ -61,6 +62,13 @@ class MetricsTail:
         self.tail: pa.Table | None = None
         self.appended: pa.Table | None = None
         self._segments: dict[PurePath, _Segment] = {}
+        self._indexes: dict[PurePath, KeyIndex | None] = {}
+
+    def key_index(self, path: PurePath) -> KeyIndex | None:
+        """The key index of an opened part (read from its footer once)."""
+        if path not in self._indexes:
+            self._indexes[path] = read_index(self.opened[path])
+        return self._indexes[path]
 
     def poll(self) -> bool:
         """Take a consistent look; True when the parts or the tail changed since the last one."""
@@ -80,6 +88,7 @@ class MetricsTail:
             raise ExpmanError(f"{self.files.uri(folder)}: the collector kept rewriting parts while they were read")
         changed = parts != self.parts or bool(new_tables) or set(segments) != set(self._segments)
         self.parts, self.opened, self._segments = parts, opened, segments
+        self._indexes = {p: i for p, i in self._indexes.items() if p in opened}
         if changed:
             import pyarrow as pa
 

@@ -112,12 +112,13 @@ class Run:
         Median is t-digest based: exact for up to about a hundred ranks. For runs larger than
         memory, `iter_metrics` streams the same rows batch by batch.
         """
-        from expman._reader.scan import REDUCTIONS, Scan, make_query, reduce_across_ranks
+        from expman._reader.reduce import REDUCTIONS, reduce_across_ranks
+        from expman._reader.scan import Scan, make_query
 
         if reduce is None:
             return Scan(self._snapshot(), make_query(keys, ranks, steps, columns)).table()
         if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {reduce!r}")
+            raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
         if columns is not None:
             raise ValueError("columns= does not apply with reduce= (the result's columns are fixed)")
         return reduce_across_ranks(self._snapshot(), make_query(keys, ranks, steps), reduce)
