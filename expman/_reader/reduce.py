@@ -76,7 +76,7 @@ def _reduce(read: Callable[[], pa.Table], how: str) -> pa.Table:
     """Sort rows by (key, step) and reduce each run of equal ones with numpy: no hashing.
     min and max skip NaN (NaN only when every value is), mean keeps it, median is exact and
     skips NaN; rows without a step form one group per key, listed last. `read` gives the
-    rows; they are freed column by column as numpy takes them over (memory: about one copy)."""
+    rows; they are freed as numpy takes them over (memory: about one copy)."""
     import pyarrow as pa
 
     table = read()
@@ -85,51 +85,59 @@ def _reduce(read: Callable[[], pa.Table], how: str) -> pa.Table:
     key_col = table.column(KEY).combine_chunks()
     names, keys = key_col.dictionary, key_col.indices.to_numpy(zero_copy_only=False)
     step_col = table.column(STEP)
-    no_step = np.iinfo(np.int64).max
-    steps = (step_col.fill_null(no_step) if step_col.null_count else step_col).to_numpy()
+    steps = (step_col.fill_null(_NO_STEP) if step_col.null_count else step_col).to_numpy()
     values = table.column(VALUE).to_numpy()
     ranks = table.column(RANK).to_numpy()
     times = table.column(TIME).cast(pa.int64()).to_numpy()
     del table, key_col, step_col
-    single_key = bool((keys == keys[0]).all())
-    if how == "median":  # NaN sort last within a group
-        order = np.lexsort((values, steps) if single_key else (values, steps, keys))
-    else:
-        order = np.argsort(steps, kind="stable") if single_key else np.lexsort((steps, keys))
+    single = bool((keys == keys[0]).all())
+    sort_by = ((values,) if how == "median" else ()) + (steps,) + (() if single else (keys,))  # NaN sort last
+    order = np.argsort(steps, kind="stable") if len(sort_by) == 1 else np.lexsort(sort_by)
     steps = steps[order]  # one at a time: each unsorted copy is freed before the next is sorted
     values = values[order]
     ranks = ranks[order]
     times = times[order]
-    keys = keys[:1].repeat(len(steps)) if single_key else keys[order]
+    change = steps[1:] != steps[:-1]
+    if not single:
+        keys = keys[order]
+        change |= keys[1:] != keys[:-1]
     del order
-    starts = np.flatnonzero(np.r_[True, (steps[1:] != steps[:-1]) | (keys[1:] != keys[:-1])])
-    counts = np.diff(np.r_[starts, len(steps)])
-    if how == "mean":
-        out = np.add.reduceat(values, starts) / counts
-    elif how == "min":
-        out = np.fmin.reduceat(values, starts)
-    elif how == "max":
-        out = np.fmax.reduceat(values, starts)
-    else:
-        finite = np.add.reduceat((~np.isnan(values)).astype(np.int64), starts)  # NaN sorted last in each group
-        held = np.maximum(finite, 1)
-        middle = (values[starts + (held - 1) // 2] + values[starts + held // 2]) / 2
-        out = np.where(finite > 0, middle, np.nan)
+    starts = np.flatnonzero(np.r_[True, change])
     group_steps = steps[starts]
     return pa.table({
-        KEY: pa.DictionaryArray.from_arrays(pa.array(keys[starts]), names).cast(pa.string()),
-        STEP: pa.array(group_steps, pa.int64(), mask=group_steps == no_step),
-        VALUE: pa.array(out, pa.float64()),
+        KEY: pa.DictionaryArray.from_arrays(pa.array(keys[starts] if not single else np.full(len(starts), keys[0])),
+                                            names).cast(pa.string()),
+        STEP: pa.array(group_steps, pa.int64(), mask=group_steps == _NO_STEP),
+        VALUE: pa.array(_reduce_values(values, starts, how), pa.float64()),
         "ranks": pa.array(_distinct_per_group(ranks, starts), pa.int64()),
         TIME: pa.array(np.maximum.reduceat(times, starts)).cast(_reduced_schema().field(TIME).type),
     }, schema=_reduced_schema())
 
 
+_NO_STEP = np.iinfo(np.int64).max  # stands for a missing step while sorting: after every real one
+
+
+def _reduce_values(values: np.ndarray, starts: np.ndarray, how: str) -> np.ndarray:
+    """Each group's reduction (groups: rows [starts[i], starts[i + 1]), sorted by value for median)."""
+    if how == "mean":
+        return np.add.reduceat(values, starts) / np.diff(np.r_[starts, len(values)])
+    if how == "min":
+        return np.fmin.reduceat(values, starts)
+    if how == "max":
+        return np.fmax.reduceat(values, starts)
+    finite = np.add.reduceat((~np.isnan(values)).astype(np.int64), starts)  # NaN sorted last in each group
+    held = np.maximum(finite, 1)
+    middle = (values[starts + (held - 1) // 2] + values[starts + held // 2]) / 2
+    return np.where(finite > 0, middle, np.nan)
+
+
 def _distinct_per_group(rank: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """How many distinct ranks each group (rows [starts[i], starts[i + 1])) holds."""
     low = int(rank.min())
-    if int(rank.max()) - low < 64:  # a bit per rank, or-ed over each group
-        bits = np.left_shift(np.uint64(1), (rank - low).astype(np.uint64))
+    span = int(rank.max()) - low + 1
+    if span <= 64:  # a bit per rank, or-ed over each group, in the narrowest integer that fits
+        width = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.dtype(t).itemsize * 8 >= span)
+        bits = (np.ones(1, width) << np.arange(span, dtype=width))[rank - low if low else rank]
         return np.bitwise_count(np.bitwise_or.reduceat(bits, starts)).astype(np.int64)
     group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(rank)]))
     pairs = np.unique(np.stack([group, rank.astype(np.int64)]), axis=1)
