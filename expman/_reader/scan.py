@@ -218,7 +218,10 @@ class Scan:
         for name, fits in checks:
             column = _column_index(group, name)
             stats = None if column is None else group.column(column).statistics
-            if stats is not None and stats.has_min_max and not fits(stats.min, stats.max):
+            if stats is None or not stats.has_min_max:
+                continue
+            lo, hi = (v.decode(errors="replace") if isinstance(v, bytes) else v for v in (stats.min, stats.max))
+            if not fits(lo, hi):
                 return False
         return True
 
