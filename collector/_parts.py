@@ -186,7 +186,7 @@ def write_part(
                     source, index = _key_index.sort_by_key(source)
                 writer.write_table(source, row_group_size=ROW_GROUP)
             else:
-                files = [pq.ParquetFile(part.path) for part in source]
+                files = [pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 16) for part in source]
                 indexes = [_key_index.read_index(file) for file in files] if by_key else []
                 if by_key and all(i is not None for i in indexes):
                     rows, summary, index = _merge_by_key(writer, files, indexes, summarize)  # type: ignore[arg-type]
