@@ -1,8 +1,10 @@
 """One run's metrics on disk: write-ahead segments first, then Parquet parts.
 
 Frames are appended to the current WAL segment before they are acknowledged. Every
-flush seals the segment and writes its rows as a new part; parts are merged eight at a
-time (so a run never has more than a few dozen files) and into one at finish.
+flush seals the segment and writes its rows as a new part, sorted by key with a key index
+in its footer (expman/_storage/key_index.py: a reader of one key decodes only that key);
+parts are merged eight at a time (so a run never has more than a few dozen files), key
+by key, and into one at finish.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class MetricsStore:
             if frames:
                 table = pa.concat_tables([frame_table(f) for f in frames])
                 write_part(table, self.metrics_dir / part_name(0, leftover[0][0], leftover[-1][0], self.writer), _SCHEMA,
-                           _frames_metadata(recovered), **_ENCODING)
+                           _frames_metadata(recovered), by_key=True, **_ENCODING)
                 log.warning("recovered %d points from %d write-ahead segments in %s",
                             table.num_rows, len(leftover), self.wal_dir.parent)
             for _, path in leftover:
@@ -146,7 +148,7 @@ class MetricsStore:
         table = pa.concat_tables(self._tables)
         frames = _to_ranges([f for f in self._frames if f[1] >= 0])
         write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA,
-                   _frames_metadata(frames), **_ENCODING)
+                   _frames_metadata(frames), by_key=True, **_ENCODING)
         self.stored_frames = _union([self.stored_frames, frames])
         for number in range(self._pending_from, sealed + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
@@ -164,7 +166,7 @@ class MetricsStore:
 
     def _merge(self, parts: list[Part], level: int) -> None:
         frames = _frames_metadata(_union([part_frames(p.path) for p in parts]))
-        merge_parts(parts, level, _SCHEMA, frames, summarize=True, **_ENCODING)
+        merge_parts(parts, level, _SCHEMA, frames, summarize=True, by_key=True, **_ENCODING)
 
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish)."""

@@ -62,3 +62,16 @@ def test_polars_queries(experiment_root):
     scope = _run(_blocks("Polars"), experiment_root)
     assert scope["best"].rows() == [("lr0.01-lr001", pytest.approx(0.1)), ("lr0.1-lr01", pytest.approx(0.91))]
     assert scope["by_lr"]["lr"].to_list() == [0.01, 0.1]
+
+
+def test_reading_only_what_you_need(experiment_root, monkeypatch):
+    pytest.importorskip("duckdb")
+    monkeypatch.setenv("EXPMAN_ROOT", str(experiment_root))
+    code = _blocks("Reading only what you need, and runs larger than memory").replace('"3fa2b1c9"', '"lr01"')
+    scope = _run(code, experiment_root)
+    assert scope["loss"].column_names == ["value", "step", "rank"] and scope["loss"].num_rows == 0  # steps 0-9 only
+    assert scope["mean"]["value"].to_pylist()[:2] == [1.5, 0.75] and scope["mean"].num_rows == 10
+    assert scope["per_rank"] == [("accuracy", 0, 10, pytest.approx(0.45), 9), ("accuracy", 1, 10, pytest.approx(0.46), 9),
+                                 ("loss", 0, 10, pytest.approx(sum(1 / (s + 1) for s in range(10)) / 10), 9),
+                                 ("loss", 1, 10, pytest.approx(sum(2 / (s + 1) for s in range(10)) / 10), 9)]
+    assert scope["total"] == 20

@@ -125,3 +125,51 @@ def test_log_tail_follows_appends(tmp_path):
         fh.write(" line\nc\n")
     assert tail.read_new() == ["partial line", "c"]
     assert tail.read_new() == []
+
+
+def test_series_reuses_key_indexed_parts_across_a_merge(tmp_path, monkeypatch):
+    """Parts as the collector writes them now: sorted by key with a key index, merged key by
+    key. A merged part is assembled from the parts held plus each key's rows past them."""
+    from expman.collector._parts import merge_parts
+
+    run = tmp_path / "exp" / "r-2"
+    (run / "metrics").mkdir(parents=True)
+    pts = [("loss", float(i), i, i % 2, T0 + i) for i in range(3000)] + [("acc", 1.0, i, 0, T0 + i) for i in range(3000)]
+    pts += [("loss", None, i, 0, T0 + i) for i in range(0, 3000, 250)]  # text points of the same key: rows, not points
+    pts.sort(key=lambda p: p[2])
+    chunks = [pts[i:i + 1000] for i in range(0, len(pts), 1000)]
+
+    def flush(seg):
+        path = run / "metrics" / part_name(0, seg, seg, "test-host")
+        write_merged_part(metrics_table(chunks[seg]), path, metrics_schema(), by_key=True)
+
+    for seg in range(4):
+        flush(seg)
+    source = MetricsSource(run)
+    source.refresh()
+    first = source.series(["loss", "acc"], target=64)["loss"]
+    assert source.reads == 4 and first.points == sum(1 for p in pts[:4000] if p[0] == "loss" and p[1] is not None)
+    held = dict(source._key_rows)
+    for seg in range(4, len(chunks)):
+        flush(seg)
+    merge_parts(list_parts(run / "metrics"), 1, metrics_schema(), by_key=True)
+    from expman.tui.data import series as series_module
+
+    skips = []
+    real_read_keys = series_module.read_keys
+    monkeypatch.setattr(series_module, "read_keys", lambda f, k, c, skip: skips.append(skip) or real_read_keys(f, k, c, skip))
+    assert source.refresh()
+    merged = source.series(["loss", "acc"], target=64)
+    assert merged["loss"].points == 3000 and merged["loss"].last_value == 2999.0 and merged["acc"].points == 3000
+    assert source.reads == 5  # the merged part, once: each key's rows past the four parts held
+    (name,) = {n for n, _k in source._key_rows}
+    assert source._key_rows[(name, "loss")] == sum(1 for p in pts if p[0] == "loss")
+    assert all(rows > 0 for rows in held.values()) and len(held) == 8
+    assert skips == [{k: sum(rows for (_n, key), rows in held.items() if key == k) for k in ("loss", "acc")}]
+    fresh = MetricsSource(run)
+    fresh.refresh()
+    again = fresh.series(["loss", "acc"], target=64)
+    for key in ("loss", "acc"):
+        assert np.array_equal(again[key].buckets.hi, merged[key].buckets.hi)
+        assert np.array_equal(again[key].buckets.count, merged[key].buckets.count)
+    assert fresh.keys() == ["acc", "loss"]

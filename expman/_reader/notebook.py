@@ -62,23 +62,47 @@ def run_html(run: Any) -> str:
     more = f"<tr><td colspan=2>… {len(params) - MAX_PARAMS} more</td></tr>" if len(params) > MAX_PARAMS else ""
     param_html = (f"<details><summary>params ({len(params)})</summary><table>{rows}{more}</table></details>"
                   if params else "<div>params: none</div>")
-    metric_rows = []
-    series = metric_series(run)
-    for key in sorted(series)[:MAX_METRICS]:
-        by_rank = series[key]
-        first = by_rank[min(by_rank)]  # the lowest rank's series stands for the key
-        last_text = first["text"][-1]
-        last = last_text if last_text is not None else first["value"][-1]
-        step = first["step"][-1]
-        points = sum(len(s["value"]) for s in by_rank.values())
-        metric_rows.append(
-            f"<tr><td>{esc(key)}</td><td>{esc(_text(last))}</td><td>{'-' if step is None else step}</td>"
-            f"<td>{points}</td><td>{sparkline_svg(first['value'])}</td></tr>")
-    if len(series) > MAX_METRICS:
-        metric_rows.append(f"<tr><td colspan=5>… {len(series) - MAX_METRICS} more keys</td></tr>")
+    metric_rows, keys = _metric_rows(run)
+    if keys > MAX_METRICS:
+        metric_rows.append(f"<tr><td colspan=5>… {keys - MAX_METRICS} more keys</td></tr>")
     metric_html = ("<table><tr><th>metric</th><th>last</th><th>step</th><th>points</th><th></th></tr>"
                    + "".join(metric_rows) + "</table>") if metric_rows else "<div>metrics: none</div>"
     return f"{head}{param_html}{metric_html}</div>"
+
+
+def _metric_rows(run: Any) -> tuple[list[str], int]:
+    """One table row per key (the first MAX_METRICS by name): the lowest rank's last value and
+    step and its sparkline, and the key's point count; and how many keys there are. Computed
+    on Arrow columns with numpy (no Python object per point: a 1.4 M-point run takes ~0.2 s)."""
+    import numpy as np
+
+    table = run.metrics(columns=[KEY, VALUE, TEXT, STEP, RANK])
+    if table.num_rows == 0:
+        return [], 0
+    key_col = table.column(KEY).combine_chunks()
+    names = key_col.dictionary.to_pylist()
+    codes = key_col.indices.to_numpy(zero_copy_only=False)
+    ranks = table.column(RANK).to_numpy()
+    values = table.column(VALUE).to_numpy()  # nulls (text points) become NaN
+    counts = np.bincount(codes, minlength=len(names))
+    present = sorted((names[c], c) for c in np.flatnonzero(counts))
+    esc = html.escape
+    rows = []
+    for key, code in present[:MAX_METRICS]:
+        of_key = codes == code
+        lowest = ranks[of_key].min()  # the lowest rank's series stands for the key
+        where = np.flatnonzero(of_key & (ranks == lowest))
+        last_at = int(where[-1])
+        text = table.column(TEXT)[last_at].as_py()
+        last = text if text is not None else table.column(VALUE)[last_at].as_py()
+        step = table.column(STEP)[last_at].as_py()
+        spark = values[where]
+        if len(spark) > 4 * SPARK_POINTS:  # the sparkline samples SPARK_POINTS of them anyway
+            spark = np.concatenate([spark[:: len(spark) // (2 * SPARK_POINTS)], spark[-1:]])
+        rows.append(
+            f"<tr><td>{esc(key)}</td><td>{esc(_text(last))}</td><td>{'-' if step is None else step}</td>"
+            f"<td>{int(counts[code])}</td><td>{sparkline_svg(spark.tolist())}</td></tr>")
+    return rows, len(present)
 
 
 def pending_html(label: str) -> str:

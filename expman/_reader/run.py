@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import re
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -104,24 +105,50 @@ class Run:
         keys: str | Iterable[str] | None = None,
         ranks: int | Iterable[int] | None = None,
         reduce: str | None = None,
+        *,
+        steps: tuple[int | None, int | None] | range | None = None,
+        columns: Iterable[str] | None = None,
     ) -> pa.Table:
-        """One row per point (columns key, value, text, step, rank, host, time), in arrival order.
+        """One row per point (columns key, value, text, step, rank, host, time); each key's
+        points in arrival order (keys in name order within each part, then the points not yet
+        in a part).
 
-        `ranks` keeps only those ranks. `reduce` ("mean", "min", "max", "median") instead
-        returns one row per key and step across ranks: key, step, value, ranks (how many
-        ranks had a value at that step), time (the latest). Median is t-digest based:
-        exact for up to about a hundred ranks.
+        Only what is asked for is read: `keys`, `ranks`, `steps` ((first, last), both included,
+        None for open; or a range) and `columns` (a subset of the above). `reduce` ("mean",
+        "min", "max", "median") instead returns one row per key and step across ranks: key,
+        step, value, ranks (how many ranks had a value at that step), time (the latest).
+        Median is t-digest based: exact for up to about a hundred ranks. For runs larger than
+        memory, `iter_metrics` streams the same rows batch by batch.
         """
-        table = self._points(keys)
-        if ranks is not None:
-            import pyarrow as pa
-            import pyarrow.compute as pc
+        from expman._reader.reduce import REDUCTIONS, reduce_across_ranks
+        from expman._reader.scan import Scan, make_query
 
-            wanted_ranks = [ranks] if isinstance(ranks, int) else list(ranks)
-            table = table.filter(pc.is_in(table[RANK], pa.array(wanted_ranks, pa.int32())))
         if reduce is None:
-            return table
-        return _reduce_across_ranks(table, reduce)
+            return Scan(self._snapshot(), make_query(keys, ranks, steps, columns)).table()
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {reduce!r}")
+        if columns is not None:
+            raise ValueError("columns= does not apply with reduce= (the result's columns are fixed)")
+        return reduce_across_ranks(self._snapshot(), make_query(keys, ranks, steps), reduce)
+
+    def iter_metrics(
+        self,
+        keys: str | Iterable[str] | None = None,
+        ranks: int | Iterable[int] | None = None,
+        *,
+        steps: tuple[int | None, int | None] | range | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pa.RecordBatchReader:
+        """The rows `metrics()` returns, as a stream of record batches (at most a row group,
+        128k rows, each): memory stays at a batch whatever the size of the run. Iterate it,
+        call `.read_all()`, or hand it to DuckDB or Polars, which scan it lazily. The run is
+        read as it stood when this was called (its parts are held open)."""
+        import pyarrow as pa
+
+        from expman._reader.scan import Scan, make_query
+
+        scan = Scan(self._snapshot(), make_query(keys, ranks, steps, columns))
+        return pa.RecordBatchReader.from_batches(scan.schema, scan.batches())
 
     def rank_stats(self) -> pa.Table:
         """One row per rank: rank, host, status, last_step, steps_per_s, lag_steps (behind
@@ -132,7 +159,7 @@ class Run:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        points = self._points(None)
+        points = self.metrics(columns=(STEP, RANK, TIME))
         stepped = points.filter(pc.is_valid(points[STEP]))
         spans = {}
         for row in stepped.group_by(RANK).aggregate([(STEP, "min"), (STEP, "max"), (TIME, "min"), (TIME, "max")]).to_pylist():
@@ -153,42 +180,11 @@ class Run:
                             ("last_heartbeat", pa.string()), ("straggler", pa.bool_())])
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def _points(self, keys: str | Iterable[str] | None) -> pa.Table:
-        import pyarrow as pa
+    def _snapshot(self) -> Any:
+        """A consistent look at the metrics: parts (held open) and write-ahead rows past them."""
+        from expman._reader.live import snapshot
 
-        from expman._storage.rows import wal_table
-        from expman._storage.layout import metrics_schema
-        from expman._storage.wal import list_segments, read_records
-
-        wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)
-        files, folder = self._files, self.path / METRICS_DIR
-        for _attempt in range(10):
-            parts, tables = _read_parts(files, folder, keys, metrics_schema())
-            covered: dict[str, int] = {}
-            for part in parts:
-                covered[part.writer] = max(covered.get(part.writer, -1), part.last)
-            segments = [
-                path
-                for writer in sorted(_visible(files.dirs(self.path / WAL_DIR)))
-                for n, path in list_segments(self.path / WAL_DIR / writer, files)
-                if n > covered.get(writer, -1)
-            ]
-            tail = wal_table(rec for path in segments for rec in read_records(path, files))
-            # A live run's collector may have turned segments into a new part (and deleted
-            # them) after we listed the parts: those rows are in neither, so read again.
-            if list_parts(folder, files=files) == parts:
-                break
-        else:
-            raise ExpmanError(f"{files.uri(folder)}: parts kept changing while being read; try again")
-        if tail is not None:
-            if wanted is not None:
-                import pyarrow.compute as pc
-
-                tail = tail.filter(pc.is_in(tail[KEY].cast(pa.string()), pa.array(wanted, pa.string())))
-            tables.append(tail)
-        if not tables:
-            return metrics_schema().empty_table()
-        return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+        return snapshot(self.path, self._files)
 
     def hardware(self, keys: str | Iterable[str] | None = None) -> pa.Table:
         """Hardware samples (columns time, host, device, key, value, text, rank) of every host
@@ -275,38 +271,19 @@ def _log_entries(text: str) -> list[str]:
     return entries
 
 
-REDUCTIONS = {"mean": "mean", "min": "min", "max": "max", "median": "approximate_median"}
-
-
-def _reduce_across_ranks(table: pa.Table, how: str) -> pa.Table:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if how not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)}, got {how!r}")
-    numeric = table.filter(pc.is_valid(table[VALUE]))
-    numeric = numeric.set_column(0, KEY, numeric[KEY].cast(pa.string()))
-    grouped = numeric.group_by([KEY, STEP]).aggregate(
-        [(VALUE, REDUCTIONS[how]), (RANK, "count_distinct"), (TIME, "max")]
-    )
-    reduced = f"{VALUE}_{REDUCTIONS[how]}"
-    out = pa.table({
-        KEY: grouped[KEY],
-        STEP: grouped[STEP],
-        VALUE: grouped[reduced],
-        "ranks": grouped[f"{RANK}_count_distinct"],
-        TIME: grouped[f"{TIME}_max"],
-    })
-    return out.sort_by([(KEY, "ascending"), (STEP, "ascending")])
-
-
 def open_run(
-    run: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *, filesystem: pafs.FileSystem | None = None
+    run: Run | str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Run:
-    """Open a run by its directory or URI (s3://bucket/prefix/mnist/run-1a2b), by
-    'experiment/run-folder' under the root, or by its id. With `filesystem` (a
-    `pyarrow.fs.FileSystem`, for your own credentials or endpoint), `run` and `root` are
-    paths inside it."""
+    """Open a run: a `Run` (what `list_runs` returns), its directory or URI
+    (s3://bucket/prefix/mnist/run-1a2b), 'experiment/run-folder' under the root, its id, a
+    unique prefix of its id, or its name. An id wins over a name; a name or prefix that more
+    than one run has is an error that lists them. With `filesystem` (a `pyarrow.fs.FileSystem`,
+    for your own credentials or endpoint), `run` and `root` are paths inside it."""
+    if isinstance(run, Run):
+        return Run._found(run._files, run.path)
+    if not isinstance(run, (str, os.PathLike)):
+        raise TypeError(f"open_run takes a Run, a run directory, an id or a name; got {type(run).__name__}")
     files, path = locate(run, filesystem)
     if _holds_run(files, path, guess=filesystem is not None and not is_uri(run)):
         return Run._found(files, path)
@@ -315,12 +292,39 @@ def open_run(
     files, base = _root(root, filesystem)
     if files.is_file(base / run / RUN_YAML):
         return Run._found(files, base / run)
-    uid = str(run)
-    for run_dir in _run_dirs(files, base, suffix=f"-{uid}"):
-        info = read_yaml_if_present(run_dir / RUN_YAML, files)
-        if info is not None and info.get("id") == uid:
+    return _by_id_or_name(files, base, str(run))
+
+
+def _by_id_or_name(files: Files, base: PurePath, text: str) -> Run:
+    """The run whose id is `text`, else the one run whose id starts with it or whose name it is.
+    Folders are <name>-<id>, so only folders whose name could match have their run.yaml read."""
+    found: dict[PurePath, dict[str, Any]] = {}
+    for run_dir in _run_dirs(files, base):
+        folder = run_dir.name
+        if f"-{text}" not in folder and not folder.startswith(f"{text}-"):
+            continue
+        try:
+            info = read_yaml_if_present(run_dir / RUN_YAML, files)
+        except ExpmanError:
+            continue
+        if info is None:
+            continue
+        uid = str(info.get("id", ""))
+        if uid == text:
             return Run._found(files, run_dir)
-    raise RunNotFoundError(f"no run {uid!r}: not a run directory, and no run with that id under {files.uri(base)}")
+        if uid.startswith(text) or str(info.get("name", "")) == text:
+            found[run_dir] = info
+    if len(found) == 1:
+        return Run._found(files, next(iter(found)))
+    if not found:
+        raise RunNotFoundError(f"no run {text!r}: not a run directory, and no run with that id, id prefix or name "
+                               f"under {files.uri(base)}")
+    listed = sorted(found.items(), key=lambda item: str(item[1].get("started_at") or ""), reverse=True)
+    names = [f"{d.parent.name}/{d.name} (id {i.get('id')}, {i.get('status', 'unknown')}, started {i.get('started_at')})"
+             for d, i in listed[:10]]
+    more = f"; and {len(listed) - 10} more" if len(listed) > 10 else ""
+    raise RunNotFoundError(f"{text!r} matches {len(listed)} runs: " + "; ".join(names) + more
+                           + ". Give more of the id, or the run's folder")
 
 
 def list_runs(
@@ -330,19 +334,38 @@ def list_runs(
     filesystem: pafs.FileSystem | None = None,
 ) -> list[Run]:
     """The runs under a root (a folder, a URI such as s3://bucket/prefix, or a path inside
-    `filesystem`), optionally of one experiment, newest first."""
+    `filesystem`), optionally of one experiment, newest first. Only each run.yaml's start
+    time is read here (one line, for a file the collector wrote); `info` reads the rest."""
     files, base = _root(root, filesystem)
     runs = []
     for run_dir in _run_dirs(files, base, experiment=experiment):
         try:
-            info = read_yaml_if_present(run_dir / RUN_YAML, files)
+            started = _started_at(files, run_dir / RUN_YAML)
         except ExpmanError as exc:
             log.warning("expman: skipping a run: %s", exc)
             continue
-        if info is not None:
-            runs.append((str(info.get("started_at") or ""), Run._found(files, run_dir)))
+        if started is not None:
+            runs.append((started, Run._found(files, run_dir)))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [run for _, run in runs]
+
+
+# The collector writes run.yaml with yaml.safe_dump: a top-level key starts a line, and a
+# string that looks like a time is quoted. Anything else is parsed (and checked) in full.
+_STARTED_AT = re.compile(r"^started_at: *(?:'([^'\n]*)'|\"([^\"\n]*)\"|(null|~)?) *$", re.M)
+
+
+def _started_at(files: Files, path: PurePath) -> str | None:
+    """The run's start time as text, for sorting ("" if it has none); None without run.yaml."""
+    try:
+        text = files.read_text(path)
+    except FileNotFoundError:
+        return None
+    match = _STARTED_AT.search(text) if text.startswith(("id:", "name:", "experiment:")) else None
+    if match is not None:
+        return match[1] or match[2] or ""
+    info = read_yaml_if_present(path, files) if text.strip() else {}
+    return None if info is None else str(info.get("started_at") or "")
 
 
 def run_folders(root: str | os.PathLike[str] | None = None) -> list[Path]:

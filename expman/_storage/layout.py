@@ -37,6 +37,7 @@ DELIVERY_DIR = ".delivery"  # .delivery/<writer>.json: what a collector has appl
 
 # Metrics columns, one row per point.
 KEY, VALUE, TEXT, STEP, RANK, HOST, TIME = "key", "value", "text", "step", "rank", "host", "time"
+METRIC_COLUMNS = (KEY, VALUE, TEXT, STEP, RANK, HOST, TIME)  # in the schema's order
 
 STATUSES = ("running", "finished", "failed", "killed", "crashed")
 FINAL_STATUSES = frozenset(STATUSES[1:])

@@ -3,10 +3,10 @@
 Finished Parquet parts never change, and each is named by the write-ahead segments it
 holds (docs/storage.md). So a part is read once per key and its points are kept (raw
 arrays, least recently used first out past a byte budget). When the collector merges
-parts, the new part is the concatenation of the old ones in order, with a row-group
-boundary at each: the points already held are reused and only the row groups of the
-inputs never seen are read. Write-ahead segments not yet in a part are re-read on each
-refresh; each segment is decoded once, and then only the records appended since.
+parts, each key's rows in the new part are its rows in the old ones, in order: the
+points already held are reused and only the key's rows past them are read (through the
+part's key index, only their row groups). Parts and the write-ahead records not yet in a
+part come from expman/_reader/live.py, which decodes each record once.
 
 Merged parts carry a chart summary in their footer (expman/_storage/summary.py): with x = step,
 such a part is drawn from its summary without reading its points, unless the chart asks
@@ -28,11 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from expman._reader.live import MetricsTail
+from expman._reader.scan import part_keys, read_keys
 from expman._storage import summary as _summary
-from expman._storage.rows import frame_table
-from expman._wire.frames import decode_frame
-from expman._storage.layout import KEY, METRICS_DIR, RANK, STEP, TIME, VALUE, WAL_DIR, Part, list_parts
-from expman._storage.wal import RECORD_OVERHEAD, list_segments, read_records
+from expman._storage.layout import KEY, RANK, STEP, TIME, VALUE, Part
 
 from expman._storage.buckets import Buckets, aggregate, bucket_width, combine
 
@@ -143,6 +142,21 @@ def split_table(table: pa.Table, keys: list[str], with_time: bool) -> dict[str, 
     return {k: concat_chunks(p) if len(p) > 1 else (p[0] if p else empty_chunk(with_time)) for k, p in pieces.items()}
 
 
+def one_key_chunk(table: pa.Table, with_time: bool) -> Chunk:
+    """The numeric points of a table that holds one key's rows (no key column needed)."""
+    pieces = []
+    for batch in table.to_batches():
+        if batch.num_rows == 0:
+            continue
+        columns = _numpy_columns(batch, with_time)
+        value_col = batch.column(VALUE)
+        if value_col.null_count:
+            mask = value_col.is_valid().to_numpy(zero_copy_only=False)
+            columns = tuple(None if c is None else c[mask] for c in columns)
+        pieces.append(Chunk(*columns))
+    return concat_chunks(pieces) if len(pieces) > 1 else (pieces[0] if pieces else empty_chunk(with_time))
+
+
 def _numpy_columns(batch: pa.RecordBatch, with_time: bool) -> tuple:
     value = batch.column(VALUE).to_numpy(zero_copy_only=False)
     step_col = batch.column(STEP)
@@ -163,7 +177,8 @@ class MetricsSource:
         self.budget = budget_bytes
         self._lock = threading.RLock()
         self._parts: list[Part] = []
-        self._rows: dict[str, int] = {}  # part name -> rows in the file
+        self._rows: dict[str, int] = {}  # part name -> rows in the file (once read)
+        self._key_rows: dict[tuple[str, str], int] = {}  # (part name, key) -> the key's rows there, text too
         self._ranges: dict[str, tuple[int, int]] = {}  # part name -> segment range
         self._writers: dict[str, str] = {}  # part name -> the collector that wrote it
         self._raw: OrderedDict[tuple[str, str], Chunk] = OrderedDict()
@@ -172,53 +187,24 @@ class MetricsSource:
         self._part_keys: dict[str, set[str]] = {}
         self._summaries: dict[str, _summary.Summary | None] = {}  # part name -> its footer's summary
         self._tail: pa.Table | None = None
-        self._tail_sig: tuple = ()
         self._tail_chunks: dict[tuple[str, bool], Chunk] = {}
-        self._segments: dict[Path, tuple[int, list[pa.Table]]] = {}  # segment -> (bytes decoded, their rows)
+        self._live = MetricsTail(self.run_dir)
         self.reads = 0  # parts (or row-group ranges) read from disk: for tests and the benchmark
 
     # --- refreshing --------------------------------------------------------------------
     def refresh(self) -> bool:
         """Look for new parts and write-ahead records; True when something changed."""
         with self._lock:
-            for _attempt in range(5):
-                parts = list_parts(self.run_dir / METRICS_DIR)
-                covered: dict[str, int] = {}
-                for p in parts:
-                    covered[p.writer] = max(covered.get(p.writer, -1), p.last)
-                segments = [(n, p) for wal in sorted((self.run_dir / WAL_DIR).glob("*/"))
-                            for n, p in list_segments(wal) if n > covered.get(wal.name, -1)]
-                try:
-                    sig = tuple((p, os.stat(p).st_size) for _n, p in segments)
-                    tail = self._tail if sig == self._tail_sig else self._read_tail(segments)
-                except FileNotFoundError:  # a segment became a part meanwhile
-                    continue
-                if list_parts(self.run_dir / METRICS_DIR) == parts:
-                    break
-            changed = parts != self._parts or sig != self._tail_sig
+            changed = self._live.poll()
             if changed:
+                parts = self._live.parts
                 for p in parts:
                     self._ranges[p.path.name] = (p.first, p.last)
                     self._writers[p.path.name] = p.writer
                 self._parts = parts
-                self._tail, self._tail_sig = tail, sig
+                self._tail = self._live.tail
                 self._tail_chunks.clear()
             return changed
-
-    def _read_tail(self, segments: list[tuple[int, Path]]) -> pa.Table | None:
-        """Rows of the segments not yet in a part. Segments only grow until they are deleted,
-        so what was decoded before is kept and only new records are read."""
-        held: dict[Path, tuple[int, list[pa.Table]]] = {}
-        tables: list[pa.Table] = []
-        for _n, path in segments:
-            offset, rows = self._segments.get(path, (0, []))
-            for record in read_records(path, start=offset):
-                rows = [*rows, frame_table(decode_frame(record))]
-                offset += RECORD_OVERHEAD + len(record)
-            held[path] = (offset, rows)
-            tables.extend(rows)
-        self._segments = held
-        return pa.concat_tables(tables) if tables else None
 
     # --- keys ----------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -237,14 +223,9 @@ class MetricsSource:
 
     def _read_keys(self, part: Part) -> set[str]:
         try:
-            table = pq.ParquetFile(part.path).read(columns=[KEY])
+            return part_keys(pq.ParquetFile(part.path))
         except FileNotFoundError:
             return set()
-        out: set[str] = set()
-        for chunk in table.column(KEY).chunks:
-            used = pc.unique(chunk.indices)
-            out.update(chunk.dictionary.take(used).to_pylist())
-        return out
 
     # --- series ----------------------------------------------------------------------------
     def series(self, keys: list[str], xkind: str = X_STEP, target: int = 400,
@@ -351,13 +332,14 @@ class MetricsSource:
             if not missing:
                 continue
             tiles = self._tiles(part, missing, with_time)
-            skip_rows = sum(self._rows[t] for t in tiles)
+            skip = {k: sum(self._key_rows[(t, k)] for t in tiles) for k in missing}
             covered_to = self._ranges[tiles[-1]][1] if tiles else part.first - 1
             if tiles and covered_to == part.last:
                 fresh: dict[str, Chunk | None] = {k: None for k in missing}
-                self._rows[name] = skip_rows
+                self._rows[name] = sum(self._rows[t] for t in tiles)
+                self._key_rows.update({(name, k): skip[k] for k in missing})
             else:
-                fresh = self._read(part, missing, with_time, skip_rows)
+                fresh = self._read(part, missing, with_time, skip)
             for key in missing:
                 pieces = [self._raw[(t, key)] for t in tiles]
                 if fresh[key] is not None:
@@ -372,7 +354,7 @@ class MetricsSource:
             (rng, name) for name, rng in self._ranges.items()
             if name != part.path.name and self._writers.get(name) == part.writer
             and part.first <= rng[0] and rng[1] <= part.last and name in self._rows
-            and all(self._has(name, k, with_time) for k in keys)
+            and all(self._has(name, k, with_time) and (name, k) in self._key_rows for k in keys)
         )
         tiles, expect = [], part.first
         for (first, last), name in candidates:
@@ -381,22 +363,17 @@ class MetricsSource:
                 expect = last + 1
         return tiles
 
-    def _read(self, part: Part, keys: list[str], with_time: bool, skip_rows: int) -> dict[str, Chunk | None]:
+    def _read(self, part: Part, keys: list[str], with_time: bool, skip: dict[str, int]) -> dict[str, Chunk | None]:
+        """Each key's points in `part` past the first `skip[key]` rows (held from its inputs)."""
         pf = pq.ParquetFile(part.path)
         self._rows[part.path.name] = pf.metadata.num_rows
-        groups, seen = [], 0
-        for i in range(pf.metadata.num_row_groups):
-            if seen >= skip_rows:
-                groups.append(i)
-            seen += pf.metadata.row_group(i).num_rows
-        if skip_rows and seen - sum(pf.metadata.row_group(i).num_rows for i in groups) != skip_rows:
-            return self._read(part, keys, with_time, 0)  # boundaries do not line up: read it all
-        if not groups:
-            return {k: empty_chunk(with_time) for k in keys}
-        columns = [KEY, VALUE, STEP, RANK] + ([TIME] if with_time else [])
+        columns = [VALUE, STEP, RANK] + ([TIME] if with_time else [])
         self.reads += 1
-        table = pf.read_row_groups(groups, columns=columns, use_threads=True)
-        return dict(split_table(table, keys, with_time))
+        out: dict[str, Chunk | None] = {}
+        for key, (table, rows) in read_keys(pf, keys, columns, skip).items():
+            self._key_rows[(part.path.name, key)] = rows
+            out[key] = one_key_chunk(table, with_time)
+        return out
 
     def _keep(self, name: str, key: str, chunk: Chunk) -> None:
         old = self._raw.pop((name, key), None)
@@ -418,5 +395,7 @@ class MetricsSource:
         for name in [n for n in self._ranges if n not in current]:
             del self._ranges[name]
             self._rows.pop(name, None)
+            for key in [k for k in self._key_rows if k[0] == name]:
+                del self._key_rows[key]
             self._part_keys.pop(name, None)
             self._summaries.pop(name, None)
