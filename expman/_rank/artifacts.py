@@ -18,6 +18,9 @@ What the call pins down, cheapest exact way first (docs/storage.md, "Snapshots")
    any change before the read, replacing included, drops the artifact the same way.
 
 Memory: inline snapshots are bounded by INLINE_BUDGET, chunks in flight by WINDOW_BYTES.
+Media (expman/_rank/media.py) ride the same transfers with a descriptor on chunk 0; their
+bytes are held in memory up to MEDIA_BUDGET, then spilled to an unnamed file in the spool
+folder (never dropped).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections import deque
@@ -50,6 +54,7 @@ INLINE_BUDGET = 16 * 1024 * 1024
 OPEN_FDS_MAX = 256
 WINDOW_BYTES = 32 * 1024 * 1024
 WINDOW_FRAMES = 512
+MEDIA_BUDGET = 64 * 1024 * 1024
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed
 
@@ -64,6 +69,8 @@ class _Job:
     fd: int | None = None  # opened (or cloned) during the call
     path: str | None = None  # only the path: opened by the pump
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) to compare; None: exact snapshot
+    media: dict[str, Any] | None = None  # a media descriptor (expman/_rank/media.py)
+    media_bytes: int = 0  # counted against MEDIA_BUDGET
 
 
 @dataclass(eq=False)
@@ -110,6 +117,7 @@ class ArtifactPump:
         self._cond = threading.Condition()
         self._jobs: deque[_Job | _CodeJob] = deque()
         self._inline_bytes = 0
+        self._media_bytes = 0
         self._open_fds = 0
         self._inflight_bytes = 0
         self._inflight_frames = 0
@@ -119,7 +127,8 @@ class ArtifactPump:
         self._thread.start()
 
     # --- the calling thread --------------------------------------------------------------
-    def snapshot(self, run: RunChannel, path: str | os.PathLike[str], name: str) -> None:
+    def snapshot(self, run: RunChannel, path: str | os.PathLike[str], name: str,
+                 media: dict[str, Any] | None = None) -> None:
         """Pin the file's current content down (see the module doc) and queue it."""
         now = time.time()
         st = os.stat(path)
@@ -134,7 +143,7 @@ class ArtifactPump:
                 self._inline_bytes += st.st_size  # reserved now, so two threads cannot both overshoot
             elif use_fd:
                 self._open_fds += 1
-        job = _Job(run, name, st.st_size, now)
+        job = _Job(run, name, st.st_size, now, media=media)
         try:
             if inline:
                 with open(path, "rb") as fh:
@@ -172,6 +181,31 @@ class ArtifactPump:
         if inline and job.data is not None and len(job.data) != st.st_size:
             with self._cond:
                 self._inline_bytes += len(job.data) - st.st_size
+        self._submit(job)
+
+    def submit_bytes(self, run: RunChannel, name: str, data: bytes, media: dict[str, Any]) -> None:
+        """Queue bytes the caller already copied (a media payload). Within MEDIA_BUDGET they
+        stay in memory; past it they go to an unnamed file in the spool folder."""
+        now = time.time()
+        with self._cond:
+            keep = self._media_bytes + len(data) <= MEDIA_BUDGET
+            if keep:
+                self._media_bytes += len(data)
+        if keep:
+            job = _Job(run, name, len(data), now, data=data, media=media, media_bytes=len(data))
+        else:
+            from expman._rank.spool import spool_dir
+
+            folder = spool_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = tempfile.TemporaryFile(dir=folder)
+            fh.write(data)
+            fh.flush()
+            fd = os.dup(fh.fileno())
+            fh.close()
+            with self._cond:
+                self._open_fds += 1
+            job = _Job(run, name, len(data), now, fd=fd, media=media)
         self._submit(job)
 
     def capture_code(self, run: RunChannel, code_dir: Path | None) -> None:
@@ -224,7 +258,10 @@ class ArtifactPump:
         with self._cond:
             if isinstance(job, _Job):
                 if job.data is not None:
-                    self._inline_bytes -= job.size
+                    if job.media_bytes:
+                        self._media_bytes -= job.media_bytes
+                    else:
+                        self._inline_bytes -= job.size
                     job.data = None
                 if job.fd is not None:
                     os.close(job.fd)
@@ -283,7 +320,7 @@ class ArtifactPump:
                 body = proto.artifact_body(
                     transfer_id, index, data, last, name=job.name, size=job.size, chunk=chunk,
                     encrypt=run.artifacts.encrypt, logged_at=job.logged_at,
-                    sha256=hasher.hexdigest() if last else None,
+                    sha256=hasher.hexdigest() if last else None, media=job.media,
                 )
                 self._send(run, body, ChunkToken(self, transfer, run, len(data), final=last))
                 if index == 0 and not last:
