@@ -95,6 +95,8 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
     np = _np()
     if layout is None:
         layout = {2: "HW", 3: "HWC", 4: "NHWC"}.get(array.ndim)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+            layout = "CHW"  # a channels-first array (torch style) given as numpy
     if layout not in IMAGE_LAYOUTS or len(layout) != array.ndim:
         raise ValueError(f"image {key!r}: expected an array of shape HxW, HxWxC, CxHxW or NxHxWxC "
                          f"(layout {layout!r}), got shape {tuple(array.shape)}")
