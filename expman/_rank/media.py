@@ -102,7 +102,8 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
                          f"(layout {layout!r}), got shape {tuple(array.shape)}")
     channels = array.shape[layout.index("C")] if "C" in layout else 1
     if channels not in (1, 3, 4):
-        raise ValueError(f"image {key!r}: {channels} channels in layout {layout}; expected 1, 3 or 4")
+        raise ValueError(f"image {key!r}: {channels} channels in layout {layout} (shape {tuple(array.shape)}); "
+                         "expected 1, 3 or 4")
     if array.dtype == np.uint8:
         dtype = "uint8"
     elif array.dtype.kind == "f" or array.dtype == np.bool_:
