@@ -269,14 +269,19 @@ class MediaStore:
                     done = max(done, found[2])
         self.next_seq = done + 1
         try:
-            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
+            data = self.journal_path.read_bytes()
         except FileNotFoundError:
             return
-        for line in lines:
+        whole = data[: data.rfind(b"\n") + 1]
+        if len(whole) != len(data):  # a torn last line (its ack was never sent): cut it, so appends start clean
+            with open(self.journal_path, "r+b") as fh:
+                fh.truncate(len(whole))
+                os.fsync(fh.fileno())
+        for line in whole.decode("utf-8", "replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
-                continue  # a torn last line: its ack was never sent, the rank resends it
+                continue
             if entry.get("seq", -1) > done:
                 self._pending.append(entry)
                 self.next_seq = max(self.next_seq, entry["seq"] + 1)

@@ -80,7 +80,23 @@ def _rows(run_dir: PurePath, files: Files, sub: str, journal_table: str, schema:
     wanted = _keys(keys)
     if wanted is not None:
         table = table.filter(pc.is_in(table["key"], pa.array(wanted, pa.string())))
-    return table.sort_by([("key", "ascending"), ("step", "ascending"), ("rank", "ascending"), ("seq", "ascending")])
+    return _once(table).sort_by([("key", "ascending"), ("step", "ascending"), ("rank", "ascending"),
+                                 ("seq", "ascending")])
+
+
+def _once(table: pa.Table) -> pa.Table:
+    """One row per logged item. A collector that stored an item and crashed before its ack
+    stores it again when the rank resends; both rows carry the rank's call time, so
+    (key, step, rank, host, time) names the item."""
+    import pyarrow as pa
+
+    if table.num_rows < 2:
+        return table
+    numbered = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    first = numbered.group_by(["key", "step", "rank", "host", "time"], use_threads=False).aggregate([("_row", "min")])
+    if first.num_rows == table.num_rows:
+        return table
+    return table.take(first["_row_min"].combine_chunks().sort())
 
 
 def _utc(ts: float) -> Any:
