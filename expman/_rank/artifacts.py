@@ -31,7 +31,6 @@ import hashlib
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections import deque
@@ -184,29 +183,18 @@ class ArtifactPump:
         self._submit(job)
 
     def submit_bytes(self, run: RunChannel, name: str, data: bytes, media: dict[str, Any]) -> None:
-        """Queue bytes the caller already copied (a media payload). Within MEDIA_BUDGET they
-        stay in memory; past it they go to an unnamed file in the spool folder."""
-        now = time.time()
+        """Queue bytes the caller already copied (a media payload): in memory within
+        MEDIA_BUDGET, past it in an unnamed file in the spool folder (never dropped)."""
+        from expman._rank.spool import spill_bytes
+
         with self._cond:
             keep = self._media_bytes + len(data) <= MEDIA_BUDGET
-            if keep:
-                self._media_bytes += len(data)
-        if keep:
-            job = _Job(run, name, len(data), now, data=data, media=media, media_bytes=len(data))
-        else:
-            from expman._rank.spool import spool_dir
-
-            folder = spool_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            fh = tempfile.TemporaryFile(dir=folder)
-            fh.write(data)
-            fh.flush()
-            fd = os.dup(fh.fileno())
-            fh.close()
-            with self._cond:
-                self._open_fds += 1
-            job = _Job(run, name, len(data), now, fd=fd, media=media)
-        self._submit(job)
+            self._media_bytes += len(data) if keep else 0
+        fd = None if keep else spill_bytes(data)
+        with self._cond:
+            self._open_fds += 0 if keep else 1
+        self._submit(_Job(run, name, len(data), time.time(), data=data if keep else None, fd=fd, media=media,
+                          media_bytes=len(data) if keep else 0))
 
     def capture_code(self, run: RunChannel, code_dir: Path | None) -> None:
         self._submit(_CodeJob(run, code_dir))

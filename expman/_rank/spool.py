@@ -180,3 +180,16 @@ class SpoolFile:
     @property
     def roots(self) -> set[str]:
         return {str(f.body.get("root")) for f in self.intros.values() if f.body.get("root")}
+
+
+def spill_bytes(data: bytes) -> int:
+    """`data` in an unnamed file in the spool folder (media past the rank's memory budget,
+    expman/_rank/artifacts.py); returns a descriptor. The file vanishes when it is closed."""
+    import tempfile
+
+    folder = spool_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as fh:
+        fh.write(data)
+        fh.flush()
+        return os.dup(fh.fileno())
