@@ -45,10 +45,11 @@ ROLL_ROWS = 2000  # journal rows that make a Parquet part
 ROLL_AGE_S = 10.0  # or the age of the oldest journal row
 MAX_MEDIA_BYTES = 512 * 1024 * 1024  # raw payload of one item
 MAX_PIXELS = 100_000_000
-_DTYPES = {"image": ("uint8", "float32"), "audio": ("int16", "float32")}
-_ENCODINGS = {"image": ("raw", "file"), "audio": ("raw",), "table": ("arrow-ipc",),
+_DTYPES = {"image": ("uint8", "float32"), "video": ("uint8", "float32"), "audio": ("int16", "float32")}
+_ENCODINGS = {"image": ("raw", "file"), "video": ("raw", "file"), "audio": ("raw",), "table": ("arrow-ipc",),
               "histogram": ("values", "edges-counts")}
-_LAYOUTS = ("HW", "HWC", "CHW", "NHWC", "NCHW")
+_LAYOUTS = {"image": ("HW", "HWC", "CHW", "NHWC", "NCHW"), "video": ("THW", "THWC", "TCHW", "NTHWC", "NTCHW")}
+_VIDEO_FILES = ("gif", "png", "apng", "webp", "mp4", "webm", "mov", "mkv", "avi")
 
 
 def _bad(detail: str) -> ProtocolError:
@@ -72,6 +73,12 @@ def check_descriptor(desc: dict[str, Any], size: int) -> dict[str, Any]:
         raise _bad(f"{kind} {key!r}: encoding must be one of {_ENCODINGS[kind]}, got {encoding!r}")
     if size > MAX_MEDIA_BYTES:
         raise _bad(f"{kind} {key!r}: {size} bytes is over the {MAX_MEDIA_BYTES}-byte limit for one item")
+    if kind == "video":
+        fps = desc.get("fps")
+        if not isinstance(fps, float) or not 0 < fps <= 1000:
+            raise _bad(f"video {key!r}: fps must be a float in (0, 1000]")
+        if encoding == "file" and desc.get("format") not in _VIDEO_FILES:
+            raise _bad(f"video {key!r}: format must be one of {_VIDEO_FILES}")
     if encoding == "raw":
         _check_raw(kind, key, desc, size)
     elif encoding == "values":
@@ -92,14 +99,14 @@ def _check_raw(kind: str, key: str, desc: dict[str, Any], size: int) -> None:
     itemsize = 1 if dtype == "uint8" else (2 if dtype == "int16" else 4)
     if math.prod(shape) * itemsize != size:
         raise _bad(f"{kind} {key!r}: shape {shape} of {dtype} is not {size} bytes")
-    if kind == "image":
+    if kind in _LAYOUTS:
         layout = desc.get("layout")
-        if layout not in _LAYOUTS or len(layout) != len(shape):
-            raise _bad(f"image {key!r}: layout must be one of {_LAYOUTS} matching shape {shape}")
+        if layout not in _LAYOUTS[kind] or len(layout) != len(shape):
+            raise _bad(f"{kind} {key!r}: layout must be one of {_LAYOUTS[kind]} matching shape {shape}")
         if "C" in layout and shape[layout.index("C")] not in (1, 3, 4):
-            raise _bad(f"image {key!r}: 1, 3 or 4 channels")
+            raise _bad(f"{kind} {key!r}: 1, 3 or 4 channels")
         if math.prod(shape) > MAX_PIXELS * 4:
-            raise _bad(f"image {key!r}: over {MAX_PIXELS} pixels")
+            raise _bad(f"{kind} {key!r}: over {MAX_PIXELS} pixels")
     else:
         rate = desc.get("sample_rate")
         if len(shape) != 2 or type(rate) is not int or not 0 < rate <= 1_000_000:
@@ -121,6 +128,8 @@ def encode(desc: dict[str, Any], payload: bytes) -> Encoded:
     try:
         if kind == "image":
             return _encode_image(desc, payload)
+        if kind == "video":
+            return _encode_video(desc, payload)
         if kind == "audio":
             return _encode_audio(desc, payload)
         if kind == "table":
@@ -136,13 +145,25 @@ def encode(desc: dict[str, Any], payload: bytes) -> Encoded:
 
 
 def _encode_image(desc: dict[str, Any], payload: bytes) -> Encoded:
-    import numpy as np
     from PIL import Image
 
     if desc["encoding"] == "file":
         with Image.open(io.BytesIO(payload)) as img:
             fmt, (width, height), bands = (img.format or "unknown").lower(), img.size, len(img.getbands())
         return Encoded(payload, {"format": fmt, "width": width, "height": height, "channels": bands}, "index")
+    array = _hwc(desc, payload)
+    height, width, channels = array.shape
+    out = io.BytesIO()
+    _pil(array).save(out, format="PNG", compress_level=1)  # lossless either way; level 1 is faster than 6
+    return Encoded(out.getvalue(), {"format": "png", "width": width, "height": height, "channels": channels},
+                   "index")
+
+
+def _hwc(desc: dict[str, Any], payload: bytes) -> Any:
+    """The payload as uint8 ([T,] H, W, C): channels last, a batch (N) tiled in a grid,
+    floats in [0, 1] scaled to 0..255."""
+    import numpy as np
+
     array = np.frombuffer(payload, dtype=desc["dtype"]).reshape(desc["shape"])
     layout = desc["layout"]
     if "C" not in layout:
@@ -150,16 +171,40 @@ def _encode_image(desc: dict[str, Any], payload: bytes) -> Encoded:
     if layout.endswith("CHW"):
         array = np.moveaxis(array, -3, -1)
     if layout.startswith("N"):
-        array = _grid(array)
+        array = np.stack([_grid(array[:, t]) for t in range(array.shape[1])]) if "T" in layout else _grid(array)
     if array.dtype != np.uint8:
         array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    height, width, channels = array.shape
-    img = Image.fromarray(array[..., 0] if channels == 1 else np.ascontiguousarray(array),
-                          mode={1: "L", 3: "RGB", 4: "RGBA"}[channels])
+    return array
+
+
+def _pil(frame: Any) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    channels = frame.shape[-1]
+    return Image.fromarray(frame[..., 0] if channels == 1 else np.ascontiguousarray(frame),
+                           mode={1: "L", 3: "RGB", 4: "RGBA"}[channels])
+
+
+def _encode_video(desc: dict[str, Any], payload: bytes) -> Encoded:
+    """Frames as an animated PNG (lossless; browsers play it); a file as it is."""
+    fps = desc["fps"]
+    if desc["encoding"] == "file":
+        row: dict[str, Any] = {"format": desc["format"], "fps": fps}
+        if desc["format"] in ("gif", "png", "apng", "webp"):  # Pillow reads these: check and measure them
+            from PIL import Image
+
+            with Image.open(io.BytesIO(payload)) as img:
+                row.update(width=img.size[0], height=img.size[1], frames=getattr(img, "n_frames", 1))
+        return Encoded(payload, row, "index")
+    array = _hwc(desc, payload)
+    count, height, width, channels = array.shape
+    frames = [_pil(f) for f in array]
     out = io.BytesIO()
-    img.save(out, format="PNG", compress_level=1)  # lossless either way; level 1 is ~5x faster than 6
-    return Encoded(out.getvalue(), {"format": "png", "width": width, "height": height, "channels": channels},
-                   "index")
+    frames[0].save(out, format="PNG", save_all=True, append_images=frames[1:], duration=1000.0 / fps, loop=0,
+                   compress_level=1, disposal=0, blend=0)
+    return Encoded(out.getvalue(), {"format": "apng", "width": width, "height": height, "channels": channels,
+                                    "frames": count, "fps": fps}, "index")
 
 
 def _grid(batch: Any) -> Any:

@@ -24,7 +24,7 @@ DEFAULT_BINS = 30
 UNSUPPORTED = (
     "add_custom_scalars", "add_custom_scalars_marginchart", "add_custom_scalars_multilinechart",
     "add_embedding", "add_graph", "add_image_with_boxes", "add_mesh",
-    "add_onnx_graph", "add_openvino_graph", "add_pr_curve", "add_pr_curve_raw", "add_video",
+    "add_onnx_graph", "add_openvino_graph", "add_pr_curve", "add_pr_curve_raw",
 )
 
 
@@ -155,6 +155,15 @@ class SummaryWriter:
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
+
+    def add_video(self, tag: str, vid_tensor: Any, global_step: int | None = None, fps: float = 4,
+                  walltime: float | None = None) -> None:
+        """Videos (N, T, C, H, W) as TensorBoard takes them: one animated PNG, the N videos
+        tiled in a grid frame by frame (TensorBoard writes a GIF)."""
+        from expman._rank import media
+
+        media.log_video(self.exp._channel, self.exp._sender, tag, _to_numpy(vid_tensor), fps, global_step,
+                        layout="NTCHW")
 
     def add_audio(self, tag: str, snd_tensor: Any, global_step: int | None = None, sample_rate: int = 44100,
                   walltime: float | None = None) -> None:

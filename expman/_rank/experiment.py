@@ -247,6 +247,13 @@ class Experiment:
 
         media.log_audio(self._channel, self._sender, key, samples, sample_rate, step)
 
+    def log_video(self, key: str, frames_or_path: Any, fps: float = 4, step: int | None = None) -> None:
+        """Frames (T x H x W[x C] numpy, T x C x H x W torch; uint8 or floats in [0, 1]),
+        stored as an animated PNG (lossless), or a video file (GIF, MP4, ...) as it is."""
+        from expman._rank import media
+
+        media.log_video(self._channel, self._sender, key, frames_or_path, fps, step)
+
     def log_figure(self, name: str, figure: Any, step: int | None = None, **savefig_kwargs: Any) -> None:
         """A matplotlib figure, rendered to PNG on this thread and stored as image `name`."""
         from expman._rank import media

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from expman._rank.sender import Sender
 
 IMAGE_LAYOUTS = ("HW", "HWC", "CHW", "NHWC", "NCHW")
+VIDEO_LAYOUTS = ("THW", "THWC", "TCHW", "NTHWC", "NTCHW")  # N videos are tiled in a grid, frame by frame
+VIDEO_FILES = ("gif", "png", "apng", "webp", "mp4", "webm", "mov", "mkv", "avi")
 MAX_CAPTION = 4096
 
 
@@ -100,24 +102,58 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
     if layout not in IMAGE_LAYOUTS or len(layout) != array.ndim:
         raise ValueError(f"image {key!r}: expected an array of shape HxW, HxWxC, CxHxW or NxHxWxC "
                          f"(layout {layout!r}), got shape {tuple(array.shape)}")
-    channels = array.shape[layout.index("C")] if "C" in layout else 1
-    if channels not in (1, 3, 4):
-        raise ValueError(f"image {key!r}: {channels} channels in layout {layout} (shape {tuple(array.shape)}); "
-                         "expected 1, 3 or 4")
-    if array.dtype == np.uint8:
-        dtype = "uint8"
-    elif array.dtype.kind == "f" or array.dtype == np.bool_:
-        array, dtype = array.astype(np.float32, copy=False), "float32"  # the collector scales [0, 1] to 0..255
-    elif array.dtype.kind in "iu":
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(f"image {key!r}: integer pixels must be 0..255 (or pass uint8, or floats in [0, 1])")
-        array, dtype = array.astype(np.uint8), "uint8"
-    else:
-        raise TypeError(f"image {key!r}: pixels of dtype {array.dtype} are not supported (uint8 or float in [0, 1])")
-    if 0 in array.shape:
-        raise ValueError(f"image {key!r}: empty image of shape {tuple(array.shape)}")
+    array, dtype = _pixels("image", key, array, layout)
     _queue(run, sender, array.tobytes(), _descriptor(
         "image", key, step, caption=caption, encoding="raw", dtype=dtype, shape=list(array.shape), layout=layout))
+
+
+def _pixels(kind: str, key: str, array: Any, layout: str) -> tuple[Any, str]:
+    """Checked pixels: uint8 as they are, floats as float32 (the collector scales [0, 1] to
+    0..255), other integers 0..255 as uint8."""
+    np = _np()
+    channels = array.shape[layout.index("C")] if "C" in layout else 1
+    if channels not in (1, 3, 4):
+        raise ValueError(f"{kind} {key!r}: {channels} channels in layout {layout} (shape {tuple(array.shape)}); "
+                         "expected 1, 3 or 4")
+    if 0 in array.shape:
+        raise ValueError(f"{kind} {key!r}: empty {kind} of shape {tuple(array.shape)}")
+    if array.dtype == np.uint8:
+        return array, "uint8"
+    if array.dtype.kind == "f" or array.dtype == np.bool_:
+        return array.astype(np.float32, copy=False), "float32"
+    if array.dtype.kind in "iu":
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"{kind} {key!r}: integer pixels must be 0..255 (or pass uint8, or floats in [0, 1])")
+        return array.astype(np.uint8), "uint8"
+    raise TypeError(f"{kind} {key!r}: pixels of dtype {array.dtype} are not supported (uint8 or float in [0, 1])")
+
+
+def log_video(run: RunChannel, sender: Sender, key: str, frames: Any, fps: Any = 4, step: Any = None,
+              caption: Any = None, layout: str | None = None) -> None:
+    """Frames (T, H, W[, C]) as numpy (or (T, C, H, W) as a torch tensor), stored as an
+    animated PNG (lossless, every frame exact); or a video file (GIF, MP4, WebM, ...)
+    stored as it is."""
+    caption = _caption(key, caption)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
+        raise ValueError(f"video {key!r}: fps must be a number in (0, 1000], got {fps!r}")
+    if isinstance(frames, (str, os.PathLike)):
+        suffix = os.path.splitext(os.fspath(frames))[1].lower().lstrip(".")
+        if suffix not in VIDEO_FILES:
+            raise ValueError(f"video {key!r}: a video file must end in one of {', '.join(VIDEO_FILES)}")
+        _queue_file(run, sender, frames, _descriptor("video", key, step, caption=caption, encoding="file",
+                                                     format=suffix, fps=float(fps)))
+        return
+    if layout is None and type(frames).__module__.startswith("torch"):
+        layout = {4: "TCHW", 5: "NTCHW"}.get(frames.ndim)
+    array = _np().asarray(_tensor_to_numpy(frames))
+    layout = layout or {3: "THW", 4: "THWC", 5: "NTHWC"}.get(array.ndim)
+    if layout not in VIDEO_LAYOUTS or len(layout) != array.ndim:
+        raise ValueError(f"video {key!r}: expected frames of shape TxHxW, TxHxWxC or TxCxHxW "
+                         f"(layout {layout!r}), got shape {tuple(array.shape)}")
+    array, dtype = _pixels("video", key, array, layout)
+    _queue(run, sender, array.tobytes(), _descriptor(
+        "video", key, step, caption=caption, encoding="raw", dtype=dtype, shape=list(array.shape), layout=layout,
+        fps=float(fps)))
 
 
 def log_figure(run: RunChannel, sender: Sender, name: str, figure: Any, step: Any = None,

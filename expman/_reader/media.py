@@ -151,7 +151,8 @@ def read_bytes(run_dir: PurePath, files: Files, row: dict[str, Any], key_file: s
 
 def convert(row: dict[str, Any], data: bytes, as_: str | None) -> Any:
     """`data` as asked: bytes (None or "bytes"), "pil" (images), "numpy" (images: HxWxC or
-    HxW uint8; audio: (samples, sample_rate)), "arrow" (tables)."""
+    HxW uint8; videos Pillow reads: TxHxWxC or TxHxW; audio: (samples, sample_rate)),
+    "arrow" (tables)."""
     if as_ not in AS_CHOICES:
         raise ValueError(f"as_ must be one of {AS_CHOICES}, got {as_!r}")
     kind = row["kind"]
@@ -166,6 +167,17 @@ def convert(row: dict[str, Any], data: bytes, as_: str | None) -> Any:
         import numpy as np
 
         return np.asarray(img)
+    if kind == "video" and as_ == "numpy" and row["format"] in ("apng", "png", "gif", "webp"):
+        import numpy as np
+        from PIL import Image, ImageSequence
+
+        frames = []
+        with Image.open(io.BytesIO(data)) as img:
+            for frame in ImageSequence.Iterator(img):
+                # Pillow stores repeated frames once with their durations summed: expand them again
+                repeat = round(frame.info.get("duration", 0) * row["fps"] / 1000) if row["format"] == "apng" else 1
+                frames += [np.asarray(frame.copy())] * max(1, repeat)
+        return np.stack(frames)
     if kind == "audio" and as_ == "numpy":
         from expman._storage import wav
 

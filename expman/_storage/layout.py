@@ -337,7 +337,7 @@ MEDIA_DIR = "media"
 MEDIA_INDEX_DIR = "index"
 HISTOGRAMS_DIR = "histograms"
 MEDIA_JOURNAL_DIR = ".journal"
-MEDIA_KINDS = ("image", "audio", "table", "histogram")
+MEDIA_KINDS = ("image", "video", "audio", "table", "histogram")
 _MEDIA_FILE = re.compile(r"^artifacts/objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
 
 
@@ -369,7 +369,8 @@ def media_index_schema() -> pa.Schema:
         pa.field("sha256", pa.string()), pa.field("size", pa.int64()), pa.field("encrypted", pa.bool_()),
         pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("channels", pa.int32()),
         pa.field("caption", pa.string()), pa.field("sample_rate", pa.int32()), pa.field("frames", pa.int64()),
-        pa.field("rows", pa.int64()), pa.field("columns", pa.int32()), pa.field("seq", pa.int64()),
+        pa.field("rows", pa.int64()), pa.field("columns", pa.int32()), pa.field("fps", pa.float64()),
+        pa.field("seq", pa.int64()),
     ])
 
 
