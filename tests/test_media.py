@@ -380,3 +380,65 @@ def test_video_frames_round_trip_as_animated_png(root, tmp_path):
     tb = run.read_media("tb", step=2, as_="numpy")
     assert tb.shape == (3, 6, 16, 3) and np.array_equal(tb[:, :, :8], frames[:3]) and np.array_equal(
         tb[:, :, 8:], frames[:3])
+
+
+GOOD_IMAGE = {"kind": "image", "key": "k", "step": 1, "encoding": "raw", "dtype": "uint8", "shape": [2, 3, 3],
+              "layout": "HWC"}
+
+
+@pytest.mark.parametrize("change,size,reason", [
+    ({"kind": "model"}, 18, "kind"),
+    ({"key": ""}, 18, "key"),
+    ({"key": "x" * 2000}, 18, "key"),
+    ({"step": 1.5}, 18, "step"),
+    ({"caption": 7}, 18, "caption"),
+    ({"encoding": "jpeg-xl"}, 18, "encoding"),
+    ({"dtype": "float64"}, 18, "dtype"),
+    ({"shape": [2, -3, 3]}, 18, "shape"),
+    ({"shape": [2, 3, 3]}, 19, "not 19 bytes"),
+    ({"layout": "CHW"}, 18, "channels"),
+    ({"layout": "NHWC"}, 18, "layout"),
+    ({"shape": [100_000, 100_000, 3]}, 30_000_000_000, "limit"),
+    ({"kind": "audio", "dtype": "int16", "shape": [3, 3], "sample_rate": 0}, 18, "sample_rate"),
+    ({"kind": "histogram", "encoding": "values", "bins": 0}, 16, "bins"),
+    ({"kind": "histogram", "encoding": "edges-counts"}, 16, "edges"),
+    ({"kind": "video", "shape": [1, 2, 3, 3], "layout": "THWC", "fps": "4"}, 18, "fps"),
+    ({"kind": "video", "encoding": "file", "format": "exe", "fps": 4.0}, 18, "format"),
+])
+def test_the_collector_refuses_bad_descriptors(change, size, reason):
+    from expman._errors import ProtocolError
+    from expman.collector._media import check_descriptor
+
+    with pytest.raises(ProtocolError, match=reason) as err:
+        check_descriptor({**GOOD_IMAGE, **change}, size)
+    assert err.value.reason == "bad-values"
+    assert check_descriptor(dict(GOOD_IMAGE), 18)
+
+
+def test_a_hostile_media_frame_is_rejected_and_the_collector_keeps_serving(root, short_dir):
+    """A frame a rank would never send: its media descriptor lies about the payload."""
+    import zmq
+
+    from expman._wire import frames as proto
+
+    c = start_collector(root, short_dir)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(c.endpoint)
+    try:
+        envelope = dict(run="feedf00d", host="h", rank=0, sender="x" * 32, sent_at=1.0)
+        sock.send(proto.encode_frame(proto.HELLO, seq=0, body={"experiment": "hostile", "name": "r", "world_size": 1},
+                                     **envelope))
+        assert sock.poll(20_000) and proto.decode_ack(sock.recv()).seqs == [0]
+        data = b"\x00" * 10
+        body = proto.artifact_body(0, 0, data, True, name="media/image/k", size=len(data), chunk=proto.ARTIFACT_CHUNK_BYTES,
+                                   encrypt=False, logged_at=1.0, sha256=hashlib.sha256(data).hexdigest(),
+                                   media={**GOOD_IMAGE, "shape": [1000, 1000, 3]})
+        sock.send(proto.encode_frame(proto.ARTIFACT, seq=1, body=body, **envelope))
+        assert sock.poll(20_000)
+        ack = proto.decode_ack(sock.recv())
+        assert ack.seqs == [1] and "is not 10 bytes" in ack.info[1]["rejected"]
+    finally:
+        sock.close(0)
+        assert c.stop() == 0, c.log()
+    assert "bad-values" in c.log()
