@@ -26,7 +26,7 @@ from expman._reader.run import Run, list_runs, open_run
 from expman._compat.summary_writer import SummaryWriter
 from expman._rank.values import Metric
 from expman._version import __version__
-from expman._compat.wandb_style import Audio, Histogram, Image, Table, config, finish, init, log, login
+from expman._compat.wandb_style import Audio, Histogram, Image, Table, Video, config, finish, init, log, login
 
 __all__ = [
     "ArtifactError",
@@ -48,6 +48,7 @@ __all__ = [
     "RunStatus",
     "SummaryWriter",
     "Table",
+    "Video",
     "__version__",
     "config",
     "finish",

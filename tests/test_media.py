@@ -264,7 +264,9 @@ for step in range(2):
                "given": wandb.Histogram(np_histogram=(np.array([1, 2]), np.array([0.0, 1.0, 2.0])))})
 table = wandb.Table(columns=["id", "pred"], data=[[1, "cat"], [2, "dog"]])
 table.add_data(3, "eel")
-wandb.log({"preds": table, "clip": wandb.Audio(np.zeros(100, np.float32), sample_rate=8000)})
+wandb.log({"preds": table, "clip": wandb.Audio(np.zeros(100, np.float32), sample_rate=8000),
+           "movie": wandb.Video(np.zeros((3, 3, 4, 5), np.uint8) + np.arange(3, dtype=np.uint8)[:, None, None, None],
+                                fps=2)})
 wandb.finish()
 print("RUN-DIR", run.dir)
 '''
@@ -273,7 +275,8 @@ print("RUN-DIR", run.dir)
     assert run.metrics(keys="loss")["step"].to_pylist() == [0, 1]
     keys = {(r["key"], r["step"]) for r in run.media().to_pylist()}
     assert keys == {("examples/0", 0), ("examples/1", 0), ("examples/0", 1), ("examples/1", 1),
-                    ("preds", 2), ("clip", 2)}
+                    ("preds", 2), ("clip", 2), ("movie", 2)}
+    assert run.read_media("movie", as_="numpy").shape == (3, 4, 5, 3)
     assert int(run.read_media("examples/0", step=1, as_="numpy")[0, 0, 0]) == 1
     assert run.table("preds").to_pylist() == [{"id": 1, "pred": "cat"}, {"id": 2, "pred": "dog"},
                                               {"id": 3, "pred": "eel"}]

@@ -15,7 +15,7 @@ def test_public_names_are_exactly_all():
     public = {name for name in dir(expman) if not name.startswith("_")} - subpackages
     assert public == set(expman.__all__) - {"__version__"}
     assert expman.__all__ == sorted(expman.__all__)
-    assert {"Audio", "Histogram", "Image", "Table"} <= set(expman.__all__)  # W&B-style media in expman.log
+    assert {"Audio", "Histogram", "Image", "Table", "Video"} <= set(expman.__all__)  # W&B-style media in expman.log
 
 
 def test_import_expman_stays_light():

@@ -253,6 +253,24 @@ class Table(Media):
         exp.log_table(key, self.table, step=step)
 
 
+class Video(Media):
+    """`expman.Video(frames, fps=4)`: numpy frames (T, C, H, W) or (N, T, C, H, W) as W&B
+    takes them, or a video file (GIF, MP4, ...)."""
+
+    def __init__(self, data_or_path: Any, caption: str | None = None, fps: float = 4, format: str | None = None,  # noqa: A002
+                 **_: Any) -> None:
+        self.data, self.caption, self.fps = data_or_path, caption, fps
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        from expman._rank import media
+
+        layout = None
+        if not isinstance(self.data, (str, bytes)) and not hasattr(self.data, "__fspath__"):
+            layout = {4: "TCHW", 5: "NTCHW"}.get(getattr(self.data, "ndim", 0))
+        media.log_video(exp._channel, exp._sender, key, self.data, self.fps, step, caption=self.caption,
+                        layout=layout)
+
+
 class Audio(Media):
     """`expman.Audio(samples, sample_rate=16000)`: numpy samples (n,) or (n, channels)."""
 
