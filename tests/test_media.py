@@ -445,3 +445,21 @@ def test_a_hostile_media_frame_is_rejected_and_the_collector_keeps_serving(root,
         sock.close(0)
         assert c.stop() == 0, c.log()
     assert "bad-values" in c.log()
+
+
+def test_with_no_collector_media_fill_memory_then_disk_then_are_refused_never_raised(root, short_dir, monkeypatch,
+                                                                                     caplog):
+    from expman._rank import artifacts
+
+    monkeypatch.setattr(artifacts, "MEDIA_BUDGET", 10_000)
+    monkeypatch.setattr(artifacts, "MEDIA_SPILL_BYTES", 20_000)
+    monkeypatch.setattr(artifacts, "WINDOW_BYTES", 1)  # one unacknowledged item in flight at most
+    with caplog.at_level(logging.ERROR, logger="expman"):
+        exp = expman.start_experiment("e", "down", root=root, collector=f"ipc://{short_dir}/nothing.sock",
+                                      code_dir=False, finish_timeout=1)
+        for i in range(20):  # 4800 bytes each: <= 1 sent, 2 in memory, 4 in the spill file, the rest refused
+            exp.log_image("img", np.full((40, 40, 3), i, np.uint8), step=i)
+        refused = exp.stats()["artifacts_failed"]
+        assert 13 <= refused <= 14
+        assert not exp.finish(timeout=1)
+    assert sum("media wait in memory" in r.getMessage() for r in caplog.records) == refused

@@ -19,8 +19,8 @@ What the call pins down, cheapest exact way first (docs/storage.md, "Snapshots")
 
 Memory: inline snapshots are bounded by INLINE_BUDGET, chunks in flight by WINDOW_BYTES.
 Media (expman/_rank/media.py) ride the same transfers with a descriptor on chunk 0; their
-bytes are held in memory up to MEDIA_BUDGET, then spilled to an unnamed file in the spool
-folder (never dropped).
+bytes are held in memory up to MEDIA_BUDGET, then appended to one unnamed spill file in
+the spool folder (MEDIA_SPILL_BYTES); past both, the item is refused with an error and counted.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from expman._wire import frames as proto
 from expman._storage.artifact_names import join_name, normalize_name
 from expman._errors import ArtifactError, ArtifactNameError
 from expman._rank.channel import RunChannel
+from expman._rank.spool import SpillFile
 
 if TYPE_CHECKING:
     from expman._rank.sender import Sender
@@ -54,6 +55,7 @@ OPEN_FDS_MAX = 256
 WINDOW_BYTES = 32 * 1024 * 1024
 WINDOW_FRAMES = 512
 MEDIA_BUDGET = 64 * 1024 * 1024
+MEDIA_SPILL_BYTES = 1024 * 1024 * 1024
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed
 
@@ -70,6 +72,7 @@ class _Job:
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) to compare; None: exact snapshot
     media: dict[str, Any] | None = None  # a media descriptor (expman/_rank/media.py)
     media_bytes: int = 0  # counted against MEDIA_BUDGET
+    base: int | None = None  # where the content starts in `fd`, the pump's shared spill file
 
 
 @dataclass(eq=False)
@@ -117,6 +120,7 @@ class ArtifactPump:
         self._jobs: deque[_Job | _CodeJob] = deque()
         self._inline_bytes = 0
         self._media_bytes = 0
+        self._spill: SpillFile | None = None
         self._open_fds = 0
         self._inflight_bytes = 0
         self._inflight_frames = 0
@@ -184,17 +188,21 @@ class ArtifactPump:
 
     def submit_bytes(self, run: RunChannel, name: str, data: bytes, media: dict[str, Any]) -> None:
         """Queue bytes the caller already copied (a media payload): in memory within
-        MEDIA_BUDGET, past it in an unnamed file in the spool folder (never dropped)."""
-        from expman._rank.spool import spill_bytes
-
+        MEDIA_BUDGET, past it in the spill file; past that too, refused (logged, counted)."""
         with self._cond:
             keep = self._media_bytes + len(data) <= MEDIA_BUDGET
             self._media_bytes += len(data) if keep else 0
-        fd = None if keep else spill_bytes(data)
-        with self._cond:
-            self._open_fds += 0 if keep else 1
-        self._submit(_Job(run, name, len(data), time.time(), data=data if keep else None, fd=fd, media=media,
-                          media_bytes=len(data) if keep else 0))
+            if not keep:
+                self._spill = self._spill or SpillFile(MEDIA_SPILL_BYTES)
+                at = self._spill.append(data)  # under the lock: the pump may empty the file
+                if at is None:
+                    run.artifacts.failed += 1
+                    log.error("expman: run %s: %s not stored: %d MiB of media wait in memory and %d MiB on disk "
+                              "(is the collector down?)", run.uid, name, MEDIA_BUDGET >> 20, MEDIA_SPILL_BYTES >> 20)
+                    return
+        self._submit(_Job(run, name, len(data), time.time(), data=data if keep else None, media=media,
+                          media_bytes=len(data) if keep else 0, fd=None if keep else self._spill.fd,  # type: ignore[union-attr]
+                          base=None if keep else at))
 
     def capture_code(self, run: RunChannel, code_dir: Path | None) -> None:
         self._submit(_CodeJob(run, code_dir))
@@ -210,6 +218,9 @@ class ArtifactPump:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._spill is not None and self._spill.fd is not None and not self._thread.is_alive():
+            os.close(self._spill.fd)
+            self._spill.fd = None
 
     # --- the pump thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -251,6 +262,9 @@ class ArtifactPump:
                     else:
                         self._inline_bytes -= job.size
                     job.data = None
+                if job.base is not None and self._spill is not None:
+                    self._spill.release()  # shared: emptied once no item waits in it
+                    job.fd = None
                 if job.fd is not None:
                     os.close(job.fd)
                     job.fd = None
@@ -293,7 +307,7 @@ class ArtifactPump:
                     data = job.data[offset : offset + want]
                 else:
                     try:
-                        data = os.pread(fd, want, offset)  # type: ignore[arg-type]
+                        data = os.pread(fd, want, (job.base or 0) + offset)  # type: ignore[arg-type]
                     except OSError as exc:
                         raise _Changed(f"reading it failed: {exc}") from None
                     if len(data) != want:
