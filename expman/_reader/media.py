@@ -42,16 +42,17 @@ def _keys(keys: str | Iterable[str] | None) -> list[str] | None:
 def _rows(run_dir: PurePath, files: Files, sub: str, journal_table: str, schema: pa.Schema,
           keys: str | Iterable[str] | None) -> pa.Table:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     folder = run_dir / MEDIA_DIR / sub
+    wanted = _keys(keys)
+    filters = [("key", "in", wanted)] if wanted is not None else None
     tables, done = [], {}
     for name in sorted(files.names(folder)):
         found = media_part_range(name)
         if found is None or name.startswith("."):
             continue
         try:
-            tables.append(files.read_parquet(folder / name, schema=schema))
+            tables.append(files.read_parquet(folder / name, schema=schema, filters=filters))
         except FileNotFoundError:
             continue
         done[found[0]] = max(done.get(found[0], -1), found[2])
@@ -70,16 +71,14 @@ def _rows(run_dir: PurePath, files: Files, sub: str, journal_table: str, schema:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a torn last line
-            if entry.get("table") == journal_table and entry.get("seq", -1) > done.get(writer, -1):
+            if entry.get("table") == journal_table and entry.get("seq", -1) > done.get(writer, -1) and (
+                    wanted is None or entry.get("key") in wanted):
                 entry.pop("table")
                 entry["time"] = _utc(entry["time"])
                 pending.append(entry)
     if pending:
         tables.append(pa.Table.from_pylist(pending, schema=schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
-    wanted = _keys(keys)
-    if wanted is not None:
-        table = table.filter(pc.is_in(table["key"], pa.array(wanted, pa.string())))
     return _once(table).sort_by([("key", "ascending"), ("step", "ascending"), ("rank", "ascending"),
                                  ("seq", "ascending")])
 
