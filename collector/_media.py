@@ -235,6 +235,7 @@ def _encode_table(payload: bytes) -> Encoded:
     import pyarrow.parquet as pq
 
     table = pa.ipc.open_stream(payload).read_all()
+    table.validate(full=True)  # a hostile stream must fail here, not inside the Parquet writer
     out = pa.BufferOutputStream()
     pq.write_table(table, out)
     return Encoded(out.getvalue().to_pybytes(), {"format": "parquet", "rows": table.num_rows,
@@ -256,6 +257,8 @@ def _encode_histogram(desc: dict[str, Any], payload: bytes) -> Encoded:
     else:
         finite = values[np.isfinite(values)]
         counts, edges = np.histogram(finite, bins=desc["bins"])
+        if not np.all(np.isfinite(edges)):
+            raise _bad(f"histogram {desc['key']!r}: the values' range overflows float64")
         stats = {"count": len(finite), "nonfinite": len(values) - len(finite),
                  "min": float(finite.min()) if len(finite) else None,
                  "max": float(finite.max()) if len(finite) else None, "sum": float(finite.sum())}
@@ -337,7 +340,7 @@ class MediaStore:
         entry = {"table": table, "seq": self.next_seq, **row}
         self.next_seq += 1
         self._pending.append(entry)
-        self._unsynced.append(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
+        self._unsynced.append(json.dumps(entry, ensure_ascii=False) + "\n")
         if self._oldest is None:
             self._oldest = time.time()
 

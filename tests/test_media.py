@@ -4,6 +4,7 @@ collector process, read back through `Run`, DuckDB and Polars."""
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import subprocess
 import sys
@@ -463,3 +464,38 @@ def test_with_no_collector_media_fill_memory_then_disk_then_are_refused_never_ra
         assert 13 <= refused <= 14
         assert not exp.finish(timeout=1)
     assert sum("media wait in memory" in r.getMessage() for r in caplog.records) == refused
+
+
+def test_hostile_payloads_only_ever_raise_protocol_errors():
+    """Whatever bytes follow a descriptor that passed its checks, encoding either works or
+    refuses the item with a ProtocolError; it never raises anything else."""
+    from expman._errors import ProtocolError
+    from expman.collector._media import check_descriptor, encode
+
+    rng = np.random.default_rng(7)
+    cases = [
+        ({"kind": "image", "key": "k", "encoding": "file"}, None),
+        ({"kind": "video", "key": "k", "encoding": "file", "format": "gif", "fps": 4.0}, None),
+        ({"kind": "table", "key": "k", "encoding": "arrow-ipc"}, None),
+        ({"kind": "histogram", "key": "k", "encoding": "values", "bins": 7}, 8),
+        ({"kind": "histogram", "key": "k", "encoding": "edges-counts"}, 24),
+        ({**GOOD_IMAGE, "dtype": "float32", "shape": [3, 2, 4]}, 96),
+        ({"kind": "audio", "key": "k", "encoding": "raw", "dtype": "float32", "shape": [6, 1], "sample_rate": 8000}, 24),
+    ]
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(png, format="PNG")
+    for desc, size in cases:
+        for trial in range(40):
+            n = size if size is not None else int(rng.integers(0, 200))
+            payload = rng.bytes(n)
+            if trial % 4 == 0 and size is None:
+                payload = png.getvalue()[: int(rng.integers(0, len(png.getvalue())))]  # truncated real files
+            if trial % 5 == 0 and size is not None:
+                payload = np.full(n // 8, rng.choice([np.nan, np.inf, -np.inf, 1e308]), "<f8").tobytes()
+            check_descriptor(dict(desc), len(payload))
+            try:
+                encode(dict(desc), payload)
+            except ProtocolError:
+                pass
