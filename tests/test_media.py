@@ -499,3 +499,23 @@ def test_hostile_payloads_only_ever_raise_protocol_errors():
                 encode(dict(desc), payload)
             except ProtocolError:
                 pass
+
+
+def test_tables_from_polars_arrow_and_columns_histograms_from_tensors(root):
+    pl = pytest.importorskip("polars")
+    torch = pytest.importorskip("torch")
+    frame = pl.DataFrame({"id": [1, 2, 3], "label": ["a", "b", None], "p": [0.5, 0.25, 1.0]})
+    arrow = pa.table({"x": pa.array([1, 2], pa.int8()), "when": pa.array([0, 1], pa.timestamp("ms"))})
+    with expman.start_experiment("e", "tables", root=root, code_dir=False) as exp:
+        exp.log_table("polars", frame, step=0)
+        exp.log_table("arrow", arrow, step=0)
+        exp.log_table("columns", {"a": [1, 2], "b": ["x", "y"]}, step=0)
+        exp.log_table("empty", [], step=0)
+        exp.log_histogram("tensor", torch.arange(8, dtype=torch.bfloat16), step=0, bins=2)
+    run = expman.open_run(exp.run_dir)
+    assert run.table("polars").equals(frame.to_arrow())
+    assert run.table("arrow").equals(arrow)
+    assert run.table("columns").to_pydict() == {"a": [1, 2], "b": ["x", "y"]}
+    assert run.table("empty").num_rows == 0
+    assert pl.from_arrow(run.table("polars")).equals(frame)
+    assert run.histograms("tensor")["counts"].to_pylist() == [[4.0, 4.0]]
