@@ -187,7 +187,9 @@ def test_latest_step_and_clear_errors(root):
             exp.log_table("t", 42)
         with pytest.raises(FileNotFoundError):
             exp.log_image("missing", "/nonexistent/file.png")
+        exp.log_image("odd/../key\\with\tall", np.zeros((1, 1), np.uint8))  # any metric key works
     run = expman.open_run(exp.run_dir)
+    assert run.read_media("odd/../key\\with\tall").startswith(b"\x89PNG")
     assert int(run.read_media("img", as_="numpy")[0, 0]) == 4  # the latest step, not the last logged
     assert int(run.read_media("img", step=2, as_="numpy")[0, 0]) == 2
     with pytest.raises(expman.ExpmanError, match="no step 3.*1, 2, 4"):

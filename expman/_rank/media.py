@@ -1,4 +1,4 @@
-"""Media from a training rank: images, histograms, tables, audio, figures.
+"""Media from a training rank: images, videos, histograms, tables, audio, figures.
 
 The call runs on the training thread, so it only copies the data into bytes (one memcpy
 of the array, or a reference to a file) and queues it; the bytes travel as an artifact
@@ -14,12 +14,14 @@ numpy is imported on first use, pyarrow only by `log_table`; Pillow never on thi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from typing import TYPE_CHECKING, Any
 
 from expman._rank.artifacts import _refuse_after_finish, pump_for
 from expman._rank.values import check_key, coerce_step
+from expman._errors import ArtifactNameError
 from expman._storage.artifact_names import normalize_name
 
 if TYPE_CHECKING:
@@ -45,15 +47,24 @@ def _descriptor(kind: str, key: str, step: Any, **extra: Any) -> dict[str, Any]:
     return desc
 
 
+def _transfer_name(desc: dict[str, Any]) -> str:
+    """The transfer's artifact name (only logs show it; the key travels in the descriptor):
+    media/<kind>/<key>, or a digest of the key where the key is no valid artifact name."""
+    try:
+        return normalize_name(f"media/{desc['kind']}/{desc['key']}")
+    except ArtifactNameError:
+        return f"media/{desc['kind']}/{hashlib.sha256(desc['key'].encode('utf-8', 'replace')).hexdigest()[:16]}"
+
+
 def _queue(run: RunChannel, sender: Sender, data: bytes, desc: dict[str, Any]) -> None:
-    name = normalize_name(f"media/{desc['kind']}/{desc['key']}")
+    name = _transfer_name(desc)
     if _refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
         return
     pump_for(sender).submit_bytes(run, name, data, desc)
 
 
 def _queue_file(run: RunChannel, sender: Sender, path: str | os.PathLike[str], desc: dict[str, Any]) -> None:
-    name = normalize_name(f"media/{desc['kind']}/{desc['key']}")
+    name = _transfer_name(desc)
     if _refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
         return
     pump_for(sender).snapshot(run, path, name, media=desc)
