@@ -521,3 +521,18 @@ def test_tables_from_polars_arrow_and_columns_histograms_from_tensors(root):
     assert run.table("empty").num_rows == 0
     assert pl.from_arrow(run.table("polars")).equals(frame)
     assert run.histograms("tensor")["counts"].to_pylist() == [[4.0, 4.0]]
+
+
+def test_big_endian_and_strided_arrays_arrive_as_their_values(root):
+    """The call copies values, not memory: byte order and strides of the input do not leak."""
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    with expman.start_experiment("e", "layouts", root=root, code_dir=False) as exp:
+        exp.log_histogram("h", np.arange(4, dtype=">f8"), step=0, bins=2)
+        exp.log_audio("a", np.arange(4, dtype=">f4"), 8000, step=0)
+        exp.log_image("strided", np.asfortranarray(image)[:, ::2], step=0)
+        exp.log_image("ints", image.astype(">i4"), step=0)
+    run = expman.open_run(exp.run_dir)
+    assert run.histograms("h")["counts"].to_pylist() == [[2.0, 2.0]]
+    assert run.read_media("a", as_="numpy")[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert np.array_equal(run.read_media("strided", as_="numpy"), image[:, ::2])
+    assert np.array_equal(run.read_media("ints", as_="numpy"), image)

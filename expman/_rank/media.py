@@ -56,11 +56,20 @@ def _transfer_name(desc: dict[str, Any]) -> str:
         return f"media/{desc['kind']}/{hashlib.sha256(desc['key'].encode('utf-8', 'replace')).hexdigest()[:16]}"
 
 
-def _queue(run: RunChannel, sender: Sender, data: bytes, desc: dict[str, Any]) -> None:
+def _queue(run: RunChannel, sender: Sender, payload: Any, desc: dict[str, Any], dtype: Any = None) -> None:
+    """Queue bytes, or copy an array (as `dtype`, C order, little-endian) into a buffer of
+    the pump's: the one copy the call makes."""
     name = _transfer_name(desc)
     if _refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
         return
-    pump_for(sender).submit_bytes(run, name, data, desc)
+    pump = pump_for(sender)
+    if not isinstance(payload, bytes):
+        np = _np()
+        dtype = np.dtype(dtype or payload.dtype).newbyteorder("<")
+        buf = pump.buffer(payload.size * dtype.itemsize)
+        np.copyto(np.frombuffer(buf, dtype=dtype).reshape(payload.shape), payload, casting="unsafe")
+        payload = buf
+    pump.submit_bytes(run, name, payload, desc)
 
 
 def _queue_file(run: RunChannel, sender: Sender, path: str | os.PathLike[str], desc: dict[str, Any]) -> None:
@@ -113,14 +122,15 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
     if layout not in IMAGE_LAYOUTS or len(layout) != array.ndim:
         raise ValueError(f"image {key!r}: expected an array of shape HxW, HxWxC, CxHxW or NxHxWxC "
                          f"(layout {layout!r}), got shape {tuple(array.shape)}")
-    array, dtype = _pixels("image", key, array, layout)
-    _queue(run, sender, array.tobytes(), _descriptor(
-        "image", key, step, caption=caption, encoding="raw", dtype=dtype, shape=list(array.shape), layout=layout))
+    dtype = _pixels("image", key, array, layout)
+    _queue(run, sender, array, _descriptor(
+        "image", key, step, caption=caption, encoding="raw", dtype=dtype, shape=list(array.shape), layout=layout),
+        dtype)
 
 
-def _pixels(kind: str, key: str, array: Any, layout: str) -> tuple[Any, str]:
-    """Checked pixels: uint8 as they are, floats as float32 (the collector scales [0, 1] to
-    0..255), other integers 0..255 as uint8."""
+def _pixels(kind: str, key: str, array: Any, layout: str) -> str:
+    """The wire dtype of checked pixels: uint8 as they are, floats as float32 (the collector
+    scales [0, 1] to 0..255), other integers 0..255 as uint8."""
     np = _np()
     channels = array.shape[layout.index("C")] if "C" in layout else 1
     if channels not in (1, 3, 4):
@@ -129,13 +139,13 @@ def _pixels(kind: str, key: str, array: Any, layout: str) -> tuple[Any, str]:
     if 0 in array.shape:
         raise ValueError(f"{kind} {key!r}: empty {kind} of shape {tuple(array.shape)}")
     if array.dtype == np.uint8:
-        return array, "uint8"
+        return "uint8"
     if array.dtype.kind == "f" or array.dtype == np.bool_:
-        return array.astype(np.float32, copy=False), "float32"
+        return "float32"
     if array.dtype.kind in "iu":
         if array.min() < 0 or array.max() > 255:
             raise ValueError(f"{kind} {key!r}: integer pixels must be 0..255 (or pass uint8, or floats in [0, 1])")
-        return array.astype(np.uint8), "uint8"
+        return "uint8"
     raise TypeError(f"{kind} {key!r}: pixels of dtype {array.dtype} are not supported (uint8 or float in [0, 1])")
 
 
@@ -161,10 +171,10 @@ def log_video(run: RunChannel, sender: Sender, key: str, frames: Any, fps: Any =
     if layout not in VIDEO_LAYOUTS or len(layout) != array.ndim:
         raise ValueError(f"video {key!r}: expected frames of shape TxHxW, TxHxWxC or TxCxHxW "
                          f"(layout {layout!r}), got shape {tuple(array.shape)}")
-    array, dtype = _pixels("video", key, array, layout)
-    _queue(run, sender, array.tobytes(), _descriptor(
+    dtype = _pixels("video", key, array, layout)
+    _queue(run, sender, array, _descriptor(
         "video", key, step, caption=caption, encoding="raw", dtype=dtype, shape=list(array.shape), layout=layout,
-        fps=float(fps)))
+        fps=float(fps)), dtype)
 
 
 def log_figure(run: RunChannel, sender: Sender, name: str, figure: Any, step: Any = None,
@@ -195,8 +205,8 @@ def log_histogram(run: RunChannel, sender: Sender, key: str, values: Any = None,
             raise TypeError(f"histogram {key!r}: bins must be an int (or pass edges= and counts=)")
         if not 1 <= int(bins) <= 10_000:
             raise ValueError(f"histogram {key!r}: bins must be 1..10000, got {bins}")
-        data = np.ascontiguousarray(array, dtype=np.float64).tobytes()
-        _queue(run, sender, data, _descriptor("histogram", key, step, encoding="values", bins=int(bins)))
+        _queue(run, sender, array.reshape(-1), _descriptor("histogram", key, step, encoding="values", bins=int(bins)),
+               np.float64)
         return
     if edges is None or counts is None:
         raise ValueError(f"histogram {key!r}: pass values, or both edges= and counts=")
@@ -254,9 +264,9 @@ def log_audio(run: RunChannel, sender: Sender, key: str, samples: Any, sample_ra
     if array.dtype == np.int16:
         dtype = "int16"
     elif array.dtype.kind == "f":
-        array, dtype = array.astype(np.float32, copy=False), "float32"
+        dtype = "float32"
     else:
         raise TypeError(f"audio {key!r}: samples must be int16 or float, got {array.dtype}")
-    _queue(run, sender, np.ascontiguousarray(array).tobytes(), _descriptor(
+    _queue(run, sender, array, _descriptor(
         "audio", key, step, caption=_caption(key, caption), encoding="raw", dtype=dtype,
-        shape=list(array.shape), sample_rate=int(sample_rate)))
+        shape=list(array.shape), sample_rate=int(sample_rate)), dtype)
