@@ -43,6 +43,7 @@ from expman._wire.limits import MAX_KEY as MAX_KEY_CHARS
 
 ROLL_ROWS = 2000  # journal rows that make a Parquet part
 ROLL_AGE_S = 10.0  # or the age of the oldest journal row
+ROLL_BYTES = 16 * 1024 * 1024  # or their size as JSON (histograms of 10k bins are ~200 KB a row)
 MAX_MEDIA_BYTES = 512 * 1024 * 1024  # raw payload of one item
 MAX_PIXELS = 100_000_000
 _DTYPES = {"image": ("uint8", "float32"), "video": ("uint8", "float32"), "audio": ("int16", "float32")}
@@ -304,6 +305,7 @@ class MediaStore:
         self._pending: list[dict[str, Any]] = []  # rows in the journal, not in a part yet
         self._unsynced: list[str] = []
         self._oldest: float | None = None
+        self._pending_bytes = 0
         self._fh: Any = None
         self.next_seq = 0
         self._recover()
@@ -340,7 +342,9 @@ class MediaStore:
         entry = {"table": table, "seq": self.next_seq, **row}
         self.next_seq += 1
         self._pending.append(entry)
-        self._unsynced.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        self._unsynced.append(line)
+        self._pending_bytes += len(line)
         if self._oldest is None:
             self._oldest = time.time()
 
@@ -357,7 +361,8 @@ class MediaStore:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._unsynced.clear()
-        if self._pending and (len(self._pending) >= ROLL_ROWS or time.time() - (self._oldest or 0) >= ROLL_AGE_S):
+        if self._pending and (len(self._pending) >= ROLL_ROWS or self._pending_bytes >= ROLL_BYTES
+                              or time.time() - (self._oldest or 0) >= ROLL_AGE_S):
             self.roll()
 
     def roll(self) -> None:
@@ -387,6 +392,7 @@ class MediaStore:
             self._fh = None
         self.journal_path.unlink(missing_ok=True)
         self._pending.clear()
+        self._pending_bytes = 0
         self._oldest = None
 
     def close(self) -> None:
