@@ -45,10 +45,11 @@ print("RUN-DIR", exp.run_dir)
 '''
 
 
-def _run_ranks(root: Path, endpoint: str, tmp_path: Path, encrypt: bool = False) -> expman.Run:
+def _run_ranks(root: Path, endpoint: str | list[str], tmp_path: Path, encrypt: bool = False) -> expman.Run:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(root), endpoint, "1" if encrypt else "0"],
+    endpoints = endpoint if isinstance(endpoint, list) else [endpoint, endpoint]
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(root), endpoints[rank], "1" if encrypt else "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = []
     for p in procs:
@@ -536,3 +537,21 @@ def test_big_endian_and_strided_arrays_arrive_as_their_values(root):
     assert run.read_media("a", as_="numpy")[0].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert np.array_equal(run.read_media("strided", as_="numpy"), image[:, ::2])
     assert np.array_equal(run.read_media("ints", as_="numpy"), image)
+
+
+def test_two_collectors_on_a_shared_root_write_one_index_each(root, short_dir, tmp_path):
+    """Rank 0 and rank 1 reach different collectors (hosts sharing a filesystem): each writes
+    its own index parts; the reader merges them."""
+    a = start_collector(root, short_dir, f"ipc://{short_dir}/a.sock", "--name", "node-a")
+    b = start_collector(root, short_dir, f"ipc://{short_dir}/b.sock", "--name", "node-b")
+    try:
+        run = _run_ranks(root, [a.endpoint, b.endpoint], tmp_path)
+    finally:
+        assert a.stop() == 0, a.log()
+        assert b.stop() == 0, b.log()
+    parts = sorted(p.name.split("-0")[0] for p in (run.path / "media" / "index").glob("*.parquet"))
+    assert parts == ["node-a", "node-b"]
+    assert {(r["key"], r["rank"]) for r in run.media("samples").to_pylist()} == {("samples", 0), ("samples", 1)}
+    for rank in (0, 1):
+        assert np.array_equal(run.read_media("samples", step=2, rank=rank, as_="numpy"), _expected(rank)["images"][2])
+    assert sorted(set(run.histograms("weights")["rank"].to_pylist())) == [0, 1]
