@@ -555,3 +555,19 @@ def test_two_collectors_on_a_shared_root_write_one_index_each(root, short_dir, t
     for rank in (0, 1):
         assert np.array_equal(run.read_media("samples", step=2, rank=rank, as_="numpy"), _expected(rank)["images"][2])
     assert sorted(set(run.histograms("weights")["rank"].to_pylist())) == [0, 1]
+
+
+def test_a_rank_without_pillow_is_told_once(monkeypatch, caplog):
+    import importlib.util
+
+    from expman._rank import media
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    monkeypatch.setattr(media, "_pillow_checked", False)
+    with caplog.at_level(logging.WARNING, logger="expman"):
+        media._check_pillow("image")
+        media._check_pillow("image")
+    assert [r.getMessage() for r in caplog.records if "Pillow" in r.getMessage()] == [
+        "expman: Pillow is not installed, so a collector in this environment refuses images; "
+        "pip install 'expman[media]'"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import logging
 from typing import TYPE_CHECKING, Any
 
 from expman._rank.artifacts import _refuse_after_finish, pump_for
@@ -28,10 +29,28 @@ if TYPE_CHECKING:
     from expman._rank.channel import RunChannel
     from expman._rank.sender import Sender
 
+log = logging.getLogger("expman")
+
 IMAGE_LAYOUTS = ("HW", "HWC", "CHW", "NHWC", "NCHW")
 VIDEO_LAYOUTS = ("THW", "THWC", "TCHW", "NTHWC", "NTCHW")  # N videos are tiled in a grid, frame by frame
 VIDEO_FILES = ("gif", "png", "apng", "webp", "mp4", "webm", "mov", "mkv", "avi")
 MAX_CAPTION = 4096
+
+
+_pillow_checked = False
+
+
+def _check_pillow(kind: str) -> None:
+    """Warn once when Pillow is missing here: a local collector (same environment) then
+    refuses every image and video. Looks it up without importing it."""
+    global _pillow_checked
+    if not _pillow_checked:
+        _pillow_checked = True
+        import importlib.util
+
+        if importlib.util.find_spec("PIL") is None:
+            log.warning("expman: Pillow is not installed, so a collector in this environment refuses %ss; "
+                        "pip install 'expman[media]'", kind)
 
 
 def _np() -> Any:
@@ -103,6 +122,7 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
     """Queue one image (see Experiment.log_image). `layout` overrides the guess from the
     type: torch tensors are CHW, numpy arrays HWC; N-prefixed layouts are tiled into a grid."""
     caption = _caption(key, caption)
+    _check_pillow("image")
     if isinstance(image, (str, os.PathLike)):
         _queue_file(run, sender, image, _descriptor("image", key, step, caption=caption, encoding="file"))
         return
@@ -155,6 +175,7 @@ def log_video(run: RunChannel, sender: Sender, key: str, frames: Any, fps: Any =
     animated PNG (lossless, every frame exact); or a video file (GIF, MP4, WebM, ...)
     stored as it is."""
     caption = _caption(key, caption)
+    _check_pillow("video")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
         raise ValueError(f"video {key!r}: fps must be a number in (0, 1000], got {fps!r}")
     if isinstance(frames, (str, os.PathLike)):
