@@ -14,6 +14,7 @@ numpy is imported on first use, pyarrow only by `log_table`; Pillow never on thi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -67,12 +68,17 @@ def _descriptor(kind: str, key: str, step: Any, **extra: Any) -> dict[str, Any]:
 
 
 def _transfer_name(desc: dict[str, Any]) -> str:
+    return _name_for(desc["kind"], desc["key"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_for(kind: str, key: str) -> str:
     """The transfer's artifact name (only logs show it; the key travels in the descriptor):
     media/<kind>/<key>, or a digest of the key where the key is no valid artifact name."""
     try:
-        return normalize_name(f"media/{desc['kind']}/{desc['key']}")
+        return normalize_name(f"media/{kind}/{key}")
     except ArtifactNameError:
-        return f"media/{desc['kind']}/{hashlib.sha256(desc['key'].encode('utf-8', 'replace')).hexdigest()[:16]}"
+        return f"media/{kind}/{hashlib.sha256(key.encode('utf-8', 'replace')).hexdigest()[:16]}"
 
 
 def _queue(run: RunChannel, sender: Sender, payload: Any, desc: dict[str, Any], dtype: Any = None) -> None:
