@@ -39,6 +39,8 @@ from expman._storage.layout import (
     write_yaml_atomic,
 )
 
+from . import _media
+
 log = logging.getLogger("expman.collector")
 
 COMPRESSIONS = ("none", "zstd")
@@ -90,6 +92,8 @@ class _Transfer:
     received: int = 0
     complete: bool = False
     expected_sha256: str | None = None
+    media: dict[str, Any] | None = None  # a media transfer's descriptor (collector/_media.py)
+    encoded: Any = None  # its stored form, made when the last chunk arrived
 
 
 class ArtifactService:
@@ -162,6 +166,8 @@ class RunArtifacts:
         self._dirty_dirs: set[Path] = set()
         self._lines: list[str] = []
         self._manifest_fh: Any = None
+        self.writer = writer
+        self.media: _media.MediaStore | None = None  # made on the first media item
 
     # --- receiving ----------------------------------------------------------------------------
     def receive(self, frame: proto.Frame, c: proto.ArtifactChunk) -> None:
@@ -208,6 +214,7 @@ class RunArtifacts:
             raise ProtocolError("bad-values", str(exc)) from None
         if name != c.name:
             raise ProtocolError("bad-values", f"artifact name {c.name!r} is not normalized")
+        media = _media.check_descriptor(c.media, c.size) if c.media is not None else None
         settings = self.service.settings
         encrypted = c.encrypt or settings.encrypt_all
         master = self.service.master_key() if encrypted else None
@@ -223,6 +230,7 @@ class RunArtifacts:
                 write_yaml_atomic(meta, {
                     "name": name, "size": c.size, "chunk": c.chunk, "time": c.logged_at, "rank": frame.rank,
                     "host": frame.host, "encrypted": encrypted, "compression": compression, "container": container,
+                    "media": media,
                 })
                 self._dirty_dirs.add(self.incoming)
             fh = open(part, "wb", buffering=0)
@@ -233,7 +241,7 @@ class RunArtifacts:
         except OSError as exc:
             raise _reject(f"could not stage artifact {name!r}: {exc}") from None
         t = _Transfer(key, name, c.size, c.chunk, c.logged_at, frame.rank, frame.host, container, encrypted,
-                      compression, part, meta, fh, header)
+                      compression, part, meta, fh, header, media=media)
         self.transfers[key] = t
         return t
 
@@ -247,7 +255,7 @@ class RunArtifacts:
             fh = open(part, "r+b", buffering=0)
             t = _Transfer(key, meta["name"], int(meta["size"]), int(meta["chunk"]), float(meta["time"]),
                           int(meta["rank"]), str(meta["host"]), bool(meta["container"]), bool(meta["encrypted"]),
-                          str(meta["compression"]), part, meta_path, fh, None)
+                          str(meta["compression"]), part, meta_path, fh, None, media=meta.get("media"))
             if t.container:
                 keys = (lambda key_id: self.service.master_key()) if t.encrypted else None
                 found = recover(fh, keys, t.hasher.update)
@@ -302,6 +310,12 @@ class RunArtifacts:
             self._fail(t)
             raise _reject(f"artifact {t.name!r}: content hashes to {digest[:12]}, the rank sent {str(c.sha256)[:12]}")
         t.expected_sha256 = digest
+        if t.media is not None:
+            try:
+                t.encoded = _media.encode_transfer(t, (lambda key_id: self.service.master_key()) if t.encrypted else None)
+            except ProtocolError:
+                self._fail(t)
+                raise
         self._dirty[t.key] = t
         self._ready.append(t)
 
@@ -325,7 +339,7 @@ class RunArtifacts:
 
     # --- durability --------------------------------------------------------------------------
     def sync(self) -> None:
-        if not (self._dirty or self._ready or self._dirty_dirs):
+        if not (self._dirty or self._ready or self._dirty_dirs or (self.media is not None and self.media.due())):
             return
         dirty = list(self._dirty.values())
         self._dirty.clear()
@@ -350,11 +364,16 @@ class RunArtifacts:
             self._manifest_fh.flush()
             os.fsync(self._manifest_fh.fileno())
             self._lines.clear()
+        if self.media is not None:
+            self.media.sync()
         dirs, self._dirty_dirs = self._dirty_dirs, set()
         for folder in dirs:
             _fsync_dir(folder)
 
     def _finalize(self, t: _Transfer) -> None:
+        if t.media is not None:
+            _media.store_encoded(self, t)
+            return
         digest = t.expected_sha256
         assert digest is not None
         relative = object_name(digest, t.container)
@@ -391,6 +410,8 @@ class RunArtifacts:
             if self._manifest_fh is not None:
                 self._manifest_fh.close()
                 self._manifest_fh = None
+            if self.media is not None:
+                self.media.close()
             if final:
                 _remove_stale_incoming(self.incoming)
 

@@ -26,16 +26,19 @@ from expman._reader.run import Run, list_runs, open_run
 from expman._compat.summary_writer import SummaryWriter
 from expman._rank.values import Metric
 from expman._version import __version__
-from expman._compat.wandb_style import config, finish, init, log, login
+from expman._compat.wandb_style import Audio, Histogram, Image, Table, Video, config, finish, init, log, login
 
 __all__ = [
     "ArtifactError",
     "ArtifactIntegrityError",
     "ArtifactKeyError",
     "ArtifactNameError",
+    "Audio",
     "Experiment",
     "ExperimentConfig",
     "ExpmanError",
+    "Histogram",
+    "Image",
     "LoggingEngine",
     "Metric",
     "MetricValue",
@@ -44,6 +47,8 @@ __all__ = [
     "RunNotFoundError",
     "RunStatus",
     "SummaryWriter",
+    "Table",
+    "Video",
     "__version__",
     "config",
     "finish",

@@ -15,10 +15,11 @@ def test_public_names_are_exactly_all():
     public = {name for name in dir(expman) if not name.startswith("_")} - subpackages
     assert public == set(expman.__all__) - {"__version__"}
     assert expman.__all__ == sorted(expman.__all__)
+    assert {"Audio", "Histogram", "Image", "Table", "Video"} <= set(expman.__all__)  # W&B-style media in expman.log
 
 
 def test_import_expman_stays_light():
-    code = "import sys, expman; print(sorted(m for m in ('pyarrow', 'textual', 'psutil', 'yaml_', 'expman.collector', 'torch', 'lightning', 'transformers') if m in sys.modules))"
+    code = "import sys, expman; print(sorted(m for m in ('pyarrow', 'textual', 'psutil', 'yaml_', 'expman.collector', 'torch', 'lightning', 'transformers', 'numpy', 'PIL', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import expman
@@ -20,6 +21,16 @@ for n_iter in range(20):
 writer.add_text("notes", "first try", 0)
 for i in range(3):
     writer.add_histogram("weights", np.arange(100) + i * 10, i)
+writer.add_image("sample", np.full((3, 8, 10), 0.5, dtype=np.float32), 1)           # CHW floats
+writer.add_image("hwc", np.arange(8 * 10 * 3, dtype=np.uint8).reshape(8, 10, 3), 1, dataformats="HWC")
+writer.add_images("batch", np.zeros((5, 3, 4, 6), dtype=np.uint8), 2)                # NCHW -> 3x2 grid
+writer.add_audio("tone", np.sin(np.arange(400) / 5)[None, :].astype(np.float32), 3, sample_rate=8000)
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig = plt.figure(figsize=(2, 1), dpi=50)
+plt.plot([0, 1], [1, 0])
+writer.add_figure("curve", fig, 4)
 writer.add_hparams({"lr": 0.1, "bsize": 32}, {"hparam/accuracy": 0.9, "hparam/loss": 0.1})
 writer.flush()
 writer.close()
@@ -37,16 +48,22 @@ def test_tensorboard_style_script_runs_unchanged(run_script, root):
     assert run.metrics(keys="run_14h/xsinx").num_rows == 20
     assert run.metrics(keys="notes")["text"].to_pylist() == ["first try"]
     assert run.metrics(keys="hparam/accuracy")["value"].to_pylist() == [0.9]
-    # histograms: 30 buckets of counts with their upper edges, plus min/max/num/sum/sum_squares
-    hist = run.metrics(keys=[f"weights/hist/count/{i:03d}" for i in range(30)])
-    at_step_2 = [v for v, s in zip(hist["value"].to_pylist(), hist["step"].to_pylist()) if s == 2]
-    assert len(at_step_2) == 30 and sum(at_step_2) == 100
-    stats = {str(k): v for k, v, s in zip(*(run.metrics(keys=["weights/hist/min", "weights/hist/max",
-                                                                "weights/hist/num"])[c].to_pylist()
-                                              for c in ("key", "value", "step"))) if s == 2}
-    assert stats == {"weights/hist/min": 20.0, "weights/hist/max": 119.0, "weights/hist/num": 100.0}
-    upper = run.metrics(keys="weights/hist/upper/029")
-    assert upper["value"].to_pylist()[-1] == 119.0
+    # histograms: 30 equal buckets over the values' range, one row per step
+    hist = run.histograms("weights").to_pylist()
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    last = hist[-1]
+    assert len(last["counts"]) == 30 and sum(last["counts"]) == 100 and last["count"] == 100
+    assert (last["min"], last["max"], last["edges"][0], last["edges"][-1]) == (20.0, 119.0, 20.0, 119.0)
+    # images, figures and audio land in the media index
+    media = {r["key"]: r for r in run.media().to_pylist()}
+    assert sorted(media) == ["batch", "curve", "hwc", "sample", "tone"]
+    assert (media["sample"]["width"], media["sample"]["height"], media["sample"]["channels"]) == (10, 8, 3)
+    assert (run.read_media("sample", as_="numpy") == 128).all()
+    assert (run.read_media("hwc", as_="numpy") == np.arange(240, dtype=np.uint8).reshape(8, 10, 3)).all()
+    assert (media["batch"]["width"], media["batch"]["height"]) == (18, 8)  # 5 images of 6x4 in rows of 3
+    assert (media["curve"]["format"], media["curve"]["width"], media["curve"]["height"]) == ("png", 100, 50)
+    samples, rate = run.read_media("tone", as_="numpy")
+    assert rate == 8000 and np.array_equal(samples, np.sin(np.arange(400) / 5).astype(np.float32))
 
 
 def test_unsupported_methods_raise_naming_the_method(root):
@@ -57,7 +74,8 @@ def test_unsupported_methods_raise_naming_the_method(root):
         writer.add_histogram_raw("h", min=0, max=2, num=3, sum=3, sum_squares=5,
                                  bucket_limits=[1, 2], bucket_counts=[1, 2], global_step=0)
     run = expman.open_run(writer.get_logdir())
-    assert run.metrics(keys="h/hist/count/001")["value"].to_pylist() == [2.0]
+    (h,) = run.histograms("h").to_pylist()
+    assert (h["edges"], h["counts"], h["step"]) == ([0.0, 1.0, 2.0], [1.0, 2.0], 0)
     assert run.status == "finished"
     with pytest.raises(NotImplementedError, match="purge_step"):
         expman.SummaryWriter(root=root, purge_step=3)
@@ -85,4 +103,4 @@ def test_torch_tensors_are_accepted(root):
         writer.add_histogram("w", torch.arange(10, dtype=torch.float32), 1, bins=5)
     run = expman.open_run(writer.get_logdir())
     assert run.metrics(keys="loss")["value"].to_pylist() == [0.25]
-    assert run.metrics(keys="w/hist/count/004")["value"].to_pylist() == [2.0]
+    assert run.histograms("w")["counts"].to_pylist() == [[2.0] * 5]

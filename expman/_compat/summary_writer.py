@@ -5,9 +5,9 @@ writing into an expman run (no torch, no TensorBoard needed).
     with SummaryWriter("runs/mnist_1") as writer:    # experiment "runs", run "mnist_1"
         writer.add_scalar("loss", 0.5, global_step=1)
 
-Methods for images, audio, video, graphs, embeddings, meshes, figures and PR curves raise
-NotImplementedError naming the method. Histograms are stored as bucket counts: see
-`HISTOGRAM_KEYS` and docs/integrations.md.
+Images, figures, histograms and audio go to the run's media (expman/_rank/media.py:
+copied at the call, encoded by the collector). Video, graphs, embeddings, meshes and PR
+curves raise NotImplementedError naming the method; see docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -20,26 +20,17 @@ from typing import Any
 from expman._rank.experiment import Experiment
 
 DEFAULT_BINS = 30
-# add_histogram(tag, ...) at step s logs, all at step s:
-HISTOGRAM_KEYS = {
-    "{tag}/hist/min": "smallest value",
-    "{tag}/hist/max": "largest value",
-    "{tag}/hist/num": "how many values",
-    "{tag}/hist/sum": "sum of the values",
-    "{tag}/hist/sum_squares": "sum of their squares",
-    "{tag}/hist/upper/{i:03d}": "upper edge of bucket i (i from 000, ascending edges)",
-    "{tag}/hist/count/{i:03d}": "how many values fell in bucket i",
-}
 
 UNSUPPORTED = (
-    "add_audio", "add_custom_scalars", "add_custom_scalars_marginchart", "add_custom_scalars_multilinechart",
-    "add_embedding", "add_figure", "add_graph", "add_image", "add_image_with_boxes", "add_images", "add_mesh",
-    "add_onnx_graph", "add_openvino_graph", "add_pr_curve", "add_pr_curve_raw", "add_video",
+    "add_custom_scalars", "add_custom_scalars_marginchart", "add_custom_scalars_multilinechart",
+    "add_embedding", "add_graph", "add_image_with_boxes", "add_mesh",
+    "add_onnx_graph", "add_openvino_graph", "add_pr_curve", "add_pr_curve_raw",
 )
 
 
 class SummaryWriter:
-    """Writes scalars, text, hyperparameters and histograms into one expman run.
+    """Writes scalars, text, hyperparameters, histograms, images, figures and audio into
+    one expman run.
 
     `log_dir` names the run: its last part is the run name and the part before it the
     experiment ("runs/mnist_1" is run "mnist_1" of experiment "runs"); `comment` is
@@ -100,38 +91,89 @@ class SummaryWriter:
 
     def add_histogram(self, tag: str, values: Any, global_step: int | None = None, bins: Any = "tensorflow",
                       walltime: float | None = None, max_bins: int | None = None) -> None:
-        """Stored as bucket counts (keys in HISTOGRAM_KEYS). `bins` is a bucket count or a
-        numpy bin rule ("auto", "fd", ...); TensorBoard's "tensorflow" means 30 equal buckets."""
+        """A histogram in the run's media (`run.histograms()`). `bins` is a bucket count or a
+        numpy bin rule ("auto", "fd", ...); TensorBoard's "tensorflow" means 30 equal buckets.
+        With a count the collector bins the values; a rule is applied here."""
         import numpy as np
 
-        data = np.asarray(_to_numpy(values), dtype=np.float64).ravel()
-        data = data[np.isfinite(data)]
         if bins == "tensorflow" or bins is None:
             bins = DEFAULT_BINS
+        if max_bins is not None and isinstance(bins, int):
+            bins = min(bins, max_bins)
+        if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+            self.exp.log_histogram(tag, _to_numpy(values), step=global_step, bins=int(bins))
+            return
+        data = np.asarray(_to_numpy(values), dtype=np.float64).ravel()
+        data = data[np.isfinite(data)]
         if data.size == 0:
             raise ValueError(f"add_histogram({tag!r}): no finite values")
         counts, edges = np.histogram(data, bins=bins)
         if max_bins is not None and len(counts) > max_bins:
             counts, edges = np.histogram(data, bins=max_bins)
-        self._histogram(tag, float(data.min()), float(data.max()), int(data.size), float(data.sum()),
-                        float(np.dot(data, data)), edges[1:].tolist(), counts.tolist(), global_step, walltime)
+        self.exp.log_histogram(tag, step=global_step, edges=edges, counts=counts)
 
     def add_histogram_raw(self, tag: str, min: float, max: float, num: int, sum: float, sum_squares: float,  # noqa: A002
                           bucket_limits: Any, bucket_counts: Any, global_step: int | None = None,
                           walltime: float | None = None) -> None:
-        limits, counts = list(_to_numpy(bucket_limits)), list(_to_numpy(bucket_counts))
-        if len(limits) != len(counts):
+        """Your buckets: `bucket_limits` are upper edges; the first bucket starts at `min`
+        (or one bucket width below its limit), and a last limit past `max` (TensorBoard
+        writes DBL_MAX) is taken as `max`."""
+        limits = [float(v) for v in _to_numpy(bucket_limits)]
+        counts = [float(v) for v in _to_numpy(bucket_counts)]
+        if len(limits) != len(counts) or not limits:
             raise ValueError(f"add_histogram_raw({tag!r}): {len(limits)} bucket limits but {len(counts)} counts")
-        self._histogram(tag, min, max, num, sum, sum_squares, limits, counts, global_step, walltime)
+        if len(limits) > 1 and limits[-1] > float(max) > limits[-2]:
+            limits[-1] = float(max)
+        width = limits[1] - limits[0] if len(limits) > 1 else 1.0
+        lower = float(min) if float(min) < limits[0] else limits[0] - width
+        self.exp.log_histogram(tag, step=global_step, edges=[lower, *limits], counts=counts)
 
-    def _histogram(self, tag: str, lo: float, hi: float, num: int, total: float, squares: float,
-                   uppers: list[Any], counts: list[Any], step: int | None, walltime: float | None) -> None:
-        points = {f"{tag}/hist/min": lo, f"{tag}/hist/max": hi, f"{tag}/hist/num": num,
-                  f"{tag}/hist/sum": total, f"{tag}/hist/sum_squares": squares}
-        for i, (upper, count) in enumerate(zip(uppers, counts)):
-            points[f"{tag}/hist/upper/{i:03d}"] = float(upper)
-            points[f"{tag}/hist/count/{i:03d}"] = float(count)
-        self.exp.log_metrics(points, step=step, timestamp=walltime)
+    # --- images, figures, audio (the run's media) ---------------------------------------
+    def add_image(self, tag: str, img_tensor: Any, global_step: int | None = None, walltime: float | None = None,
+                  dataformats: str = "CHW") -> None:
+        """uint8, or floats in [0, 1]; `dataformats` "CHW" (TensorBoard's default), "HWC" or "HW"."""
+        from expman._rank import media
+
+        media.log_image(self.exp._channel, self.exp._sender, tag, _to_numpy(img_tensor), global_step,
+                        layout=_layout(tag, dataformats, ("CHW", "HWC", "HW")))
+
+    def add_images(self, tag: str, img_tensor: Any, global_step: int | None = None, walltime: float | None = None,
+                   dataformats: str = "NCHW") -> None:
+        """A batch of images stored as one image, tiled in a grid as TensorBoard shows it."""
+        from expman._rank import media
+
+        media.log_image(self.exp._channel, self.exp._sender, tag, _to_numpy(img_tensor), global_step,
+                        layout=_layout(tag, dataformats, ("NCHW", "NHWC")))
+
+    def add_figure(self, tag: str, figure: Any, global_step: int | None = None, close: bool = True,
+                   walltime: float | None = None) -> None:
+        """A matplotlib figure (or a list: stored as `tag/0`, `tag/1`, ...) as PNG."""
+        figures = figure if isinstance(figure, (list, tuple)) else [figure]
+        for i, fig in enumerate(figures):
+            self.exp.log_figure(tag if len(figures) == 1 and fig is figure else f"{tag}/{i}", fig, global_step)
+            if close:
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+
+    def add_video(self, tag: str, vid_tensor: Any, global_step: int | None = None, fps: float = 4,
+                  walltime: float | None = None) -> None:
+        """Videos (N, T, C, H, W) as TensorBoard takes them: one animated PNG, the N videos
+        tiled in a grid frame by frame (TensorBoard writes a GIF)."""
+        from expman._rank import media
+
+        media.log_video(self.exp._channel, self.exp._sender, tag, _to_numpy(vid_tensor), fps, global_step,
+                        layout="NTCHW")
+
+    def add_audio(self, tag: str, snd_tensor: Any, global_step: int | None = None, sample_rate: int = 44100,
+                  walltime: float | None = None) -> None:
+        """Samples in [-1, 1], shape (L,) or (1, L) as TensorBoard takes them, or (L, channels)."""
+        import numpy as np
+
+        samples = np.asarray(_to_numpy(snd_tensor))
+        if samples.ndim == 2 and samples.shape[0] == 1:
+            samples = samples[0]
+        self.exp.log_audio(tag, samples, int(sample_rate), step=global_step)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until the collector has persisted every point logged so far."""
@@ -170,7 +212,8 @@ class SummaryWriter:
 def _unsupported(name: str) -> Any:
     def method(self: SummaryWriter, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
-            f"SummaryWriter.{name} is not supported by expman (scalars, text, hparams and histograms are); "
+            f"SummaryWriter.{name} is not supported by expman (scalars, text, hparams, histograms, images, "
+            "figures and audio are); "
             "log such files with exp.log_artifact(...) instead"
         )
 
@@ -191,6 +234,13 @@ def _names(log_dir: str | os.PathLike[str] | None, comment: str) -> tuple[str | 
         return None, None
     name = parts[-1] + comment
     return (parts[-2] if len(parts) > 1 else None), name
+
+
+def _layout(tag: str, dataformats: str, allowed: tuple[str, ...]) -> str:
+    layout = str(dataformats).upper()
+    if layout not in allowed:
+        raise ValueError(f"{tag!r}: dataformats must be one of {allowed}, got {dataformats!r}")
+    return layout
 
 
 def _to_numpy(values: Any) -> Any:

@@ -149,7 +149,16 @@ class ScriptRun:
         else:
             at = self.step
             advance = commit is not False
-        self.exp.log_metrics(dict(_flatten(data)), step=at)
+        scalars = {}
+        for key, value in _flatten(data):
+            if isinstance(value, Media) or (isinstance(value, (list, tuple)) and value
+                                            and all(isinstance(v, Media) for v in value)):
+                items = value if isinstance(value, (list, tuple)) else [value]
+                for i, item in enumerate(items):
+                    item._log(self.exp, key if len(items) == 1 else f"{key}/{i}", at)
+            else:
+                scalars[key] = value
+        self.exp.log_metrics(scalars, step=at)
         if advance and at >= self.step:
             self.step = at + 1
 
@@ -181,6 +190,101 @@ class ScriptRun:
 
     def __repr__(self) -> str:
         return f"<expman run {self.exp.experiment}/{self.exp.name} id={self.exp.uid} step={self.step}>"
+
+
+class Media:
+    """What `log({...})` stores as media rather than as a number (W&B's data types)."""
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        raise NotImplementedError
+
+
+class Image(Media):
+    """`expman.log({"samples": expman.Image(array_or_pil_or_path, caption="...")})`: numpy
+    HxW / HxWxC (uint8, or floats in [0, 1]), a PIL image, a CHW torch tensor, or a file."""
+
+    def __init__(self, data_or_path: Any, mode: str | None = None, caption: str | None = None, **_: Any) -> None:
+        self.data, self.caption = data_or_path, caption
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        exp.log_image(key, self.data, step=step, caption=self.caption)
+
+
+class Histogram(Media):
+    """`expman.Histogram(values, num_bins=64)` or `expman.Histogram(np_histogram=(counts, edges))`."""
+
+    def __init__(self, sequence: Any = None, np_histogram: Any = None, num_bins: int = 64) -> None:
+        if (sequence is None) == (np_histogram is None):
+            raise ValueError("Histogram takes a sequence of values or np_histogram=(counts, edges)")
+        self.sequence, self.np_histogram, self.num_bins = sequence, np_histogram, num_bins
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        if self.np_histogram is not None:
+            counts, edges = self.np_histogram
+            exp.log_histogram(key, step=step, edges=edges, counts=counts)
+        else:
+            exp.log_histogram(key, self.sequence, step=step, bins=self.num_bins)
+
+
+class Table(Media):
+    """`expman.Table(columns=[...], data=[[...], ...])` or `expman.Table(dataframe=df)`; stored
+    as Parquet (`run.table(key)`)."""
+
+    def __init__(self, columns: list[str] | None = None, data: Any = None, dataframe: Any = None, **_: Any) -> None:
+        if dataframe is not None:
+            self.table: Any = dataframe
+        else:
+            rows = [list(r) for r in (data or [])]
+            names = list(columns) if columns is not None else [f"col{i}" for i in range(len(rows[0]) if rows else 0)]
+            if any(len(r) != len(names) for r in rows):
+                raise ValueError(f"Table: every row must have {len(names)} values (the columns {names})")
+            self.table = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+        self.columns = columns
+
+    def add_data(self, *values: Any) -> None:
+        if not isinstance(self.table, dict):
+            raise TypeError("add_data works on a Table made from columns and data")
+        if len(values) != len(self.table):
+            raise ValueError(f"add_data takes {len(self.table)} values, got {len(values)}")
+        for column, value in zip(self.table.values(), values):
+            column.append(value)
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        exp.log_table(key, self.table, step=step)
+
+
+class Video(Media):
+    """`expman.Video(frames, fps=4)`: numpy frames (T, C, H, W) or (N, T, C, H, W) as W&B
+    takes them, or a video file (GIF, MP4, ...)."""
+
+    def __init__(self, data_or_path: Any, caption: str | None = None, fps: float = 4, format: str | None = None,  # noqa: A002
+                 **_: Any) -> None:
+        self.data, self.caption, self.fps = data_or_path, caption, fps
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        from expman._rank import media
+
+        layout = None
+        if not isinstance(self.data, (str, bytes)) and not hasattr(self.data, "__fspath__"):
+            layout = {4: "TCHW", 5: "NTCHW"}.get(getattr(self.data, "ndim", 0))
+        media.log_video(exp._channel, exp._sender, key, self.data, self.fps, step, caption=self.caption,
+                        layout=layout)
+
+
+class Audio(Media):
+    """`expman.Audio(samples, sample_rate=16000)`: numpy samples (n,) or (n, channels)."""
+
+    def __init__(self, data_or_path: Any, sample_rate: int | None = None, caption: str | None = None) -> None:
+        if isinstance(data_or_path, (str, bytes)) or hasattr(data_or_path, "__fspath__"):
+            raise TypeError("Audio takes an array of samples; log an audio file with log_artifact()")
+        if sample_rate is None:
+            raise ValueError("Audio needs sample_rate= for an array of samples")
+        self.data, self.sample_rate, self.caption = data_or_path, sample_rate, caption
+
+    def _log(self, exp: Experiment, key: str, step: int) -> None:
+        from expman._rank import media
+
+        media.log_audio(exp._channel, exp._sender, key, self.data, self.sample_rate, step, caption=self.caption)
 
 
 _MODES = (None, "online", "offline", "shared")

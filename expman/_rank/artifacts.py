@@ -18,6 +18,9 @@ What the call pins down, cheapest exact way first (docs/storage.md, "Snapshots")
    any change before the read, replacing included, drops the artifact the same way.
 
 Memory: inline snapshots are bounded by INLINE_BUDGET, chunks in flight by WINDOW_BYTES.
+Media (expman/_rank/media.py) ride the same transfers with a descriptor on chunk 0; their
+bytes are held in memory up to MEDIA_BUDGET, then appended to one unnamed spill file in
+the spool folder (MEDIA_SPILL_BYTES); past both, the item is refused with an error and counted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from expman._wire import frames as proto
 from expman._storage.artifact_names import join_name, normalize_name
 from expman._errors import ArtifactError, ArtifactNameError
 from expman._rank.channel import RunChannel
+from expman._rank.spool import SpillFile
 
 if TYPE_CHECKING:
     from expman._rank.sender import Sender
@@ -50,6 +54,9 @@ INLINE_BUDGET = 16 * 1024 * 1024
 OPEN_FDS_MAX = 256
 WINDOW_BYTES = 32 * 1024 * 1024
 WINDOW_FRAMES = 512
+MEDIA_BUDGET = 64 * 1024 * 1024
+MEDIA_SPILL_BYTES = 1024 * 1024 * 1024
+MEDIA_REUSE_BYTES = 32 * 1024 * 1024  # sent media buffers kept for reuse (see ArtifactPump.buffer)
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _no_reflink: set[int] = set()  # st_dev of filesystems where a clone failed
 
@@ -64,6 +71,9 @@ class _Job:
     fd: int | None = None  # opened (or cloned) during the call
     path: str | None = None  # only the path: opened by the pump
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) to compare; None: exact snapshot
+    media: dict[str, Any] | None = None  # a media descriptor (expman/_rank/media.py)
+    media_bytes: int = 0  # counted against MEDIA_BUDGET
+    base: int | None = None  # where the content starts in `fd`, the pump's shared spill file
 
 
 @dataclass(eq=False)
@@ -110,6 +120,10 @@ class ArtifactPump:
         self._cond = threading.Condition()
         self._jobs: deque[_Job | _CodeJob] = deque()
         self._inline_bytes = 0
+        self._media_bytes = 0
+        self._spill: SpillFile | None = None
+        self._reuse: dict[int, list[bytearray]] = {}
+        self._reuse_bytes = 0
         self._open_fds = 0
         self._inflight_bytes = 0
         self._inflight_frames = 0
@@ -119,7 +133,8 @@ class ArtifactPump:
         self._thread.start()
 
     # --- the calling thread --------------------------------------------------------------
-    def snapshot(self, run: RunChannel, path: str | os.PathLike[str], name: str) -> None:
+    def snapshot(self, run: RunChannel, path: str | os.PathLike[str], name: str,
+                 media: dict[str, Any] | None = None) -> None:
         """Pin the file's current content down (see the module doc) and queue it."""
         now = time.time()
         st = os.stat(path)
@@ -134,7 +149,7 @@ class ArtifactPump:
                 self._inline_bytes += st.st_size  # reserved now, so two threads cannot both overshoot
             elif use_fd:
                 self._open_fds += 1
-        job = _Job(run, name, st.st_size, now)
+        job = _Job(run, name, st.st_size, now, media=media)
         try:
             if inline:
                 with open(path, "rb") as fh:
@@ -174,6 +189,41 @@ class ArtifactPump:
                 self._inline_bytes += len(job.data) - st.st_size
         self._submit(job)
 
+    def buffer(self, size: int) -> bytearray:
+        """A buffer of `size` bytes for a media copy: one an earlier item of that size was
+        sent from, where there is one. A fresh one costs page faults on first touch (about
+        1 ms for 768 KiB in a VM); a reused one only the copy."""
+        with self._cond:
+            free = self._reuse.get(size)
+            if free:
+                self._reuse_bytes -= size
+                return free.pop()
+        return bytearray(size)
+
+    def _reuse_later(self, data: Any) -> None:  # holding self._cond
+        if data.__class__ is bytearray and self._reuse_bytes + len(data) <= MEDIA_REUSE_BYTES:
+            self._reuse.setdefault(len(data), []).append(data)
+            self._reuse_bytes += len(data)
+
+    def submit_bytes(self, run: RunChannel, name: str, data: bytes | bytearray, media: dict[str, Any]) -> None:
+        """Queue bytes the caller already copied (a media payload): in memory within
+        MEDIA_BUDGET, past it in the spill file; past that too, refused (logged, counted)."""
+        with self._cond:
+            keep = self._media_bytes + len(data) <= MEDIA_BUDGET
+            self._media_bytes += len(data) if keep else 0
+            if not keep:
+                self._spill = self._spill or SpillFile(MEDIA_SPILL_BYTES)
+                at = self._spill.append(data)  # under the lock: the pump may empty the file
+                self._reuse_later(data)
+                if at is None:
+                    run.artifacts.failed += 1
+                    log.error("expman: run %s: %s not stored: %d MiB of media wait in memory and %d MiB on disk "
+                              "(is the collector down?)", run.uid, name, MEDIA_BUDGET >> 20, MEDIA_SPILL_BYTES >> 20)
+                    return
+        self._submit(_Job(run, name, len(data), time.time(), data=data if keep else None, media=media,
+                          media_bytes=len(data) if keep else 0, fd=None if keep else self._spill.fd,  # type: ignore[union-attr]
+                          base=None if keep else at))
+
     def capture_code(self, run: RunChannel, code_dir: Path | None) -> None:
         self._submit(_CodeJob(run, code_dir))
 
@@ -188,6 +238,9 @@ class ArtifactPump:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._spill is not None and self._spill.fd is not None and not self._thread.is_alive():
+            os.close(self._spill.fd)
+            self._spill.fd = None
 
     # --- the pump thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -224,8 +277,15 @@ class ArtifactPump:
         with self._cond:
             if isinstance(job, _Job):
                 if job.data is not None:
-                    self._inline_bytes -= job.size
+                    if job.media_bytes:
+                        self._media_bytes -= job.media_bytes
+                        self._reuse_later(job.data)
+                    else:
+                        self._inline_bytes -= job.size
                     job.data = None
+                if job.base is not None and self._spill is not None:
+                    self._spill.release()  # shared: emptied once no item waits in it
+                    job.fd = None
                 if job.fd is not None:
                     os.close(job.fd)
                     job.fd = None
@@ -265,10 +325,11 @@ class ArtifactPump:
                 offset = index * chunk
                 want = min(chunk, job.size - offset)
                 if job.data is not None:
-                    data = job.data[offset : offset + want]
+                    data = (bytes(memoryview(job.data)[offset : offset + want]) if job.data.__class__ is bytearray
+                            else job.data[offset : offset + want])
                 else:
                     try:
-                        data = os.pread(fd, want, offset)  # type: ignore[arg-type]
+                        data = os.pread(fd, want, (job.base or 0) + offset)  # type: ignore[arg-type]
                     except OSError as exc:
                         raise _Changed(f"reading it failed: {exc}") from None
                     if len(data) != want:
@@ -283,7 +344,7 @@ class ArtifactPump:
                 body = proto.artifact_body(
                     transfer_id, index, data, last, name=job.name, size=job.size, chunk=chunk,
                     encrypt=run.artifacts.encrypt, logged_at=job.logged_at,
-                    sha256=hasher.hexdigest() if last else None,
+                    sha256=hasher.hexdigest() if last else None, media=job.media,
                 )
                 self._send(run, body, ChunkToken(self, transfer, run, len(data), final=last))
                 if index == 0 and not last:

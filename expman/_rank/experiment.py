@@ -224,6 +224,55 @@ class Experiment:
 
         return log_directory(self._channel, self._sender, directory, prefix, follow_symlinks)
 
+    # --- media (expman/_rank/media.py: copy and queue; the collector encodes) -------------
+    def log_image(self, key: str, image: Any, step: int | None = None, caption: str | None = None) -> None:
+        """An image: numpy HxW / HxWx1|3|4 (uint8, or float in [0, 1]), a PIL image, a CHW
+        torch tensor, or a path to an image file. Copies the pixels and returns; the
+        collector writes the PNG. Read back with `run.read_media(key, step)`."""
+        from expman._rank import media
+
+        media.log_image(self._channel, self._sender, key, image, step, caption)
+
+    def log_histogram(self, key: str, values: Any = None, step: int | None = None, bins: int = 64, *,
+                      edges: Any = None, counts: Any = None) -> None:
+        """A histogram of `values` (binned by the collector into `bins` equal bins over their
+        finite range), or given `edges=` and `counts=`."""
+        from expman._rank import media
+
+        media.log_histogram(self._channel, self._sender, key, values, step, bins, edges=edges, counts=counts)
+
+    def log_table(self, key: str, data: Any, step: int | None = None) -> None:
+        """A table (Arrow table, pandas or polars frame, list of dicts), stored as Parquet."""
+        from expman._rank import media
+
+        media.log_table(self._channel, self._sender, key, data, step)
+
+    def log_audio(self, key: str, samples: Any, sample_rate: int, step: int | None = None) -> None:
+        """Audio samples, shape (n,) or (n, channels), int16 or float; stored as WAV."""
+        from expman._rank import media
+
+        media.log_audio(self._channel, self._sender, key, samples, sample_rate, step)
+
+    def log_video(self, key: str, frames_or_path: Any, fps: float = 4, step: int | None = None) -> None:
+        """Frames (T x H x W[x C] numpy, T x C x H x W torch; uint8 or floats in [0, 1]),
+        stored as an animated PNG (lossless), or a video file (GIF, MP4, ...) as it is."""
+        from expman._rank import media
+
+        media.log_video(self._channel, self._sender, key, frames_or_path, fps, step)
+
+    def log_figure(self, name: str, figure: Any, step: int | None = None, **savefig_kwargs: Any) -> None:
+        """A matplotlib figure, rendered to PNG on this thread and stored as image `name`."""
+        from expman._rank import media
+
+        media.log_figure(self._channel, self._sender, name, figure, step, **savefig_kwargs)
+
+    def log_figure_from_path(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        """An image file already on disk (a saved figure), stored as image `name`
+        (default: `figures/<file name>`)."""
+        from expman._rank import media
+
+        media.log_image(self._channel, self._sender, name or f"figures/{os.path.basename(os.fspath(path))}", path)
+
     # --- runs ---------------------------------------------------------------------------
     def start_experiment(self, name: str | None = None, **kwargs: Any) -> Experiment:
         """Start a child run in the same experiment, linked both ways in run.yaml."""

@@ -180,3 +180,39 @@ class SpoolFile:
     @property
     def roots(self) -> set[str]:
         return {str(f.body.get("root")) for f in self.intros.values() if f.body.get("root")}
+
+
+class SpillFile:
+    """One unnamed, append-only file in the spool folder for media payloads past the rank's
+    memory budget (expman/_rank/artifacts.py): one descriptor however many items wait, cut
+    back to empty whenever none does. Not thread-safe: the caller holds its lock."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.fd: int | None = None
+        self.size = 0
+        self.live = 0
+
+    def append(self, data: bytes) -> int | None:
+        """Where `data` starts in the file, or None when it would grow past max_bytes."""
+        if self.size + len(data) > self.max_bytes:
+            return None
+        if self.fd is None:
+            import tempfile
+
+            folder = spool_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder) as fh:
+                self.fd = os.dup(fh.fileno())
+        view, at = memoryview(data), self.size
+        while view:
+            view = view[os.pwrite(self.fd, view, at + len(data) - len(view)):]
+        self.size += len(data)
+        self.live += 1
+        return at
+
+    def release(self) -> None:
+        self.live -= 1
+        if self.live == 0 and self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            self.size = 0

@@ -223,6 +223,35 @@ class Run:
 
         return _artifact_reader.download(self.path, name, dest, key_file, self._files)
 
+    # --- media (expman/_reader/media.py) --------------------------------------------------------
+    def media(self, keys: str | Iterable[str] | None = None) -> pa.Table:
+        """Images, audio and tables: one row each (key, step, rank, time, kind, format, file,
+        sha256, width, height, caption, ...), sorted by key, step, rank."""
+        from expman._reader import media as _media
+
+        return _media.index(self.path, self._files, keys)
+
+    def read_media(self, key: str, step: int | None = None, rank: int = 0, *, as_: str | None = None,
+                   key_file: str | os.PathLike[str] | None = None) -> Any:
+        """One item's stored bytes (PNG, WAV, Parquet, ...), checked against its SHA-256;
+        step None is the latest. `as_="pil"` or `"numpy"` for an image, `"numpy"` for audio
+        ((samples, sample_rate)), `"arrow"` for a table."""
+        from expman._reader import media as _media
+
+        row = _media.find(self.path, self._files, key, step, rank)
+        return _media.convert(row, _media.read_bytes(self.path, self._files, row, key_file), as_)
+
+    def histograms(self, keys: str | Iterable[str] | None = None) -> pa.Table:
+        """Histograms: key, step, rank, time, edges, counts (and count, nonfinite, min, max, sum)."""
+        from expman._reader import media as _media
+
+        return _media.histograms(self.path, self._files, keys)
+
+    def table(self, key: str, step: int | None = None, rank: int = 0, *,
+              key_file: str | os.PathLike[str] | None = None) -> pa.Table:
+        """A table logged with `log_table`, as Arrow (step None: the latest)."""
+        return self.read_media(key, step, rank, as_="arrow", key_file=key_file)
+
     def plot(self, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
         """A matplotlib Figure (needs matplotlib): one chart per key, one line per rank."""
         from expman._reader.notebook import plot

@@ -341,3 +341,62 @@ def read_manifest(path: PurePath, files: Files = LOCAL) -> dict[str, ArtifactRec
             continue
         records[record.name] = record
     return records
+
+
+# --- media (docs/storage.md, "Media") -------------------------------------------------
+# media/index/<writer>-<first seq>-<last seq>.parquet       one row per image, audio clip, table
+# media/histograms/<writer>-<first seq>-<last seq>.parquet  one row per histogram
+# media/.journal/<writer>.jsonl   rows acknowledged but not yet in a part (readers add them)
+# The media files themselves are objects in the artifact store (artifacts/objects/...).
+MEDIA_DIR = "media"
+MEDIA_INDEX_DIR = "index"
+HISTOGRAMS_DIR = "histograms"
+MEDIA_JOURNAL_DIR = ".journal"
+MEDIA_KINDS = ("image", "video", "audio", "table", "histogram")
+_MEDIA_FILE = re.compile(r"^artifacts/objects/([0-9a-f]{2})/([0-9a-f]{64})(\.expa)?$")
+
+
+def media_part_name(writer: str, first: int, last: int) -> str:
+    return f"{writer}-{first:012d}-{last:012d}.parquet"
+
+
+def media_part_range(name: str) -> tuple[str, int, int] | None:
+    """(writer, first, last) of a part's file name, or None for anything else."""
+    match = re.match(r"^(.+)-(\d{12})-(\d{12})\.parquet$", name)
+    return (match[1], int(match[2]), int(match[3])) if match else None
+
+
+def check_media_file(path: str, sha256: str) -> str:
+    """A media index's `file` column, checked before a reader follows it."""
+    match = _MEDIA_FILE.match(path)
+    if not match or match[2] != sha256 or match[1] != sha256[:2]:
+        raise ExpmanError(f"media index names a bad file {path!r}")
+    return path
+
+
+def media_index_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False), pa.field(STEP, pa.int64()), pa.field(RANK, pa.int32()),
+        pa.field(HOST, pa.string()), pa.field(TIME, pa.timestamp("us", tz="UTC")),
+        pa.field("kind", pa.string()), pa.field("format", pa.string()), pa.field("file", pa.string()),
+        pa.field("sha256", pa.string()), pa.field("size", pa.int64()), pa.field("encrypted", pa.bool_()),
+        pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("channels", pa.int32()),
+        pa.field("caption", pa.string()), pa.field("sample_rate", pa.int32()), pa.field("frames", pa.int64()),
+        pa.field("rows", pa.int64()), pa.field("columns", pa.int32()), pa.field("fps", pa.float64()),
+        pa.field("seq", pa.int64()),
+    ])
+
+
+def histograms_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False), pa.field(STEP, pa.int64()), pa.field(RANK, pa.int32()),
+        pa.field(HOST, pa.string()), pa.field(TIME, pa.timestamp("us", tz="UTC")),
+        pa.field("edges", pa.list_(pa.float64())), pa.field("counts", pa.list_(pa.float64())),
+        pa.field("count", pa.int64()), pa.field("nonfinite", pa.int64()),
+        pa.field("min", pa.float64()), pa.field("max", pa.float64()), pa.field("sum", pa.float64()),
+        pa.field("seq", pa.int64()),
+    ])

@@ -201,10 +201,13 @@ def artifact_body(
     logged_at: float,
     sha256: str | None = None,
     abort: str | None = None,
+    media: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"id": transfer, "i": index, "data": data, "last": last, "name": name, "size": size}
     if index == 0:
         body.update(chunk=chunk, encrypt=encrypt, time=logged_at)
+        if media is not None:
+            body["media"] = media
     if last:
         if abort is not None:
             body["abort"] = abort
@@ -228,6 +231,7 @@ class ArtifactChunk:
     logged_at: float | None  # first chunk only
     sha256: str | None  # last chunk only
     abort: str | None  # last chunk only: the rank gave up on this transfer
+    media: dict[str, Any] | None = None  # first chunk only: a media descriptor (collector/_media.py checks it)
 
 
 _HEX64 = frozenset("0123456789abcdef")
@@ -254,9 +258,12 @@ def read_artifact_body(body: dict[str, Any]) -> ArtifactChunk:
         raise ProtocolError("bad-shape", "the last artifact chunk needs a sha256 (64 lowercase hex digits)")
     if abort is not None and not isinstance(abort, str):
         raise ProtocolError("bad-shape", "artifact abort must be a string")
+    media = body.get("media") if index == 0 else None
+    if media is not None and not isinstance(media, dict):
+        raise ProtocolError("bad-shape", "artifact media must be a map")
     return ArtifactChunk(transfer, index, data, last, name, size, chunk, bool(body.get("encrypt")),
                          None if logged_at is None else float(logged_at), sha256 if last else None,
-                         abort if last else None)
+                         abort if last else None, media)
 
 
 def require_little_endian() -> None:
