@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from expman._storage.layout import CONFIG_YAML, METRICS_DIR, RUN_LOG, RUN_YAML, metrics_schema, part_name, write_yaml_atomic
@@ -100,3 +101,9 @@ def make_root(root: Path) -> dict[str, Path]:
                          params={"lr": 0.003, "batch_size": 64, "optimizer": {"name": "adam", "beta": 0.95}}),
         "broken": make_run(root, "cifar", "resnet", "bbbb0001", start=T0 - 600, steps=50, status="failed"),
     }
+
+
+@pytest.fixture(autouse=True)
+def private_tui_state(tmp_path_factory, monkeypatch):
+    """Each test remembers chart choices in its own state folder, never the user's (import it into a test module)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

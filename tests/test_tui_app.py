@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _tui_runs import NOW, make_root
+from _tui_runs import NOW, make_root, private_tui_state  # noqa: F401 (autouse)
 
 import expman
 from expman.tui.app import ExpmanApp
@@ -94,7 +94,7 @@ async def test_navigation_run_tabs_help_and_back(fixed_root):
         assert "line 4 of baseline" in "\n".join(screen.query_one(Log).lines)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        assert ("m", "Ranks/mean") in app.screen.rows and ("q", "Quit") in app.screen.rows
+        assert ("m", "Median/ranks/mean") in app.screen.rows and ("q", "Quit") in app.screen.rows
         await pilot.press("escape")
         assert app.screen is screen
         await pilot.press("1", "slash", *"acc", "enter")  # fuzzy filter, enter picks the best match
@@ -108,7 +108,7 @@ async def test_navigation_run_tabs_help_and_back(fixed_root):
 
 
 @run_async
-async def test_run_with_ranks_mean_band_and_time_axis(fixed_root):
+async def test_run_with_ranks_median_solo_mean_and_time_axis(fixed_root):
     app = ExpmanApp(fixed_root, clock=lambda: NOW)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
@@ -116,8 +116,18 @@ async def test_run_with_ranks_mean_band_and_time_axis(fixed_root):
         await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls)
         screen = app.screen
         chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines])
+        # The default: the median with the min-max band, and the straggler on its own line.
+        assert [line.label for line in chart[0].lines] == ["median", "r3 slowest"]
+        assert chart[0].lines[0].band and chart[0].lines[1].x.max() < chart[0].lines[0].x.max()
+        await pilot.press("m")  # every rank its own line and colour
         assert [line.label for line in chart[0].lines] == ["r0", "r1", "r2", "r3"]
-        await pilot.press("m")
+        assert len({line.color for line in chart[0].lines}) == 4
+        await pilot.press("n", "n")  # select r1: drawn last (on top), its own last value in the title
+        assert screen.view.selected == "r1" and chart[0].drawn[-1].label == "r1"
+        assert "(r1)" in chart[0].title.plain
+        await pilot.press("o")  # solo r1
+        assert [line.label for line in chart[0].drawn] == ["r1"]
+        await pilot.press("a", "m")  # all back; the mean over ranks
         assert [line.label for line in chart[0].lines] == ["mean"] and chart[0].lines[0].band
         updates = chart[0].updates
         await pilot.press("x")
@@ -138,7 +148,7 @@ async def test_compare_overlays_runs_and_diffs_params(fixed_root):
         await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.polls)
         screen = app.screen
         chart = await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines])
-        assert [line.label for line in chart[0].lines] == ["mnist/wide", "mnist/baseline"]
+        assert [line.label for line in chart[0].lines] == ["mnist/wide·aaaa0002", "mnist/baseline·aaaa0001"]
         diff = screen.query_one("#params-diff", DataTable)
         assert [str(diff.get_row_at(i)[0]) for i in range(diff.row_count)] == ["lr", "optimizer.beta"]
         await pilot.press("d")

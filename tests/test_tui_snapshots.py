@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from _tui_runs import NOW, make_root
+from _tui_runs import NOW, make_root, private_tui_state  # noqa: F401 (autouse)
 
 from expman.tui.app import ExpmanApp
 from expman.tui.screens.compare import CompareScreen

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _helpers import wait_for
-from _tui_runs import make_root
+from _tui_runs import make_root, private_tui_state  # noqa: F401 (autouse)
 
 TMUX = shutil.which("tmux")
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
