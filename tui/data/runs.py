@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from expman._reader.params import flat_params
-from expman._reader.run import run_folders
 from expman._errors import ExpmanError
 from expman._storage.summary import read_summary
-from expman._storage.layout import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._storage.layout import FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
 from expman._storage.wal import list_segments
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
@@ -163,37 +162,142 @@ class LatestValues:
 
 
 class RunIndex:
-    """Every run under a root, newest first, with the latest values of the key metrics."""
+    """Every run under a root, newest first, with the latest values of the key metrics.
+
+    An idle viewer must cost nothing, even over thousands of finished runs, so a scan
+    touches only what can have changed:
+
+    - folders are listed again only when their mtime moved (a new experiment or run
+      changes its parent's mtime): a scan of a quiet root is one stat per experiment;
+    - a running run (or one whose run.yaml could not be read) is polled every scan: run.yaml
+      re-read when its mtime or size changed, its latest values from new parts;
+    - a finished run is not polled: every SETTLED_SWEEP scans its folder's mtime is checked
+      (the collector replaces run.yaml by a rename, which moves it), so a run reopened with
+      `experiment_uid=` or rewritten by hand still shows up.
+
+    `version` goes up whenever what `scan` returns changed, so the screen redraws nothing
+    while nothing changes.
+    """
+
+    SETTLED_SWEEP = 20  # scans between checks of the finished runs (10 s at the default poll)
 
     def __init__(self, root: Path, key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
         self.root = root
         self.latest = LatestValues(key_metrics)
+        self.version = 0
+        self._dirs: dict[Path, tuple[int, list[Path]]] = {}  # folder -> (mtime_ns, its visible subfolders)
         self._infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
+        self._settled: dict[Path, int] = {}  # finished run -> its folder's mtime_ns when last read
+        self._summaries: dict[Path, RunSummary] = {}
+        self._order: list[RunSummary] = []
+        self._scans = 0
+        self._listed = 0  # folder listings done: none since the last scan means no run came or went
+        self.reads = 0  # run.yaml files read: tests check an idle scan reads none
+
+    def _subdirs(self, folder: Path) -> list[Path]:
+        """Visible subfolders of `folder`, listed again only when its mtime changed."""
+        try:
+            mtime = os.stat(folder).st_mtime_ns
+        except OSError:
+            self._dirs.pop(folder, None)
+            return []
+        known = self._dirs.get(folder)
+        if known is None or known[0] != mtime:
+            self._listed += 1
+            try:
+                with os.scandir(folder) as entries:
+                    found = sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+            except OSError:
+                found = []
+            known = (mtime, found)
+            self._dirs[folder] = known
+        return known[1]
+
+    def run_folders(self) -> list[Path]:
+        listed = self._listed
+        experiments = self._subdirs(self.root)
+        folders = [run for exp in experiments for run in self._subdirs(exp)]
+        if self._listed != listed:  # something was listed again: forget folders that went away
+            live = {self.root, *experiments}
+            for gone in [d for d in self._dirs if d not in live]:
+                del self._dirs[gone]
+        return folders
 
     def scan(self) -> list[RunSummary]:
-        """Every run, newest first. run.yaml is re-read only when its mtime or size changed
-        (the collector replaces it atomically), so a root of hundreds of runs scans in
-        milliseconds."""
-        out = []
-        infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
-        for path in run_folders(self.root):
-            try:
-                st = os.stat(path / RUN_YAML)
-            except OSError:
+        """Every run, newest first (see the class docstring for what is read)."""
+        self._scans += 1
+        sweep = self._scans % self.SETTLED_SWEEP == 1 or self.SETTLED_SWEEP <= 1
+        listed = self._listed
+        folders = self.run_folders()
+        if self._listed == listed and not sweep:  # the quiet case: poll the live runs only
+            return self._poll_live()
+        changed = set(folders) != set(self._summaries)
+        summaries: dict[Path, RunSummary] = {}
+        for path in folders:
+            old = self._summaries.get(path)
+            if old is not None and path in self._settled and not sweep:
+                summaries[path] = old
                 continue
-            signature = (st.st_mtime_ns, st.st_size)
-            known = self._infos.get(path)
-            if known is None or known[0] != signature:
-                try:
-                    known = (signature, read_yaml(path / RUN_YAML))
-                except (ExpmanError, OSError):
-                    continue
-            infos[path] = known
-            out.append(summarize(path, known[1], self.latest.of(path)))
-        self._infos = infos
-        out.sort(key=lambda s: str(self._infos[s.path][1].get("started_at") or ""), reverse=True)
-        self.latest.forget({s.path for s in out})
-        return out
+            found = self._poll(path, old)
+            if found is not None:
+                summaries[path] = found
+                changed |= found != old or old is None or found.latest != old.latest
+        self._summaries = summaries
+        for path in [p for p in self._infos if p not in summaries]:
+            del self._infos[path]
+            self._settled.pop(path, None)
+        if changed or self._scans == 1:
+            self.version += 1
+            self._order = sorted(summaries.values(), key=lambda s: str(self._infos[s.path][1].get("started_at") or ""),
+                                 reverse=True)
+            self.latest.forget(set(summaries))
+        return list(self._order)
+
+    def _poll_live(self) -> list[RunSummary]:
+        changed = False
+        for path, old in list(self._summaries.items()):
+            if path in self._settled:
+                continue
+            found = self._poll(path, old)
+            if found is None:
+                continue
+            if found != old or found.latest != old.latest:
+                self._summaries[path] = found
+                changed = True
+        if changed:
+            self.version += 1
+            self._order = [self._summaries[s.path] for s in self._order if s.path in self._summaries]
+        return list(self._order)
+
+    def _poll(self, path: Path, old: RunSummary | None) -> RunSummary | None:
+        """Re-read one run: run.yaml if it changed, its latest values; None when it is not a run (yet)."""
+        if path in self._settled:
+            try:
+                folder_mtime = os.stat(path).st_mtime_ns
+            except OSError:
+                return None
+            if folder_mtime == self._settled[path] and old is not None:
+                return old
+        try:
+            st = os.stat(path / RUN_YAML)
+            folder_mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        signature = (st.st_mtime_ns, st.st_size)
+        known = self._infos.get(path)
+        if known is None or known[0] != signature:
+            try:
+                known = (signature, read_yaml(path / RUN_YAML))
+                self.reads += 1
+            except (ExpmanError, OSError):
+                return old
+        self._infos[path] = known
+        summary = summarize(path, known[1], self.latest.of(path))
+        if summary.status in FINAL_STATUSES and not has_live_tail(path):
+            self._settled[path] = folder_mtime  # its parts are final: nothing to poll until the folder moves
+        else:
+            self._settled.pop(path, None)
+        return summary
 
     def key_columns(self, summaries: list[RunSummary]) -> list[str]:
         """The key metrics that at least one run has, in preference order, at most MAX_KEY_METRICS."""

@@ -54,6 +54,7 @@ class RunsScreen(Screen):
         self.marked: set[Path] = set()
         self.status_filter = "all"
         self.key_columns: list[str] = []
+        self._rows_shown: dict[Path, list[str]] = {}  # the cells of each row as shown: only changes are redrawn
         self.scans = 0  # completed scans: tests wait on it
         self._scanning = False
 
@@ -86,13 +87,18 @@ class RunsScreen(Screen):
     @work(thread=True, exclusive=True, group="runs-scan")
     def _scan(self) -> None:
         try:
+            version = self.index.version
             summaries = self.index.scan()
             columns = self.index.key_columns(summaries)
+            changed = self.index.version != version or not self.scans
         except Exception as exc:  # a broken root must not kill the screen
             self.app.call_from_thread(self.notify, f"could not list runs: {exc}", severity="error")
-            summaries, columns = [], []
+            summaries, columns, changed = [], [], True
         finally:
             self._scanning = False
+        if not changed and not any(s.status == "running" for s in summaries):
+            self.scans += 1  # nothing new and no clock to follow: leave the screen alone
+            return
         try:
             self.app.call_from_thread(self._apply, summaries, columns)
         except Exception:  # the app is closing
@@ -106,43 +112,63 @@ class RunsScreen(Screen):
         self._fill()
         self.scans += 1
 
+    def _row(self, s: RunSummary, now: float) -> list:
+        duration = s.duration(now)
+        return [
+            Text("●", style="bold yellow") if s.path in self.marked else "",
+            s.experiment,
+            s.path.name,
+            status_text(s.status),
+            format_started(s.started),
+            "" if duration is None else format_elapsed(duration),
+            f"{s.ranks}/{s.world_size}" if s.world_size > s.ranks else str(s.ranks),
+            ",".join(s.hosts),
+            *[format_value(s.latest[k]) if k in s.latest else "" for k in self.key_columns],
+        ]
+
     def _fill(self) -> None:
+        """Show the runs that pass the filters. With the same rows in the same order (the
+        usual case: a few live runs ticking), only the cells that changed are updated."""
         table = self.query_one("#runs", DataTable)
         text = self.query_one("#filter", Input).value
         shown = [s for s in self.summaries
                  if s.matches(text) and (self.status_filter == "all" or s.status == self.status_filter)]
         names = ["", "experiment", "run", "status", "started", "duration", "ranks", "hosts", *self.key_columns]
+        now = self.app.clock()
+        same_columns = [str(c.label) for c in table.columns.values()] == names
+        if same_columns and [s.path for s in shown] == [s.path for s in self.shown] and table.row_count == len(shown):
+            for s in shown:
+                row = self._row(s, now)
+                if self._rows_shown.get(s.path) != [str(c) for c in row]:
+                    for key, value in zip(names, row):
+                        table.update_cell(str(s.path), key or "mark", value)
+                    self._rows_shown[s.path] = [str(c) for c in row]
+        else:
+            self._rebuild(table, shown, names, same_columns, now)
+        self.shown = shown
+        self.query_one("#counts", Label).update(f"{len(shown)} of {len(self.summaries)} runs"
+                                                 + (f", {len(self.marked)} marked" if self.marked else ""))
+
+    def _rebuild(self, table: DataTable, shown: list[RunSummary], names: list[str], same_columns: bool,
+                 now: float) -> None:
         current = None
         if table.row_count and 0 <= table.cursor_row < len(self.shown):
             current = str(self.shown[table.cursor_row].path)
-        if [str(c.label) for c in table.columns.values()] != names:
+        if not same_columns:
             table.clear(columns=True)
             for name in names:
                 table.add_column(name, key=name or "mark")
         else:
             table.clear()
-        now = self.app.clock()
+        self._rows_shown = {}
         for s in shown:
-            duration = s.duration(now)
-            table.add_row(
-                Text("●", style="bold yellow") if s.path in self.marked else "",
-                s.experiment,
-                s.path.name,
-                status_text(s.status),
-                format_started(s.started),
-                "" if duration is None else format_elapsed(duration),
-                f"{s.ranks}/{s.world_size}" if s.world_size > s.ranks else str(s.ranks),
-                ",".join(s.hosts),
-                *[format_value(s.latest[k]) if k in s.latest else "" for k in self.key_columns],
-                key=str(s.path),
-            )
-        self.shown = shown
+            row = self._row(s, now)
+            table.add_row(*row, key=str(s.path))
+            self._rows_shown[s.path] = [str(c) for c in row]
         if current is not None:
             paths = [str(s.path) for s in shown]
             if current in paths:
                 table.move_cursor(row=paths.index(current))
-        self.query_one("#counts", Label).update(f"{len(shown)} of {len(self.summaries)} runs"
-                                                 + (f", {len(self.marked)} marked" if self.marked else ""))
 
     # --- actions ---------------------------------------------------------------------------
     def _current(self) -> RunSummary | None:

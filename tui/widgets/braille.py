@@ -87,8 +87,8 @@ def format_elapsed(seconds: float) -> str:
 
 
 def value_range(lines: list[Line]) -> tuple[float, float]:
-    los = [float(np.min(line.lo)) for line in lines if len(line.lo)]
-    his = [float(np.max(line.hi)) for line in lines if len(line.hi)]
+    los = [float(np.min(lo)) for lo in (line.lo[np.isfinite(line.lo)] for line in lines) if len(lo)]
+    his = [float(np.max(hi)) for hi in (line.hi[np.isfinite(line.hi)] for line in lines) if len(hi)]
     if not los:
         return 0.0, 1.0
     lo, hi = min(los), max(his)

@@ -1,0 +1,156 @@
+"""The chart workbench's pure parts and the idle Runs index, on real files: the last value at
+the highest step, smoothing, log y, robust range, zoom, the palette's marks, the state file,
+and a Runs index that reads nothing while nothing changes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from _tui_runs import T0, make_run, metrics_table, private_tui_state, write_part  # noqa: F401 (autouse)
+
+from expman._storage.layout import RUN_YAML, read_yaml, write_yaml_atomic
+from expman.tui.data import view_state
+from expman.tui.data.runs import RunIndex
+from expman.tui.data.series import MetricsSource
+from expman.tui.widgets.braille import PALETTE, Line, color_for, dashed_for, render
+from expman.tui.widgets.chart_view import ChartView, ema, prepare, y_range
+
+
+def line(label: str, y, x=None) -> Line:
+    y = np.asarray(y, float)
+    x = np.arange(len(y), dtype=float) if x is None else np.asarray(x, float)
+    return Line(label, "cyan", x, y, y, y)
+
+
+def test_last_value_is_at_the_highest_step_not_the_last_writer(tmp_path):
+    """Rank 0 is at step 100, rank 1 (a straggler) wrote last at step 80: the title's value is rank 0's."""
+    run = tmp_path / "exp" / "run-1"
+    points = [("loss", 1.0 / (s + 1), s, 0, T0 + s) for s in range(101)]
+    points += [("loss", 5.0, s, 1, T0 + 200 + s) for s in range(81)]  # arrives after rank 0's points
+    write_part(run, metrics_table(points))
+    source = MetricsSource(run)
+    source.refresh()
+    series = source.series(["loss"])["loss"]
+    assert series.last_x == 100 and series.last_value == 1.0 / 101
+    assert series.last_by_rank == {0: (100.0, 1.0 / 101), 1: (80.0, 5.0)}
+    # Two ranks at the same top step: their mean.
+    write_part(run, metrics_table([("loss", 3.0, 100, 1, T0 + 500)]), first=1, last=1)
+    source.refresh()
+    series = source.series(["loss"])["loss"]
+    assert series.last_x == 100 and series.last_value == (1.0 / 101 + 3.0) / 2
+
+
+def test_smoothing_is_a_debiased_ema_and_keeps_the_raw_line_faint():
+    values = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    assert ema(values, 0.0) is values
+    smooth = ema(values, 0.5)
+    assert smooth[0] == 1.0 and 0.4 < smooth[-1] < 0.8  # debiased start, then between the extremes
+    view = ChartView(smoothing=0.9)
+    drawn = prepare(view, [line("r0", values)])
+    assert [(d.label, d.faint) for d in drawn] == [("r0", True), ("r0", False)]
+    assert np.ptp(drawn[1].mid) < np.ptp(drawn[0].mid)
+
+
+def test_log_y_drops_non_positive_values_and_labels_in_values():
+    view = ChartView(log_y=True)
+    drawn = prepare(view, [line("r0", [100.0, 10.0, 1.0, 0.0])])
+    assert np.allclose(drawn[0].mid[:3], [2, 1, 0]) and np.isnan(drawn[0].mid[3])
+    from expman.tui.widgets.chart_view import format_log_value
+
+    rows = render(drawn, 60, 10, (0.0, 3.0), y_format=format_log_value)
+    labels = "".join(seg.text for row in rows for seg in row[:1])
+    assert "100" in labels and "1" in labels
+
+
+def test_robust_range_ignores_a_diverged_run_and_a_spike():
+    healthy = [line(f"run{i}", 1.0 / (np.arange(200) + 1) + 0.01 * i) for i in range(5)]
+    diverged = line("diverged", np.linspace(1, 2460, 200))
+    plain = y_range(ChartView(), healthy + [diverged], (0, 199))
+    robust = y_range(ChartView(robust=True), healthy + [diverged], (0, 199))
+    assert plain[1] >= 2460 and robust[1] < 2
+    spiky = np.full(200, 0.5)
+    spiky[100] = 1e6
+    lo, hi = y_range(ChartView(robust=True), [line("r0", spiky)], (0, 199))
+    assert hi < 1
+
+
+def test_zoom_pan_and_reset_stay_inside_the_run():
+    view = ChartView()
+    view.zoom_by(4.0, centre=0.9)
+    lo, hi = view.x_window
+    assert abs((hi - lo) - 0.25) < 1e-9 and lo <= 0.9 <= hi
+    view.pan(10)  # far right: stops at the end
+    assert view.x_window[1] == 1.0
+    assert view.visible_x((0.0, 1000.0)) == (750.0, 1000.0)
+    view.zoom_by(1e9)
+    assert view.zoom <= 256.0 + 1e-6
+    view.reset_zoom()
+    assert view.x_window == (0.0, 1.0)
+    # Drawn zoomed in: points outside the window are left out, not piled on the edges.
+    rows = render([line("r0", np.arange(100.0))], 40, 8, (50.0, 60.0))
+    assert "".join(seg.text for seg in rows[-1]).split() == ["50", "60"]
+
+
+def test_select_hide_solo_and_draw_order():
+    lines = [line(f"r{i}", np.arange(10.0) + i) for i in range(4)]
+    view = ChartView()
+    view.select_next([x.label for x in lines])
+    view.select_next([x.label for x in lines])
+    assert view.selected == "r1"
+    assert [d.label for d in prepare(view, lines)][-1] == "r1"  # on top
+    view.toggle_solo()
+    assert [d.label for d in prepare(view, lines)] == ["r1"]
+    view.show_all()
+    view.toggle_hidden()
+    assert "r1" not in [d.label for d in prepare(view, lines)]
+
+
+def test_no_two_series_look_alike_up_to_24():
+    marks = {(color_for(i), dashed_for(i)) for i in range(24)}
+    assert len(PALETTE) == 12 and len({color_for(i) for i in range(12)}) == 12 and len(marks) == 24
+
+
+def test_view_state_round_trips_per_experiment_and_survives_a_broken_file():
+    view = ChartView(smoothing=0.9, log_y=True, robust=True, columns=2)
+    view_state.save("mnist", ["loss", "acc"], view, "ranks")
+    keys, loaded, mode = view_state.load("mnist")
+    assert keys == ["loss", "acc"] and mode == "ranks"
+    assert (loaded.smoothing, loaded.log_y, loaded.robust, loaded.columns) == (0.9, True, True, 2)
+    assert view_state.load("cifar") == (None, ChartView(), None)
+    view_state.state_path().write_text("experiments: [not, a, mapping", encoding="utf-8")
+    assert view_state.load("mnist")[0] is None
+    view_state.save("mnist", ["loss"], view, None)  # and the next save writes a whole file again
+    assert view_state.load("mnist")[0] == ["loss"]
+
+
+def test_runs_index_reads_nothing_while_nothing_changes(tmp_path):
+    root = tmp_path / "root"
+    for i in range(30):
+        make_run(root, f"exp{i % 3}", f"run{i}", f"{i:08x}", start=T0 + i, steps=5, log_lines=0)
+    live = make_run(root, "exp0", "live", "ffff0001", start=T0 + 100, steps=5, status="running", log_lines=0)
+    index = RunIndex(root)
+    assert len(index.scan()) == 31 and index.reads == 31
+    version = index.version
+    for _ in range(3 * RunIndex.SETTLED_SWEEP):
+        index.scan()
+    assert index.reads == 31 and index.version == version  # quiet: no run.yaml read, nothing to redraw
+    # The live run is polled every scan.
+    info = read_yaml(live / RUN_YAML)
+    info["status"] = "finished"
+    time.sleep(0.01)
+    write_yaml_atomic(live / RUN_YAML, info)
+    assert next(s for s in index.scan() if s.path == live).status == "finished" and index.version > version
+    # A new run shows up at the next scan.
+    make_run(root, "exp1", "new", "eeee0001", start=T0 + 200, steps=5, log_lines=0)
+    assert index.scan()[0].name == "new"
+    # A finished run changed on disk (reopened) is seen within one sweep.
+    first = root / "exp0" / "run0-00000000"
+    info = read_yaml(first / RUN_YAML)
+    info["status"] = "running"
+    write_yaml_atomic(first / RUN_YAML, info)
+    os.utime(first, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # coarse-mtime filesystems too
+    for _ in range(RunIndex.SETTLED_SWEEP):
+        found = next(s for s in index.scan() if s.path == first)
+    assert found.status == "running"
