@@ -82,6 +82,10 @@ def make_run(root: Path, experiment: str, name: str, uid: str, *, status: str = 
         "tags": [], "parent": None, "children": [], "world_size": ranks, "hosts": list(hosts), "ranks": rank_info,
         "software": {"expman": "0.1.0"},
     }
+    if status == "failed":
+        info["error"] = {"type": "ZeroDivisionError", "message": "division by zero",
+                         "traceback": 'Traceback (most recent call last):\n  File "train.py", line 42, in <module>\n'
+                                      "    loss = total / count\nZeroDivisionError: division by zero\n"}
     write_yaml_atomic(run_dir / RUN_YAML, info)
     write_yaml_atomic(run_dir / CONFIG_YAML, params or {"lr": 0.001, "batch_size": 64})
     with open(run_dir / RUN_LOG, "w", encoding="utf-8") as fh:

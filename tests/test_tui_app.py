@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _tui_runs import NOW, make_root, private_tui_state  # noqa: F401 (autouse)
+from _tui_runs import NOW, make_root, make_run, private_tui_state  # noqa: F401 (autouse)
 
 import expman
 from expman.tui.app import ExpmanApp
@@ -153,6 +153,93 @@ async def test_compare_overlays_runs_and_diffs_params(fixed_root):
         assert [str(diff.get_row_at(i)[0]) for i in range(diff.row_count)] == ["lr", "optimizer.beta"]
         await pilot.press("d")
         assert diff.row_count == 4  # all parameters
+
+
+@run_async
+async def test_chart_grid_pages_smoothing_log_zoom_and_memory(fixed_root):
+    """Three keys share the screen; s, l, +, 0 change every chart; the choice comes back next time."""
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("down", "enter")  # baseline
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        screen.query_one("KeyPicker").choose(["loss", "acc", "lr"])
+        await until(pilot, lambda: len([c for c in screen.query(MetricChart) if c.lines]) == 3, what="three charts")
+        charts = list(screen.query(MetricChart))
+        assert charts[0].region.y == charts[1].region.y  # side by side: two columns fit in 130 cells
+        assert all(c.region.height >= 8 for c in charts)
+        await pilot.press("s", "l")
+        assert screen.view.smoothing > 0 and screen.view.log_y
+        assert [line.faint for line in charts[0].drawn] == [True, False]  # raw faint behind the smoothed line
+        assert "smooth 0.6" in str(screen.query_one("#run-header").render())
+        await pilot.press("plus", "plus")
+        assert screen.view.zoom == 4.0
+        await until(pilot, lambda: screen._last_request[2] >= 4 * 16, what="a finer read for the zoom")
+        x0, x1 = charts[0].view.visible_x(charts[0].x_range)
+        assert (x1 - x0) == (charts[0].x_range[1] - charts[0].x_range[0]) / 4
+        await pilot.press("0")
+        assert screen.view.zoom == 1.0
+        await pilot.press("g")  # one chart per row: three rows
+        await until(pilot, lambda: len({c.region.y for c in screen.query(MetricChart)}) == 3, what="one column")
+        await pilot.press("escape", "enter")  # reopen a run of the same experiment: the same keys and toggles
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        await until(pilot, lambda: [c.key for c in screen.query(MetricChart)] == ["loss", "acc", "lr"])
+        assert screen.view.smoothing == 0.6 and screen.view.log_y and screen.view.columns == 1
+
+
+@run_async
+async def test_many_keys_go_on_pages(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=(80, 24)) as pilot:  # room for two charts at a time
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("down", "enter")
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        screen.query_one("KeyPicker").choose(["loss", "acc", "lr"])
+        await until(pilot, lambda: len(screen.grid.keys) == 3, what="three keys chosen")
+        await until(pilot, lambda: [c.key for c in screen.query(MetricChart)] == ["loss", "acc"], what="page 1")
+        assert screen.grid.pages == 2  # two charts a page fit in 20 rows
+        await pilot.press("right_square_bracket")
+        await until(pilot, lambda: [c.key for c in screen.query(MetricChart) if c.lines] == ["lr"], what="page 2")
+        assert "page 2/2" in str(screen.query_one("#run-header").render())
+
+
+@run_async
+async def test_failed_run_shows_its_exception(fixed_root):
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("down", "down", "enter")  # resnet: failed
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        banner = screen.query_one("#run-error")
+        assert banner.display and "ZeroDivisionError: division by zero" in str(banner.render())
+        await pilot.press("5")
+        log = await until(pilot, lambda: "\n".join(screen.query_one(Log).lines), what="the log")
+        assert "ZeroDivisionError: division by zero" in log and 'File "train.py", line 42' in log
+
+
+@run_async
+async def test_compare_keeps_an_outlier_run_from_flattening_the_others(fixed_root):
+    make_run(fixed_root, "mnist", "diverged", "dddd0001", start=NOW - 100, steps=200, scale=2000.0)
+    make_run(fixed_root, "mnist", "baseline", "cccc0001", start=NOW - 200, steps=200, scale=1.1)  # same name
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and len(rows(app)) == 5)
+        assert rows(app)[:2] == ["diverged-dddd0001", "baseline-cccc0001"]
+        await pilot.press("space", "down", "space", "down", "down", "space", "c")
+        screen = await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.polls and app.screen)
+        chart = (await until(pilot, lambda: [c for c in screen.query(MetricChart) if c.lines]))[0]
+        labels = [line.label for line in chart.lines]
+        assert labels == ["mnist/diverged·dddd0001", "mnist/baseline·cccc0001", "mnist/baseline·aaaa0001"]
+        from expman.tui.widgets.chart_view import y_range
+
+        lo, hi = y_range(screen.view, chart.drawn, chart.x_range)
+        assert screen.view.robust and hi < 10  # the healthy runs fill the chart, the diverged one is pinned on top
+        await pilot.press("n")  # select the diverged run and hide it
+        assert screen.view.selected == labels[0]
+        await pilot.press("h")
+        assert [line.label for line in chart.drawn] == labels[1:]
+        await pilot.press("r")  # robust off: with the diverged run hidden, the plain range is the healthy one
+        assert not screen.view.robust and y_range(screen.view, chart.drawn, chart.x_range)[1] < 10
 
 
 @run_async
