@@ -89,3 +89,42 @@ def test_help_screen(snap_compare, app):
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=help_)
+
+
+async def open_run(pilot, downs: int = 0, keys: list[str] | None = None) -> None:
+    await runs_ready(pilot)
+    await pilot.press(*["down"] * downs, "enter")
+    await settle(pilot, lambda: isinstance(pilot.app.screen, RunScreen) and drawn(pilot.app.screen))
+    if keys:
+        pilot.app.screen.query_one("KeyPicker").choose(keys)
+        await settle(pilot, lambda: len(pilot.app.screen.grid.keys) == len(keys) and drawn(pilot.app.screen)
+                     and len(list(pilot.app.screen.query(MetricChart))) == len(keys))
+
+
+def test_run_screen_grid_smoothed_log_y(snap_compare, app):
+    """Three keys in a grid, smoothing on (raw faint behind), log y."""
+    async def grid(pilot):
+        await open_run(pilot, 1, ["loss", "acc", "lr"])
+        await pilot.press("s", "s", "s", "l")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=grid)
+
+
+def test_run_screen_zoomed_solo_rank(snap_compare, app):
+    """The 4-rank run per rank, zoomed in 4x, rank 3 (the straggler) alone."""
+    async def solo(pilot):
+        await open_run(pilot)
+        await pilot.press("m", "n", "n", "n", "n", "o", "plus", "plus", "period")
+        await settle(pilot, lambda: pilot.app.screen._last_request[2] > 1000 and drawn(pilot.app.screen))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=solo)
+
+
+def test_run_screen_failed_with_traceback(snap_compare, app):
+    async def failed(pilot):
+        await open_run(pilot, 2)
+        await pilot.press("5")
+        await settle(pilot, lambda: "division by zero" in "\n".join(pilot.app.screen.query_one("#log-view").lines))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=failed)

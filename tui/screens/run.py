@@ -238,10 +238,10 @@ class RunScreen(ChartTools, Screen):
             self.series.update(snap.series)
             self._draw()
         self._show_header()
-        self._show_error()
         self._pending.update({k: v for k, v in (("params", snap.params), ("hardware", snap.hardware),
                                                 ("artifacts", snap.artifacts)) if v is not None})
         self._pending_log.extend(snap.log_lines)
+        self._show_error()  # after the log's lines: the traceback is where the run ended
         self._show_panels()
         self.polls += 1
 
@@ -346,3 +346,8 @@ class RunScreen(ChartTools, Screen):
 
     def action_tab(self, name: str) -> None:
         self.query_one(TabbedContent).active = name
+
+    @on(TabbedContent.TabActivated)
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        """A panel mounted late (Lazy) gets what was read for it now, not at the next poll."""
+        self.call_after_refresh(self._show_panels)
