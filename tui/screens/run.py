@@ -268,13 +268,14 @@ class RunScreen(ChartTools, Screen):
         duration = info.get("duration_s")
         if duration is None and started is not None:
             duration = (ended or self.app.clock()) - started
+        ranks = len(info.get("ranks") or {})
         header = Text.assemble(
             (f"{info.get('experiment', '')}/{self.run.path.name}", "bold"), "  ",
             status_text(str(info.get("status", "unknown"))), "  ",
             f"duration {format_elapsed(duration)}" if duration is not None else "", "  ",
-            f"ranks {len(info.get('ranks') or {})}", "  ",
-            f"hosts {','.join(info.get('hosts') or [])}", "  ",
-            (f"x={self.xkind}  {MODE_NAMES[self._mode()]}  {self.view.status()}  {self.grid.label()}", "dim"),
+            f"{ranks} rank{'s' if ranks != 1 else ''} on {','.join(info.get('hosts') or []) or '?'}", "  ",
+            ("  ".join(p for p in (f"x={self.xkind}", MODE_NAMES[self._mode()] if ranks > 1 else "",
+                                   self.view.status(), self.grid.label()) if p), "dim"),
         )
         self.query_one("#run-header", Label).update(header)
 
