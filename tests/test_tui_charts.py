@@ -154,3 +154,98 @@ def test_runs_index_reads_nothing_while_nothing_changes(tmp_path):
     for _ in range(RunIndex.SETTLED_SWEEP):
         found = next(s for s in index.scan() if s.path == first)
     assert found.status == "running"
+
+
+def write_hardware(run_dir, rows) -> None:
+    """Rows (seconds after T0, host, device, key, value, text, rank) as a hardware part, as the collector writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from expman._storage.layout import HARDWARE_DIR, hardware_schema, part_name
+
+    def dictionary(values):
+        names = sorted({v for v in values if v is not None})
+        return pa.DictionaryArray.from_arrays(pa.array([None if v is None else names.index(v) for v in values],
+                                                       pa.int32()), pa.array(names, pa.string()))
+
+    table = pa.Table.from_arrays([
+        pa.array([int((T0 + r[0]) * 1e6) for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        dictionary([r[1] for r in rows]), dictionary([r[2] for r in rows]), dictionary([r[3] for r in rows]),
+        pa.array([r[4] for r in rows], pa.float64()), pa.array([r[5] for r in rows], pa.string()),
+        pa.array([r[6] for r in rows], pa.int32()),
+    ], schema=hardware_schema())
+    folder = run_dir / HARDWARE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / part_name(0, 0, 0, "test-host"))
+
+
+def test_hardware_per_rank_per_device_whole_history_and_units(tmp_path):
+    import expman
+    from expman.tui.data.hardware import SPARK_POINTS, read_hardware
+    from expman.tui.widgets.hardware_panel import human, scales, sparkline
+
+    run_dir = make_run(tmp_path, "exp", "hw", "hhhh0001", steps=5, ranks=2, log_lines=0)
+    rows = []
+    for t in range(1000):  # 1,000 samples: far more than a sparkline's width
+        for rank in (0, 1):
+            rows.append((t, "node01", None, "process.rss_bytes", 2e9 + rank * 1e9 + (t % 2) * 1e8, None, rank))
+        rows.append((t, "node01", None, "cpu.percent", 100.0, None, None))  # constant, pegged
+        rows.append((t, "node01", "GPU-aaaa-1111-2222", "gpu.temperature_c", 60.0 + (t == 500) * 30, None, 0))
+        rows.append((t, "node01", "GPU-bbbb-3333-4444", "gpu.temperature_c", 50.0, None, 1))
+    rows.append((0, "node01", "GPU-aaaa-1111-2222", "gpu.name", None, "NVIDIA H100", 0))
+    write_hardware(run_dir, rows)
+    series = read_hardware(expman.open_run(run_dir))
+    rss = [s for s in series if s.key == "process.rss_bytes"]
+    assert [s.rank for s in rss] == [0, 1]  # one series per rank, not one sawtooth
+    assert rss[0].high == 2.1e9 and rss[1].low == 3e9
+    temps = [s for s in series if s.key == "gpu.temperature_c"]
+    assert [s.device for s in temps] == ["GPU-aaaa-1111-2222", "GPU-bbbb-3333-4444"]
+    assert SPARK_POINTS // 2 <= len(temps[0].values) <= SPARK_POINTS and max(temps[0].values) == 90.0  # spike kept
+    cpu = next(s for s in series if s.key == "cpu.percent")
+    assert cpu.constant and cpu.latest == 100.0
+    assert next(s for s in series if s.key == "gpu.name").text == "NVIDIA H100"
+    assert scales(series)[("cpu", "%")] == (0.0, 100.0)
+    assert sparkline((100.0, 100.0), 0.0, 100.0) == "██"  # a pegged CPU is a full bar on the 0-100 scale
+    assert human(8.14e10, "B") == "81.4 GB" and human(1.25e7, "B/s") == "12.5 MB/s" and human(71, "°C") == "71 °C"
+
+
+def test_hardware_tab_shows_ranks_and_units(tmp_path):
+    import asyncio
+
+    from _tui_runs import NOW
+    from rich.console import Console
+
+    from expman.tui.app import ExpmanApp
+    from expman.tui.screens.run import RunScreen
+    from expman.tui.widgets.hardware_panel import HardwarePanel
+
+    run_dir = make_run(tmp_path, "exp", "hw", "hhhh0001", steps=5, ranks=2, log_lines=0)
+    write_hardware(run_dir, [(t, "node01", None, "process.rss_bytes", 2e9 + r * 1e9 + t * 1e6, None, r)
+                             for t in range(100) for r in (0, 1)]
+                   + [(t, "node01", None, "cpu.percent", 100.0, None, None) for t in range(100)])
+
+    async def until(pilot, condition, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            await pilot.pause(0.05)
+        return condition()
+
+    async def body() -> str:
+        app = ExpmanApp(tmp_path, clock=lambda: NOW)
+        async with app.run_test(size=(140, 36)) as pilot:
+            await until(pilot, lambda: getattr(app.screen, "scans", 0))
+            await pilot.press("enter")
+            screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+            await pilot.press("3")
+            panel = (await until(pilot, lambda: [p for p in screen.query(HardwarePanel) if p.series]))[0]
+            console = Console(width=140, record=True, file=open(os.devnull, "w"))
+            console.print(panel.table)
+            return console.export_text()
+
+    text = asyncio.run(body())
+    lines = [line.split() for line in text.splitlines()]
+    rss = [line for line in lines if "process.rss_bytes" in line]
+    assert [line[1] for line in rss] == ["0", "1"]  # host, rank, key, ...: one row per rank
+    assert rss[0][-2:] == ["2.1", "GB"] and "2 GB–2.1 GB" in text  # human units, the whole run's range
+    assert any("cpu.percent" in line and "constant" in line and line[-1] == "100.0%" for line in lines)
