@@ -74,6 +74,43 @@ async def test_runs_screen_lists_newest_first_and_filters(fixed_root):
 
 
 @run_async
+async def test_runs_filter_by_parameters_metrics_and_tags_with_param_columns_and_sort(fixed_root):
+    import yaml
+
+    info_path = fixed_root / "mnist" / "baseline-aaaa0001" / "run.yaml"
+    info = yaml.safe_load(info_path.read_text())
+    info["tags"] = ["sweep-3"]
+    info_path.write_text(yaml.safe_dump(info))
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans, what="the first scan")
+        table = app.screen.query_one("#runs", DataTable)
+        labels = [str(c.label) for c in table.columns.values()]
+        assert "lr=" in labels and "optimizer.beta=" in labels  # the parameters that differ between runs
+        await pilot.press("slash", *"lr=0.003")
+        assert rows(app) == ["wide-aaaa0002"]
+        await pilot.press("escape", "slash", *"lr<0.002 acc>0.99")  # a parameter and a metric
+        assert rows(app) == ["baseline-aaaa0001"]
+        await pilot.press("escape", "slash", *"optimizer.name=adam")
+        assert rows(app) == ["wide-aaaa0002", "baseline-aaaa0001"]
+        await pilot.press("escape", "slash", *"tag:sweep-3")
+        assert rows(app) == ["baseline-aaaa0001"]
+        await pilot.press("escape", "slash", *"loss<0.5 tag:nope")
+        assert rows(app) == []
+        await pilot.press("escape")
+        await until(pilot, lambda: len(rows(app)) == 3)
+        app.screen.sort_by = "loss"  # what clicking the loss header does
+        app.screen._sorted()
+        assert rows(app) == ["resnet-bbbb0001", "baseline-aaaa0001", "wide-aaaa0002"]  # lowest loss first
+        await pilot.press("O")
+        assert rows(app) == ["wide-aaaa0002", "baseline-aaaa0001", "resnet-bbbb0001"]
+        assert "sorted by loss ↓" in str(app.screen.query_one("#sort").render())
+        await pilot.click("#runs", offset=(2, 0))  # a header click: sort by experiment
+        await until(pilot, lambda: app.screen.sort_by == "experiment")
+        assert rows(app)[0] == "resnet-bbbb0001"  # cifar < mnist
+
+
+@run_async
 async def test_navigation_run_tabs_help_and_back(fixed_root):
     app = ExpmanApp(fixed_root, clock=lambda: NOW)
     async with app.run_test(size=SIZE) as pilot:
@@ -240,6 +277,27 @@ async def test_compare_keeps_an_outlier_run_from_flattening_the_others(fixed_roo
         assert [line.label for line in chart.drawn] == labels[1:]
         await pilot.press("r")  # robust off: with the diverged run hidden, the plain range is the healthy one
         assert not screen.view.robust and y_range(screen.view, chart.drawn, chart.x_range)[1] < 10
+
+
+@run_async
+async def test_unreadable_artifact_manifest_is_an_error_not_a_list_of_hashes(fixed_root):
+    from expman._storage.layout import ARTIFACTS_DIR, MANIFEST
+    from expman.tui.widgets.artifacts_list import ArtifactsList
+
+    run = fixed_root / "mnist" / "baseline-aaaa0001"
+    (run / ARTIFACTS_DIR / "ab").mkdir(parents=True)
+    (run / ARTIFACTS_DIR / "ab" / ("ab" + "0" * 62)).write_bytes(b"content")  # an object, as the store keeps it
+    (run / ARTIFACTS_DIR / MANIFEST).mkdir()  # a manifest that cannot be read
+    app = ExpmanApp(fixed_root, clock=lambda: NOW)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        await pilot.press("down", "enter")
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        await pilot.press("6")
+        listing = await until(pilot, lambda: screen.query(ArtifactsList) and screen.query_one(ArtifactsList))
+        await until(pilot, lambda: listing.row_count and "could not read the artifacts" in str(listing.get_row_at(0)[0]),
+                    what="the manifest's error in the artifacts tab")
+        assert listing.row_count == 1  # and no content hashes listed as names
 
 
 @run_async

@@ -249,3 +249,16 @@ def test_hardware_tab_shows_ranks_and_units(tmp_path):
     assert [line[1] for line in rss] == ["0", "1"]  # host, rank, key, ...: one row per rank
     assert rss[0][-2:] == ["2.1", "GB"] and "2 GB–2.1 GB" in text  # human units, the whole run's range
     assert any("cpu.percent" in line and "constant" in line and line[-1] == "100.0%" for line in lines)
+
+
+def test_filter_words_compare_numbers_as_numbers_and_text_only_for_equality():
+    from expman.tui.data.run_filter import compare, param_columns
+    from expman.tui.data.runs import summarize
+
+    run = summarize(tmp := __import__("pathlib").Path("/r/exp/a-1"), {"name": "a", "tags": ["x"]},
+                    {"loss": 0.4}, {"lr": 0.001, "opt.name": "Adam", "layers": [64, 64]})
+    assert run.matches("lr=1e-3 loss<0.5 opt.name=adam tag:x") and not run.matches("loss>=0.5")
+    assert not run.matches("opt.name<b") and run.matches("missing!=1") and not run.matches("missing=1")
+    assert compare(True, "=", "1") and not compare("abc", ">", "abd")
+    other = summarize(tmp.with_name("b-2"), {"name": "b"}, {}, {"lr": 0.01, "opt.name": "Adam", "layers": [64, 64]})
+    assert param_columns([run, other]) == ["lr"]

@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 from expman._reader.params import flat_params
 from expman._errors import ExpmanError
 from expman._storage.summary import read_summary
-from expman._storage.layout import FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
 from expman._storage.wal import list_segments
+
+from . import run_filter
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
 POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
@@ -63,6 +65,7 @@ class RunSummary:
     hosts: tuple[str, ...]
     tags: tuple[str, ...]
     latest: dict[str, float] = field(default_factory=dict, compare=False)
+    params: dict[str, Any] = field(default_factory=dict, compare=False)  # flat, dotted keys
 
     @property
     def folder(self) -> str:
@@ -77,14 +80,18 @@ class RunSummary:
         return max(0.0, end - self.started)
 
     def matches(self, text: str) -> bool:
-        text = text.strip().lower()
-        if not text:
-            return True
-        hay = " ".join((self.experiment, self.name, self.uid, self.status, *self.hosts, *self.tags)).lower()
-        return all(word in hay for word in text.split())
+        """Whether every word of `text` holds for this run (the language: data/run_filter.py)."""
+        return run_filter.matches(self, text)
+
+    def value(self, key: str) -> Any:
+        """A parameter's value, else the latest value of a metric; None when the run has neither."""
+        if key in self.params:
+            return self.params[key]
+        return self.latest.get(key)
 
 
-def summarize(path: Path, info: dict[str, Any], latest: dict[str, float]) -> RunSummary:
+def summarize(path: Path, info: dict[str, Any], latest: dict[str, float],
+              params: dict[str, Any] | None = None) -> RunSummary:
     ranks = info.get("ranks") or {}
     return RunSummary(
         path=path,
@@ -100,6 +107,7 @@ def summarize(path: Path, info: dict[str, Any], latest: dict[str, float]) -> Run
         hosts=tuple(str(h) for h in info.get("hosts") or ()),
         tags=tuple(str(t) for t in info.get("tags") or ()),
         latest=latest,
+        params=params or {},
     )
 
 
@@ -126,15 +134,15 @@ class LatestValues:
                     continue
             for key, value in self._by_part[part.path].items():
                 found.setdefault(key, value)
-            if len(found) == len(self.keys):
+            if all(k in found for k in self.keys):
                 break
         return found
 
     def _read(self, path: Path) -> dict[str, float]:
         pf = pq.ParquetFile(path)
         summary = read_summary(pf)
-        if summary is not None:
-            return {k: summary[k].last_value for k in self.keys if k in summary and summary[k].last_value is not None}
+        if summary is not None:  # every key: `loss<0.5` filters on any metric of a merged run
+            return {k: s.last_value for k, s in summary.items() if s.last_value is not None}
         out: dict[str, float] = {}
         for i in reversed(range(pf.metadata.num_row_groups)):
             table = pf.read_row_group(i, columns=[KEY, VALUE]).combine_chunks()
@@ -187,6 +195,7 @@ class RunIndex:
         self.version = 0
         self._dirs: dict[Path, tuple[int, list[Path]]] = {}  # folder -> (mtime_ns, its visible subfolders)
         self._infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
+        self._configs: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (config.yaml mtime, size), params
         self._settled: dict[Path, int] = {}  # finished run -> its folder's mtime_ns when last read
         self._summaries: dict[Path, RunSummary] = {}
         self._order: list[RunSummary] = []
@@ -246,6 +255,7 @@ class RunIndex:
         for path in [p for p in self._infos if p not in summaries]:
             del self._infos[path]
             self._settled.pop(path, None)
+            self._configs.pop(path, None)
         if changed or self._scans == 1:
             self.version += 1
             self._order = sorted(summaries.values(), key=lambda s: str(self._infos[s.path][1].get("started_at") or ""),
@@ -292,12 +302,28 @@ class RunIndex:
             except (ExpmanError, OSError):
                 return old
         self._infos[path] = known
-        summary = summarize(path, known[1], self.latest.of(path))
+        summary = summarize(path, known[1], self.latest.of(path), self._params(path))
         if summary.status in FINAL_STATUSES and not has_live_tail(path):
             self._settled[path] = folder_mtime  # its parts are final: nothing to poll until the folder moves
         else:
             self._settled.pop(path, None)
         return summary
+
+    def _params(self, path: Path) -> dict[str, Any]:
+        """The run's parameters, flat; config.yaml re-read only when its mtime or size changed."""
+        try:
+            st = os.stat(path / CONFIG_YAML)
+        except OSError:
+            return {}
+        signature = (st.st_mtime_ns, st.st_size)
+        known = self._configs.get(path)
+        if known is None or known[0] != signature:
+            try:
+                known = (signature, flat_params(read_yaml(path / CONFIG_YAML)))
+            except (ExpmanError, OSError):
+                known = (signature, {})
+            self._configs[path] = known
+        return known[1]
 
     def key_columns(self, summaries: list[RunSummary]) -> list[str]:
         """The key metrics that at least one run has, in preference order, at most MAX_KEY_METRICS."""
@@ -426,27 +452,9 @@ class LogTail:
 
 
 def artifacts(run: Any) -> list[tuple[str, int]]:
-    """(name, size) of the run's artifacts: `run.artifacts()` once it exists, else the artifacts folder."""
-    method = getattr(run, "artifacts", None)
-    if callable(method):
-        try:
-            listed = method()
-            rows = []
-            for item in listed:
-                name = item.get("name") if isinstance(item, dict) else getattr(item, "name", str(item))
-                size = item.get("size") if isinstance(item, dict) else getattr(item, "size", None)
-                rows.append((str(name), int(size) if size is not None else -1))
-            return rows
-        except Exception:  # the artifacts feature is not ours: fall back to the folder
-            pass
-    folder = Path(run.path) / "artifacts"
-    if not folder.is_dir():
-        return []
-    rows = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            rows.append((str(path.relative_to(folder)), path.stat().st_size))
-    return rows
+    """(name, size) of the run's artifacts, from `run.artifacts()` (the manifest). A manifest
+    that cannot be read raises: the screen shows the error, not the store's content hashes."""
+    return [(str(item.name), int(item.size) if item.size is not None else -1) for item in run.artifacts()]
 
 
 def read_yaml_safe(path: Path) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class Snapshot:
     log_lines: list[str]
     params: dict[str, Any] | None = None
     hardware: list[HardwareSeries] | None = None
-    artifacts: list[tuple[str, int]] | None = None
+    artifacts: list[tuple[str, int]] | str | None = None  # a str: why they could not be read
     request: tuple = field(default_factory=tuple)
 
 
@@ -219,7 +219,10 @@ class RunScreen(ChartTools, Screen):
         if slow:
             snapshot.params = read_yaml_safe(self.run.path / CONFIG_YAML)
             snapshot.hardware = read_hardware(self.run)
-            snapshot.artifacts = artifacts(self.run)
+            try:
+                snapshot.artifacts = artifacts(self.run)
+            except Exception as exc:  # a broken manifest: say so in the tab
+                snapshot.artifacts = f"could not read the artifacts: {exc}"
         return snapshot
 
     def _apply(self, snap: Snapshot) -> None:
