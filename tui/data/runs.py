@@ -457,6 +457,24 @@ def artifacts(run: Any) -> list[tuple[str, int]]:
     return [(str(item.name), int(item.size) if item.size is not None else -1) for item in run.artifacts()]
 
 
+def find_run(root: Path, ref: str) -> Path:
+    """The run folder `ref` names under `root`: `experiment/folder`, a folder, a run id, a unique
+    id prefix or a unique run name (folders are `<name>-<id>`); ValueError says why not."""
+    ref = ref.strip().strip("/")
+    folders = [run for exp in sorted(root.iterdir()) if exp.is_dir() and not exp.name.startswith(".")
+               for run in sorted(exp.iterdir()) if (run / RUN_YAML).is_file()]
+    for test in (lambda p: f"{p.parent.name}/{p.name}" == ref, lambda p: p.name == ref,
+                 lambda p: p.name.rsplit("-", 1)[-1] == ref, lambda p: p.name.rsplit("-", 1)[0] == ref,
+                 lambda p: p.name.rsplit("-", 1)[-1].startswith(ref)):
+        found = [p for p in folders if test(p)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"{ref!r} names {len(found)} runs ({', '.join(p.name for p in found[:3])}…): "
+                             "give more of the id")
+    raise ValueError(f"no run {ref!r} under {root}")
+
+
 def read_yaml_safe(path: Path) -> dict[str, Any]:
     try:
         return read_yaml(path)
