@@ -137,6 +137,9 @@ async def test_navigation_run_tabs_help_and_back(fixed_root):
         await pilot.press("1", "slash", *"acc", "enter")  # fuzzy filter, enter picks the best match
         await until(pilot, lambda: [c.key for c in screen.query(MetricChart)] == ["acc"], what="the acc chart")
         await until(pilot, lambda: screen.query_one(MetricChart).lines, what="acc drawn")
+        await pilot.press("2")  # the tab keys work right after enter in the filter
+        assert screen.query_one("#tabs").active == "ranks"
+        await pilot.press("1")
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
         started = time.monotonic()
@@ -216,6 +219,22 @@ async def test_chart_grid_pages_smoothing_log_zoom_and_memory(fixed_root):
         assert (x1 - x0) == (charts[0].x_range[1] - charts[0].x_range[0]) / 4
         await pilot.press("0")
         assert screen.view.zoom == 1.0
+        # The mouse: the wheel over a chart zooms around the pointer (no pilot helper: its own event path).
+        from textual import events
+
+        plot_x = charts[0].size.width - 3  # near the right edge of the plot
+        await pilot._post_mouse_events([events.MouseScrollUp], charts[0], offset=(plot_x, 5))
+        await until(pilot, lambda: screen.view.zoom == 1.5, what="a wheel zoom")
+        assert screen.view.x_window[1] > 0.9  # zoomed towards where the pointer was
+        await pilot.press("0")
+        # A click on a legend entry selects that series; a second click hides it.
+        start, _end, label = charts[0]._legend_spans[0]
+        await pilot.click(charts[0], offset=(start + 2, 0))
+        assert screen.view.selected == label == "r0"
+        start = charts[0]._legend_spans[0][0]  # the title now also shows r0's own last value: the legend moved
+        await pilot.click(charts[0], offset=(start + 2, 0))
+        assert "r0" in screen.view.hidden and charts[0].drawn == []
+        await pilot.press("a")
         await pilot.press("g")  # one chart per row: three rows
         await until(pilot, lambda: len({c.region.y for c in screen.query(MetricChart)}) == 3, what="one column")
         await pilot.press("escape", "enter")  # reopen a run of the same experiment: the same keys and toggles

@@ -78,7 +78,7 @@ class CompareScreen(ChartTools, Screen):
     def compose(self) -> ComposeResult:
         yield Label("", id="compare-header")
         with Horizontal(id="compare-row"):
-            yield KeyPicker(id="keys")
+            yield KeyPicker(id="keys", leave_to="#compare-charts")
             with Vertical():
                 self.grid = ChartGrid(self.view, id="compare-charts")
                 yield self.grid

@@ -158,7 +158,7 @@ class RunScreen(ChartTools, Screen):
         with TabbedContent(initial="charts", id="tabs"):
             with TabPane("1 Charts", id="charts"):
                 with Horizontal(id="charts-row"):
-                    yield KeyPicker(id="keys")
+                    yield KeyPicker(id="keys", leave_to="#charts-area")
                     self.grid = ChartGrid(self.view, id="charts-area")
                     yield self.grid
             # The other tabs mount after the first paint: the chart comes first.
