@@ -11,7 +11,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Static
 
 SCREENS_TEXT = """\
-Runs     every run under the root, newest first; enter opens one, space marks runs to compare
+Runs     every run under the root, newest first; enter opens one, space marks runs to compare;
+         / filters by words and by lr=0.001, loss<0.5, optimizer.name!=sgd, tag:x; o sorts (or click a header)
 Run      1 charts · 2 ranks · 3 hardware · 4 params · 5 log (follows new lines) · 6 artifacts
 Compare  the marked runs overlaid (mean over ranks) and the parameters that differ
 Charts   a grid of the chosen keys, ] [ pages; s smoothing, l log y, r robust y, + - zoom x, < > pan, 0 reset
