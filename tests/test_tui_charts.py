@@ -47,6 +47,13 @@ def test_smoothing_is_a_debiased_ema_and_keeps_the_raw_line_faint():
     assert ema(values, 0.0) is values
     smooth = ema(values, 0.5)
     assert smooth[0] == 1.0 and 0.4 < smooth[-1] < 0.8  # debiased start, then between the extremes
+    noisy = np.random.default_rng(1).normal(size=1000)  # across many blocks: the plain recurrence
+    acc = norm = 0.0
+    plain = []
+    for v in noisy:
+        acc, norm = acc * 0.95 + 0.05 * v, norm * 0.95 + 0.05
+        plain.append(acc / norm)
+    assert np.allclose(ema(noisy, 0.95), plain)
     view = ChartView(smoothing=0.9)
     drawn = prepare(view, [line("r0", values)])
     assert [(d.label, d.faint) for d in drawn] == [("r0", True), ("r0", False)]
