@@ -17,7 +17,8 @@ from .braille import Line, format_value
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)  # `s` cycles through these EMA weights
 MAX_ZOOM = 256.0  # how far in `+` and the mouse wheel go (the window is 1/256 of the x range)
-ROBUST_QUANTILES = (1.0, 99.0)  # a line's own range, robust to a few spikes
+ROBUST_QUANTILES = (1.0, 99.0)  # a line's core range, robust to a few spikes
+ROBUST_MARGIN = 0.5  # values up to this many core spans beyond it still count (a loss's first steps)
 ROBUST_FENCE = 3.0  # a line whose range lies this many typical spans beyond the others is left out of the y range
 
 
@@ -179,8 +180,10 @@ def prepare(view: ChartView, lines: list[Line]) -> list[Line]:
 def y_range(view: ChartView, lines: list[Line], x_range: tuple[float, float]) -> tuple[float, float] | None:
     """The y range for the visible part of `lines`: None (the plain min..max) unless robust is on.
 
-    Robust: each line's 1st..99th percentile; a line far outside the others (a diverged run)
-    is left out, so it is pinned to the edge instead of squeezing the rest into one row.
+    Robust: each line's 1st..99th percentile, widened by half that span where the line goes
+    there (a loss's first steps stay in view, a spike 1000x the rest does not); a line far
+    outside the others (a diverged run) is left out, so it is pinned to the edge instead of
+    squeezing the rest into one row.
     """
     if not view.robust:
         return _plain_range(lines, x_range)
@@ -190,8 +193,9 @@ def y_range(view: ChartView, lines: list[Line], x_range: tuple[float, float]) ->
             continue
         values = line.mid[(line.x >= x_range[0]) & (line.x <= x_range[1]) & np.isfinite(line.mid)]
         if len(values):
-            lo, hi = np.percentile(values, ROBUST_QUANTILES)
-            ranges.append((float(lo), float(hi)))
+            lo, hi = (float(v) for v in np.percentile(values, ROBUST_QUANTILES))
+            margin = ROBUST_MARGIN * max(hi - lo, 0.1 * max(abs(lo), abs(hi)), 1e-12)
+            ranges.append((max(float(values.min()), lo - margin), min(float(values.max()), hi + margin)))
     if not ranges:
         return None
     lows = sorted(r[0] for r in ranges)
