@@ -257,6 +257,10 @@ async def test_many_keys_go_on_pages(fixed_root):
         await pilot.press("right_square_bracket")
         await until(pilot, lambda: [c.key for c in screen.query(MetricChart) if c.lines] == ["lr"], what="page 2")
         assert "page 2/2" in str(screen.query_one("#run-header").render())
+        await pilot.resize_terminal(80, 40)  # taller: all three fit, and the new charts are drawn at once
+        await until(pilot, lambda: [c.key for c in screen.query(MetricChart) if c.lines] == ["loss", "acc", "lr"],
+                    what="three charts after the resize")
+        assert screen.grid.pages == 1
 
 
 @run_async

@@ -121,6 +121,10 @@ class ChartTools:
         self.view.show_all()
         self._view_changed()
 
+    def on_chart_grid_laid(self, event: ChartGrid.Laid) -> None:
+        self._draw()  # type: ignore[attr-defined]
+        self._show_header()  # type: ignore[attr-defined]
+
     def on_metric_chart_zoom(self, event: MetricChart.Zoom) -> None:
         self.view.zoom_by(event.factor, event.centre)
         self._view_changed(reread=True)

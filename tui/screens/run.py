@@ -131,7 +131,6 @@ class RunScreen(ChartTools, Screen):
         saved_keys, self.view, self.mode = view_state.load(self.scope)
         if self.mode not in MODES:
             self.mode = None  # None: one line for one rank, else the median with its band
-        self.saved_keys = saved_keys
         self.chosen: list[str] | None = None  # None until the first read picks a default
         self._error_shown = False
         self.series: dict[str, Series] = {}

@@ -12,6 +12,7 @@ import math
 
 from textual import events
 from textual.containers import Container
+from textual.message import Message
 
 from .chart import MetricChart
 from .chart_view import ChartView
@@ -24,6 +25,9 @@ class ChartGrid(Container):
     DEFAULT_CSS = """
     ChartGrid { layout: grid; grid-gutter: 0 1; height: 1fr; }
     """
+
+    class Laid(Message):
+        """Charts were added (a resize, a page, new keys): the screen fills them with what it holds."""
 
     can_focus = True  # the screen's keys reach it first: not a filter box that would swallow them
 
@@ -81,6 +85,7 @@ class ChartGrid(Container):
             chart.remove()
         if wanted:
             self.mount_all([MetricChart(key, view=self.view) for key in wanted])
+            self.post_message(self.Laid())
 
     def on_resize(self, event: events.Resize) -> None:
         if self.shape() != self._shape:
