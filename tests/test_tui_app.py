@@ -324,6 +324,25 @@ async def test_unreadable_artifact_manifest_is_an_error_not_a_list_of_hashes(fix
 
 
 @run_async
+async def test_an_ended_run_left_open_is_read_rarely_and_the_runs_list_not_at_all(fixed_root):
+    from expman.tui.screens.run import ENDED_POLL_EVERY, ENDED_QUIET_POLLS
+
+    app = ExpmanApp(fixed_root, clock=lambda: NOW, poll_interval=0.02)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans)
+        runs = app.screen
+        await pilot.press("down", "enter")  # baseline: finished
+        screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls and app.screen)
+        await until(pilot, lambda: screen._quiet >= ENDED_QUIET_POLLS, what="the run to be seen unchanged")
+        ticks, polls, scans = screen._ticks, screen.polls, runs.scans
+        await until(pilot, lambda: screen._ticks >= ticks + 4 * ENDED_POLL_EVERY, what="timer ticks")
+        assert screen.polls - polls <= (screen._ticks - ticks) // ENDED_POLL_EVERY + 1
+        assert runs.scans == scans  # the Runs screen underneath does not scan while covered
+        await pilot.press("x")  # a new request is read at once
+        await until(pilot, lambda: screen.series["loss"].xkind == "time", what="the time axis")
+
+
+@run_async
 async def test_live_run_from_a_real_collector(tmp_path):
     """A run logged through the real collector shows up and its chart and log follow it."""
     root = tmp_path / "live"

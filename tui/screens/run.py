@@ -6,6 +6,7 @@ One worker at a time reads everything new (off the UI thread) and hands the resu
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, Log, TabbedContent, TabPane
 
 from expman import open_run
-from expman._storage.layout import CONFIG_YAML, RUN_LOG, RUN_YAML
+from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, RUN_LOG, RUN_YAML
 
 from ..data.hardware import HardwareSeries, read_hardware
 from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, read_yaml_safe
@@ -43,6 +44,8 @@ from ..widgets.status import status_text
 
 TABS = ("charts", "ranks", "hardware", "params", "log", "artifacts")
 SLOW_EVERY = 5  # hardware, artifacts and params are read every this many polls
+ENDED_QUIET_POLLS = 8  # an ended run unchanged for this many reads in a row ...
+ENDED_POLL_EVERY = 8  # ... is read every this many ticks of the poll timer (2 s by default), not every tick
 
 
 MODE_NAMES = {MEDIAN: "median±band", PER_RANK: "per rank", MEAN: "mean±band"}
@@ -133,6 +136,10 @@ class RunScreen(ChartTools, Screen):
             self.mode = None  # None: one line for one rank, else the median with its band
         self.chosen: list[str] | None = None  # None until the first read picks a default
         self._error_shown = False
+        self._yaml_sig: tuple = ()  # run.yaml's (mtime, size) when last read: unchanged, not read again
+        self._slow_final = False  # params, hardware, artifacts read once the run ended: no need to again
+        self._ticks = 0
+        self._quiet = 0  # reads in a row that found an ended run unchanged
         self.series: dict[str, Series] = {}
         self.polls = 0  # completed reads: tests wait on it
         self._busy = False
@@ -185,9 +192,13 @@ class RunScreen(ChartTools, Screen):
     def poll(self) -> None:
         if self._busy:
             return
-        self._busy = True
+        self._ticks += 1
         request = self._request()
-        self._read(request, request != self._last_request, self.polls % SLOW_EVERY == 0)
+        if (self._quiet >= ENDED_QUIET_POLLS and self._ticks % ENDED_POLL_EVERY
+                and request == self._last_request):
+            return  # an ended run that stopped changing: look every ENDED_POLL_EVERY ticks, or when asked anew
+        self._busy = True
+        self._read(request, request != self._last_request, self.polls % SLOW_EVERY == 0 and not self._slow_final)
 
     @work(thread=True, exclusive=True, group="run-read")
     def _read(self, request: tuple, force: bool, slow: bool) -> None:
@@ -213,8 +224,7 @@ class RunScreen(ChartTools, Screen):
             chosen = tuple(default_keys(keys or []))
         request = (chosen, xkind, target)
         series = self.source.series(list(chosen), xkind, target) if chosen and (changed or force) else None
-        snapshot = Snapshot(read_yaml_safe(self.run.path / RUN_YAML), keys, series, self.tail.read_new(),
-                            request=request)
+        snapshot = Snapshot(self._read_info(), keys, series, self.tail.read_new(), request=request)
         if slow:
             snapshot.params = read_yaml_safe(self.run.path / CONFIG_YAML)
             snapshot.hardware = read_hardware(self.run)
@@ -224,11 +234,32 @@ class RunScreen(ChartTools, Screen):
                 snapshot.artifacts = f"could not read the artifacts: {exc}"
         return snapshot
 
+    def _read_info(self) -> dict[str, Any] | None:
+        """run.yaml if it changed since the last read (the collector replaces it whole), else None."""
+        try:
+            st = os.stat(self.run.path / RUN_YAML)
+        except OSError:
+            return None
+        sig = (st.st_mtime_ns, st.st_size)
+        if sig == self._yaml_sig:
+            return None
+        self._yaml_sig = sig
+        return read_yaml_safe(self.run.path / RUN_YAML)
+
     def _apply(self, snap: Snapshot) -> None:
         if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:
             return  # closed (or not built yet) when the worker finished: nothing to show
         self._busy = False
         self._last_request = snap.request
+        ended = str((snap.info or self.info).get("status")) in FINAL_STATUSES
+        if ended and self.chosen is not None and not any(
+                (snap.info, snap.keys, snap.series, snap.log_lines, snap.params, snap.hardware, snap.artifacts)):
+            self.polls += 1  # an ended run with nothing new: leave the screen alone (idle costs ~nothing)
+            self._quiet += 1
+            return
+        self._quiet = 0
+        if ended and snap.hardware is not None:
+            self._slow_final = True
         self.info = snap.info or self.info
         if self.chosen is None:
             self.chosen = list(snap.request[0])

@@ -113,7 +113,8 @@ class RunsScreen(Screen):
     # --- data --------------------------------------------------------------------------
     def scan(self) -> None:
         """Start a scan unless one is running, or another screen covers this one (it scans when shown again)."""
-        if not self._scanning and (self.is_current or not self.scans):
+        # `is_current` also holds for a screen Textual keeps drawn behind another: ask for the top one.
+        if not self._scanning and (self.app.screen is self or not self.scans):
             self._scanning = True
             self._scan()
 
