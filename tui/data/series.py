@@ -163,7 +163,8 @@ def last_points(entries: list[Chunk | _summary.KeySummary], xkind: str) -> dict[
     best: dict[int, tuple[float, float]] = {}
     for entry in entries:
         if isinstance(entry, _summary.KeySummary):
-            found = {} if entry.last_value is None or entry.last_x is None else {-1: (entry.last_x, entry.last_value)}
+            usable = entry.last_value is not None and entry.last_x is not None and np.isfinite(entry.last_x)
+            found = {-1: (entry.last_x, entry.last_value)} if usable else {}
         else:
             if xkind not in entry._lasts:  # parts never change: once per part and key
                 entry._lasts[xkind] = _chunk_last(entry, xkind)
