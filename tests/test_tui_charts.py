@@ -42,6 +42,28 @@ def test_last_value_is_at_the_highest_step_not_the_last_writer(tmp_path):
     assert series.last_x == 100 and series.last_value == (1.0 / 101 + 3.0) / 2
 
 
+def test_last_value_from_merged_parts_with_a_summary_and_a_live_tail(tmp_path):
+    """A merged part is drawn from its footer summary; a newer part at a higher step wins over it."""
+    from expman._storage.layout import list_parts, metrics_schema, part_name
+    from expman.collector._parts import write_part as write_merged_part
+
+    run = tmp_path / "exp" / "run-2"
+    write_part(run, metrics_table([("loss", 1.0 / (s + 1), s, 0, T0 + s) for s in range(50)]), 0, 0, 0)
+    write_part(run, metrics_table([("loss", 9.0, s, 1, T0 + 100 + s) for s in range(40)]), 0, 1, 1)  # straggler, later
+    parts = list_parts(run / "metrics")
+    write_merged_part(parts, run / "metrics" / part_name(1, 0, 1, "test-host"), metrics_schema(), summarize=True)
+    for p in parts:
+        p.path.unlink()
+    source = MetricsSource(run)
+    source.refresh()
+    merged = source.series(["loss"])["loss"]
+    assert merged.points == 90  # (a summary keeps only its last arrival, whatever its rank: see the report)
+    write_part(run, metrics_table([("loss", 0.01, 60, 0, T0 + 300)]), 0, 2, 2)
+    source.refresh()
+    later = source.series(["loss"])["loss"]
+    assert later.last_x == 60 and later.last_value == 0.01 and later.last_by_rank[0] == (60.0, 0.01)
+
+
 def test_smoothing_is_a_debiased_ema_and_keeps_the_raw_line_faint():
     values = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
     assert ema(values, 0.0) is values
