@@ -57,7 +57,7 @@ def test_last_value_from_merged_parts_with_a_summary_and_a_live_tail(tmp_path):
     source = MetricsSource(run)
     source.refresh()
     merged = source.series(["loss"])["loss"]
-    assert merged.points == 90  # (a summary keeps only its last arrival, whatever its rank: see the report)
+    assert merged.points == 90  # (a footer summary keeps only the point that arrived last, whatever its rank)
     write_part(run, metrics_table([("loss", 0.01, 60, 0, T0 + 300)]), 0, 2, 2)
     source.refresh()
     later = source.series(["loss"])["loss"]
