@@ -8,7 +8,7 @@ import os
 import time
 
 import numpy as np
-from _tui_runs import T0, make_run, metrics_table, private_tui_state, write_part  # noqa: F401 (autouse)
+from _tui_runs import T0, make_run, metrics_table, private_tui_state, write_hardware, write_part  # noqa: F401
 
 from expman._storage.layout import RUN_YAML, read_yaml, write_yaml_atomic
 from expman.tui.data import view_state
@@ -183,29 +183,6 @@ def test_runs_index_reads_nothing_while_nothing_changes(tmp_path):
     for _ in range(RunIndex.SETTLED_SWEEP):
         found = next(s for s in index.scan() if s.path == first)
     assert found.status == "running"
-
-
-def write_hardware(run_dir, rows) -> None:
-    """Rows (seconds after T0, host, device, key, value, text, rank) as a hardware part, as the collector writes them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from expman._storage.layout import HARDWARE_DIR, hardware_schema, part_name
-
-    def dictionary(values):
-        names = sorted({v for v in values if v is not None})
-        return pa.DictionaryArray.from_arrays(pa.array([None if v is None else names.index(v) for v in values],
-                                                       pa.int32()), pa.array(names, pa.string()))
-
-    table = pa.Table.from_arrays([
-        pa.array([int((T0 + r[0]) * 1e6) for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-        dictionary([r[1] for r in rows]), dictionary([r[2] for r in rows]), dictionary([r[3] for r in rows]),
-        pa.array([r[4] for r in rows], pa.float64()), pa.array([r[5] for r in rows], pa.string()),
-        pa.array([r[6] for r in rows], pa.int32()),
-    ], schema=hardware_schema())
-    folder = run_dir / HARDWARE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / part_name(0, 0, 0, "test-host"))
 
 
 def test_hardware_per_rank_per_device_whole_history_and_units(tmp_path):
