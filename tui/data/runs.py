@@ -123,7 +123,9 @@ class LatestValues:
         self.keys = tuple(keys)
         self._by_part: dict[Path, dict[str, float]] = {}
 
-    def of(self, run_dir: Path) -> dict[str, float]:
+    def of(self, run_dir: Path, every_key: bool = False) -> dict[str, float]:
+        """The latest value of each of `keys`; with `every_key`, of every key a part's summary
+        knows as well (what `loss<0.5` filters on)."""
         found: dict[str, float] = {}
         parts = list_parts(run_dir / METRICS_DIR)
         for part in reversed(parts):  # newest first
@@ -134,9 +136,9 @@ class LatestValues:
                     continue
             for key, value in self._by_part[part.path].items():
                 found.setdefault(key, value)
-            if all(k in found for k in self.keys):
+            if not every_key and all(k in found for k in self.keys):
                 break
-        return found
+        return found if every_key else {k: v for k, v in found.items() if k in self.keys}
 
     def _read(self, path: Path) -> dict[str, float]:
         pf = pq.ParquetFile(path)
@@ -302,7 +304,7 @@ class RunIndex:
             except (ExpmanError, OSError):
                 return old
         self._infos[path] = known
-        summary = summarize(path, known[1], self.latest.of(path), self._params(path))
+        summary = summarize(path, known[1], self.latest.of(path, every_key=True), self._params(path))
         if summary.status in FINAL_STATUSES and not has_live_tail(path):
             self._settled[path] = folder_mtime  # its parts are final: nothing to poll until the folder moves
         else:
