@@ -6,6 +6,8 @@ collector leaves it (1 M-row parts merged into one by the collector's own write_
 then, per trial, with a cold MetricsSource (no cache; the OS page cache is warm):
   data   refresh + list keys + read and bucket "loss" + braille rendering at 160 columns
   app    headless ExpmanApp (Textual run_test, 160x45): open_run() until the chart is drawn
+  grid   the same, with all 4 keys chosen (remembered for the experiment): until every chart
+         of the grid is drawn (the 4-key layout only)
 Two layouts: "loss" is 1 of 4 keys (N/4 of its points, 2 ranks) and "loss" holds all N.
 
 Live: a writer process logs 100k points/s (a "probe" key every 10 ms whose value is the
@@ -15,8 +17,13 @@ minus when it was logged; and, every 50 ms, the age of the newest probe on the c
 (what the user sees: it includes the poll interval). The event loop's lag (a 50 ms timer's delay) says whether the
 UI stayed responsive.
 
-    python benchmarks/bench_tui.py                  # 1M and 10M, live 8 s
+Idle: N finished runs (run.yaml and one small metrics part each, 20 experiments), the
+app on the Runs screen with the default poll, nothing changing; the process's CPU time
+over --idle-seconds after the list settled, as a share of one core (issue #20: <= 2%).
+
+    python benchmarks/bench_tui.py                  # 1M and 10M, live 8 s, idle with 2,000 runs
     python benchmarks/bench_tui.py --points 1000000 --trials 5 --live-seconds 0
+    python benchmarks/bench_tui.py --points --live-seconds 0 --idle-runs 2000   # idle only
 """
 
 from __future__ import annotations
@@ -89,6 +96,50 @@ def data_path(run: Path) -> float:
     series = source.series(["loss"], "step", target=4 * 149)["loss"]
     render(lines_for_run(series, "ranks"), 160, 40, series.x_range)
     return time.perf_counter() - t0
+
+
+async def app_first_grid(run: Path, trials: int, keys: list[str]) -> list[float]:
+    """Open the run with `keys` remembered for its experiment: until every chart of the grid is drawn."""
+    import os
+
+    from expman.tui.app import ExpmanApp
+    from expman.tui.data import view_state
+    from expman.tui.screens.run import RunScreen
+    from expman.tui.screens.runs import RunsScreen
+    from expman.tui.widgets.chart import MetricChart
+    from expman.tui.widgets.chart_view import ChartView
+
+    state = c.make_tmpdir("tui-state")
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(state)
+    try:
+        view_state.save(run.parent.name, keys, ChartView(), None)
+        app = ExpmanApp(run.parent.parent, poll_interval=0.25)
+        out = []
+        async with app.run_test(size=(160, 45)) as pilot:
+            while not (isinstance(app.screen, RunsScreen) and app.screen.scans):
+                await pilot.pause(0.01)
+            for _ in range(trials):
+                t0 = time.monotonic()
+                app.open_run(run)
+                while True:
+                    screen = app.screen
+                    charts = list(screen.query(MetricChart)) if isinstance(screen, RunScreen) else []
+                    if len(charts) == len(keys) and all(ch.first_drawn_at for ch in charts):
+                        out.append(max(ch.first_drawn_at for ch in charts) - t0)
+                        break
+                    if time.monotonic() - t0 > 60:
+                        raise RuntimeError("no grid after 60 s")
+                    await asyncio.sleep(0.002)
+                app.pop_screen()
+                await pilot.pause(0.3)
+        return out
+    finally:
+        if old is None:
+            os.environ.pop("XDG_STATE_HOME", None)
+        else:
+            os.environ["XDG_STATE_HOME"] = old
+        c.rmtree_quiet(state)
 
 
 async def app_first_chart(run: Path, trials: int) -> list[float]:
@@ -192,6 +243,50 @@ async def live(seconds: float, rate: int) -> dict:
     return {"latencies": latencies, "ages": ages, "lags": lags, "rate": achieved}
 
 
+def write_finished_runs(root: Path, n: int) -> None:
+    """n small finished runs as the collector leaves them (no fsync: this is only the set-up)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from expman._storage.layout import metrics_schema, part_name
+
+    steps = pa.array(range(20), pa.int64())
+    table = pa.Table.from_arrays([
+        pa.DictionaryArray.from_arrays(pa.array([0] * 20, pa.int32()), pa.array(["loss"])),
+        pa.array([1.0 / (i + 1) for i in range(20)]), pa.nulls(20, pa.string()), steps,
+        pa.array([0] * 20, pa.int32()),
+        pa.DictionaryArray.from_arrays(pa.array([0] * 20, pa.int32()), pa.array(["node01"])),
+        pa.array([1_795_000_000_000_000 + i for i in range(20)]).cast(pa.timestamp("us", tz="UTC")),
+    ], schema=metrics_schema())
+    for i in range(n):
+        run = root / f"exp{i % 20}" / f"run{i}-{i:08x}"
+        (run / "metrics").mkdir(parents=True)
+        pq.write_table(table, run / "metrics" / part_name(0, 0, 0, "bench"))
+        info = {"id": f"{i:08x}", "name": f"run{i}", "experiment": f"exp{i % 20}", "status": "finished",
+                "started_at": f"2026-11-18T08:{i // 60 % 60:02d}:{i % 60:02d}+00:00",
+                "ended_at": "2026-11-18T09:26:40+00:00", "duration_s": 3600.0, "world_size": 1,
+                "hosts": ["node01"], "ranks": {0: {"host": "node01", "status": "finished", "last_step": 19}}}
+        (run / "run.yaml").write_text(yaml.safe_dump(info), encoding="utf-8")
+
+
+async def idle_cpu(root: Path, seconds: float) -> tuple[float, int]:
+    """Share of one core the app uses on the Runs screen while nothing changes, and the scans it made."""
+    from expman.tui.app import ExpmanApp
+    from expman.tui.screens.runs import RunsScreen
+
+    app = ExpmanApp(root)
+    async with app.run_test(size=(160, 45)) as pilot:
+        while not (isinstance(app.screen, RunsScreen) and app.screen.scans >= 2):
+            await pilot.pause(0.05)
+        await pilot.pause(2.0)  # let the first table settle
+        scans = app.screen.scans
+        c0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        used, wall = time.process_time() - c0, time.monotonic() - t0
+        return used / wall, app.screen.scans - scans
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, nargs="*", default=[1_000_000, 10_000_000])
@@ -199,6 +294,8 @@ def main() -> int:
     parser.add_argument("--app-trials", type=int, default=3)
     parser.add_argument("--live-seconds", type=float, default=8.0)
     parser.add_argument("--live-rate", type=int, default=100_000)
+    parser.add_argument("--idle-runs", type=int, default=2000, help="finished runs for the idle measurement (0: skip)")
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
     args = parser.parse_args()
     print(c.machine_line())
     rows = []
@@ -212,13 +309,16 @@ def main() -> int:
                 print(f"{label}: wrote in {time.perf_counter() - t0:.1f} s; measuring", flush=True)
                 data = [data_path(run) for _ in range(args.trials)]
                 app = asyncio.run(app_first_chart(run, args.app_trials)) if args.app_trials else []
+                grid = asyncio.run(app_first_grid(run, args.app_trials, ["loss", "acc", "lr", "grad_norm"]))  \
+                    if args.app_trials and keys == 4 else []
                 rows.append([label, f"{statistics.median(data):.3f} s", f"{pct(data, 0.99):.3f} s",
-                             f"{statistics.median(app):.3f} s" if app else "-", f"{max(app):.3f} s" if app else "-"])
+                             f"{statistics.median(app):.3f} s" if app else "-", f"{max(app):.3f} s" if app else "-",
+                             f"{statistics.median(grid):.3f} s" if grid else "-"])
                 c.rmtree_quiet(run)
     finally:
         c.rmtree_quiet(tmp)
     print()
-    print(c.table(rows, ["run", "data p50", "data p99", "app p50", "app max"]))
+    print(c.table(rows, ["run", "data p50", "data p99", "app p50", "app max", "4-key grid p50"]))
     if args.live_seconds > 0:
         result = asyncio.run(live(args.live_seconds, args.live_rate))
         lat, lags = result["latencies"], result["lags"]
@@ -233,6 +333,17 @@ def main() -> int:
         if lags:
             print(f"  UI event-loop lag: p50 {statistics.median(lags) * 1e3:.0f} ms, p99 {pct(lags, 0.99) * 1e3:.0f} ms, "
                   f"max {max(lags) * 1e3:.0f} ms")
+    if args.idle_runs > 0:
+        tmp = c.make_tmpdir("tui-idle")
+        try:
+            t0 = time.perf_counter()
+            write_finished_runs(tmp / "root", args.idle_runs)
+            print(f"\nidle: {args.idle_runs} finished runs written in {time.perf_counter() - t0:.1f} s; "
+                  f"watching the Runs screen for {args.idle_seconds:g} s", flush=True)
+            share, scans = asyncio.run(idle_cpu(tmp / "root", args.idle_seconds))
+            print(f"  idle CPU: {share * 100:.2f}% of a core ({scans} scans; target <= 2%)")
+        finally:
+            c.rmtree_quiet(tmp)
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from expman._storage.layout import CONFIG_YAML, METRICS_DIR, RUN_LOG, RUN_YAML, metrics_schema, part_name, write_yaml_atomic
@@ -60,6 +61,29 @@ def training_points(steps: int, ranks: int = 1, scale: float = 1.0, slow_rank: i
     return points
 
 
+def write_hardware(run_dir: Path, rows: list) -> None:
+    """Rows (seconds after T0, host, device, key, value, text, rank) as a hardware part, as the collector writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from expman._storage.layout import HARDWARE_DIR, hardware_schema, part_name
+
+    def dictionary(values):
+        names = sorted({v for v in values if v is not None})
+        return pa.DictionaryArray.from_arrays(pa.array([None if v is None else names.index(v) for v in values],
+                                                       pa.int32()), pa.array(names, pa.string()))
+
+    table = pa.Table.from_arrays([
+        pa.array([int((T0 + r[0]) * 1e6) for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        dictionary([r[1] for r in rows]), dictionary([r[2] for r in rows]), dictionary([r[3] for r in rows]),
+        pa.array([r[4] for r in rows], pa.float64()), pa.array([r[5] for r in rows], pa.string()),
+        pa.array([r[6] for r in rows], pa.int32()),
+    ], schema=hardware_schema())
+    folder = run_dir / HARDWARE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / part_name(0, 0, 0, "test-host"))
+
+
 def make_run(root: Path, experiment: str, name: str, uid: str, *, status: str = "finished", start: float = T0,
              steps: int = 200, ranks: int = 1, params: dict[str, Any] | None = None, scale: float = 1.0,
              slow_rank: int | None = None, hosts: tuple[str, ...] = ("node01",), log_lines: int = 5) -> Path:
@@ -81,6 +105,10 @@ def make_run(root: Path, experiment: str, name: str, uid: str, *, status: str = 
         "tags": [], "parent": None, "children": [], "world_size": ranks, "hosts": list(hosts), "ranks": rank_info,
         "software": {"expman": "0.1.0"},
     }
+    if status == "failed":
+        info["error"] = {"type": "ZeroDivisionError", "message": "division by zero",
+                         "traceback": 'Traceback (most recent call last):\n  File "train.py", line 42, in <module>\n'
+                                      "    loss = total / count\nZeroDivisionError: division by zero\n"}
     write_yaml_atomic(run_dir / RUN_YAML, info)
     write_yaml_atomic(run_dir / CONFIG_YAML, params or {"lr": 0.001, "batch_size": 64})
     with open(run_dir / RUN_LOG, "w", encoding="utf-8") as fh:
@@ -100,3 +128,9 @@ def make_root(root: Path) -> dict[str, Path]:
                          params={"lr": 0.003, "batch_size": 64, "optimizer": {"name": "adam", "beta": 0.95}}),
         "broken": make_run(root, "cifar", "resnet", "bbbb0001", start=T0 - 600, steps=50, status="failed"),
     }
+
+
+@pytest.fixture(autouse=True)
+def private_tui_state(tmp_path_factory, monkeypatch):
+    """Each test remembers chart choices in its own state folder, never the user's (import it into a test module)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

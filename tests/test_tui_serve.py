@@ -207,3 +207,44 @@ def test_only_loopback_hosts_go_without_a_warning():
 
     assert all(map(is_loopback, ["localhost", "127.0.0.1", "127.0.0.2", "::1"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.1.2.3", "node01"]))
+
+
+@needs_textual_serve
+def test_served_page_is_offline_and_a_run_has_its_own_url(served: Served):
+    """No outside address in the page (a cluster without internet); /run/REF opens that run."""
+    base = f"http://127.0.0.1:{served.port}"
+    with urllib.request.urlopen(base + "/", timeout=10) as response:
+        page = response.read().decode()
+    outside = [u for u in re.findall(r"""(?:href|src|url\()\s*=?\s*["']?(https?://[^"')\s]+)""", page)
+               if not u.startswith(base)]
+    assert outside == [] and "fonts.googleapis" not in page
+    font = re.search(r'url\("([^"]+RobotoMono-VariableFont_wght\.ttf)"\)', page).group(1)
+    with urllib.request.urlopen(font, timeout=10) as response:  # the font comes from the server itself
+        assert response.status == 200 and len(response.read()) > 10_000
+    with urllib.request.urlopen(base + "/run/aaaa", timeout=10) as response:  # an id prefix
+        run_page = response.read().decode()
+    ws_url = re.search(r'data-session-websocket-url="([^"]+)"', run_page).group(1)
+    assert ws_url == f"ws://127.0.0.1:{served.port}/ws/run/aaaa"
+
+    async def session() -> None:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"{ws_url}?width=120&height=36", headers={"Origin": base}) as ws:
+                await ws.send_json(["resize", {"width": 120, "height": 36}])
+                frames = bytearray()
+                await read_until(ws, frames, "1 Charts", 20)  # straight to the run's screen
+                await read_until(ws, frames, "mnist/baseline-aaaa0001", 20)  # its header, once read
+
+    asyncio.run(asyncio.wait_for(session(), 30))
+
+
+def test_find_run_by_folder_id_prefix_and_name(tmp_path):
+    from expman.tui.data.runs import find_run
+
+    a = make_run(tmp_path, "mnist", "baseline", "aaaa0001", steps=3)
+    b = make_run(tmp_path, "mnist", "wide", "aaab0002", steps=3)
+    assert find_run(tmp_path, "mnist/baseline-aaaa0001") == a and find_run(tmp_path, "aaab0002") == b
+    assert find_run(tmp_path, "wide") == b and find_run(tmp_path, "aaaa") == a
+    with pytest.raises(ValueError, match="names 2 runs"):
+        find_run(tmp_path, "aaa")
+    with pytest.raises(ValueError, match="no run"):
+        find_run(tmp_path, "nothing")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _helpers import wait_for
-from _tui_runs import make_root
+from _tui_runs import make_root, private_tui_state  # noqa: F401 (autouse)
 
 TMUX = shutil.which("tmux")
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
@@ -35,7 +35,8 @@ def test_expman_tui_in_tmux(tmp_path, session):
     command = f"{exe} {tmp_path / 'root'}" if exe.exists() else f"{sys.executable} -m expman.tui {tmp_path / 'root'}"
     done = tmp_path / "exit-code"
     subprocess.run([TMUX, "new-session", "-d", "-s", session, "-x", "120", "-y", "36",
-                    "-e", "TERM=xterm-256color", f"{command}; echo $? > {done}; sleep 30"], check=True, timeout=10)
+                    "-e", "TERM=xterm-256color", "-e", f"XDG_STATE_HOME={tmp_path / 'state'}",
+                    f"{command}; echo $? > {done}; sleep 30"], check=True, timeout=10)
 
     def screen() -> str:
         return tmux("capture-pane", "-p", "-t", session)
@@ -49,6 +50,21 @@ def test_expman_tui_in_tmux(tmp_path, session):
     wait_for(lambda: "closes this" in screen(), 10, "the help screen")
     tmux("send-keys", "-t", session, "Escape")
     wait_for(lambda: "closes this" not in screen(), 10, "help closed")
+    # Chart tools in a real terminal: s and l are remembered for the experiment, + zooms x to its second half.
+    state = tmp_path / "state" / "expman" / "tui.yaml"
+    tmux("send-keys", "-t", session, "s", "l", "+")
+    wait_for(lambda: state.exists() and "log_y: true" in state.read_text() and "smoothing: 0.6" in state.read_text(),
+             10, "smoothing and log y remembered")
+    wait_for(lambda: any(line.split()[-3:] == ["50", "100", "149"] for line in screen().splitlines() if line.strip()),
+             10, "the x axis zoomed to steps 50-149")
+    tmux("send-keys", "-t", session, "0")
+    wait_for(lambda: any(line.split()[-3:] == ["0", "100", "199"] for line in screen().splitlines() if line.strip()),
+             10, "zoom reset")
+    # A failed run: its exception under the header.
+    tmux("send-keys", "-t", session, "Escape", "Down", "Enter")
+    wait_for(lambda: "ZeroDivisionError: division by zero" in screen(), 20, "the failed run's exception")
+    tmux("send-keys", "-t", session, "Escape")
+    wait_for(lambda: "baseline-aaaa0001" in screen(), 10, "back on the runs list")
     started = time.monotonic()
     tmux("send-keys", "-t", session, "q")
     wait_for(done.exists, 30, "expman-tui to exit")

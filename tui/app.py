@@ -10,13 +10,14 @@ from typing import Callable
 from textual.app import App
 from textual.binding import Binding
 
-from .data.runs import DEFAULT_KEY_METRICS, POLL_INTERVAL_S
+from .data.runs import DEFAULT_KEY_METRICS, POLL_INTERVAL_S, find_run
 from .screens.compare import CompareScreen
 from .screens.help import HelpScreen, bindings_of
 from .screens.run import RunScreen
 from .screens.runs import RunsScreen
 
 SERVER_CHECK_S = 1.0  # served in a browser: how often to check that the server is still there
+OPEN_ENV = "EXPMAN_TUI_OPEN"  # a run to open first (set by `--serve` for a /run/REF page)
 
 
 class ExpmanApp(App):
@@ -38,6 +39,12 @@ class ExpmanApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(RunsScreen(self.root, self.key_metrics, label=self.root_label))
+        ref = os.environ.get(OPEN_ENV)
+        if ref:
+            try:
+                self.open_run(find_run(self.root, ref))
+            except (ValueError, OSError) as exc:
+                self.notify(str(exc), severity="error", timeout=10)
         if self.is_web:
             # Under `expman-tui --serve` the server is our parent. If it dies without telling
             # us (kill -9), we are re-parented; leave rather than poll the runs for nobody.

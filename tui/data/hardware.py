@@ -1,22 +1,25 @@
-"""Hardware samples of a run, for the hardware panel.
+"""Hardware samples of a run, for the hardware panel: one series per host, device, key and rank.
 
-The hardware issue adds `run.hardware()` (a pyarrow.Table in a long schema: time, host,
-device, key, value, rank) and `<run>/hardware/*.parquet`. Until it lands, or for runs
-without samples, `read_hardware` returns no series and the panel says so. A table that
-is not in the long schema is read as wide (each numeric column a key) rather than refused.
+Read through `run.hardware()` (time, host, device, key, value, text, rank). A process
+series is kept per rank (four ranks' `process.rss_bytes` are four series, not one
+sawtooth), a GPU series per device. The whole run's history is reduced to SPARK_POINTS
+buckets on time with the spike-keeping buckets of `expman._storage.buckets` (each
+bucket's max is drawn, so a one-sample spike stays visible however long the run).
+Units, families and scales for the panel are decided here too (`unit_of`, `family_of`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-HARDWARE_DIR = "hardware"
-SPARK_POINTS = 120  # the newest samples kept per series
+from expman._storage.buckets import aggregate, bucket_width
+
+SPARK_POINTS = 48  # buckets of a whole run's history per series
 
 
 @dataclass(frozen=True)
@@ -24,82 +27,74 @@ class HardwareSeries:
     host: str
     device: str
     key: str
-    values: tuple[float, ...]  # oldest first, at most SPARK_POINTS
+    rank: int | None
+    values: tuple[float, ...]  # each bucket's max over the whole run, oldest first, at most SPARK_POINTS
+    latest: float | None
+    low: float | None  # min and max over every sample
+    high: float | None
+    text: str = ""  # the latest text sample (gpu.name, gpu.count's reason), when the key has one
 
     @property
-    def latest(self) -> float | None:
-        return self.values[-1] if self.values else None
+    def constant(self) -> bool:
+        return self.low is not None and self.low == self.high
 
 
-def load_table(run: Any) -> pa.Table | None:
-    method = getattr(run, "hardware", None)
-    if callable(method):
-        try:
-            table = method()
-        except Exception:  # not ours to fix here: fall back to the files
-            table = None
-        if isinstance(table, pa.Table):
-            return table
-    folder = Path(run.path) / HARDWARE_DIR
-    files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return None
-    import pyarrow.dataset as ds
+def unit_of(key: str) -> str:
+    """The unit a key's name says (docs/storage.md: hardware keys)."""
+    for suffix, unit in (("bytes_per_s", "B/s"), ("percent", "%"), ("bytes", "B"), ("_c", "°C"), ("_w", "W"),
+                         ("_mhz", "MHz")):
+        if key.endswith(suffix):
+            return unit
+    return ""
 
-    try:
-        return ds.dataset([str(f) for f in files], format="parquet").to_table()
-    except (pa.ArrowInvalid, OSError):
-        return None
+
+def family_of(key: str) -> tuple[str, str]:
+    """Series drawn on one scale: the same first name part and unit (`memory.used_bytes` with
+    `memory.total_bytes`, every `gpu.*_percent` together)."""
+    return key.split(".", 1)[0], unit_of(key)
 
 
 def read_hardware(run: Any) -> list[HardwareSeries]:
-    table = load_table(run)
+    """Every series of the run, sorted by host, device, key, rank; [] when nothing was sampled."""
+    table = run.hardware()
     if table is None or table.num_rows == 0:
         return []
-    names = set(table.column_names)
-    if {"key", "value"} <= names:
-        return _long(table)
-    return _wide(table)
+    return series_of(table)
 
 
-def _text(table: pa.Table, name: str) -> pa.Array:
+def _column(table: pa.Table, name: str, fill: Any) -> list:
     if name not in table.column_names:
-        return pa.array([""] * table.num_rows, pa.string())
-    return pc.fill_null(table.column(name).cast(pa.string()), "")
+        return [fill] * table.num_rows
+    column = table.column(name)
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(pa.string())
+    return pc.fill_null(column, fill).to_pylist()
 
 
-def _long(table: pa.Table) -> list[HardwareSeries]:
-    if "time" in table.column_names:
-        table = table.sort_by("time")
-    flat = pa.table({
-        "host": _text(table, "host"),
-        "device": _text(table, "device"),
-        "key": _text(table, "key"),
-        "value": table.column("value").cast(pa.float64()),
-    })
-    grouped = flat.group_by(["host", "device", "key"], use_threads=False).aggregate([("value", "list")])
+def series_of(table: pa.Table) -> list[HardwareSeries]:
+    time_us = table.column("time").cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    value_col = table.column("value").cast(pa.float64())
+    values = pc.fill_null(value_col, np.nan).to_numpy(zero_copy_only=False)
+    texts = _column(table, "text", "")
+    ranks = _column(table, "rank", -1)
+    groups: dict[tuple[str, str, str, int], list[int]] = {}
+    for i, group in enumerate(zip(_column(table, "host", ""), _column(table, "device", ""),
+                                  _column(table, "key", ""), ranks)):
+        groups.setdefault(group, []).append(i)
     out = []
-    for row in grouped.to_pylist():
-        values = tuple(float(v) for v in row["value_list"][-SPARK_POINTS:] if v is not None)
-        out.append(HardwareSeries(row["host"], row["device"], row["key"], values))
-    out.sort(key=lambda s: (s.host, s.device, s.key))
-    return out
-
-
-def _wide(table: pa.Table) -> list[HardwareSeries]:
-    if "time" in table.column_names:
-        table = table.sort_by("time")
-    hosts = _text(table, "host").to_pylist()
-    out = []
-    for name in table.column_names:
-        column = table.column(name)
-        if name in ("time", "rank") or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+    for (host, device, key, rank), rows in groups.items():
+        idx = np.asarray(rows)
+        order = idx[np.argsort(time_us[idx], kind="stable")]
+        x, v = time_us[order], values[order]
+        finite = np.isfinite(v)
+        text = next((texts[i] for i in reversed(order.tolist()) if texts[i]), "")
+        if not finite.any():
+            out.append(HardwareSeries(host, device, key, None if rank < 0 else rank, (), None, None, None, text))
             continue
-        values = column.cast(pa.float64()).to_pylist()
-        by_host: dict[str, list[float]] = {}
-        for host, value in zip(hosts, values):
-            if value is not None:
-                by_host.setdefault(host, []).append(value)
-        for host, vals in sorted(by_host.items()):
-            out.append(HardwareSeries(host, "", name, tuple(vals[-SPARK_POINTS:])))
+        x, v = x[finite], v[finite]
+        width = bucket_width(float(x[-1] - x[0]), SPARK_POINTS)
+        buckets = aggregate(x - x[0], v, np.zeros(len(v), np.int32), width)
+        out.append(HardwareSeries(host, device, key, None if rank < 0 else int(rank), tuple(buckets.hi.tolist()),
+                                  float(v[-1]), float(v.min()), float(v.max()), text))
+    out.sort(key=lambda s: (s.host, s.device, s.key, -1 if s.rank is None else s.rank))
     return out

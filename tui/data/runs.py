@@ -16,11 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from expman._reader.params import flat_params
-from expman._reader.run import run_folders
 from expman._errors import ExpmanError
 from expman._storage.summary import read_summary
-from expman._storage.layout import KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
 from expman._storage.wal import list_segments
+
+from . import run_filter
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
 POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
@@ -64,6 +65,7 @@ class RunSummary:
     hosts: tuple[str, ...]
     tags: tuple[str, ...]
     latest: dict[str, float] = field(default_factory=dict, compare=False)
+    params: dict[str, Any] = field(default_factory=dict, compare=False)  # flat, dotted keys
 
     @property
     def folder(self) -> str:
@@ -78,14 +80,18 @@ class RunSummary:
         return max(0.0, end - self.started)
 
     def matches(self, text: str) -> bool:
-        text = text.strip().lower()
-        if not text:
-            return True
-        hay = " ".join((self.experiment, self.name, self.uid, self.status, *self.hosts, *self.tags)).lower()
-        return all(word in hay for word in text.split())
+        """Whether every word of `text` holds for this run (the language: data/run_filter.py)."""
+        return run_filter.matches(self, text)
+
+    def value(self, key: str) -> Any:
+        """A parameter's value, else the latest value of a metric; None when the run has neither."""
+        if key in self.params:
+            return self.params[key]
+        return self.latest.get(key)
 
 
-def summarize(path: Path, info: dict[str, Any], latest: dict[str, float]) -> RunSummary:
+def summarize(path: Path, info: dict[str, Any], latest: dict[str, float],
+              params: dict[str, Any] | None = None) -> RunSummary:
     ranks = info.get("ranks") or {}
     return RunSummary(
         path=path,
@@ -101,6 +107,7 @@ def summarize(path: Path, info: dict[str, Any], latest: dict[str, float]) -> Run
         hosts=tuple(str(h) for h in info.get("hosts") or ()),
         tags=tuple(str(t) for t in info.get("tags") or ()),
         latest=latest,
+        params=params or {},
     )
 
 
@@ -116,7 +123,9 @@ class LatestValues:
         self.keys = tuple(keys)
         self._by_part: dict[Path, dict[str, float]] = {}
 
-    def of(self, run_dir: Path) -> dict[str, float]:
+    def of(self, run_dir: Path, every_key: bool = False) -> dict[str, float]:
+        """The latest value of each of `keys`; with `every_key`, of every key a part's summary
+        knows as well (what `loss<0.5` filters on)."""
         found: dict[str, float] = {}
         parts = list_parts(run_dir / METRICS_DIR)
         for part in reversed(parts):  # newest first
@@ -127,15 +136,15 @@ class LatestValues:
                     continue
             for key, value in self._by_part[part.path].items():
                 found.setdefault(key, value)
-            if len(found) == len(self.keys):
+            if not every_key and all(k in found for k in self.keys):
                 break
-        return found
+        return found if every_key else {k: v for k, v in found.items() if k in self.keys}
 
     def _read(self, path: Path) -> dict[str, float]:
         pf = pq.ParquetFile(path)
         summary = read_summary(pf)
-        if summary is not None:
-            return {k: summary[k].last_value for k in self.keys if k in summary and summary[k].last_value is not None}
+        if summary is not None:  # every key: `loss<0.5` filters on any metric of a merged run
+            return {k: s.last_value for k, s in summary.items() if s.last_value is not None}
         out: dict[str, float] = {}
         for i in reversed(range(pf.metadata.num_row_groups)):
             table = pf.read_row_group(i, columns=[KEY, VALUE]).combine_chunks()
@@ -163,37 +172,160 @@ class LatestValues:
 
 
 class RunIndex:
-    """Every run under a root, newest first, with the latest values of the key metrics."""
+    """Every run under a root, newest first, with the latest values of the key metrics.
+
+    An idle viewer must cost nothing, even over thousands of finished runs, so a scan
+    touches only what can have changed:
+
+    - folders are listed again only when their mtime moved (a new experiment or run
+      changes its parent's mtime): a scan of a quiet root is one stat per experiment;
+    - a running run (or one whose run.yaml could not be read) is polled every scan: run.yaml
+      re-read when its mtime or size changed, its latest values from new parts;
+    - a finished run is not polled: every SETTLED_SWEEP scans its folder's mtime is checked
+      (the collector replaces run.yaml by a rename, which moves it), so a run reopened with
+      `experiment_uid=` or rewritten by hand still shows up.
+
+    `version` goes up whenever what `scan` returns changed, so the screen redraws nothing
+    while nothing changes.
+    """
+
+    SETTLED_SWEEP = 20  # scans between checks of the finished runs (10 s at the default poll)
 
     def __init__(self, root: Path, key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
         self.root = root
         self.latest = LatestValues(key_metrics)
+        self.version = 0
+        self._dirs: dict[Path, tuple[int, list[Path]]] = {}  # folder -> (mtime_ns, its visible subfolders)
         self._infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
+        self._configs: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (config.yaml mtime, size), params
+        self._settled: dict[Path, int] = {}  # finished run -> its folder's mtime_ns when last read
+        self._summaries: dict[Path, RunSummary] = {}
+        self._order: list[RunSummary] = []
+        self._scans = 0
+        self._listed = 0  # folder listings done: none since the last scan means no run came or went
+        self.reads = 0  # run.yaml files read: tests check an idle scan reads none
+
+    def _subdirs(self, folder: Path) -> list[Path]:
+        """Visible subfolders of `folder`, listed again only when its mtime changed."""
+        try:
+            mtime = os.stat(folder).st_mtime_ns
+        except OSError:
+            self._dirs.pop(folder, None)
+            return []
+        known = self._dirs.get(folder)
+        if known is None or known[0] != mtime:
+            self._listed += 1
+            try:
+                with os.scandir(folder) as entries:
+                    found = sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+            except OSError:
+                found = []
+            known = (mtime, found)
+            self._dirs[folder] = known
+        return known[1]
+
+    def run_folders(self) -> list[Path]:
+        listed = self._listed
+        experiments = self._subdirs(self.root)
+        folders = [run for exp in experiments for run in self._subdirs(exp)]
+        if self._listed != listed:  # something was listed again: forget folders that went away
+            live = {self.root, *experiments}
+            for gone in [d for d in self._dirs if d not in live]:
+                del self._dirs[gone]
+        return folders
 
     def scan(self) -> list[RunSummary]:
-        """Every run, newest first. run.yaml is re-read only when its mtime or size changed
-        (the collector replaces it atomically), so a root of hundreds of runs scans in
-        milliseconds."""
-        out = []
-        infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
-        for path in run_folders(self.root):
-            try:
-                st = os.stat(path / RUN_YAML)
-            except OSError:
+        """Every run, newest first (see the class docstring for what is read)."""
+        self._scans += 1
+        sweep = self._scans % self.SETTLED_SWEEP == 1 or self.SETTLED_SWEEP <= 1
+        listed = self._listed
+        folders = self.run_folders()
+        if self._listed == listed and not sweep:  # the quiet case: poll the live runs only
+            return self._poll_live()
+        changed = set(folders) != set(self._summaries)
+        summaries: dict[Path, RunSummary] = {}
+        for path in folders:
+            old = self._summaries.get(path)
+            if old is not None and path in self._settled and not sweep:
+                summaries[path] = old
                 continue
-            signature = (st.st_mtime_ns, st.st_size)
-            known = self._infos.get(path)
-            if known is None or known[0] != signature:
-                try:
-                    known = (signature, read_yaml(path / RUN_YAML))
-                except (ExpmanError, OSError):
-                    continue
-            infos[path] = known
-            out.append(summarize(path, known[1], self.latest.of(path)))
-        self._infos = infos
-        out.sort(key=lambda s: str(self._infos[s.path][1].get("started_at") or ""), reverse=True)
-        self.latest.forget({s.path for s in out})
-        return out
+            found = self._poll(path, old)
+            if found is not None:
+                summaries[path] = found
+                changed |= found != old or old is None or found.latest != old.latest
+        self._summaries = summaries
+        for path in [p for p in self._infos if p not in summaries]:
+            del self._infos[path]
+            self._settled.pop(path, None)
+            self._configs.pop(path, None)
+        if changed or self._scans == 1:
+            self.version += 1
+            self._order = sorted(summaries.values(), key=lambda s: str(self._infos[s.path][1].get("started_at") or ""),
+                                 reverse=True)
+            self.latest.forget(set(summaries))
+        return list(self._order)
+
+    def _poll_live(self) -> list[RunSummary]:
+        changed = False
+        for path, old in list(self._summaries.items()):
+            if path in self._settled:
+                continue
+            found = self._poll(path, old)
+            if found is None:
+                continue
+            if found != old or found.latest != old.latest:
+                self._summaries[path] = found
+                changed = True
+        if changed:
+            self.version += 1
+            self._order = [self._summaries[s.path] for s in self._order if s.path in self._summaries]
+        return list(self._order)
+
+    def _poll(self, path: Path, old: RunSummary | None) -> RunSummary | None:
+        """Re-read one run: run.yaml if it changed, its latest values; None when it is not a run (yet)."""
+        if path in self._settled:
+            try:
+                folder_mtime = os.stat(path).st_mtime_ns
+            except OSError:
+                return None
+            if folder_mtime == self._settled[path] and old is not None:
+                return old
+        try:
+            st = os.stat(path / RUN_YAML)
+            folder_mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        signature = (st.st_mtime_ns, st.st_size)
+        known = self._infos.get(path)
+        if known is None or known[0] != signature:
+            try:
+                known = (signature, read_yaml(path / RUN_YAML))
+                self.reads += 1
+            except (ExpmanError, OSError):
+                return old
+        self._infos[path] = known
+        summary = summarize(path, known[1], self.latest.of(path, every_key=True), self._params(path))
+        if summary.status in FINAL_STATUSES and not has_live_tail(path):
+            self._settled[path] = folder_mtime  # its parts are final: nothing to poll until the folder moves
+        else:
+            self._settled.pop(path, None)
+        return summary
+
+    def _params(self, path: Path) -> dict[str, Any]:
+        """The run's parameters, flat; config.yaml re-read only when its mtime or size changed."""
+        try:
+            st = os.stat(path / CONFIG_YAML)
+        except OSError:
+            return {}
+        signature = (st.st_mtime_ns, st.st_size)
+        known = self._configs.get(path)
+        if known is None or known[0] != signature:
+            try:
+                known = (signature, flat_params(read_yaml(path / CONFIG_YAML)))
+            except (ExpmanError, OSError):
+                known = (signature, {})
+            self._configs[path] = known
+        return known[1]
 
     def key_columns(self, summaries: list[RunSummary]) -> list[str]:
         """The key metrics that at least one run has, in preference order, at most MAX_KEY_METRICS."""
@@ -322,27 +454,27 @@ class LogTail:
 
 
 def artifacts(run: Any) -> list[tuple[str, int]]:
-    """(name, size) of the run's artifacts: `run.artifacts()` once it exists, else the artifacts folder."""
-    method = getattr(run, "artifacts", None)
-    if callable(method):
-        try:
-            listed = method()
-            rows = []
-            for item in listed:
-                name = item.get("name") if isinstance(item, dict) else getattr(item, "name", str(item))
-                size = item.get("size") if isinstance(item, dict) else getattr(item, "size", None)
-                rows.append((str(name), int(size) if size is not None else -1))
-            return rows
-        except Exception:  # the artifacts feature is not ours: fall back to the folder
-            pass
-    folder = Path(run.path) / "artifacts"
-    if not folder.is_dir():
-        return []
-    rows = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            rows.append((str(path.relative_to(folder)), path.stat().st_size))
-    return rows
+    """(name, size) of the run's artifacts, from `run.artifacts()` (the manifest). A manifest
+    that cannot be read raises: the screen shows the error, not the store's content hashes."""
+    return [(str(item.name), int(item.size) if item.size is not None else -1) for item in run.artifacts()]
+
+
+def find_run(root: Path, ref: str) -> Path:
+    """The run folder `ref` names under `root`: `experiment/folder`, a folder, a run id, a unique
+    id prefix or a unique run name (folders are `<name>-<id>`); ValueError says why not."""
+    ref = ref.strip().strip("/")
+    folders = [run for exp in sorted(root.iterdir()) if exp.is_dir() and not exp.name.startswith(".")
+               for run in sorted(exp.iterdir()) if (run / RUN_YAML).is_file()]
+    for test in (lambda p: f"{p.parent.name}/{p.name}" == ref, lambda p: p.name == ref,
+                 lambda p: p.name.rsplit("-", 1)[-1] == ref, lambda p: p.name.rsplit("-", 1)[0] == ref,
+                 lambda p: p.name.rsplit("-", 1)[-1].startswith(ref)):
+        found = [p for p in folders if test(p)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"{ref!r} names {len(found)} runs ({', '.join(p.name for p in found[:3])}…): "
+                             "give more of the id")
+    raise ValueError(f"no run {ref!r} under {root}")
 
 
 def read_yaml_safe(path: Path) -> dict[str, Any]:

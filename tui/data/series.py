@@ -49,6 +49,7 @@ class Chunk:
     rank: np.ndarray  # int32
     time: np.ndarray | None  # float64 microseconds since the epoch; None when not read
     _spans: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+    _lasts: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -104,8 +105,9 @@ class Series:
     x_range: tuple[float, float]
     points: int
     nonfinite: int
-    last_value: float | None
+    last_value: float | None  # at the highest x: the mean over the ranks that reached it
     last_x: float | None
+    last_by_rank: dict[int, tuple[float, float]] = field(default_factory=dict)  # rank -> (x, value) at its highest x
 
     @property
     def empty(self) -> bool:
@@ -167,6 +169,40 @@ def _numpy_columns(batch: pa.RecordBatch, with_time: bool) -> tuple:
     rank = batch.column(RANK).to_numpy().astype(np.int32, copy=False)
     time_us = batch.column(TIME).cast(pa.int64()).to_numpy().astype(np.float64) if with_time else None
     return step, value, rank, time_us
+
+
+def last_points(entries: list[Chunk | _summary.KeySummary], xkind: str) -> dict[int, tuple[float, float]]:
+    """Each rank's point at its highest x (the latest arrival among equals), over entries in
+    arrival order. A part summary knows only its last point, not its rank: it counts as rank -1."""
+    best: dict[int, tuple[float, float]] = {}
+    for entry in entries:
+        if isinstance(entry, _summary.KeySummary):
+            usable = entry.last_value is not None and entry.last_x is not None and np.isfinite(entry.last_x)
+            found = {-1: (entry.last_x, entry.last_value)} if usable else {}
+        else:
+            if xkind not in entry._lasts:  # parts never change: once per part and key
+                entry._lasts[xkind] = _chunk_last(entry, xkind)
+            found = entry._lasts[xkind]
+        for rank, (x, v) in found.items():
+            if rank not in best or x >= best[rank][0]:
+                best[rank] = (x, v)
+    return best
+
+
+def _chunk_last(chunk: Chunk, xkind: str) -> dict[int, tuple[float, float]]:
+    x, value, rank = chunk.x(xkind), chunk.value, chunk.rank
+    ok = np.isfinite(x) & ~np.isnan(value)
+    if not ok.all():
+        x, value, rank = x[ok], value[ok], rank[ok]
+    if len(x) == 0:
+        return {}
+    out = {}
+    for r in np.unique(rank).tolist():
+        sel = np.flatnonzero(rank == r)
+        xs = x[sel]
+        i = sel[len(xs) - 1 - int(np.argmax(xs[::-1]))]  # the last of the maxima
+        out[int(r)] = (float(x[i]), float(value[i]))
+    return out
 
 
 class MetricsSource:
@@ -277,14 +313,14 @@ class MetricsSource:
         points = sum(_points(c) for _n, c in named)
         nonfinite = sum(c.nonfinite if isinstance(c, _summary.KeySummary) else int((~np.isfinite(c.value)).sum())
                         for _n, c in named)
+        by_rank = last_points([entry for _n, entry in named], xkind)
         last_value = last_x = None
-        if named:
-            last = named[-1][1]
-            if isinstance(last, _summary.KeySummary):
-                last_value, last_x = last.last_value, last.last_x
-            else:
-                last_value, last_x = float(last.value[-1]), float(last.x(xkind)[-1])
-        return Series(key, xkind, buckets, (lo, hi), points, nonfinite, last_value, last_x)
+        if by_rank:
+            last_x = max(x for x, _v in by_rank.values())
+            at_top = [v for x, v in by_rank.values() if x == last_x]
+            last_value = float(sum(at_top) / len(at_top))
+        return Series(key, xkind, buckets, (lo, hi), points, nonfinite, last_value, last_x,
+                      {r: xv for r, xv in by_rank.items() if r >= 0})
 
     def _summary(self, part: Part) -> _summary.Summary | None:
         name = part.path.name

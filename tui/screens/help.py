@@ -11,12 +11,17 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Static
 
 SCREENS_TEXT = """\
-Runs     every run under the root, newest first; enter opens one, space marks runs to compare
+Runs     every run under the root, newest first; enter opens one, space marks runs to compare;
+         / filters by words and by lr=0.001, loss<0.5, optimizer.name!=sgd, tag:x; o sorts (or click a header)
 Run      1 charts · 2 ranks · 3 hardware · 4 params · 5 log (follows new lines) · 6 artifacts
 Compare  the marked runs overlaid (mean over ranks) and the parameters that differ
-Mouse    click rows, tabs and keys; scroll charts and tables"""
+Charts   a grid of the chosen keys, ] [ pages; s smoothing, l log y, r robust y, + - zoom x, < > pan, 0 reset
+         n selects a series (rank or run; drawn on top), h hides it, o shows it alone, a shows all
+Mouse    click rows, tabs and keys; the wheel on a chart zooms x; click a legend entry to select, again to hide"""
 
-KEY_NAMES = {"slash": "/", "question_mark": "?", "escape": "esc", "space": "space", "enter": "enter"}
+KEY_NAMES = {"slash": "/", "question_mark": "?", "escape": "esc", "space": "space", "enter": "enter",
+             "plus": "+", "equals_sign": "=", "minus": "-", "less_than_sign": "<", "comma": ",",
+             "greater_than_sign": ">", "full_stop": ".", "right_square_bracket": "]", "left_square_bracket": "["}
 
 
 def key_label(binding: Binding) -> str:

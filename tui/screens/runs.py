@@ -15,11 +15,38 @@ from textual.widgets import DataTable, Footer, Input, Label
 
 from expman._storage.layout import STATUSES
 
+from ..data.run_filter import param_columns
 from ..data.runs import DEFAULT_KEY_METRICS, RunIndex, RunSummary
 from ..widgets.braille import format_elapsed, format_value
 from ..widgets.status import status_text
 
 STATUS_FILTERS = ("all", *STATUSES)
+LEFT_COLUMNS = ("experiment", "run", "status")  # then the key metrics and the parameters that vary, then:
+RIGHT_COLUMNS = ("started", "duration", "ranks", "hosts")
+PARAM = "param:"  # column keys of parameter columns (labels are the bare names)
+
+
+def sort_value(s: RunSummary, column: str, now: float) -> tuple:
+    """What a column sorts by: numbers as numbers, text as text, runs without a value last."""
+    if column == "run":
+        value: object = s.path.name
+    elif column == "duration":
+        value = s.duration(now)
+    elif column == "ranks":
+        value = s.ranks
+    elif column == "hosts":
+        value = ",".join(s.hosts)
+    elif column in ("experiment", "status", "started"):
+        value = getattr(s, column)
+    elif column.startswith(PARAM):
+        value = s.params.get(column[len(PARAM):])
+    else:
+        value = s.latest.get(column)
+    if value is None:
+        return (2, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
 
 
 def format_started(ts: float | None) -> str:
@@ -35,6 +62,8 @@ class RunsScreen(Screen):
         Binding("c", "compare", "Compare marked"),
         Binding("slash", "focus_filter", "Filter"),
         Binding("s", "cycle_status", "Status filter"),
+        Binding("o", "sort", "Sort by next column"),
+        Binding("O", "reverse", "Reverse the sort", show=False),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
     DEFAULT_CSS = """
@@ -54,6 +83,10 @@ class RunsScreen(Screen):
         self.marked: set[Path] = set()
         self.status_filter = "all"
         self.key_columns: list[str] = []
+        self.param_columns: list[str] = []
+        self.sort_by: str | None = None  # a column key; None: newest first
+        self.sort_reverse = False
+        self._rows_shown: dict[Path, list[str]] = {}  # the cells of each row as shown: only changes are redrawn
         self.scans = 0  # completed scans: tests wait on it
         self._scanning = False
 
@@ -61,8 +94,9 @@ class RunsScreen(Screen):
         with Horizontal(id="bar"):
             yield Label(Text.assemble(("expman ", "bold"), self.label), id="root")
             yield Label("", id="status-filter")
+            yield Label("newest first", id="sort")
             yield Label("", id="counts")
-        yield Input(placeholder="/ filter runs: experiment, name, id, status, host, tag", id="filter")
+        yield Input(placeholder="/ filter runs: words, lr=0.001, loss<0.5, optimizer.name!=sgd, tag:x", id="filter")
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -79,20 +113,26 @@ class RunsScreen(Screen):
     # --- data --------------------------------------------------------------------------
     def scan(self) -> None:
         """Start a scan unless one is running, or another screen covers this one (it scans when shown again)."""
-        if not self._scanning and (self.is_current or not self.scans):
+        # `is_current` also holds for a screen Textual keeps drawn behind another: ask for the top one.
+        if not self._scanning and (self.app.screen is self or not self.scans):
             self._scanning = True
             self._scan()
 
     @work(thread=True, exclusive=True, group="runs-scan")
     def _scan(self) -> None:
         try:
+            version = self.index.version
             summaries = self.index.scan()
             columns = self.index.key_columns(summaries)
+            changed = self.index.version != version or not self.scans
         except Exception as exc:  # a broken root must not kill the screen
             self.app.call_from_thread(self.notify, f"could not list runs: {exc}", severity="error")
-            summaries, columns = [], []
+            summaries, columns, changed = [], [], True
         finally:
             self._scanning = False
+        if not changed and not any(s.status == "running" for s in summaries):
+            self.scans += 1  # nothing new and no clock to follow: leave the screen alone
+            return
         try:
             self.app.call_from_thread(self._apply, summaries, columns)
         except Exception:  # the app is closing
@@ -106,43 +146,72 @@ class RunsScreen(Screen):
         self._fill()
         self.scans += 1
 
+    def _row(self, s: RunSummary, now: float) -> list:
+        duration = s.duration(now)
+        return [
+            Text("●", style="bold yellow") if s.path in self.marked else "",
+            s.experiment,
+            s.path.name,
+            status_text(s.status),
+            *[format_value(s.latest[k]) if k in s.latest else "" for k in self.key_columns],
+            *[_param_text(s.params.get(k[len(PARAM):])) for k in self.param_columns],
+            format_started(s.started),
+            "" if duration is None else format_elapsed(duration),
+            f"{s.ranks}/{s.world_size}" if s.world_size > s.ranks else str(s.ranks),
+            ",".join(s.hosts),
+        ]
+
     def _fill(self) -> None:
+        """Show the runs that pass the filters. With the same rows in the same order (the
+        usual case: a few live runs ticking), only the cells that changed are updated."""
         table = self.query_one("#runs", DataTable)
         text = self.query_one("#filter", Input).value
         shown = [s for s in self.summaries
                  if s.matches(text) and (self.status_filter == "all" or s.status == self.status_filter)]
-        names = ["", "experiment", "run", "status", "started", "duration", "ranks", "hosts", *self.key_columns]
+        now = self.app.clock()
+        if self.sort_by is not None:
+            shown.sort(key=lambda s: sort_value(s, self.sort_by or "", now), reverse=self.sort_reverse)
+            missing = [s for s in shown if sort_value(s, self.sort_by, now)[0] == 2]
+            shown = [s for s in shown if s not in missing] + missing  # no value: last either way
+        self.param_columns = [PARAM + k for k in param_columns(shown or self.summaries)]
+        names = ["", *LEFT_COLUMNS, *self.key_columns, *self.param_columns, *RIGHT_COLUMNS]
+        same_columns = [str(c.key.value) for c in table.columns.values()] == [n or "mark" for n in names]
+        if same_columns and [s.path for s in shown] == [s.path for s in self.shown] and table.row_count == len(shown):
+            for s in shown:
+                row = self._row(s, now)
+                if self._rows_shown.get(s.path) != [str(c) for c in row]:
+                    for key, value in zip(names, row):
+                        table.update_cell(str(s.path), key or "mark", value)
+                    self._rows_shown[s.path] = [str(c) for c in row]
+        else:
+            self._rebuild(table, shown, names, same_columns, now)
+        self.shown = shown
+        self.query_one("#counts", Label).update(f"{len(shown)} of {len(self.summaries)} runs"
+                                                 + (f", {len(self.marked)} marked" if self.marked else ""))
+
+    def _rebuild(self, table: DataTable, shown: list[RunSummary], names: list[str], same_columns: bool,
+                 now: float) -> None:
         current = None
         if table.row_count and 0 <= table.cursor_row < len(self.shown):
             current = str(self.shown[table.cursor_row].path)
-        if [str(c.label) for c in table.columns.values()] != names:
+        if not same_columns:
             table.clear(columns=True)
             for name in names:
-                table.add_column(name, key=name or "mark")
+                label = Text(name[len(PARAM):] + "=", style="italic") if name.startswith(PARAM) else name
+                if name and name == self.sort_by:
+                    label = Text.assemble(label, " ↓" if self.sort_reverse else " ↑")
+                table.add_column(label, key=name or "mark")
         else:
             table.clear()
-        now = self.app.clock()
+        self._rows_shown = {}
         for s in shown:
-            duration = s.duration(now)
-            table.add_row(
-                Text("●", style="bold yellow") if s.path in self.marked else "",
-                s.experiment,
-                s.path.name,
-                status_text(s.status),
-                format_started(s.started),
-                "" if duration is None else format_elapsed(duration),
-                f"{s.ranks}/{s.world_size}" if s.world_size > s.ranks else str(s.ranks),
-                ",".join(s.hosts),
-                *[format_value(s.latest[k]) if k in s.latest else "" for k in self.key_columns],
-                key=str(s.path),
-            )
-        self.shown = shown
+            row = self._row(s, now)
+            table.add_row(*row, key=str(s.path))
+            self._rows_shown[s.path] = [str(c) for c in row]
         if current is not None:
             paths = [str(s.path) for s in shown]
             if current in paths:
                 table.move_cursor(row=paths.index(current))
-        self.query_one("#counts", Label).update(f"{len(shown)} of {len(self.summaries)} runs"
-                                                 + (f", {len(self.marked)} marked" if self.marked else ""))
 
     # --- actions ---------------------------------------------------------------------------
     def _current(self) -> RunSummary | None:
@@ -182,6 +251,38 @@ class RunsScreen(Screen):
         self.query_one("#filter", Input).value = ""
         self.query_one("#runs", DataTable).focus()
 
+    def action_sort(self) -> None:
+        """Sort by the next column (after the last one: newest first again)."""
+        table = self.query_one("#runs", DataTable)
+        columns = [str(c.key.value) for c in table.columns.values()][1:]
+        at = columns.index(self.sort_by) + 1 if self.sort_by in columns else 0
+        self.sort_by = columns[at] if at < len(columns) else None
+        self._sorted()
+
+    def action_reverse(self) -> None:
+        self.sort_reverse = not self.sort_reverse
+        self._sorted()
+
+    @on(DataTable.HeaderSelected, "#runs")
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a column's header sorts by it; a second click reverses."""
+        event.stop()
+        key = str(event.column_key.value)
+        if key == "mark":
+            return
+        if key == self.sort_by:
+            self.sort_reverse = not self.sort_reverse
+        else:
+            self.sort_by, self.sort_reverse = key, False
+        self._sorted()
+
+    def _sorted(self) -> None:
+        self.query_one("#runs", DataTable).clear(columns=True)  # the arrow moves to the new column
+        self._fill()
+        label = "newest first" if self.sort_by is None else \
+            f"sorted by {self.sort_by.removeprefix(PARAM)} {'↓' if self.sort_reverse else '↑'}"
+        self.query_one("#sort", Label).update(label)
+
     def action_cycle_status(self) -> None:
         at = STATUS_FILTERS.index(self.status_filter)
         self.status_filter = STATUS_FILTERS[(at + 1) % len(STATUS_FILTERS)]
@@ -200,3 +301,11 @@ class RunsScreen(Screen):
     def _filter_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.query_one("#runs", DataTable).focus()
+
+
+def _param_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format_value(value)
+    return str(value)

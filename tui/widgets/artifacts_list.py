@@ -25,8 +25,12 @@ class ArtifactsList(DataTable):
         self.add_column("size", key="size")
         self.show([])
 
-    def show(self, rows: list[tuple[str, int]]) -> None:
+    def show(self, rows: list[tuple[str, int]] | str) -> None:
+        """The artifacts, or (a str) why they could not be read."""
         self.clear()
+        if isinstance(rows, str):
+            self.add_row(Text(rows, style="bold red"), "")
+            return
         for name, size in rows:
             self.add_row(name, human_size(size), key=name)
         if not rows:

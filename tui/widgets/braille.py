@@ -39,10 +39,21 @@ class Line:
     hi: np.ndarray
     mid: np.ndarray
     band: bool = False
+    faint: bool = False  # drawn dim, behind the others (raw points under a smoothed line)
+    dashed: bool = False  # every other pair of dot columns left out: the second mark past 12 colours
 
 
 def color_for(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
+
+
+def dashed_for(index: int) -> bool:
+    """Series 13-24 reuse the palette with a dashed line (and legend mark), so no two look alike up to 24."""
+    return (index // len(PALETTE)) % 2 == 1
+
+
+def legend_mark(line: Line) -> str:
+    return "┅" if line.dashed else "━"
 
 
 def format_value(value: float) -> str:
@@ -76,8 +87,8 @@ def format_elapsed(seconds: float) -> str:
 
 
 def value_range(lines: list[Line]) -> tuple[float, float]:
-    los = [float(np.min(line.lo)) for line in lines if len(line.lo)]
-    his = [float(np.max(line.hi)) for line in lines if len(line.hi)]
+    los = [float(np.min(lo)) for lo in (line.lo[np.isfinite(line.lo)] for line in lines) if len(lo)]
+    his = [float(np.max(hi)) for hi in (line.hi[np.isfinite(line.hi)] for line in lines) if len(hi)]
     if not los:
         return 0.0, 1.0
     lo, hi = min(los), max(his)
@@ -89,8 +100,15 @@ def value_range(lines: list[Line]) -> tuple[float, float]:
 
 def render(lines: list[Line], width: int, height: int, x_range: tuple[float, float],
            x_format: Callable[[float], str] = format_step,
-           y_range: tuple[float, float] | None = None) -> list[list[Segment]]:
-    """`height` rows of segments, each `width` cells: y labels, plot, x axis, x labels."""
+           y_range: tuple[float, float] | None = None,
+           y_format: Callable[[float], str] = format_value) -> list[list[Segment]]:
+    """`height` rows of segments, each `width` cells: y labels, plot, x axis, x labels.
+
+    Lines are drawn in order and a cell takes the colour of the last line that touches it,
+    so callers put the line that matters most (a selected rank, a smoothed line) last.
+    Points outside `x_range` are left out (zoomed in), values outside the y range are
+    pinned to the edge (an outlier clipped by a robust range still shows where it is).
+    """
     cols = max(1, width - LABEL_WIDTH - 1)
     rows = max(1, height - 2)
     y0, y1 = y_range or value_range(lines)
@@ -110,6 +128,10 @@ def render(lines: list[Line], width: int, height: int, x_range: tuple[float, flo
 
     dot_row_index = np.arange(dot_rows)[:, None]
     for index, line in enumerate(lines):
+        inside = (line.x >= x0) & (line.x <= x1) & np.isfinite(line.mid)
+        if not inside.all():
+            line = Line(line.label, line.color, line.x[inside], line.lo[inside], line.hi[inside], line.mid[inside],
+                        line.band, line.faint, line.dashed)
         if len(line.x) == 0:
             continue
         order = np.argsort(line.x, kind="stable")
@@ -134,6 +156,8 @@ def render(lines: list[Line], width: int, height: int, x_range: tuple[float, flo
             bottom[1:] = np.maximum(bottom[1:], prev)
         dots = np.zeros((dot_rows, dot_cols), bool)
         dots[:, first:last + 1] = (dot_row_index >= top) & (dot_row_index <= bottom)
+        if line.dashed:
+            dots[:, (np.arange(dot_cols) // 2) % 2 == 1] = False
         cell = _cells(dots, rows, cols)
         codes |= cell
         owner[cell > 0] = index
@@ -145,7 +169,7 @@ def render(lines: list[Line], width: int, height: int, x_range: tuple[float, flo
             np.maximum.at(band_bottom, col - first, hi_row)
             band_dots[:, first:last + 1] = (dot_row_index >= band_top) & (dot_row_index <= band_bottom)
             band_owner[_cells(band_dots, rows, cols) > 0] = index
-    return _rows(lines, codes, owner, band_owner, rows, cols, (x0, x1), (y0, y1), x_format)
+    return _rows(lines, codes, owner, band_owner, rows, cols, (x0, x1), (y0, y1), x_format, y_format)
 
 
 def _cells(dots: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -155,9 +179,10 @@ def _cells(dots: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def _rows(lines: list[Line], codes: np.ndarray, owner: np.ndarray, band_owner: np.ndarray, rows: int, cols: int,
-          x_span: tuple[float, float], y_span: tuple[float, float], x_format: Callable[[float], str]) -> list[list[Segment]]:
+          x_span: tuple[float, float], y_span: tuple[float, float], x_format: Callable[[float], str],
+          y_format: Callable[[float], str] = format_value) -> list[list[Segment]]:
     y0, y1 = y_span
-    styles = [Style(color=line.color) for line in lines]
+    styles = [Style(color=line.color, dim=line.faint) for line in lines]
     band_styles = [Style(bgcolor=BAND_BACKGROUND.get(line.color, "#303030")) for line in lines]
     band_line_styles = [Style(color=line.color, bgcolor=BAND_BACKGROUND.get(line.color, "#303030")) for line in lines]
     label_rows = {0: y1, rows - 1: y0}
@@ -165,7 +190,7 @@ def _rows(lines: list[Line], codes: np.ndarray, owner: np.ndarray, band_owner: n
         label_rows[(rows - 1) // 2] = y1 - (y1 - y0) * ((rows - 1) // 2) / (rows - 1)
     out: list[list[Segment]] = []
     for r in range(rows):
-        label = format_value(label_rows[r]).rjust(LABEL_WIDTH)[-LABEL_WIDTH:] if r in label_rows else " " * LABEL_WIDTH
+        label = y_format(label_rows[r]).rjust(LABEL_WIDTH)[-LABEL_WIDTH:] if r in label_rows else " " * LABEL_WIDTH
         segments = [Segment(label, AXIS_STYLE), Segment("┤" if r in label_rows else "│", AXIS_STYLE)]
         row_codes, row_owner, row_band = codes[r], owner[r], band_owner[r]
         start = 0

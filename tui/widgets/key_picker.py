@@ -27,8 +27,9 @@ class KeyPicker(Vertical):
             self.picker = picker
             self.keys = keys
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, *, id: str | None = None, leave_to: str | None = None) -> None:
         super().__init__(id=id)
+        self.leave_to = leave_to  # a selector: where focus goes after enter in the filter (the charts)
         self.keys: list[str] = []
         self.chosen: list[str] = []
         self._syncing = False
@@ -66,12 +67,14 @@ class KeyPicker(Vertical):
 
     @on(Input.Submitted, "#key-filter")
     def _submit(self, event: Input.Submitted) -> None:
-        """Enter in the filter: choose the best match alone, and go to the list."""
+        """Enter in the filter: choose the best match alone, and go to the charts (so the screen's
+        keys, 1-6 and the chart keys, work at once), or to the list when there is nowhere else."""
         event.stop()
         matches = filter_keys(event.value, self.keys)
         if matches:
             self.choose([matches[0]])
-        self.query_one("#key-list", SelectionList).focus()
+        target = self.screen.query(self.leave_to) if self.leave_to else None
+        (target.first() if target else self.query_one("#key-list", SelectionList)).focus()
 
     @on(SelectionList.SelectedChanged, "#key-list")
     def _toggled(self, event: SelectionList.SelectedChanged) -> None:
