@@ -67,7 +67,7 @@ def test_polars_queries(experiment_root):
 def test_reading_only_what_you_need(experiment_root, monkeypatch):
     pytest.importorskip("duckdb")
     monkeypatch.setenv("EXPMAN_ROOT", str(experiment_root))
-    code = _blocks("Reading only what you need, and runs larger than memory").replace('"3fa2b1c9"', '"lr01"')
+    code = _blocks("Reading only what you need, and runs larger than memory").replace('"baseline"', '"lr01"')
     scope = _run(code, experiment_root)
     assert scope["loss"].column_names == ["value", "step", "rank"] and scope["loss"].num_rows == 0  # steps 0-9 only
     assert scope["mean"]["value"].to_pylist()[:2] == [1.5, 0.75] and scope["mean"].num_rows == 10

@@ -53,8 +53,11 @@ class Progress:
         self._drawn = True
 
     def close(self) -> None:
-        """Erase the bar, leaving the cursor where the command's own output goes."""
+        """Show the bar complete (when the work is), then erase it, leaving the cursor where
+        the command's own output goes."""
         if self._drawn:
+            if self.total and self.done >= self.total:
+                self._draw()  # the last redraw may have been throttled away
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._drawn = False
