@@ -21,7 +21,7 @@ from expman._wire import frames as proto
 from _helpers import wait_for
 from conftest import start_collector
 
-FAKE_NVML = str(Path(__file__).with_name("fake_nvml.py"))
+FAKE_NVML = str(Path(__file__).resolve().parents[1] / "fake_nvml.py")
 
 HOST_KEYS = {
     "cpu.percent", "cpu.core.percent", "load.1m", "load.5m", "load.15m",

@@ -10,7 +10,7 @@ import pytest
 import expman
 from _helpers import wait_for
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "analysis.md"
 
 
 def _blocks(title: str) -> str:

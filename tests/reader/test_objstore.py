@@ -268,7 +268,7 @@ def test_file_uris_read_the_local_disk(mnist_root):
 
 # --- docs/analysis.md: its object-storage blocks run against the bucket -------------------
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "analysis.md"
 
 
 def _doc_blocks(title: str) -> list[str]:

@@ -133,7 +133,7 @@ def test_memory_and_spool_full_drops_are_counted_in_stats_and_run_yaml(root, sho
 
 def test_disk_full_collector_stops_acknowledging_then_resumes_without_loss(root, short_dir, tmp_path, monkeypatch):
     fault = tmp_path / "enospc"  # while it exists the collector's WAL writes fail with ENOSPC
-    c = start_collector(root, short_dir, program=[sys.executable, str(Path(__file__).parent / "_enospc_collector.py"), str(fault)])
+    c = start_collector(root, short_dir, program=[sys.executable, str(Path(__file__).resolve().parents[1] / "_enospc_collector.py"), str(fault)])
     try:
         exp = expman.start_experiment("e", "diskfull", root=root, collector=c.endpoint, max_buffer_bytes=32 * 1024, finish_timeout=5)
         for step in range(1000):
