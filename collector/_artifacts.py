@@ -15,7 +15,6 @@ never reaches the collector's disk. Memory per transfer is one chunk plus a hash
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -32,6 +31,7 @@ from expman._storage.layout import (
     ARTIFACTS_DIR,
     INCOMING_DIR,
     ArtifactRecord,
+    format_time,
     manifest_name,
     object_name,
     read_manifests,
@@ -389,7 +389,7 @@ class RunArtifacts:
             t.meta.unlink(missing_ok=True)
         self.transfers.pop(t.key, None)
         record = ArtifactRecord(
-            name=t.name, size=t.size, sha256=digest, time=_iso(t.logged_at), rank=t.rank, host=t.host,
+            name=t.name, size=t.size, sha256=digest, time=format_time(t.logged_at), rank=t.rank, host=t.host,
             encrypted=t.encrypted, compression=t.compression, stored=target.stat().st_size, object=relative,
         )
         self._lines.append(record.to_line())
@@ -419,9 +419,6 @@ class RunArtifacts:
 def _safe(sender: str) -> str:
     return sender if _SAFE_ID.match(sender) else hashlib.sha256(sender.encode("utf-8", "replace")).hexdigest()[:32]
 
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from expman._storage.artifact_names import destination, normalize_name
+from expman._storage.layout import parse_time
 from expman._errors import ArtifactError
 from expman._cli import shell
 from expman._cli.text import aligned
@@ -129,7 +130,5 @@ def _size(n: int) -> str:
 
 
 def _when(iso: str) -> str:
-    try:
-        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        return iso
+    seconds = parse_time(iso)
+    return iso if seconds is None else dt.datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S")

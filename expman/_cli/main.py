@@ -37,7 +37,7 @@ from expman._env import ROOT_ENV, chosen_root
 from expman._storage.files import resolve_root
 from expman._reader.params import flat_params
 from expman._reader.run import Run, list_runs, open_run
-from expman._storage.layout import KEY, RANK, STEP, TEXT, TIME, VALUE
+from expman._storage.layout import KEY, RANK, STEP, TEXT, TIME, VALUE, parse_time
 from expman._storage.files import is_uri, shown
 from expman._options import DefaultsFormatter, OneLineParser, endpoint, fail, number, positive_seconds
 from expman._version import __version__
@@ -296,25 +296,21 @@ def _indent(text: str, prefix: str = "  ") -> str:
 
 
 def _local_time(iso: Any, offset: bool = False) -> str:
+    """A run.yaml time in this machine's time zone ('-' when missing, as given when unreadable)."""
     if not iso:
         return "-"
-    try:
-        when = dt.datetime.fromisoformat(str(iso)).astimezone()
-    except ValueError:
+    seconds = parse_time(iso)
+    if seconds is None:
         return str(iso)
-    return when.strftime("%Y-%m-%d %H:%M:%S %z" if offset else "%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %z" if offset else "%Y-%m-%d %H:%M:%S")
 
 
 def _run_seconds(info: dict[str, Any]) -> float | None:
     """The recorded duration; for a run still running, the time since it started."""
     if info.get("duration_s") is not None:
         return float(info["duration_s"])
-    if info.get("status") == "running" and info.get("started_at"):
-        try:
-            return time.time() - dt.datetime.fromisoformat(str(info["started_at"])).timestamp()
-        except ValueError:
-            return None
-    return None
+    started = parse_time(info.get("started_at")) if info.get("status") == "running" else None
+    return None if started is None else time.time() - started
 
 
 def _duration(seconds: float | None) -> str:

@@ -9,7 +9,7 @@ from _tui_runs import T0, make_run, metrics_table, write_part
 from expman._storage.layout import list_parts, metrics_schema, part_name
 from expman.collector._parts import write_part as write_merged_part
 from expman._storage.buckets import aggregate, bucket_width, combine
-from expman.tui.data.runs import LogTail, RankRates, params_diff, rank_rows
+from expman.tui.data.runs import LogTail, params_diff, rank_rows
 from expman.tui.data.series import MetricsSource
 from expman.tui.fuzzy import filter_keys
 from expman.tui.widgets.braille import Line, render
@@ -100,10 +100,10 @@ def test_rank_rows_flag_the_straggler(tmp_path):
     from expman._storage.layout import read_yaml
 
     run = make_run(tmp_path, "e", "r", "cc000001", ranks=4, slow_rank=2, status="running", steps=100)
-    rows = rank_rows(read_yaml(run / "run.yaml"), now=T0 + 10_000, rates=RankRates())
+    rows = rank_rows(read_yaml(run / "run.yaml"), now=T0 + 10_000)
     assert [r.straggler for r in rows] == [True, True, True, True]  # silent for hours: all flagged
     rows = rank_rows(read_yaml(run / "run.yaml"), now=T0 + 3600)
-    assert [(r.rank, r.lag, r.straggler) for r in rows] == [(0, 0, False), (1, 0, False), (2, 20, True), (3, 0, False)]
+    assert [(r.rank, r.lag_steps, r.straggler) for r in rows] == [(0, 0, False), (1, 0, False), (2, 20, True), (3, 0, False)]
 
 
 def test_params_diff_and_fuzzy_keys():

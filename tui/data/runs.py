@@ -6,7 +6,6 @@ file I/O, so the screens call them from workers.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from expman._reader.params import flat_params
+from expman._reader.progress import RankProgress, rank_progress
 from expman._errors import ExpmanError
 from expman._storage.summary import read_summary
-from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts, read_yaml
+from expman._storage.layout import (CONFIG_YAML, FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts,
+                                    parse_time, read_yaml)
 from expman._storage.wal import list_segments
 
 from . import run_filter
@@ -27,25 +28,6 @@ from . import run_filter
 POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
 DEFAULT_KEY_METRICS = ("loss", "val_loss", "acc", "accuracy", "lr")
 MAX_KEY_METRICS = 3
-STRAGGLER_LAG_FRACTION = 0.05  # a running rank this far behind the fastest (and >= 10 steps) is a straggler
-STRAGGLER_MIN_LAG = 10
-SILENT_AFTER_S = 10.0  # a running rank with no heartbeat for this long is flagged as well
-
-
-def parse_time(value: Any) -> float | None:
-    """Seconds since the epoch from run.yaml's ISO strings (or datetimes YAML already parsed)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, dt.datetime):
-        when = value
-    else:
-        try:
-            when = dt.datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
 
 
 @dataclass(frozen=True)
@@ -334,70 +316,13 @@ class RunIndex:
 
 
 # --- ranks ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RankRow:
-    rank: int
-    host: str
-    status: str
-    step: int | None
-    steps_per_s: float | None
-    lag: int | None
-    heartbeat_age_s: float | None
-    straggler: bool
+# The rank table's rows are RankProgress (expman/_reader/progress.py): the same steps/s, lag
+# and straggler rule as run.rank_stats() and `expman show`.
 
 
-class RankRates:
-    """Steps per second per rank, from the (last_heartbeat, last_step) pairs run.yaml shows over time."""
-
-    WINDOW = 8
-
-    def __init__(self) -> None:
-        self._seen: dict[int, list[tuple[float, int]]] = {}
-
-    def observe(self, rank: int, heartbeat: float | None, step: int | None) -> None:
-        if heartbeat is None or step is None:
-            return
-        seen = self._seen.setdefault(rank, [])
-        if not seen or heartbeat > seen[-1][0]:
-            seen.append((heartbeat, step))
-            del seen[: -self.WINDOW]
-
-    def rate(self, rank: int) -> float | None:
-        seen = self._seen.get(rank) or []
-        if len(seen) < 2:
-            return None
-        (t0, s0), (t1, s1) = seen[0], seen[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
-
-
-def rank_rows(info: dict[str, Any], now: float, rates: RankRates | None = None) -> list[RankRow]:
-    """The rank table: state, step, steps/s, lag behind the fastest, heartbeat age, stragglers."""
-    ranks = info.get("ranks") or {}
-    started_run = parse_time(info.get("started_at"))
-    steps = [r.get("last_step") for r in ranks.values() if isinstance(r.get("last_step"), int)]
-    fastest = max(steps) if steps else None
-    rows = []
-    for rank_id in sorted(ranks, key=lambda r: int(r)):
-        r = ranks[rank_id] or {}
-        step = r.get("last_step") if isinstance(r.get("last_step"), int) else None
-        heartbeat = parse_time(r.get("last_heartbeat"))
-        status = str(r.get("status") or "unknown")
-        rate = None
-        if rates is not None:
-            rates.observe(int(rank_id), heartbeat, step)
-            rate = rates.rate(int(rank_id))
-        if rate is None and step is not None:  # average over the rank's life so far
-            start = parse_time(r.get("started_at")) or started_run
-            end = parse_time(r.get("ended_at")) or heartbeat
-            if start is not None and end is not None and end > start:
-                rate = step / (end - start)
-        lag = fastest - step if fastest is not None and step is not None else None
-        age = now - heartbeat if heartbeat is not None and status == "running" else None
-        behind = lag is not None and lag >= STRAGGLER_MIN_LAG and lag > STRAGGLER_LAG_FRACTION * (fastest or 0)
-        silent = age is not None and age > SILENT_AFTER_S
-        rows.append(RankRow(int(rank_id), str(r.get("host") or ""), status, step, rate, lag, age,
-                            status == "running" and (behind or silent)))
-    return rows
+def rank_rows(info: dict[str, Any], now: float) -> list[RankProgress]:
+    """The rank table: state, step, steps/s, lag behind the furthest rank, heartbeat age, stragglers."""
+    return rank_progress(info, now)
 
 
 # --- params ----------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ from expman import open_run
 from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, RUN_LOG, RUN_YAML
 
 from ..data.hardware import HardwareSeries, read_hardware
-from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, read_yaml_safe
+from expman._storage.layout import parse_time
+
+from ..data.runs import LogTail, artifacts, rank_rows, read_yaml_safe
 from ..data import view_state
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
 from ..widgets.artifacts_list import ArtifactsList
@@ -127,7 +129,6 @@ class RunScreen(ChartTools, Screen):
         self.run = open_run(run_dir)
         self.source = MetricsSource(self.run.path)
         self.tail = LogTail(self.run.path / RUN_LOG)
-        self.rates = RankRates()
         self.info: dict[str, Any] = {}
         self.xkind = X_STEP
         self.scope = self.run.path.parent.name  # the experiment: choices are remembered per experiment
@@ -281,7 +282,7 @@ class RunScreen(ChartTools, Screen):
     def _show_panels(self) -> None:
         """Hand what was read to the panels that are mounted (Lazy mounts them after the first paint)."""
         for table in self.query(RankTable):
-            table.show(rank_rows(self.info, self.app.clock(), self.rates))
+            table.show(rank_rows(self.info, self.app.clock()))
         for log in self.query(Log):
             if self._pending_log:
                 log.write_lines(self._pending_log)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from ..data.runs import RankRow
+from expman._reader.progress import RankProgress
+
 from .status import status_text
 
 COLUMNS = ("rank", "host", "state", "step", "steps/s", "lag", "heartbeat", "")
@@ -20,7 +21,7 @@ class RankTable(DataTable):
         for name in COLUMNS:
             self.add_column(name, key=name or "note")
 
-    def show(self, rows: list[RankRow]) -> None:
+    def show(self, rows: list[RankProgress]) -> None:
         cursor = self.cursor_row
         self.clear()
         for row in rows:
@@ -29,9 +30,9 @@ class RankTable(DataTable):
                 Text(str(row.rank), style=style),
                 row.host,
                 status_text(row.status),
-                "" if row.step is None else f"{row.step:,}",
+                "" if row.last_step is None else f"{row.last_step:,}",
                 "" if row.steps_per_s is None else f"{row.steps_per_s:,.1f}",
-                Text("" if row.lag is None else f"{row.lag:,}", style=style),
+                Text("" if row.lag_steps is None else f"{row.lag_steps:,}", style=style),
                 "" if row.heartbeat_age_s is None else f"{row.heartbeat_age_s:.0f} s ago",
                 Text("straggler", style="bold red") if row.straggler else "",
             ]
