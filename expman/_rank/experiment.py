@@ -208,7 +208,7 @@ class Experiment:
         later changes to the file do not alter it (docs/storage.md, "Snapshots"). Raises
         ArtifactNameError for names like '/abs', '../x' or ones with NUL bytes.
         """
-        from expman._rank.artifacts import log_file
+        from expman._rank.logged_files import log_file
 
         return log_file(self._channel, self._sender, path, name)
 
@@ -220,7 +220,7 @@ class Experiment:
         Symlinks that point outside the folder are skipped with a warning (also written to
         run.log) unless `follow_symlinks=True`; linked folders are never descended.
         """
-        from expman._rank.artifacts import log_directory
+        from expman._rank.logged_files import log_directory
 
         return log_directory(self._channel, self._sender, directory, prefix, follow_symlinks)
 

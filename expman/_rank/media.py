@@ -21,7 +21,8 @@ import os
 import logging
 from typing import TYPE_CHECKING, Any
 
-from expman._rank.artifacts import _refuse_after_finish, pump_for
+from expman._rank.artifacts import pump_for
+from expman._rank.logged_files import refuse_after_finish
 from expman._rank.values import check_key, coerce_step
 from expman._errors import ArtifactNameError
 from expman._storage.artifact_names import normalize_name
@@ -85,7 +86,7 @@ def _queue(run: RunChannel, sender: Sender, payload: Any, desc: dict[str, Any], 
     """Queue bytes, or copy an array (as `dtype`, C order, little-endian) into a buffer of
     the pump's: the one copy the call makes."""
     name = _transfer_name(desc)
-    if _refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
+    if refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
         return
     pump = pump_for(sender)
     if not isinstance(payload, bytes):
@@ -99,7 +100,7 @@ def _queue(run: RunChannel, sender: Sender, payload: Any, desc: dict[str, Any], 
 
 def _queue_file(run: RunChannel, sender: Sender, path: str | os.PathLike[str], desc: dict[str, Any]) -> None:
     name = _transfer_name(desc)
-    if _refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
+    if refuse_after_finish(run, f"{desc['kind']} {desc['key']!r}"):
         return
     pump_for(sender).snapshot(run, path, name, media=desc)
 

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,8 @@ from expman._wire import columns
 from expman._wire import frames as proto
 from expman._wire.curve_keys import client_keys
 from expman._wire.delivery import RESEND_AFTER_S, Entry, Outbox
-from expman._rank.spool import Spool, spool_dir, write_final
-from expman._rank.spool import max_spool_bytes as _spool_budget
+from expman._rank.overflow import Overflow
+from expman._rank.spool import max_spool_bytes as spool_budget
 
 
 log = logging.getLogger("expman")
@@ -114,7 +113,7 @@ class Sender:
         if max_pending_bytes is None:
             max_pending_bytes = int(os.environ.get(MAX_BUFFER_ENV) or MAX_PENDING_BYTES)
         self.max_pending_bytes = max_pending_bytes
-        self.max_spool_bytes = _spool_budget(max_spool_bytes)
+        self.max_spool_bytes = spool_budget(max_spool_bytes)
         self.max_points_per_frame = MAX_POINTS_PER_FRAME
         self._on_idle_check = on_idle_check  # called on resend rounds: restarts a dead local collector
         self._ctx = zmq.Context.instance()
@@ -122,9 +121,7 @@ class Sender:
         self._experiments: list[RunChannel] = []
         self._counters: dict[int, _Counters] = {}
         self._outbox = Outbox()  # unacknowledged frames in memory (sender thread only)
-        self._spool: Spool | None = None  # frames past the memory budget (sender thread only)
-        self._spooled: deque[Entry] = deque()  # their entries, data None, in seq order
-        self._spool_failed_at = -DROP_LOG_EVERY_S
+        self._overflow = Overflow(endpoint, self.sender_id, lambda: self._intros(self.active()))  # sender thread only
         self._drop_logged_at = -DROP_LOG_EVERY_S
         self._exiting = False
         self._busy = False  # this tick drained points
@@ -241,8 +238,8 @@ class Sender:
                     self._expire(now)
                     if self._outbox and self._on_idle_check is not None:
                         self._on_idle_check()
-                if self._spooled:
-                    self._load_from_spool()
+                if self._overflow:
+                    self._overflow.load_into(self._outbox, self.max_pending_bytes)
                 self._send_pending(dealer)
                 # Wake every flush_interval while points flow; back off when idle (it costs CPU).
                 timeout = self.flush_interval if self._busy or self._outbox.has_due else min(timeout * 2, IDLE_POLL_MAX_S)
@@ -253,7 +250,7 @@ class Sender:
         finally:
             self._exiting = True
             try:
-                self._spill_at_exit()
+                self._overflow.keep_at_exit(self._outbox)
             except Exception:
                 log.exception("expman: could not write the unacknowledged frames to the spool; they are lost")
             dealer.close(0)
@@ -269,8 +266,8 @@ class Sender:
         item = Entry(seq, data, len(data), tag=_Frame(run, kind, points, token))
         # Past the memory budget (or while older frames wait in the spool: order) frames
         # go to the spool; only when it is full too are metrics dropped.
-        if self._spooled or (self._outbox and self._outbox.bytes + len(data) > self.max_pending_bytes):
-            if self._spill(item, force=kind != proto.METRICS):
+        if self._overflow or (self._outbox and self._outbox.bytes + len(data) > self.max_pending_bytes):
+            if self._overflow.spill(item, kind != proto.METRICS, self.max_spool_bytes, self._outbox.bytes):
                 self._next_seq += 1
                 c.spilled += points
                 c.pending += points
@@ -286,8 +283,7 @@ class Sender:
 
     def _low(self, seq: int) -> int:
         """The oldest unacknowledged seq (in memory or spooled), else `seq`."""
-        low = self._outbox.low(seq)
-        return min(low, self._spooled[0].seq) if self._spooled else low
+        return self._overflow.low(self._outbox.low(seq))
 
     def _drop(self, run: RunChannel, c: _Counters, points: int) -> None:
         c.dropped += points
@@ -298,80 +294,15 @@ class Sender:
                 "expman: run %s: collector at %s has not confirmed %d MB in memory and %d MB in the spool "
                 "(%s); DROPPING points: %d dropped so far (raise max_buffer_bytes / max_spool_bytes, "
                 "or check the collector)",
-                run.uid, self.endpoint, self._outbox.bytes >> 20,
-                (self._spool.size if self._spool else 0) >> 20,
-                self._spool.path if self._spool else "no spool", c.dropped,
+                run.uid, self.endpoint, self._outbox.bytes >> 20, self._overflow.size >> 20,
+                self._overflow.where, c.dropped,
             )
 
     def _intros(self, runs: Any) -> list[bytes]:
         """Hello frames without a seq: how a replayer introduces these runs to a collector."""
-        out = []
-        for run in runs:
-            if run.hello is not None:
-                out.append(proto.encode_frame(proto.HELLO, run=run.uid, host=run.host, rank=run.rank,
-                                              sender=self.sender_id, seq=None, sent_at=time.time(),
-                                              body=run.hello))
-        return out
-
-    def _spill(self, item: Entry, force: bool) -> bool:
-        if self._spool is None:
-            if time.monotonic() - self._spool_failed_at < DROP_LOG_EVERY_S:
-                return False
-            folder = spool_dir()
-            try:
-                self._spool = Spool(folder, self.endpoint, self.sender_id, self._intros(self.active()),
-                                    self.max_spool_bytes)
-            except OSError as exc:
-                self._spool_failed_at = time.monotonic()
-                log.error("expman: cannot create a spool file in %s (%s): frames past the memory budget "
-                          "are dropped", folder, exc)
-                return False
-            log.warning("expman: collector at %s is behind by %d MB; spilling further frames to %s",
-                        self.endpoint, self._outbox.bytes >> 20, self._spool.path)
-        try:
-            if not self._spool.append(item.data, force):
-                return False
-        except OSError as exc:
-            log.error("expman: cannot write to the spool %s: %s", self._spool.path, exc)
-            return False
-        item.data = None  # type: ignore[assignment]
-        self._spooled.append(item)
-        return True
-
-    def _load_from_spool(self) -> None:
-        """Bring spooled frames back into memory, oldest first, as the budget allows."""
-        spool = self._spool
-        assert spool is not None
-        outbox = self._outbox
-        while self._spooled and (not outbox or outbox.bytes + self._spooled[0].size <= self.max_pending_bytes):
-            item = self._spooled.popleft()
-            item.data = spool.read_next()
-            outbox.add(item)
-        if not self._spooled:
-            spool.close(delete=True)  # every frame is back in memory (and spilled again at exit)
-            self._spool = None
-
-    def _spill_at_exit(self) -> None:
-        """Whatever the collector has not confirmed goes to the spool file, for `expman sync`."""
-        spool, self._spool = self._spool, None
-        if not self._outbox and not self._spooled:
-            if spool is not None:
-                spool.close(delete=True)
-            return
-        in_memory = sorted(self._outbox.entries.values(), key=lambda p: p.seq)
-        runs = {id(p.tag.run): p.tag.run for p in (*in_memory, *self._spooled)}
-        frames = len(in_memory) + len(self._spooled)
-        points = sum(p.tag.points for p in (*in_memory, *self._spooled))
-        try:
-            path = write_final(spool_dir() if spool is None else spool.path.parent, self.endpoint, self.sender_id,
-                               self._intros(runs.values()), [p.data for p in in_memory],
-                               spool.unread() if spool is not None else b"")
-        finally:
-            if spool is not None:
-                spool.close(delete=False)
-        log.error("expman: the collector at %s has not confirmed %d frames (%d points) of run(s) %s; "
-                  "they are kept in %s: run `expman sync` to deliver them",
-                  self.endpoint, frames, points, ", ".join(sorted(e.uid for e in runs.values())), path)
+        return [proto.encode_frame(proto.HELLO, run=run.uid, host=run.host, rank=run.rank, sender=self.sender_id,
+                                   seq=None, sent_at=time.time(), body=run.hello)
+                for run in runs if run.hello is not None]
 
     def _drain(self, run: RunChannel, now: float) -> None:
         if not run.hello_sent:

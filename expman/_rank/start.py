@@ -134,7 +134,7 @@ def start_experiment(
     if code_dir is True:
         code_dir = None
     if code_dir is not False and exp.rank == 0 and (_parent is None or code_dir is not None):
-        from expman._rank.artifacts import capture_code
+        from expman._rank.logged_files import capture_code
 
         capture_code(channel, sender, code_dir)  # type: ignore[arg-type]
     return exp
