@@ -101,22 +101,7 @@ def start_experiment(
     sender = _sender_for(endpoint, local)
     sender.tune(flush_interval, max_points_per_frame, max_buffer_bytes, max_spool_bytes)
     _install_exit_hooks()
-    hello = {
-        "experiment": names.experiment,
-        "name": names.run,
-        "dir": run_dir_name(names.run, names.uid),
-        "root": str(root_path),
-        "reopen": names.reopen,
-        "parent": _parent.uid if _parent is not None else None,
-        "tags": tag_list,
-        "world_size": identity.world_size,
-        "pid": os.getpid(),
-        "started_at": time.time(),
-        "heartbeat_interval": heartbeat,
-        "software": software_info(),
-        **_launch_info(identity),
-        **hardware,
-    }
+    hello = _hello(names, root_path, _parent, tag_list, identity, heartbeat, hardware)
     # A private collector writes under our own root, so the folder is known now; a separate
     # one names it in its answer to the hello (Experiment.run_dir).
     known_dir = root_path / names.experiment / run_dir_name(names.run, names.uid) if local is not None else None
@@ -138,6 +123,28 @@ def start_experiment(
 
         capture_code(channel, sender, code_dir)  # type: ignore[arg-type]
     return exp
+
+
+def _hello(names: _RunNames, root: Path, parent: Experiment | None, tags: list[str], identity: Identity,
+           heartbeat: float, hardware: dict[str, Any]) -> dict[str, Any]:
+    """The hello frame's body: everything the collector needs to open (or reopen) the run
+    for this rank; sent first and again after a collector restart (docs/protocol.md)."""
+    return {
+        "experiment": names.experiment,
+        "name": names.run,
+        "dir": run_dir_name(names.run, names.uid),
+        "root": str(root),
+        "reopen": names.reopen,
+        "parent": parent.uid if parent is not None else None,
+        "tags": tags,
+        "world_size": identity.world_size,
+        "pid": os.getpid(),
+        "started_at": time.time(),
+        "heartbeat_interval": heartbeat,
+        "software": software_info(),
+        **_launch_info(identity),
+        **hardware,
+    }
 
 
 @dataclass(frozen=True)
