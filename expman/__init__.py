@@ -12,6 +12,7 @@ Quick scripts can use the W&B-style verbs instead (`import expman as wandb`):
 
 from expman._rank.start import shutdown, start_experiment
 from expman._compat.expman_core import ExperimentConfig, LoggingEngine, MetricValue, RunStatus
+from expman._compat.opsml import download_artifact, get_experiment_metrics, get_experiment_parameters
 from expman._errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -51,7 +52,10 @@ __all__ = [
     "Video",
     "__version__",
     "config",
+    "download_artifact",
     "finish",
+    "get_experiment_metrics",
+    "get_experiment_parameters",
     "init",
     "list_runs",
     "log",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from expman._errors import ExpmanError
 from expman._rank import console
 from expman._rank.channel import RunChannel
-from expman._rank.values import Metric, check_key, check_log_text, check_params, coerce_number, coerce_step, coerce_time
+from expman._rank.values import Metric, check_key, check_log_text, eval_key, check_params, coerce_number, coerce_step, coerce_time
 from expman._storage.layout import FINAL_STATUSES
 from expman._wire.curve_keys import curve_refusal_hint
 
@@ -152,6 +152,11 @@ class Experiment:
                     self._channel.held += 1
             flat += (kid, value, step, timestamp)
         self._buf.extend(flat)
+
+    def log_eval_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Record evaluation metrics (OPSML's verb): points whose keys carry the `eval/`
+        prefix, so readers and DuckDB pick them out (`key LIKE 'eval/%'`)."""
+        self.log_metrics({eval_key(k): v for k, v in metrics.items()}, step=step)
 
     def _intern(self, key: str) -> int:
         check_key(key)

@@ -29,6 +29,14 @@ class Metric:
     timestamp: float | None = None
 
 
+EVAL_PREFIX = "eval/"  # evaluation metrics (Experiment.log_eval_metrics) are keys under it
+
+
+def eval_key(name: str) -> str:
+    """The stored key of an evaluation metric (the prefix once, whatever the caller passes)."""
+    return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise TypeError(f"metric key must be a non-empty str, got {key!r}")
