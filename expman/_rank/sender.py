@@ -1,14 +1,15 @@
 """The background thread that moves a process's logged data to its collector.
 
-Every few milliseconds it drains each Experiment's buffers into frames, gives each
-frame a sequence number, and keeps it until the collector acknowledges it. Frames that
-stay unacknowledged are sent again (the collector drops duplicates), so a collector
-that starts late, restarts or loses a connection costs nothing but time. Memory is
-bounded: past `max_pending_bytes` further frames are spilled, byte for byte, to a spool
-file on local disk (expman/_rank/spool.py) and read back in order as acks free memory; only
-when the spool is full too are metric frames dropped, counted and reported (and the
-count goes to the collector in the run's finish frame). At exit whatever is still
-unacknowledged is written to the spool for `expman sync`.
+Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
+frames, gives each frame a sequence number and keeps it in its Outbox until the collector
+acknowledges it; when to send and resend is the Outbox's rule (expman/_wire/delivery.py),
+so a collector that starts late, restarts or loses a connection costs nothing but time.
+Memory is bounded: past `max_pending_bytes` further frames are spilled to a spool file
+(expman/_rank/overflow.py) and read back in order as acks free memory; only when the
+spool is full too are metric frames dropped, counted and reported (and the count goes to
+the collector in the run's finish frame). At exit whatever is still unacknowledged is
+kept in the spool for `expman sync`. A frame the collector rejects is counted and never
+resent.
 
 The thread owns its ZeroMQ sockets; other threads talk to it only through an inproc
 PUSH socket it polls (`wake`, `stop`).
