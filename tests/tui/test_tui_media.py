@@ -144,3 +144,48 @@ def test_heatmap_rebins_onto_one_grid():
 def test_a_run_without_media_reads_nothing(tmp_path):
     run = type("R", (), {"path": tmp_path})()
     assert read_catalog(run) is None
+
+
+@run_async
+async def test_images_go_through_the_terminals_graphics_protocol_where_it_has_one(media_run):
+    """Where detect() found Kitty's protocol or Sixel, textual-image draws the image; the
+    heatmap stays in half blocks."""
+    widget = pytest.importorskip("textual_image.widget")
+    from expman.tui.widgets import terminal_graphics
+
+    terminal_graphics.use(widget.TGPImage, "tgp")
+    try:
+        app = ExpmanApp(media_run.parent.parent, poll_interval=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans, what="the runs")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls, what="the run screen")
+            await pilot.press("7")
+            panel = (await until(pilot, lambda: list(app.screen.query(MediaPanel)), what="the media panel"))[0]
+            await until(pilot, lambda: panel.shown == ("samples", 20, 0), what="samples at step 20")
+            picture = panel.query_one("#media-picture", widget.TGPImage)
+            assert picture.display and not panel.query_one(MediaView).display
+            assert np.array_equal(np.asarray(picture.image), expected_pixels(0, 20))
+            await pilot.press("down")  # the histograms: half blocks again
+            await until(pilot, lambda: panel.shown[0] == "weights", what="the heatmap")
+            assert panel.query_one(MediaView).display and not picture.display
+            await pilot.press("q")
+    finally:
+        terminal_graphics.use(None)
+
+
+def test_detect_needs_a_terminal_and_can_be_turned_off(monkeypatch):
+    from expman.tui.widgets import terminal_graphics
+
+    assert terminal_graphics.detect() is None  # pytest's stdin is no terminal: half blocks, nothing asked
+    monkeypatch.setenv(terminal_graphics.ENV, "off")
+    assert terminal_graphics.detect() is None and terminal_graphics.picture_widget() is None
+
+
+def expected_pixels(rank: int, step: int) -> np.ndarray:
+    """The image RANK logs from `rank` at `step`."""
+    image = np.zeros((8, 16, 3), dtype=np.uint8)
+    image[:, :, 0] = 255 if rank == 0 else 0
+    image[:, :, 2] = 0 if rank == 0 else 255
+    image[:4, :, 1] = step * 10
+    return image

@@ -22,6 +22,7 @@ from textual.widgets.option_list import Option
 
 from ..data.media import MediaCatalog, MediaKey, fit_image, heatmap
 from .half_blocks import pixels_text, ramp
+from .terminal_graphics import picture_widget
 
 TABLE_ROWS = 500  # rows of a logged table shown (the rest: run.table(key) in Python)
 KIND_MARK = {"image": "▣", "video": "▶", "audio": "♪", "table": "▦", "histogram": "▥"}
@@ -38,6 +39,24 @@ def slider_text(steps: list[int | None], index: int, width: int) -> Text:
     bar = max(4, width - len(head) - len(tail))
     at = 0 if len(steps) == 1 else round(index * (bar - 1) / (len(steps) - 1))
     return Text.assemble((head, "bold"), ("━" * at, "cyan"), ("●", "bold cyan"), ("─" * (bar - at - 1), "dim"), tail)
+
+
+class StepSlider(Static):
+    """The step slider's line, drawn to its own width."""
+
+    DEFAULT_CSS = "StepSlider { height: 1; width: 1fr; }"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[int | None] = []
+        self.index = 0
+
+    def show(self, steps: list[int | None], index: int) -> None:
+        self.steps, self.index = steps, index
+        self.refresh()
+
+    def render(self) -> Text:
+        return slider_text(self.steps, self.index, max(12, self.size.width))
 
 
 class MediaView(Static):
@@ -72,21 +91,30 @@ class MediaView(Static):
         return Text(self.message, style="dim")
 
     def _heatmap(self, cols: int, rows: int) -> Text:
+        """A row of cells per step (up to 4 when there is room; two steps a row, sampled,
+        when there are more than rows), each step scaled to its own peak."""
         counts, steps, (lo, hi), at = self.grid  # type: ignore[misc]
         if not len(steps):
             return Text("no histograms from this rank", style="dim")
         width, lines = max(4, cols - LABEL_W), max(1, rows - 1)
         peak = counts.max(axis=1, keepdims=True)
-        norm = np.divide(counts, peak, out=np.zeros_like(counts), where=peak > 0)  # each step to its own peak
-        ys = np.linspace(0, len(steps) - 1, min(2 * lines, 2 * len(steps))).round().astype(int)
+        norm = np.divide(counts, peak, out=np.zeros_like(counts), where=peak > 0)
+        per_step = min(4, lines // len(steps))
+        if per_step >= 1:  # each step its own rows of cells: both halves of a cell the same step
+            ys = np.repeat(np.arange(len(steps)), 2 * per_step)
+        else:
+            ys = np.linspace(0, len(steps) - 1, 2 * lines).round().astype(int)
         xs = np.linspace(0, counts.shape[1] - 1, width).round().astype(int)
         body = pixels_text(ramp(norm[ys][:, xs]))
         out = Text(no_wrap=True, overflow="crop")
+        shown: set[int] = set()
         for i, line in enumerate(body.split("\n")):
-            step = steps[ys[min(2 * i, len(ys) - 1)]]
-            here = at in ys[2 * i: 2 * i + 2]
-            label = f"{'—' if step is None else step:>{LABEL_W - 2}}{'▶' if here else ' '} "
-            out.append(label, "bold cyan" if here else "dim")
+            first = int(ys[min(2 * i, len(ys) - 1)])
+            here = at in ys[2 * i: 2 * i + 2] and at not in shown
+            step = steps[first]
+            label = "" if first in shown else f"{'—' if step is None else step}"
+            shown.update(int(y) for y in ys[2 * i: 2 * i + 2])
+            out.append(f"{label:>{LABEL_W - 2}}{'▶' if here else ' '} ", "bold cyan" if here else "dim")
             out.append_text(line)
             out.append("\n")
         out.append(" " * LABEL_W + f"{lo:.4g}".ljust(width - 8) + f"{hi:.4g}".rjust(8), "dim")
@@ -97,8 +125,10 @@ class MediaPanel(Horizontal):
     """The Media tab: keys on the left, the chosen one on the right (see module doc)."""
 
     BINDINGS = [
-        Binding("right,full_stop", "step(1)", "Next step"),
-        Binding("left,comma", "step(-1)", "Previous step"),
+        Binding("right", "step(1)", "Next step", key_display="→"),
+        Binding("left", "step(-1)", "Previous step", key_display="←"),
+        Binding("full_stop", "step(1)", "Next step", show=False),
+        Binding("comma", "step(-1)", "Previous step", show=False),
         Binding("shift+right", "step_end(1)", "Last step", show=False),
         Binding("shift+left", "step_end(-1)", "First step", show=False),
         Binding("r", "rank(1)", "Next rank"),
@@ -109,10 +139,12 @@ class MediaPanel(Horizontal):
     MediaPanel #media-keys { width: 30; height: 1fr; }
     MediaPanel #media-right { width: 1fr; height: 1fr; padding: 0 1; }
     MediaPanel #media-title { height: 1; width: 1fr; }
-    MediaPanel #media-slider { height: 1; width: 1fr; }
     MediaPanel #media-table { height: 1fr; display: none; }
     MediaPanel.table #media-table { display: block; }
     MediaPanel.table #media-view { display: none; }
+    MediaPanel #media-picture { display: none; width: auto; height: auto; max-height: 1fr; max-width: 1fr; }
+    MediaPanel.picture #media-picture { display: block; }
+    MediaPanel.picture #media-view { display: none; }
     """
 
     def __init__(self, run: Any, **kwargs: Any) -> None:
@@ -129,8 +161,11 @@ class MediaPanel(Horizontal):
         yield OptionList(id="media-keys")
         with Vertical(id="media-right"):
             yield Label("", id="media-title")
-            yield Label("", id="media-slider")
+            yield StepSlider(id="media-slider")
             yield MediaView(id="media-view")
+            picture = picture_widget()
+            if picture is not None:  # the terminal draws pixels (widgets/terminal_graphics.py)
+                yield picture(id="media-picture")
             yield DataTable(id="media-table", zebra_stripes=True)
 
     def on_mount(self) -> None:
@@ -209,13 +244,14 @@ class MediaPanel(Horizontal):
         if entry is None:
             return
         step, rank = self.step, self.rank
-        ranks = ",".join(map(str, entry.ranks))
+        ranks = f" (ranks {','.join(map(str, entry.ranks))}: r)" if len(entry.ranks) > 1 else ""
         self.query_one("#media-title", Label).update(Text.assemble(
             (entry.key, "bold"), f"  {entry.kind}  ", ("rank ", "dim"), (str(rank), "bold"),
-            (f" of {ranks}  ← → step · r rank", "dim")))
-        self.query_one("#media-slider", Label).update(
-            slider_text(entry.steps, self.step_index, max(20, self.size.width - 34)))
+            (f"{ranks}  ← → step", "dim")))
+        self.query_one(StepSlider).show(entry.steps, self.step_index)
         self.set_class(entry.kind == "table", "table")
+        if entry.kind not in ("image", "video"):
+            self.set_class(False, "picture")
         view = self.query_one(MediaView)
         if entry.kind == "histogram":
             counts, steps, span = heatmap(self.catalog.histograms.get(entry.key, []), rank)  # type: ignore[union-attr]
@@ -224,6 +260,7 @@ class MediaPanel(Horizontal):
             self._drawn((entry.key, step, rank))
             return
         if (step, rank) not in entry.at:
+            self.set_class(False, "picture")
             view.show_message(f"nothing from rank {rank} at step {step}: r for another rank")
             self._drawn((entry.key, step, rank))
             return
@@ -254,11 +291,18 @@ class MediaPanel(Horizontal):
         if which != (self.key, self.step, self.rank) or not self.is_mounted:
             return  # the user moved on meanwhile
         view = self.query_one(MediaView)
+        pictures = list(self.query("#media-picture"))
+        self.set_class(bool(pictures) and kind in ("image", "video") and not isinstance(result, str), "picture")
         if isinstance(result, str):
             self.set_class(False, "table")
             view.show_message(result)
         elif kind == "table":
             self._show_table(result)
+        elif pictures:
+            from PIL import Image
+
+            frame = result[0] if result.ndim == 4 else result  # a video: its first frame
+            pictures[0].image = Image.fromarray(frame)
         else:
             view.show_pixels(result)
         self._drawn(which)
