@@ -189,3 +189,44 @@ def expected_pixels(rank: int, step: int) -> np.ndarray:
     image[:, :, 2] = 0 if rank == 0 else 255
     image[:4, :, 1] = step * 10
     return image
+
+
+@run_async
+async def test_a_live_run_s_new_images_follow_on_the_latest_step(tmp_path):
+    """On the latest step, the Media tab moves on with a live run (a real local collector)."""
+    root = tmp_path / "live"
+    exp = expman.start_experiment("live", "media", root=root, code_dir=False)
+    try:
+        exp.log_image("samples", expected_pixels(0, 0), step=0)
+        exp.log_metric("loss", 1.0, step=0)
+        await until_files(lambda: (exp.run_dir / "run.yaml").exists()
+                          and expman.open_run(exp.run_dir).media().num_rows == 1)
+        app = ExpmanApp(root, poll_interval=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.scans, what="the runs")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls, what="the run screen")
+            await pilot.press("7")
+            panel = (await until(pilot, lambda: list(app.screen.query(MediaPanel)), what="the media panel"))[0]
+            await until(pilot, lambda: panel.shown == ("samples", 0, 0), what="the first image")
+            exp.log_image("samples", expected_pixels(0, 1), step=1)
+            await until(pilot, lambda: panel.shown == ("samples", 1, 0), timeout=30, what="the new step")
+            await pilot.press("left")  # looking back: a new step does not pull the view away
+            await until(pilot, lambda: panel.shown == ("samples", 0, 0), what="step 0 again")
+            exp.log_image("samples", expected_pixels(0, 2), step=2)
+            await until(pilot, lambda: panel.entry is not None and panel.entry.steps == [0, 1, 2], timeout=30,
+                        what="step 2 in the slider")
+            assert panel.shown == ("samples", 0, 0)
+            await pilot.press("q")
+    finally:
+        exp.finish()
+
+
+async def until_files(condition, timeout: float = 30.0) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the collector"
+        await asyncio.sleep(0.05)

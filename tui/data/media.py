@@ -8,12 +8,13 @@ touches Textual, so it runs on the screen's worker thread.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from expman._storage.layout import MEDIA_DIR
+from expman._storage.layout import HISTOGRAMS_DIR, MEDIA_DIR, MEDIA_INDEX_DIR, MEDIA_JOURNAL_DIR
 
 HEATMAP_BINS = 48  # columns of a histogram heatmap: the steps' histograms re-binned onto one grid
 HEATMAP_STEPS = 64  # rows at most: steps past that are sampled evenly (first and last kept)
@@ -45,6 +46,41 @@ class MediaCatalog:
 
 def _step_sort(step: int | None) -> tuple[int, int]:
     return (0, 0) if step is None else (1, step)
+
+
+class MediaSource:
+    """A run's catalog, read again only when the media folders changed (a part or a journal
+    written): a live run's Run screen asks every few polls, and most asks find nothing new."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self._signature: tuple = ()
+
+    def read(self) -> MediaCatalog | None:
+        """The catalog if something changed since the last read, else None."""
+        signature = _signature(self.run.path / MEDIA_DIR)
+        if not signature or signature == self._signature:
+            return None
+        catalog = read_catalog(self.run)
+        self._signature = signature
+        return catalog
+
+
+def _signature(media: Any) -> tuple:
+    """(name, size, mtime) of every file in the media folders; () when there are none."""
+    found = []
+    for sub in (media / MEDIA_INDEX_DIR, media / HISTOGRAMS_DIR, media / MEDIA_JOURNAL_DIR):
+        try:
+            with os.scandir(sub) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat()
+                    except OSError:  # rolled into a part meanwhile
+                        continue
+                    found.append((entry.path, st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(sorted(found))
 
 
 def read_catalog(run: Any) -> MediaCatalog | None:

@@ -26,7 +26,7 @@ from expman import open_run
 from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, RUN_LOG, RUN_YAML
 
 from ..data.hardware import HardwareSeries, read_hardware
-from ..data.media import MediaCatalog, read_catalog
+from ..data.media import MediaCatalog, MediaSource
 from ..data.runs import LogTail, RankRates, artifacts, parse_time, rank_rows, read_yaml_safe
 from ..data import view_state
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
@@ -130,6 +130,7 @@ class RunScreen(ChartTools, Screen):
         self.run = open_run(run_dir)
         self.source = MetricsSource(self.run.path)
         self.tail = LogTail(self.run.path / RUN_LOG)
+        self.media = MediaSource(self.run)
         self.rates = RankRates()
         self.info: dict[str, Any] = {}
         self.xkind = X_STEP
@@ -238,7 +239,7 @@ class RunScreen(ChartTools, Screen):
             except Exception as exc:  # a broken manifest: say so in the tab
                 snapshot.artifacts = f"could not read the artifacts: {exc}"
             try:
-                snapshot.media = read_catalog(self.run)
+                snapshot.media = self.media.read()
             except Exception as exc:  # a damaged media index: say so, keep the rest of the screen
                 self.app.call_from_thread(self.notify, f"could not read the media index: {exc}", severity="error")
         return snapshot

@@ -176,7 +176,12 @@ class MediaPanel(Horizontal):
         if self.catalog is not None and catalog.size == self.catalog.size:
             return
         first = self.catalog is None
+        entry = self.entry
+        at_last = entry is not None and self.step_index == len(entry.steps) - 1
         self.catalog = catalog
+        entry = self.entry
+        if at_last and entry is not None:  # on the latest step: follow the new ones of a live run
+            self.step_index = len(entry.steps) - 1
         options = self.query_one("#media-keys", OptionList)
         highlighted = options.highlighted
         options.clear_options()
