@@ -69,26 +69,34 @@ class MediaView(Static):
         self.pixels: np.ndarray | None = None
         self.grid: tuple[np.ndarray, list[int | None], tuple[float, float], int] | None = None
         self.message = ""
+        self._cache: tuple[tuple, Text] | None = None  # (size, the text) of what is shown; show_* clear it
 
     def show_pixels(self, pixels: np.ndarray) -> None:
-        self.pixels, self.grid, self.message = pixels, None, ""
+        self.pixels, self.grid, self.message, self._cache = pixels, None, "", None
         self.refresh()
 
     def show_heatmap(self, counts: np.ndarray, steps: list[int | None], span: tuple[float, float], at: int) -> None:
-        self.pixels, self.grid, self.message = None, (counts, steps, span, at), ""
+        self.pixels, self.grid, self.message, self._cache = None, (counts, steps, span, at), "", None
         self.refresh()
 
     def show_message(self, message: str) -> None:
-        self.pixels, self.grid, self.message = None, None, message
+        self.pixels, self.grid, self.message, self._cache = None, None, message, None
         self.refresh()
 
     def render(self) -> Text:
+        """Drawn once per item and size (a 512x512 image in 100x40 cells takes ~30 ms)."""
         cols, rows = max(1, self.size.width), max(1, self.size.height)
+        key = (cols, rows)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         if self.pixels is not None:
-            return pixels_text(fit_image(self.pixels, cols, rows))
-        if self.grid is not None:
-            return self._heatmap(cols, rows)
-        return Text(self.message, style="dim")
+            text = pixels_text(fit_image(self.pixels, cols, rows))
+        elif self.grid is not None:
+            text = self._heatmap(cols, rows)
+        else:
+            text = Text(self.message, style="dim")
+        self._cache = (key, text)
+        return text
 
     def _heatmap(self, cols: int, rows: int) -> Text:
         """A row of cells per step (up to 4 when there is room; two steps a row, sampled,
