@@ -4,14 +4,16 @@ key as a heatmap, a table as a DataTable."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _tui_runs import private_tui_state  # noqa: F401 (autouse)
-from test_tui_app import SIZE, run_async, until
 
 import expman
 from expman.tui.app import ExpmanApp
@@ -23,6 +25,30 @@ from expman.tui.widgets.media_panel import MediaPanel, MediaView
 from textual.widgets import DataTable
 
 pytest.importorskip("PIL")
+
+SIZE = (120, 40)
+
+
+def run_async(test):
+    """Run an async test body with asyncio.run (no async plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+async def until(pilot, condition, timeout: float = 10.0, what: str = "condition"):
+    """Let the app run until condition() is truthy; fail after the deadline (a hang, not a speed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.05)
 
 RANK = '''
 import sys
@@ -223,9 +249,6 @@ async def test_a_live_run_s_new_images_follow_on_the_latest_step(tmp_path):
 
 
 async def until_files(condition, timeout: float = 30.0) -> None:
-    import asyncio
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the collector"
