@@ -45,9 +45,11 @@ def watch(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         opened = _open(run)
+        # the status first: the page, read after it, is at least as new, so the last page shown
+        # is never an older "running" one (run.yaml is read afresh each time)
+        ended = opened is not None and opened.status not in ("running", "unknown")
         page = pending_html(str(run)) if opened is None else _html(opened, wanted)
         show(page)
-        ended = opened is not None and opened.status not in ("running", "unknown")
         if ended or (deadline is not None and time.monotonic() >= deadline):
             return ShownHTML(page)
         time.sleep(every if deadline is None else max(0.0, min(every, deadline - time.monotonic())))
