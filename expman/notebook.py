@@ -5,7 +5,8 @@
     expman.notebook.watch(exp, ["loss"], every=2.0)  # refreshes one output until the run ends
 
 An `expman.Run` or `expman.Experiment` shown as a cell's value is already a compact HTML
-summary (`_repr_html_`); `run.plot(keys)` draws matplotlib charts.
+summary (`_repr_html_`) with the latest images and histograms; `run.plot(keys)` draws
+matplotlib charts that show inline as PNG (no `%matplotlib inline` needed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def watch(
     display: Callable[[str], Any] | None = None,
 ) -> str:
     """Show the run's HTML summary and refresh it every `every` seconds until the run has
-    ended (or `timeout` seconds passed); returns the last HTML shown.
+    ended (or `timeout` seconds passed); returns the last HTML shown (a str that Jupyter
+    does not show again as a cell's value: the display above already shows it).
 
     `run` is an `expman.Experiment`, the run `expman.init()` returned, an `expman.Run`, a
     run directory or a run id. `keys` limits the metrics shown. `display` replaces
@@ -43,12 +45,22 @@ def watch(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         opened = _open(run)
+        # the status first: the page, read after it, is at least as new, so the last page shown
+        # is never an older "running" one (run.yaml is read afresh each time)
+        ended = opened is not None and opened.status not in ("running", "unknown")
         page = pending_html(str(run)) if opened is None else _html(opened, wanted)
         show(page)
-        ended = opened is not None and opened.status not in ("running", "unknown")
         if ended or (deadline is not None and time.monotonic() >= deadline):
-            return page
+            return ShownHTML(page)
         time.sleep(every if deadline is None else max(0.0, min(every, deadline - time.monotonic())))
+
+
+class ShownHTML(str):
+    """HTML already on screen: as the last line of a cell, IPython shows nothing for it
+    (its plain repr would be the raw HTML text under the rendered summary)."""
+
+    def _ipython_display_(self) -> None:
+        pass
 
 
 def _open(run: Any) -> Run | None:

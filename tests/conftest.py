@@ -189,7 +189,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 E2E = {
     "test_multihost", "test_distributed", "test_hostile", "test_soak", "test_curve_refusals",
     "test_integrations_lightning", "test_integrations_transformers",
-    "test_tui_tmux", "test_tui_serve", "test_notebook", "test_objstore", "test_lifecycle", "test_deploy",
+    "test_tui_tmux", "test_tui_serve", "test_tui_media", "test_notebook", "test_objstore", "test_lifecycle", "test_deploy",
 }
 
 

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import ExpmanApp
     from .data.runs import DEFAULT_KEY_METRICS
+    from .widgets.terminal_graphics import detect
+
+    detect()  # before Textual starts reading the terminal: images in its graphics protocol where it has one
 
     keys = tuple(k.strip() for k in args.keys.split(",") if k.strip()) if args.keys else DEFAULT_KEY_METRICS
     app = ExpmanApp(args.root or root, poll_interval=args.poll, key_metrics=keys)

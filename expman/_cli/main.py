@@ -229,7 +229,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         with Progress("exporting", "points") as bar:
             counts = export_tensorboard(run, args.output, args.keys, progress=bar.update)
         skipped = f", {counts['text_skipped']} text points skipped" if counts["text_skipped"] else ""
-        print(f"wrote {counts['scalars']} scalars of {counts['ranks']} {_plural(counts['ranks'], 'rank')} "
+        if counts["media_skipped"]:
+            skipped += f", {counts['media_skipped']} tables and videos skipped (no TensorBoard kind)"
+        media = "".join(f", {counts[k]} {k}" for k in ("images", "histograms", "audio") if counts[k])
+        print(f"wrote {counts['scalars']} scalars{media} of {counts['ranks']} {_plural(counts['ranks'], 'rank')} "
               f"to {args.output} (tensorboard{skipped})")
         return 0
     table = run.metrics(args.keys)
@@ -258,7 +261,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         shutdown()  # the collector writes run.yaml as it exits
     root_flag = f" --root {shlex.quote(args.root)}" if args.root else ""
     for run in result["runs"]:
-        print(f"imported {run['scalars']} scalars of {run['ranks']} {_plural(run['ranks'], 'rank')}"
+        media = "".join(f", {run[k]} {k}" for k in ("images", "histograms", "audio") if run[k])
+        print(f"imported {run['scalars']} scalars{media} of {run['ranks']} {_plural(run['ranks'], 'rank')}"
               + (f" and {run['params']} hparams" if run["params"] else "") + f" into {run['run_dir']}")
         print(f"  {shell.program(PROG)} show {run['id']}{root_flag}")
     for what, count in sorted(result["skipped"].items()):

@@ -1,4 +1,5 @@
-"""TensorBoard event files of scalars, written with numpy: a whole batch of points at once.
+"""TensorBoard event files of scalars, written with numpy: a whole batch of points at once;
+and the few media events an export adds (images, histograms, audio), one at a time.
 
 TensorBoard's own writer builds and frames one protobuf per point in Python (about 10k
 points/s); this writes the same bytes, columnwise. An event file is a sequence of
@@ -12,6 +13,10 @@ Points are grouped by tag and each group is built as one 2-D byte array (its ste
 varints padded to the widest, which protobuf readers accept), its CRCs computed a byte
 column at a time over all rows. A tag's points keep their order; tags follow one another
 (version 2 event files are not purged when steps go back across tags).
+
+Media events are built by hand too, as the protobufs TensorBoard's `summary.proto` names
+(`Summary.Value` field 4 `Image`, 5 `HistogramProto`, 6 `Audio`), so an export needs no
+protobuf or TensorBoard package; EventAccumulator reads them as images, histograms, audio.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def masked_crc32c(rows: np.ndarray) -> np.ndarray:
 
 
 def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # a negative int64 as protobuf writes it: ten bytes, two's complement
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -72,11 +78,20 @@ def _varint_columns(values: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def _masked_crc32c_of(data: bytes) -> bytes:
+    """The masked CRC-32C of one buffer, a byte at a time (~0.1 s a MB: media events are
+    few; `masked_crc32c` does many rows at once, a column at a time)."""
+    table = _crc_table().tolist()
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF)
+
+
 def _frame(data: bytes) -> bytes:
-    rows = np.frombuffer(data, dtype=np.uint8)[None, :]
     length = struct.pack("<Q", len(data))
-    return (length + masked_crc32c(np.frombuffer(length, dtype=np.uint8)[None, :]).tobytes() + data
-            + masked_crc32c(rows).tobytes())
+    return length + _masked_crc32c_of(length) + data + _masked_crc32c_of(data)
 
 
 def _tag_prefix(tag: bytes) -> bytes:
@@ -87,13 +102,61 @@ def _tag_prefix(tag: bytes) -> bytes:
     return b"\x2a" + _varint(len(summary) + value_len) + summary + value
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _double(number: int, value: float) -> bytes:
+    return _varint(number << 3 | 1) + struct.pack("<d", value)
+
+
+def _int(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(int(value))
+
+
+def _doubles(number: int, values: np.ndarray) -> bytes:
+    """A packed repeated double field."""
+    return _field(number, np.ascontiguousarray(values, dtype="<f8").tobytes())
+
+
+def image_value(tag: str, encoded: bytes, height: int, width: int, channels: int) -> bytes:
+    """`Summary.Value` of an encoded image (PNG, JPEG, GIF, ...): `Image` {height, width,
+    colorspace (the channels: 1, 2, 3 or 4), encoded_image_string}."""
+    image = _int(1, height) + _int(2, width) + _int(3, channels) + _field(4, encoded)
+    return _field(1, tag.encode()) + _field(4, image)
+
+
+def histogram_value(tag: str, edges: np.ndarray, counts: np.ndarray, total: float | None = None) -> bytes:
+    """`Summary.Value` of a histogram as TensorBoard keeps one: `HistogramProto` {min, max,
+    num, sum, sum_squares, bucket_limit (each bucket's upper edge), bucket (counts)}; the
+    first bucket starts at `min`. `total` is the values' sum when known, else it and
+    sum_squares are taken from the bucket centres."""
+    edges = np.asarray(edges, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    sum_ = float(counts @ centres) if total is None else float(total)
+    histo = (_double(1, float(edges[0])) + _double(2, float(edges[-1])) + _double(3, float(counts.sum()))
+             + _double(4, sum_) + _double(5, float(counts @ centres**2)) + _doubles(6, edges[1:]) + _doubles(7, counts))
+    return _field(1, tag.encode()) + _field(5, histo)
+
+
+def audio_value(tag: str, encoded: bytes, sample_rate: float, channels: int, frames: int,
+                content_type: str = "audio/wav") -> bytes:
+    """`Summary.Value` of an encoded clip: `Audio` {sample_rate, num_channels, length_frames,
+    encoded_audio_string, content_type}."""
+    audio = (struct.pack("<B", 1 << 3 | 5) + struct.pack("<f", sample_rate) + _int(2, channels) + _int(3, frames)
+             + _field(4, encoded) + _field(5, content_type.encode()))
+    return _field(1, tag.encode()) + _field(6, audio)
+
+
 class ScalarEventFile:
     """One event file (`events.out.tfevents.<time>.<host>`) in `folder`, written in batches."""
 
-    def __init__(self, folder: str | os.PathLike[str], wall_time: float | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike[str], wall_time: float | None = None, suffix: str = "expman") -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         now = time.time() if wall_time is None else wall_time
-        self.path = Path(folder) / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.expman"
+        self.path = Path(folder) / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.{suffix}"
         self._fh = open(self.path, "wb")
         version = b"\x09" + struct.pack("<d", now) + b"\x1a" + _varint(len(b"brain.Event:2")) + b"brain.Event:2"
         self._fh.write(_frame(version))
@@ -136,6 +199,11 @@ class ScalarEventFile:
         records[:, 12 + data_len:] = masked_crc32c(data).astype("<u4").view(np.uint8).reshape(n, 4)
         return records
 
+    def write_values(self, step: int, wall_time: float, values: list[bytes]) -> None:
+        """One event of summary values (`image_value`, `histogram_value`, `audio_value`)."""
+        summary = b"".join(_field(1, v) for v in values)
+        self._fh.write(_frame(_double(1, wall_time) + _int(2, step) + _field(5, summary)))
+
     def close(self) -> None:
         self._fh.close()
 
@@ -146,4 +214,4 @@ class ScalarEventFile:
         self.close()
 
 
-__all__ = ["ScalarEventFile", "masked_crc32c"]
+__all__ = ["ScalarEventFile", "audio_value", "histogram_value", "image_value", "masked_crc32c"]

@@ -1,18 +1,23 @@
-"""TensorBoard event files: export a run's scalars, import TensorBoard runs as expman runs.
+"""TensorBoard event files: export a run's scalars, images, histograms and audio; import
+TensorBoard runs (the same kinds) as expman runs.
 
 Export writes the event files itself (expman/_compat/event_files.py: numpy, no
 protobuf per point); import reads with the `tensorboard` package's own EventAccumulator
 (no TensorFlow), installed with the `tensorboard` extra.
 
 Layout of an export: one folder per rank, `<out>/rank<N>/events.out.tfevents.*`, each
-metric key a scalar tag. `tensorboard --logdir <out>` shows the ranks as runs.
+metric key a scalar tag, each image (and animated-PNG or GIF video) key an image tag with
+its stored bytes, each histogram key a histogram tag, each audio key an audio tag (WAV).
+Tables and other videos have no TensorBoard kind: they are counted as skipped.
+`tensorboard --logdir <out>` shows the ranks as runs.
 
 Import: when the folder holds event files itself (or only `rank<N>` folders), it is one
 run; otherwise each folder directly under it is a run, named after the folder. Within a
 run, a folder named `rank<N>` is rank N; any other folder prefixes its tags ("train/loss"
 for tag "loss" in `train/`), except the folders `add_hparams` writes, whose hyperparameters
-become the run's parameters. Tags that are not scalars (histograms, images, text, ...) are
-counted and reported as skipped.
+become the run's parameters. Images (classic and TF2 tensor ones; pixels decoded with
+Pillow), histograms (classic and TF2) and audio become the run's media; tags of other
+kinds (text, PR curves, meshes, ...) are counted and reported as skipped.
 """
 
 from __future__ import annotations
@@ -83,7 +88,52 @@ def export_tensorboard(run: Run, out_dir: str | os.PathLike[str], keys: Iterable
                 written += chunk.shape[0]
                 if progress is not None:
                     progress(chunk.shape[0])
-    return {"scalars": written, "ranks": len(set(ranks.tolist())), "text_skipped": skipped}
+    media = _export_media(run, out, keys)
+    return {"scalars": written, "ranks": len(set(ranks.tolist()) | media.pop("rank_set")), "text_skipped": skipped,
+            **media}
+
+
+_EXPORTED_VIDEO = ("apng", "gif")  # videos TensorBoard shows as an image (the browser animates them)
+
+
+def _export_media(run: Run, out: Path, keys: Iterable[str] | None) -> dict[str, Any]:
+    """Each rank's images, histograms and audio as events in `<out>/rank<N>/` (a file of
+    their own beside the scalars'). Returns counts, and the ranks written (`rank_set`)."""
+    import numpy as np
+
+    from expman._compat.event_files import ScalarEventFile, audio_value, histogram_value, image_value
+    from expman._reader import media as _media
+
+    counts: dict[str, Any] = {"images": 0, "histograms": 0, "audio": 0, "media_skipped": 0}
+    wanted = list(keys) if keys is not None else None
+    index = run.media(wanted).to_pylist() if (run.path / "media").is_dir() else []
+    hists = run.histograms(wanted).to_pylist() if (run.path / "media").is_dir() else []
+    by_rank: dict[int, list[tuple[int, float, bytes]]] = {}
+    for row in index:
+        kind, fmt = row["kind"], str(row["format"] or "")
+        if not (kind == "image" or kind == "audio" or (kind == "video" and fmt in _EXPORTED_VIDEO)):
+            counts["media_skipped"] += 1
+            continue
+        data = _media.read_bytes(run.path, run._files, row, None)
+        if kind == "audio":
+            value = audio_value(row["key"], data, float(row["sample_rate"]), int(row["channels"] or 1),
+                                int(row["frames"] or 0))
+            counts["audio"] += 1
+        else:
+            value = image_value(row["key"], data, int(row["height"] or 0), int(row["width"] or 0),
+                                int(row["channels"] or 3))
+            counts["images"] += 1
+        by_rank.setdefault(row["rank"], []).append((row["step"] or 0, row["time"].timestamp(), value))
+    for row in hists:
+        value = histogram_value(row["key"], np.asarray(row["edges"]), np.asarray(row["counts"]), row["sum"])
+        by_rank.setdefault(row["rank"], []).append((row["step"] or 0, row["time"].timestamp(), value))
+        counts["histograms"] += 1
+    for rank, events in sorted(by_rank.items()):
+        with ScalarEventFile(out / f"rank{rank}", wall_time=events[0][1], suffix="expman-media") as file:
+            for step, wall, value in events:
+                file.write_values(step, wall, [value])
+    counts["rank_set"] = set(by_rank)
+    return counts
 
 
 def _fill_steps(key_index: Any, steps: Any, stepless: Any) -> Any:
@@ -109,8 +159,8 @@ def read_scalars(logdir: str | os.PathLike[str], skipped: Counter[str] | None = 
     """Every scalar under `logdir` (one run), by rank: (key, step, value, wall time), in file order.
 
     Reads with TensorBoard's own EventAccumulator: classic `simple_value` scalars and the
-    tensor-style scalars of TF2 / the `scalars` plugin. Tags of any other kind are counted
-    in `skipped` ("histogram tags", "text tags", ...).
+    tensor-style scalars of TF2 / the `scalars` plugin. Tags of kinds that are neither
+    scalars nor media (images, histograms, audio) are counted in `skipped` ("text tags", ...).
     """
     return _read_run(Path(logdir), _event_folders(Path(logdir)), skipped if skipped is not None else Counter())[0]
 
@@ -134,19 +184,26 @@ def find_runs(logdir: str | os.PathLike[str]) -> dict[Path, list[Path]]:
     return runs
 
 
-def _read_run(base: Path, folders: list[Path], skipped: Counter[str]) -> tuple[dict[int, list[tuple[str, int, float, float]]], dict[str, Any]]:
-    """The scalars (by rank) and the add_hparams parameters of one run's event folders."""
+Media = dict[int, list[tuple]]  # rank -> ("image", key, step, encoded) | ("histogram", key, step, edges, counts)
+#                                        | ("audio", key, step, wav bytes)
+
+
+def _read_run(base: Path, folders: list[Path], skipped: Counter[str]) -> tuple[dict[int, list[tuple[str, int, float, float]]], dict[str, Any], Media]:
+    """The scalars (by rank), the add_hparams parameters and the media (by rank) of one
+    run's event folders."""
     _require_tensorboard()
     from tensorboard.backend.event_processing import event_accumulator as ea
     from tensorboard.util import tensor_util
 
     out: dict[int, list[tuple[str, int, float, float]]] = {}
     params: dict[str, Any] = {}
+    media: Media = {}
     for folder in folders:
         relative = folder.relative_to(base)
         match = _RANK_DIR.match(folder.name)
         rank = int(match.group(1)) if match else 0
-        acc = ea.EventAccumulator(str(folder), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+        acc = ea.EventAccumulator(str(folder), size_guidance={  # 0: keep every event (the default samples a few)
+            ea.SCALARS: 0, ea.TENSORS: 0, ea.IMAGES: 0, ea.HISTOGRAMS: 0, ea.AUDIO: 0, ea.COMPRESSED_HISTOGRAMS: 1})
         acc.Reload()
         hparams = _hparams(acc)
         params.update(hparams)
@@ -160,6 +217,9 @@ def _read_run(base: Path, folders: list[Path], skipped: Counter[str]) -> tuple[d
             plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
             if plugin == "hparams":
                 continue
+            if plugin in ("images", "histograms"):
+                _tensor_media(acc, tag, prefix, plugin, media.setdefault(rank, []), tensor_util)
+                continue
             if plugin != "scalars":
                 skipped[f"{plugin or 'tensor'} tags"] += 1
                 continue
@@ -169,13 +229,47 @@ def _read_run(base: Path, folders: list[Path], skipped: Counter[str]) -> tuple[d
                     points.append((prefix + tag, e.step, float(value.reshape(())), e.wall_time))
                 else:
                     skipped["non-scalar tensor points"] += 1
-        for kind, noun in _OTHER_KINDS.items():
-            if tags.get(kind):
-                skipped[noun] += len(tags[kind])
-    return out, params
+        _classic_media(acc, tags, prefix, media.setdefault(rank, []))
+    return out, params, media
 
 
-_OTHER_KINDS = {"images": "image tags", "audio": "audio tags", "histograms": "histogram tags"}
+def _classic_media(acc: Any, tags: dict[str, Any], prefix: str, into: list[tuple]) -> None:
+    """Images, histograms and audio written as `Summary.Value` fields (PyTorch's
+    SummaryWriter, TF1, expman's export)."""
+    for tag in tags.get("images", []):
+        into += [("image", prefix + tag, e.step, e.encoded_image_string) for e in acc.Images(tag)]
+    for tag in tags.get("histograms", []):
+        for e in acc.Histograms(tag):
+            h = e.histogram_value
+            into.append(("histogram", prefix + tag, e.step,
+                         *_edges(h.min, h.max, list(h.bucket_limit), list(h.bucket))))
+    for tag in tags.get("audio", []):
+        into += [("audio", prefix + tag, e.step, e.encoded_audio_string) for e in acc.Audio(tag)]
+
+
+def _tensor_media(acc: Any, tag: str, prefix: str, plugin: str, into: list[tuple], tensor_util: Any) -> None:
+    """TF2-style images (a string tensor: width, height, then encoded images; the n-th
+    image of a step becomes `tag/n` when there are several) and histograms (a k x 3 tensor
+    of left edge, right edge, count)."""
+    for e in acc.Tensors(tag):
+        value = tensor_util.make_ndarray(e.tensor_proto)
+        if plugin == "images":
+            images = list(value.reshape(-1)[2:])
+            for i, encoded in enumerate(images):
+                into.append(("image", prefix + tag + (f"/{i}" if len(images) > 1 else ""), e.step, bytes(encoded)))
+        elif value.ndim == 2 and value.shape[1] == 3 and value.shape[0] > 0:
+            into.append(("histogram", prefix + tag, e.step, [float(value[0, 0]), *map(float, value[:, 1])],
+                         [float(c) for c in value[:, 2]]))
+
+
+def _edges(low: float, high: float, limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
+    """A TensorBoard histogram (upper bucket limits, the first bucket from `min`) as edges
+    and counts: a last limit past `max` (DBL_MAX) becomes `max`, as SummaryWriter.add_histogram_raw reads it."""
+    if len(limits) > 1 and limits[-1] > high > limits[-2]:
+        limits[-1] = high
+    width = limits[1] - limits[0] if len(limits) > 1 else 1.0
+    lower = low if low < limits[0] else limits[0] - width
+    return [lower, *limits], counts
 
 
 def _hparams(acc: Any) -> dict[str, Any]:
@@ -224,24 +318,26 @@ def import_tensorboard(
     skipped: Counter[str] = Counter()
     results = []
     for run_dir, folders in runs.items():
-        by_rank, params = _read_run(run_dir, folders, skipped)
-        if not any(by_rank.values()):
-            skipped["runs without scalars"] += 1
+        by_rank, params, media = _read_run(run_dir, folders, skipped)
+        if not any(by_rank.values()) and not any(media.values()):
+            skipped["runs without scalars or media"] += 1
             continue
-        results.append(_log_run(run_dir, by_rank, params, experiment, name or run_dir.resolve().name, root,
-                                progress, dict(start_kwargs)))
+        results.append(_log_run(run_dir, by_rank, params, media, skipped, experiment, name or run_dir.resolve().name,
+                                root, progress, dict(start_kwargs)))
     if not results:
-        raise ExpmanError(f"no scalars in the TensorBoard event files under {logdir}")
+        raise ExpmanError(f"no scalars, images, histograms or audio in the TensorBoard event files under {logdir}")
     return {**{k: results[0][k] for k in ("run_dir", "id", "scalars", "ranks")}, "runs": results,
             "skipped": dict(skipped)}
 
 
 def _log_run(folder: Path, by_rank: dict[int, list[tuple[str, int, float, float]]], params: dict[str, Any],
-             experiment: str | None, name: str, root: str | os.PathLike[str] | None,
-             progress: Callable[[int], None] | None, start_kwargs: dict[str, Any]) -> dict[str, Any]:
+             media: Media, skipped: Counter[str], experiment: str | None, name: str,
+             root: str | os.PathLike[str] | None, progress: Callable[[int], None] | None,
+             start_kwargs: dict[str, Any]) -> dict[str, Any]:
     from expman._rank.start import start_experiment
 
-    world = max(by_rank) + 1  # a rank with no folder of its own is started empty, so the run can finish
+    world = max([*by_rank, *(r for r, items in media.items() if items)]) + 1  # a rank with no folder of its own is started empty
+    logged: Counter[str] = Counter()
     run_id = start_kwargs.pop("run_id", None) or os.urandom(6).hex()
     exps: list[Experiment] = []
     try:
@@ -254,8 +350,10 @@ def _log_run(folder: Path, by_rank: dict[int, list[tuple[str, int, float, float]
             points = by_rank.get(rank, [])
             for key, step, value, wall in points:
                 exp.log_metric(key, value, step=step, timestamp=wall)
+            for item in media.get(rank, []):
+                _log_media(exp, item, logged, skipped)
             if progress is not None:
-                progress(len(points))
+                progress(len(points) + len(media.get(rank, [])))
     except BaseException:
         for exp in exps:
             exp.finish("failed")
@@ -264,4 +362,37 @@ def _log_run(folder: Path, by_rank: dict[int, list[tuple[str, int, float, float]
         if not exp.finish("finished"):
             raise ExpmanError(f"the collector did not confirm the imported run {run_id} in time")
     return {"run_dir": exps[0].run_dir, "id": run_id, "scalars": sum(len(p) for p in by_rank.values()),
-            "ranks": len(by_rank), "params": len(params), "folder": folder}
+            "ranks": len({*by_rank, *(r for r, items in media.items() if items)}), "params": len(params),
+            "folder": folder, "images": logged["image"], "histograms": logged["histogram"], "audio": logged["audio"]}
+
+
+def _log_media(exp: Experiment, item: tuple, logged: Counter[str], skipped: Counter[str]) -> None:
+    """One image, histogram or clip into the run; one that expman cannot take is counted
+    in `skipped` with the reason's kind, never fatal to the import."""
+    import io
+
+    kind, key, step = item[:3]
+    try:
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(io.BytesIO(item[3])) as img:
+                if img.mode not in ("L", "RGB", "RGBA"):
+                    img = img.convert("RGBA" if "transparency" in img.info or "A" in img.mode else "RGB")
+                import numpy as np
+
+                exp.log_image(key, np.asarray(img), step=step)
+        elif kind == "histogram":
+            exp.log_histogram(key, step=step, edges=item[3], counts=item[4])
+        else:
+            from expman._storage import wav
+
+            samples, rate = wav.decode(item[3])
+            exp.log_audio(key, samples, rate, step=step)
+    except ImportError:
+        skipped[f"{kind}s (Pillow is not installed: pip install pillow)"] += 1
+        return
+    except (ValueError, TypeError, OSError, ExpmanError) as exc:
+        skipped[f"{kind}s expman could not read ({type(exc).__name__})"] += 1
+        return
+    logged[kind] += 1

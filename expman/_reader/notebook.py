@@ -1,8 +1,11 @@
-"""Notebook views of a run: a compact HTML summary with a sparkline per metric, and
-matplotlib plots. No matplotlib needed for the HTML (the charts are inline SVG)."""
+"""Notebook views of a run: a compact HTML summary with a sparkline per metric, the latest
+image of each image key and histogram of each histogram key, and matplotlib plots that
+show inline with no `%matplotlib` magic. No matplotlib needed for the HTML (the charts
+are inline SVG, images inline PNG)."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -13,6 +16,11 @@ from expman._storage.layout import KEY, RANK, STEP, TEXT, VALUE
 
 MAX_PARAMS = 30
 MAX_METRICS = 50
+MAX_MEDIA = 8  # image and histogram keys shown in the summary (the first by name)
+MAX_IMAGE_BYTES = 2 << 20  # a larger stored image is listed, not inlined
+IMAGE_PX = 160  # shown at most this wide or high (the browser scales; the bytes are the stored ones)
+IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "gif": "image/gif", "webp": "image/webp",
+              "apng": "image/apng"}
 SPARK_POINTS = 80
 _W, _H = 120, 24
 
@@ -67,7 +75,95 @@ def run_html(run: Any) -> str:
         metric_rows.append(f"<tr><td colspan=5>… {keys - MAX_METRICS} more keys</td></tr>")
     metric_html = ("<table><tr><th>metric</th><th>last</th><th>step</th><th>points</th><th></th></tr>"
                    + "".join(metric_rows) + "</table>") if metric_rows else "<div>metrics: none</div>"
-    return f"{head}{param_html}{metric_html}</div>"
+    return f"{head}{param_html}{metric_html}{media_html(run)}</div>"
+
+
+def media_html(run: Any) -> str:
+    """The latest image (or video) of each image key and the latest histogram of each
+    histogram key, from the lowest rank that logged it; tables and audio by name. "" when
+    the run has no media."""
+    from expman._storage.layout import MEDIA_DIR
+
+    path = getattr(run, "path", None)
+    if path is None or not (path / MEDIA_DIR).is_dir():
+        return ""
+    esc = html.escape
+    latest: dict[str, dict[str, Any]] = {}
+    for row in run.media().to_pylist():  # sorted by key, step, rank
+        have = latest.get(row["key"])
+        if have is None or row["rank"] <= have["rank"]:  # the lowest rank's last step
+            latest[row["key"]] = row
+    histograms = _latest_histograms(run)
+    cells: list[str] = []
+    others: list[str] = []
+    for key, row in sorted(latest.items()):
+        if row["kind"] in ("image", "video") and len(cells) < MAX_MEDIA:
+            cells.append(_image_cell(run, row))
+        else:
+            others.append(f"{esc(key)} ({esc(row['kind'])})")
+    for shown, (key, row) in enumerate(histograms.items()):
+        if shown >= MAX_MEDIA:
+            others.append(f"{esc(key)} (histogram)")
+            continue
+        cells.append(f'<figure style="display:inline-block;margin:4px">{histogram_svg(row["edges"], row["counts"])}'
+                     f'<figcaption>{esc(key)} · step {_step_text(row["step"])} · rank {row["rank"]}</figcaption></figure>')
+    if not cells and not others:
+        return ""
+    rest = f"<div>also: {', '.join(others)}</div>" if others else ""
+    return f"<details open><summary>media ({len(latest) + len(histograms)})</summary>{''.join(cells)}{rest}</details>"
+
+
+def _step_text(step: Any) -> str:
+    return "-" if step is None else str(step)
+
+
+def _image_cell(run: Any, row: dict[str, Any]) -> str:
+    from expman._reader import media as _media
+
+    esc = html.escape
+    caption = f"{esc(row['key'])} · step {_step_text(row['step'])} · rank {row['rank']}"
+    if row.get("caption"):
+        caption += f" · {esc(str(row['caption']))}"
+    mime = IMAGE_MIME.get(str(row.get("format") or "").lower())
+    if mime is None or (row.get("size") or 0) > MAX_IMAGE_BYTES:
+        body = f"<div>({esc(str(row.get('format')))}, {row.get('size')} bytes: run.read_media({row['key']!r}))</div>"
+    else:
+        try:
+            data = _media.read_bytes(run.path, run._files, row, None)
+            body = (f'<img src="data:{mime};base64,{base64.b64encode(data).decode()}" '
+                    f'style="max-width:{IMAGE_PX}px;max-height:{IMAGE_PX}px;image-rendering:pixelated" '
+                    f'alt="{esc(row["key"])}"/>')
+        except Exception as exc:  # encrypted without the key, or a damaged object: say so
+            body = f"<div>(not shown: {esc(str(exc))})</div>"
+    return f'<figure style="display:inline-block;margin:4px">{body}<figcaption>{caption}</figcaption></figure>'
+
+
+def _latest_histograms(run: Any) -> dict[str, dict[str, Any]]:
+    table = run.histograms()
+    latest: dict[str, dict[str, Any]] = {}
+    if table.num_rows == 0:
+        return latest
+    for row in table.select(["key", "step", "rank", "edges", "counts"]).to_pylist():
+        have = latest.get(row["key"])
+        if have is None or row["rank"] <= have["rank"]:
+            latest[row["key"]] = row
+    return dict(sorted(latest.items()))
+
+
+def histogram_svg(edges: list[float], counts: list[float], width: int = 160, height: int = 60) -> str:
+    """Bars of one histogram as inline SVG, with its value range under it."""
+    if not counts:
+        return ""
+    lo, hi = float(edges[0]), float(edges[-1])
+    span = (hi - lo) or 1.0
+    peak = max(counts) or 1.0
+    bars = "".join(
+        f'<rect x="{(float(a) - lo) / span * width:.1f}" y="{height - c / peak * height:.1f}" '
+        f'width="{max((float(b) - float(a)) / span * width, 0.5):.1f}" height="{c / peak * height:.1f}"/>'
+        for a, b, c in zip(edges[:-1], edges[1:], counts))
+    return (f'<svg class="expman-hist" width="{width}" height="{height + 12}" viewBox="0 0 {width} {height + 12}">'
+            f'<g fill="#1f77b4">{bars}</g><text x="0" y="{height + 10}" font-size="9">{lo:.4g}</text>'
+            f'<text x="{width}" y="{height + 10}" font-size="9" text-anchor="end">{hi:.4g}</text></svg>')
 
 
 def _metric_rows(run: Any) -> tuple[list[str], int]:
@@ -109,10 +205,34 @@ def pending_html(label: str) -> str:
     return f'<div class="expman-run"><b>{html.escape(label)}</b> · waiting for the collector to write the run</div>'
 
 
+def _figure_class() -> type:
+    """A matplotlib Figure that shows itself in Jupyter as a PNG (`_repr_png_`): a bare
+    Figure made without pyplot has no display hook, and showed as `<Figure size ...>`
+    unless `%matplotlib inline` had been run."""
+    from matplotlib.figure import Figure
+
+    global _RunFigure
+    if _RunFigure is None:
+        class RunFigure(Figure):
+            def _repr_png_(self) -> bytes:
+                import io
+
+                buf = io.BytesIO()
+                self.savefig(buf, format="png", dpi=100)
+                return buf.getvalue()
+
+        _RunFigure = RunFigure
+    return _RunFigure
+
+
+_RunFigure: type | None = None
+
+
 def plot(run: Any, keys: str | Iterable[str] | None = None, ranks: Iterable[int] | None = None) -> Any:
-    """A matplotlib Figure: one axes per key, one line per rank, value against step."""
+    """A matplotlib Figure: one axes per key, one line per rank, value against step. As a
+    cell's value it shows as a PNG in Jupyter, with no magic needed."""
     try:
-        from matplotlib.figure import Figure
+        Figure = _figure_class()
     except ImportError as exc:
         raise ImportError("Run.plot needs matplotlib: pip install matplotlib (or 'expman[notebook]')") from exc
     wanted = [keys] if isinstance(keys, str) else (list(keys) if keys is not None else None)

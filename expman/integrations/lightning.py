@@ -96,6 +96,27 @@ class ExpmanLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.experiment.log_metrics(dict(metrics), step=step)
 
+    def log_image(self, key: str, images: Any, step: int | None = None, **kwargs: Any) -> None:
+        """Images as Lightning's W&B and Neptune loggers take them: a list of images (numpy,
+        PIL, CHW tensors, file paths; see `Experiment.log_image`), or one image, with an
+        optional `caption=` list of the same length. One image is stored under `key`;
+        several under `key/0`, `key/1`, ... (one image per key and step and rank)."""
+        unknown = sorted(set(kwargs) - {"caption"})
+        if unknown:
+            raise TypeError(f"log_image: expman takes only caption= besides the images, not {', '.join(unknown)}")
+        many = isinstance(images, (list, tuple))
+        items = list(images) if many else [images]
+        captions = kwargs.get("caption")
+        if captions is None:
+            captions = [None] * len(items)
+        elif isinstance(captions, str):
+            captions = [captions]
+        if len(captions) != len(items):
+            raise ValueError(f"log_image: {len(captions)} captions for {len(items)} images under {key!r}")
+        for i, (image, caption) in enumerate(zip(items, captions)):
+            name = f"{key}/{i}" if len(items) > 1 else key
+            self.experiment.log_image(name, image, step=step, caption=None if caption is None else str(caption))
+
     def finalize(self, status: str) -> None:
         """Finish this rank's part of the run: success -> finished, failed -> failed
         (killed for a KeyboardInterrupt, with the exception in run.yaml), finished -> killed."""

@@ -186,3 +186,34 @@ def test_finalize_statuses(single_process_runs):
     interrupted = single_process_runs["interrupted"]
     assert interrupted.status == "killed"   # "failed" while handling KeyboardInterrupt
     assert interrupted.info["error"]["type"] == "KeyboardInterrupt"
+
+
+def test_log_image_as_lightning_loggers_take_it(root):
+    """`logger.log_image(key, images, step, caption=[...])`, as in a LightningModule's
+    `self.logger.log_image(...)`: pixel-exact images with their captions, one key each."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    import torch
+
+    from expman.integrations.lightning import ExpmanLogger
+
+    logger = ExpmanLogger("lightning", "images", root=root, code_dir=False)
+    first = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    second = torch.full((3, 4, 6), 0.5)  # CHW floats in [0, 1], as a model's output
+    logger.log_image("samples", [first, second], step=3, caption=["input", "output"])
+    logger.log_image("single", [first], step=4)
+    with pytest.raises(ValueError, match="2 captions for 1 images"):
+        logger.log_image("bad", [first], caption=["a", "b"])
+    with pytest.raises(TypeError, match="masks"):
+        logger.log_image("bad", [first], masks=[{}])
+    run_dir = logger.experiment.run_dir
+    logger.finalize("success")
+    run = expman.open_run(run_dir)
+    wait_for(lambda: run.media().num_rows == 3, 30, "the images to land")
+    rows = {r["key"]: r for r in run.media().to_pylist()}
+    assert sorted(rows) == ["samples/0", "samples/1", "single"]
+    assert (rows["samples/0"]["step"], rows["samples/0"]["caption"]) == (3, "input")
+    assert rows["samples/1"]["caption"] == "output" and rows["single"]["step"] == 4
+    assert np.array_equal(run.read_media("samples/0", as_="numpy"), first)
+    assert np.array_equal(run.read_media("single", as_="numpy"), first)
+    assert run.read_media("samples/1", as_="numpy").shape == (4, 6, 3)

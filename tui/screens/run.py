@@ -1,4 +1,4 @@
-"""The Run screen: charts of chosen keys, ranks, hardware, params, the log's tail, artifacts.
+"""The Run screen: charts of chosen keys, ranks, hardware, params, the log's tail, artifacts, media.
 
 One worker at a time reads everything new (off the UI thread) and hands the result to
 `_apply`; a timer starts the next read every poll interval.
@@ -28,6 +28,7 @@ from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, RUN_LOG, RUN_YAM
 from ..data.hardware import HardwareSeries, read_hardware
 from expman._storage.layout import parse_time
 
+from ..data.media import MediaCatalog, MediaSource
 from ..data.runs import LogTail, artifacts, rank_rows, read_yaml_safe
 from ..data import view_state
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
@@ -40,11 +41,12 @@ from ..widgets.chart_grid import ChartGrid
 from .chart_tools import CHART_BINDINGS, ChartTools
 from ..widgets.hardware_panel import HardwarePanel
 from ..widgets.key_picker import KeyPicker
+from ..widgets.media_panel import MediaPanel
 from ..widgets.params_table import ParamsTable
 from ..widgets.rank_table import RankTable
 from ..widgets.status import status_text
 
-TABS = ("charts", "ranks", "hardware", "params", "log", "artifacts")
+TABS = ("charts", "ranks", "hardware", "params", "log", "artifacts", "media")
 SLOW_EVERY = 5  # hardware, artifacts and params are read every this many polls
 ENDED_QUIET_POLLS = 8  # an ended run unchanged for this many reads in a row ...
 ENDED_POLL_EVERY = 8  # ... is read every this many ticks of the poll timer (2 s by default), not every tick
@@ -79,6 +81,7 @@ class Snapshot:
     params: dict[str, Any] | None = None
     hardware: list[HardwareSeries] | None = None
     artifacts: list[tuple[str, int]] | str | None = None  # a str: why they could not be read
+    media: MediaCatalog | None = None
     request: tuple = field(default_factory=tuple)
 
 
@@ -129,6 +132,7 @@ class RunScreen(ChartTools, Screen):
         self.run = open_run(run_dir)
         self.source = MetricsSource(self.run.path)
         self.tail = LogTail(self.run.path / RUN_LOG)
+        self.media = MediaSource(self.run)
         self.info: dict[str, Any] = {}
         self.xkind = X_STEP
         self.scope = self.run.path.parent.name  # the experiment: choices are remembered per experiment
@@ -179,6 +183,8 @@ class RunScreen(ChartTools, Screen):
                 yield Lazy(Log(id="log-view", max_lines=5000))
             with TabPane("6 Artifacts", id="artifacts"):
                 yield Lazy(ArtifactsList(id="artifacts-list"))
+            with TabPane("7 Media", id="media"):
+                yield Lazy(MediaPanel(self.run, id="media-panel"))
         yield Footer()
 
     def on_mount(self) -> None:
@@ -233,6 +239,10 @@ class RunScreen(ChartTools, Screen):
                 snapshot.artifacts = artifacts(self.run)
             except Exception as exc:  # a broken manifest: say so in the tab
                 snapshot.artifacts = f"could not read the artifacts: {exc}"
+            try:
+                snapshot.media = self.media.read()
+            except Exception as exc:  # a damaged media index: say so, keep the rest of the screen
+                self.app.call_from_thread(self.notify, f"could not read the media index: {exc}", severity="error")
         return snapshot
 
     def _read_info(self) -> dict[str, Any] | None:
@@ -254,7 +264,8 @@ class RunScreen(ChartTools, Screen):
         self._last_request = snap.request
         ended = str((snap.info or self.info).get("status")) in FINAL_STATUSES
         if ended and self.chosen is not None and not any(
-                (snap.info, snap.keys, snap.series, snap.log_lines, snap.params, snap.hardware, snap.artifacts)):
+                (snap.info, snap.keys, snap.series, snap.log_lines, snap.params, snap.hardware, snap.artifacts,
+                 snap.media)):
             self.polls += 1  # an ended run with nothing new: leave the screen alone (idle costs ~nothing)
             self._quiet += 1
             return
@@ -273,7 +284,7 @@ class RunScreen(ChartTools, Screen):
             self._draw()
         self._show_header()
         self._pending.update({k: v for k, v in (("params", snap.params), ("hardware", snap.hardware),
-                                                ("artifacts", snap.artifacts)) if v is not None})
+                                                ("artifacts", snap.artifacts), ("media", snap.media)) if v is not None})
         self._pending_log.extend(snap.log_lines)
         self._show_error()  # after the log's lines: the traceback is where the run ended
         self._show_panels()
@@ -287,7 +298,7 @@ class RunScreen(ChartTools, Screen):
             if self._pending_log:
                 log.write_lines(self._pending_log)
                 self._pending_log = []
-        targets = {"params": ParamsTable, "hardware": HardwarePanel, "artifacts": ArtifactsList}
+        targets = {"params": ParamsTable, "hardware": HardwarePanel, "artifacts": ArtifactsList, "media": MediaPanel}
         for name, value in list(self._pending.items()):
             found = list(self.query(targets[name]))
             if found:
@@ -386,3 +397,5 @@ class RunScreen(ChartTools, Screen):
     def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
         """A panel mounted late (Lazy) gets what was read for it now, not at the next poll."""
         self.call_after_refresh(self._show_panels)
+        if event.pane.id == "media":
+            self.call_after_refresh(lambda: [panel.focus_keys() for panel in self.query(MediaPanel)])
