@@ -29,7 +29,7 @@ from expman._wire.limits import check_envelope, check_name
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
-from ._rank_watch import ProcessWatch
+from ._rank_watch import OpenConnections, ProcessWatch
 from ._relay import Relay
 from ._write_failures import WriteFailures
 from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
@@ -96,6 +96,9 @@ class Collector:
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
         self._router.setsockopt(zmq.RCVHWM, 10000)
         self.zap: ZapHandler | None = None
+        # Local mode: who is connected, watched from before the first connection can arrive
+        # (the ZAP handler owns the monitor where CURVE is on; local collectors are ipc only).
+        self.connections = OpenConnections(self._router) if self.watch_ranks and curve is None else None
         self.endpoints = self._bind_all(binds, curve)
         self._stop_pull = self._ctx.socket(zmq.PULL)
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
@@ -413,6 +416,8 @@ class Collector:
     def _periodic(self, now: float) -> None:
         if self.relay is not None:
             self.relay.forget_idle(now)
+        if self.connections is not None:
+            self.connections.count()  # keep the monitor's queue short (it drops news past its HWM)
         parent_gone = self._parent_drained(now)
         vanished = self._vanished_ranks(now) if self.watch_ranks and not parent_gone else set()
         for uid, run in list(self.runs.items()):
@@ -472,7 +477,8 @@ class Collector:
 
         Seen gone (zombie or reaped), the parent can send nothing more, but frames it sent
         may still wait in the kernel and in the socket: the loop keeps taking them in until
-        none is waiting and none came for DRAIN_QUIET_S. Only then are its ranks marked lost."""
+        no connection is open and no frame waits (or, while another process stays connected,
+        none came for DRAIN_QUIET_S). Only then are its ranks marked lost."""
         if self.parent_pid is None:
             return False
         if self._parent_gone_at is None:
@@ -480,6 +486,8 @@ class Collector:
                 return False
             self._parent_gone_at = now
             log.info("parent process %d is gone; storing what it sent before exiting", self.parent_pid)
+        if self.connections is not None and self.connections.count() == 0 and not self._input_waiting():
+            return True  # every connection read to its end, every frame of it taken: nothing more can come
         return self._drained(self._parent_gone_at, self._last_frame_at, now) and not self._input_waiting()
 
     def _vanished_ranks(self, now: float) -> set[tuple[str, int]]:
@@ -525,6 +533,8 @@ class Collector:
 
     def _shutdown(self) -> None:
         self.watch.close()
+        if self.connections is not None:
+            self.connections.close()
         self.hardware.close()  # last samples of the runs still sampled, then its thread ends
         local = self.parent_pid is not None
         for uid, run in list(self.runs.items()):
