@@ -6,9 +6,13 @@ call stores its step count in a shared counter file (mmap): after the kill that 
 is exactly the steps whose `log_metric` had returned. Every 10 steps (100 flat out) it also
 stores the most points its sender had handed to ZeroMQ (`exp.stats()["sent"]`). After
 `--seconds` of logging the benchmark sends SIGKILL, reaps the rank, and once the run is
-crashed reads it back: missing = returned steps not stored; of those, "after sent" are
-the steps past the last sent count (most were still in the rank's memory: no collector
-can get them without the shared-memory buffer of issue 18), "sent" those before it.
+crashed (and a private collector has exited) reads it back: missing = returned steps not
+stored; "handed to ZeroMQ" = those of them below the last sent count, the rest were still
+in the sender's buffers. Neither kind reached the collector's socket: a handed-over frame
+can wait in the rank's ZeroMQ queue while the socket buffer is full (flat out on busy
+cores), and both die with the process; only the shared-memory buffer of issue 18 could
+save them. Each try prints the missing step range: always a tail, so what is stored is a
+contiguous prefix.
 
 Modes: **local** (no collector configured: a private collector per rank, which drains its
 socket when the rank dies, then marks it crashed), **service** (the benchmark's own
@@ -16,7 +20,7 @@ socket when the rank dies, then marks it crashed), **service** (the benchmark's 
 heartbeats, two intervals of 5 s plus 1 s). Time to crashed is the rank's `ended_at` in
 run.yaml (set when the collector marked it lost) minus the time of the kill.
 
-    python benchmarks/bench_kill.py                   # 5 tries each: local and service, 1,000/s and flat out
+    python benchmarks/bench_kill.py                   # 5 tries each: local and service, 1,000/s and flat out (~1 min)
     python benchmarks/bench_kill.py --modes local --tries 13
 """
 
@@ -146,15 +150,17 @@ def _score(t: dict, deadline_s: float) -> dict:
             return {**t, "crash_s": None, "missing": None}
         time.sleep(0.01)
     ended = dt.datetime.fromisoformat(info["ranks"][0]["ended_at"]).timestamp()
+    _wait_exit(t.get("collector", 0))  # local mode: read what the private collector left, once it is done
     steps = expman.open_run(t["run_dir"]).metrics(keys=["loss"], columns=["step"]).column("step").to_pylist()
     stored = set(steps)
     returned, sent = t["returned"], min(t["sent"], t["returned"])
     missing = [s for s in range(returned) if s not in stored]
     if missing:
-        print(f"  {t['run_dir'].name}: returned {returned:,}, sent {sent:,}, stored {len(stored):,}, "
+        print(f"  {t['run_dir'].name}: returned {returned:,}, handed to ZeroMQ {sent:,}, stored {len(stored):,}, "
               f"missing steps {missing[0]:,}..{missing[-1]:,}", flush=True)
     return {**t, "crash_s": ended - t["killed_at"], "missing": len(missing),
-            "missing_sent": sum(1 for s in missing if s < sent), "stored": len(stored), "duplicates": len(steps) - len(stored)}
+            "missing_sent": sum(1 for s in missing if s < sent), "missing_unsent": sum(1 for s in missing if s >= sent),
+            "stored": len(stored), "duplicates": len(steps) - len(stored)}
 
 
 def _report(mode: str, rate: float, seconds: float, scored: list[dict]) -> None:
@@ -170,8 +176,8 @@ def _report(mode: str, rate: float, seconds: float, scored: list[dict]) -> None:
         return f"{fmt.format(statistics.median(vals))} / {fmt.format(max(vals))}"
 
     rates = [s["returned"] / seconds for s in done]
-    print(f"{label}: missing {med_max('missing')} (of them sent {med_max('missing_sent')}, after the last sent count "
-          f"{statistics.median(s['missing'] - s['missing_sent'] for s in done):,.0f} median)  "
+    print(f"{label}: missing {med_max('missing')} (of them handed to ZeroMQ {med_max('missing_sent')}, still in the "
+          f"sender's buffers {med_max('missing_unsent')})  "
           f"time to crashed {med_max('crash_s', '{:.2f}')} s  "
           f"[median / max of {len(done)}; ~{statistics.median(rates):,.0f} steps/s; "
           f"per try missing {[s['missing'] for s in done]}; duplicates {sum(s['duplicates'] for s in done)}]", flush=True)
@@ -200,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     t = _try(work, f"{mode}-{int(rate)}-{i}", endpoint, rate, args.seconds)
                     # local: each try waits for its crash (its collector then exits);
                     # service: missed heartbeats take ~11 s, so tries go on and are scored together
-                    if mode == "local":
-                        t = _score(t, 60)
-                        _wait_exit(t["collector"])
-                    tries.append(t)
+                    tries.append(_score(t, 60) if mode == "local" else t)
                 if mode == "service":
                     tries = [_score(t, 60) for t in tries]
                 _report(mode, rate, args.seconds, tries)
