@@ -43,9 +43,10 @@ FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
-# Local mode, after a watched process exited: its frames are all in once the socket has had
-# nothing from it for DRAIN_QUIET_S (ZeroMQ's I/O thread moves what the kernel holds within
-# milliseconds); a process that left others sending still ends its drain after DRAIN_MAX_S.
+# Local mode, after a watched process exited: its frames are all in once no connection is
+# open and no frame waits (the parent of a private collector), else once none of it came for
+# DRAIN_QUIET_S (ZeroMQ's I/O thread moves what the kernel holds within milliseconds); frames
+# that keep coming from another process end a drain after DRAIN_MAX_S.
 DRAIN_QUIET_S = 0.3
 DRAIN_MAX_S = 10.0
 GONE_WHY = "the training process exited without finishing"
@@ -486,9 +487,15 @@ class Collector:
                 return False
             self._parent_gone_at = now
             log.info("parent process %d is gone; storing what it sent before exiting", self.parent_pid)
-        if self.connections is not None and self.connections.count() == 0 and not self._input_waiting():
+        if now - self._parent_gone_at >= DRAIN_MAX_S:
+            log.warning("frames kept coming for %.0f s after parent process %d exited; stopping", DRAIN_MAX_S,
+                        self.parent_pid)
+            return True
+        if self._input_waiting():
+            return False
+        if self.connections is not None and self.connections.count() == 0:
             return True  # every connection read to its end, every frame of it taken: nothing more can come
-        return self._drained(self._parent_gone_at, self._last_frame_at, now) and not self._input_waiting()
+        return self._drained(self._parent_gone_at, self._last_frame_at, now)
 
     def _vanished_ranks(self, now: float) -> set[tuple[str, int]]:
         """(run, rank) of this host's running ranks whose process has exited and whose frames
@@ -500,7 +507,8 @@ class Collector:
             for r in run.running_ranks():
                 rank = run.info["ranks"][r]
                 pid = rank.get("pid")
-                if r not in run.local_ranks or rank.get("host") != here or not isinstance(pid, int) or pid <= 0:
+                if (r not in run.local_ranks or rank.get("host") != here or not isinstance(pid, int) or pid <= 0
+                        or pid == self.parent_pid):  # the parent's ranks end with its drain (_parent_drained)
                     continue
                 key = (uid, r, pid)
                 watched.add(key)
