@@ -49,6 +49,7 @@ IDLE_GRACE_S = 3.0
 # that keep coming from another process end a drain after DRAIN_MAX_S.
 DRAIN_QUIET_S = 0.3
 DRAIN_MAX_S = 10.0
+DRAIN_BUSY_S = 1.0
 GONE_WHY = "the training process exited without finishing"
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
 
@@ -499,7 +500,8 @@ class Collector:
 
     def _vanished_ranks(self, now: float) -> set[tuple[str, int]]:
         """(run, rank) of this host's running ranks whose process has exited and whose frames
-        have all been taken in (none for DRAIN_QUIET_S since the exit was seen)."""
+        have all been taken in: none for DRAIN_QUIET_S since the exit was seen, and no frame
+        waiting in the socket (other ranks may keep it busy: after DRAIN_BUSY_S, quiet will do)."""
         here = hostname()
         vanished: set[tuple[str, int]] = set()
         watched: set[tuple[str, int, int]] = set()
@@ -517,7 +519,8 @@ class Collector:
                         continue
                     self._gone_at[key] = now
                     log.info("run %s rank %d: process %d is gone; storing what it sent", uid, r, pid)
-                if self._drained(self._gone_at[key], run.rank_seen.get(r, 0.0), now):
+                if self._drained(self._gone_at[key], run.rank_seen.get(r, 0.0), now) and (
+                        now - self._gone_at[key] >= DRAIN_BUSY_S or not self._input_waiting()):
                     vanished.add((uid, r))
         for key in set(self._gone_at) - watched:
             del self._gone_at[key]
