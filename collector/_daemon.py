@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between hardware samples for runs that do not choose (default: 1)")
     p.add_argument("--ready-file", metavar="FILE", help="write the bound endpoints here (YAML) once listening")
     p.add_argument("--parent-pid", type=number(int, low=1), help=argparse.SUPPRESS)  # local mode: exit when this process does
+    # Local mode shared by a job's ranks on this host: mark a rank lost as soon as its process is gone.
+    p.add_argument("--watch-ranks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--name", help="this collector's name in the files it writes (default: the host name); unique per host sharing a root")
     p.add_argument("--forward", metavar="ENDPOINT", type=endpoint,
                    help="relay every frame to the head collector at this tcp:// endpoint instead of writing here")
@@ -215,7 +217,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
         forward = args.forward or config.get("forward")
         forward_keys = client_keys(args.forward_server_key or config.get("forward_server_key"),
                                    args.forward_client_key or config.get("forward_client_key")) if forward else None
-        collector = Collector(root, binds, parent_pid=args.parent_pid,
+        collector = Collector(root, binds, parent_pid=args.parent_pid, watch_ranks=args.watch_ranks,
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,

@@ -9,7 +9,6 @@ flushes, run.yaml updates, missing heartbeats) happens between turns.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import zmq
 
+from expman._env import hostname
 from expman._wire import frames as proto
 from expman._storage.rows import frame_table
 from expman._wire.curve_keys import ClientKeys
@@ -29,6 +29,7 @@ from expman._wire.limits import check_envelope, check_name
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
+from ._rank_watch import OpenConnections, ProcessWatch
 from ._relay import Relay
 from ._write_failures import WriteFailures
 from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
@@ -42,6 +43,14 @@ FLUSH_INTERVAL_S = 0.5
 FLUSH_ROWS = 262_144
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
+# Local mode, after a watched process exited: its frames are all in once no connection is
+# open and no frame waits (the parent of a private collector), else once none of it came for
+# DRAIN_QUIET_S (ZeroMQ's I/O thread moves what the kernel holds within milliseconds); frames
+# that keep coming from another process end a drain after DRAIN_MAX_S.
+DRAIN_QUIET_S = 0.3
+DRAIN_MAX_S = 10.0
+DRAIN_BUSY_S = 1.0
+GONE_WHY = "the training process exited without finishing"
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
 
 
@@ -52,6 +61,7 @@ class Collector:
         binds: list[str],
         *,
         parent_pid: int | None = None,
+        watch_ranks: bool = False,
         heartbeat_timeout: float | None = None,
         max_frame_bytes: int = proto.MAX_FRAME_BYTES,
         idle_exit: float | None = None,
@@ -67,6 +77,10 @@ class Collector:
         self.hardware = HardwareMonitor(root, interval=hardware_interval, writer=self.name,  # samples on its own thread
                                         local_only=all(b.startswith("ipc://") for b in binds))
         self.parent_pid = parent_pid
+        self.watch = ProcessWatch(parent_pid)
+        self.watch_ranks = watch_ranks or parent_pid is not None  # local mode: each rank's pid is on this host
+        self._parent_gone_at: float | None = None
+        self._gone_at: dict[tuple[str, int, int], float] = {}  # (run, rank, pid) -> when its process was seen gone
         self.idle_exit = idle_exit  # exit after this long with no running rank and no frame
         # A fresh collector waits at least IDLE_GRACE_S for its first frame: a rank that was
         # reconnecting to its predecessor needs a moment to find it.
@@ -84,6 +98,9 @@ class Collector:
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
         self._router.setsockopt(zmq.RCVHWM, 10000)
         self.zap: ZapHandler | None = None
+        # Local mode: who is connected, watched from before the first connection can arrive
+        # (the ZAP handler owns the monitor where CURVE is on; local collectors are ipc only).
+        self.connections = OpenConnections(self._router) if self.watch_ranks and curve is None else None
         self.endpoints = self._bind_all(binds, curve)
         self._stop_pull = self._ctx.socket(zmq.PULL)
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
@@ -401,10 +418,13 @@ class Collector:
     def _periodic(self, now: float) -> None:
         if self.relay is not None:
             self.relay.forget_idle(now)
-        parent_gone = self.parent_pid is not None and not _alive(self.parent_pid)
+        if self.connections is not None:
+            self.connections.count()  # keep the monitor's queue short (it drops news past its HWM)
+        parent_gone = self._parent_drained(now)
+        vanished = self._vanished_ranks(now) if self.watch_ranks and not parent_gone else set()
         for uid, run in list(self.runs.items()):
             try:
-                self._periodic_run(uid, run, now, parent_gone)
+                self._periodic_run(uid, run, now, parent_gone, vanished)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
@@ -414,7 +434,7 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
-    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool) -> None:
+    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]]) -> None:
         store = run.store
         if store is not None and store.pending_rows and (
             store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
@@ -423,10 +443,11 @@ class Collector:
             run.flush_metrics(final=run.final_since is not None)
         elif store is not None and run.final_since is not None:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
-        lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
+        gone = {r for r in run.running_ranks() if parent_gone or (uid, r) in vanished}
+        lost = [r for r in run.running_ranks() if r in gone or self._silent_too_long(run, r, now)]
         if lost:
-            why = "the training process exited without finishing" if parent_gone else "no heartbeat"
             for rank in lost:
+                why = GONE_WHY if rank in gone else "no heartbeat"
                 log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
                 run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})
                 self.hardware.rank_ended(uid, rank)
@@ -443,7 +464,7 @@ class Collector:
 
     def _periodic_rest(self, now: float, parent_gone: bool) -> None:
         if parent_gone:
-            log.info("parent process %d is gone; exiting", self.parent_pid)
+            log.info("parent process %d is gone and what it sent is stored; exiting", self.parent_pid)
             self._stopping = True
         elif self.idle_exit is not None and now - self._last_frame_at > self.idle_exit and not any(
             run.running_ranks() for run in self.runs.values()
@@ -453,12 +474,78 @@ class Collector:
         if self.on_periodic is not None:
             self.on_periodic(now)
 
+    def _parent_drained(self, now: float) -> bool:
+        """Local mode: True once the parent has exited and everything it had sent is stored.
+
+        Seen gone (zombie or reaped), the parent can send nothing more, but frames it sent
+        may still wait in the kernel and in the socket: the loop keeps taking them in until
+        no connection is open and no frame waits (or, while another process stays connected,
+        none came for DRAIN_QUIET_S). Only then are its ranks marked lost."""
+        if self.parent_pid is None:
+            return False
+        if self._parent_gone_at is None:
+            if not self.watch.parent_gone():
+                return False
+            self._parent_gone_at = now
+            log.info("parent process %d is gone; storing what it sent before exiting", self.parent_pid)
+        if now - self._parent_gone_at >= DRAIN_MAX_S:
+            log.warning("frames kept coming for %.0f s after parent process %d exited; stopping", DRAIN_MAX_S,
+                        self.parent_pid)
+            return True
+        if self._input_waiting():
+            return False
+        if self.connections is not None and self.connections.count() == 0:
+            return True  # every connection read to its end, every frame of it taken: nothing more can come
+        return self._drained(self._parent_gone_at, self._last_frame_at, now)
+
+    def _vanished_ranks(self, now: float) -> set[tuple[str, int]]:
+        """(run, rank) of this host's running ranks whose process has exited and whose frames
+        have all been taken in: none for DRAIN_QUIET_S since the exit was seen, and no frame
+        waiting in the socket (other ranks may keep it busy: after DRAIN_BUSY_S, quiet will do)."""
+        here = hostname()
+        vanished: set[tuple[str, int]] = set()
+        watched: set[tuple[str, int, int]] = set()
+        for uid, run in self.runs.items():
+            for r in run.running_ranks():
+                rank = run.info["ranks"][r]
+                pid = rank.get("pid")
+                if (r not in run.local_ranks or rank.get("host") != here or not isinstance(pid, int) or pid <= 0
+                        or pid == self.parent_pid):  # the parent's ranks end with its drain (_parent_drained)
+                    continue
+                key = (uid, r, pid)
+                watched.add(key)
+                if key not in self._gone_at:
+                    if not self.watch.gone(pid):
+                        continue
+                    self._gone_at[key] = now
+                    log.info("run %s rank %d: process %d is gone; storing what it sent", uid, r, pid)
+                if self._drained(self._gone_at[key], run.rank_seen.get(r, 0.0), now) and (
+                        now - self._gone_at[key] >= DRAIN_BUSY_S or not self._input_waiting()):
+                    vanished.add((uid, r))
+        for key in set(self._gone_at) - watched:
+            del self._gone_at[key]
+        for pid in self.watch.watched() - {pid for _, _, pid in watched} - {self.parent_pid}:
+            self.watch.forget(pid)
+        return vanished
+
+    def _drained(self, gone_at: float, last_frame_at: float, now: float) -> bool:
+        if now - gone_at >= DRAIN_MAX_S:
+            return True  # frames keep coming (another process on the socket): stop waiting for quiet
+        return now - max(gone_at, last_frame_at) >= DRAIN_QUIET_S
+
+    def _input_waiting(self) -> bool:
+        """A frame waits in the ROUTER now (reading EVENTS also takes in the I/O thread's news)."""
+        return bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def _silent_too_long(self, run: Run, rank: int, now: float) -> bool:
         """Lost after two missed heartbeats (or --heartbeat-timeout, when given)."""
         limit = self.heartbeat_timeout or 2 * run.heartbeat_interval.get(rank, 5.0) + 1.0
         return now - run.rank_seen.get(rank, now) > limit
 
     def _shutdown(self) -> None:
+        self.watch.close()
+        if self.connections is not None:
+            self.connections.close()
         self.hardware.close()  # last samples of the runs still sampled, then its thread ends
         local = self.parent_pid is not None
         for uid, run in list(self.runs.items()):
@@ -483,13 +570,3 @@ class Collector:
         self._stop_pull.close(0)
         self._ctx.term()
 
-
-def _alive(pid: int) -> bool:
-    if os.getppid() != pid:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True

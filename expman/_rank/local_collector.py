@@ -1,7 +1,10 @@
 """Local mode: a private collector process started on demand for this training process.
 
 It runs in its own session, so a Ctrl-C aimed at the training script does not kill it
-before the script has flushed, and it watches our PID so it never outlives us for long.
+before the script has flushed, and it watches our PID so it never outlives us for long:
+when we die (kill -9, a zombie our launcher has not reaped yet) it first stores every
+frame we had sent, then marks our runs crashed and exits. A collector shared by a job's
+ranks (`key`) watches each rank's process the same way (`--watch-ranks`).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class LocalCollector:
                 if _is_collector(self._dir / "pid"):
                     return
                 log_file = open(self._dir / "collector.log", "ab")
-                self._proc = self._spawn(["--idle-exit", str(SHARED_IDLE_EXIT_S)], stderr=log_file)
+                self._proc = self._spawn(["--idle-exit", str(SHARED_IDLE_EXIT_S), "--watch-ranks"], stderr=log_file)
                 log_file.close()
                 (self._dir / "pid").write_text(str(self._proc.pid))
 
