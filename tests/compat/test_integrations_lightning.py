@@ -133,7 +133,7 @@ def test_ddp_every_rank_logs_into_one_run(tmp_path, root, short_dir):
         assert len(runs) == 1
         run = runs[0]
         assert run.id == versions["0"] and run.path.parent.name == "lightning" and run.path.name.startswith("ddp-")
-        wait_for(lambda: expman.open_run(run.path).status == "finished", 15, "both ranks to finish the run")
+        wait_for(lambda: expman.open_run(run.path).status == "finished", 60, "both ranks to finish the run")
         run = expman.open_run(run.path)
         assert run.info["world_size"] == 2 and sorted(run.info["ranks"]) == [0, 1]
         assert [run.info["ranks"][r]["local_rank"] for r in (0, 1)] == [0, 1] and run.info["launcher"] == "lightning"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from pathlib import Path
 
 import pytest
+from _helpers import run_async, until
 from _tui_runs import NOW, make_root, make_run, private_tui_state  # noqa: F401 (autouse)
 
 import expman
@@ -20,28 +20,6 @@ from expman.tui.widgets.chart import MetricChart
 from textual.widgets import DataTable, Log
 
 SIZE = (120, 40)
-
-
-def run_async(test):
-    """Run an async test body with asyncio.run (no async plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
-
-
-async def until(pilot, condition, timeout: float = 10.0, what: str = "condition"):
-    """Let the app run until condition() is truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def rows(app) -> list[str]:

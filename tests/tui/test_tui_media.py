@@ -5,7 +5,6 @@ key as a heatmap, a table as a DataTable."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import run_async, until
 from _tui_runs import private_tui_state  # noqa: F401 (autouse)
 
 import expman
@@ -28,27 +28,6 @@ pytest.importorskip("PIL")
 
 SIZE = (120, 40)
 
-
-def run_async(test):
-    """Run an async test body with asyncio.run (no async plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
-
-
-async def until(pilot, condition, timeout: float = 10.0, what: str = "condition"):
-    """Let the app run until condition() is truthy; fail after the deadline (a hang, not a speed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.05)
 
 RANK = '''
 import sys
