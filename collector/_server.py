@@ -1,9 +1,11 @@
 """The collector's receive loop: frames in, write-ahead log, acknowledgements out.
 
 One thread. Each turn it takes every frame that is waiting (up to a batch), persists
-them (WAL append, run.log, YAML), makes the batch durable with one fsync per run, and
-only then acknowledges the sequence numbers to their senders. Periodic work (Parquet
-flushes, run.yaml updates, missing heartbeats) happens between turns.
+them (WAL append, run.log, YAML), makes the batch durable with one group commit for all
+the runs it touched, and only then acknowledges the sequence numbers to their senders.
+Periodic work (Parquet flushes by size and age, run.yaml updates, missing heartbeats)
+happens between turns, and only for runs that need it: the touched ones every tick,
+all of them once a second (docs/architecture.md, Scaling).
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ import os
 import socket
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.compute as pc
 import zmq
 
 from expman._wire import frames as proto
-from expman._storage.rows import frame_table
 from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
-from expman._storage.layout import HOSTS_DIR, STEP
+from expman._storage.layout import HOSTS_DIR
+from expman._storage.wal import SegmentWriter
 from expman._wire.limits import check_envelope, check_name
 
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
@@ -38,8 +40,12 @@ log = logging.getLogger("expman.collector")
 
 RECV_BATCH = 128  # frames per turn: bounds the rows decoded before the next flush
 RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
-FLUSH_INTERVAL_S = 0.5
-FLUSH_ROWS = 262_144
+FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
+FLUSH_ROWS = 262_144  # ... or once this many wait
+FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
+TICK_S = 0.1  # runs touched since the last tick are looked at this often
+SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
+SYNC_THREADS = 8  # without syncfs, a turn's fsyncs go out together: the filesystem commits them as one
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
@@ -95,6 +101,10 @@ class Collector:
         # Called with the loop's monotonic time after each round of periodic work (the
         # daemon's sd_notify watchdog and status); must be quick and must not raise.
         self.on_periodic: Callable[[float], None] | None = None
+        self._touched: set[Run] = set()  # runs that took a frame since the last tick
+        self._next_sweep = 0.0
+        self._sync_pool: ThreadPoolExecutor | None = None
+        self._root_fd: int | None = None  # the group commit's handle on the root's filesystem
 
     def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
         """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
@@ -153,7 +163,7 @@ class Collector:
                     self._internal_error("in the receive loop")
                 now = time.monotonic()
                 if now >= next_periodic:
-                    next_periodic = now + 0.1
+                    next_periodic = now + TICK_S
                     self._periodic(now)
         finally:
             self._shutdown()
@@ -264,13 +274,12 @@ class Collector:
             turn.refuse(identity, seq, f"{exc.reason}: {exc.detail}")
 
     def _make_durable(self, turn: Turn) -> None:
-        """fsync each touched run once, record what was applied, then mark the frames seen."""
-        for run in turn.touched:
-            try:
-                run.sync()
-            except OSError as exc:
-                turn.failed.add(run)
-                self.write_failures.failed(exc, str(run.dir))
+        """Make every touched run durable at once (one group commit), record what was
+        applied, then mark the frames seen."""
+        self._touched |= turn.touched
+        for run, exc in self._sync_all(turn.touched):
+            turn.failed.add(run)
+            self.write_failures.failed(exc, str(run.dir))
         try:
             self.artifacts.sync()
         except OSError as exc:
@@ -291,6 +300,54 @@ class Collector:
         if refused:
             self.counters["unpersisted"] += refused
         self.write_failures.turn_done(len(turn.applied), refused)
+
+    def _sync_all(self, runs: set[Run]) -> list[tuple[Run, OSError]]:
+        """Make the runs' appended frames and log lines durable with one group commit:
+        each run's WAL is written, then one syncfs covers them all (Linux), so a turn
+        that touched 500 runs costs one commit, not 500 fsyncs. Without syncfs the
+        fsyncs go out side by side on a few threads. Returns the runs that failed."""
+        commit = SegmentWriter.sync_filesystem
+        if len(runs) <= 1 or commit is None:
+            return self._sync_each(runs)
+        failed: list[tuple[Run, OSError]] = []
+        written = []
+        for run in runs:
+            try:
+                run.sync(fsync=False)
+                written.append(run)
+            except OSError as exc:
+                failed.append((run, exc))
+        try:
+            if self._root_fd is None:
+                self._root_fd = os.open(self.root, os.O_RDONLY)
+            commit(self._root_fd)
+        except OSError as exc:
+            for run in written:
+                run.committed(False)
+                failed.append((run, exc))
+        else:
+            for run in written:
+                run.committed(True)
+        return failed
+
+    def _sync_each(self, runs: set[Run]) -> list[tuple[Run, OSError]]:
+        """fsync each run; several at once on threads (the journal commits them together)."""
+
+        def sync(run: Run) -> OSError | None:
+            try:
+                run.sync()
+            except OSError as exc:
+                return exc
+            return None
+
+        if len(runs) <= 1:
+            results = [(run, sync(run)) for run in runs]
+        else:
+            if self._sync_pool is None:
+                self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="expman-sync")
+            ordered = list(runs)
+            results = list(zip(ordered, self._sync_pool.map(sync, ordered)))
+        return [(run, exc) for run, exc in results if exc is not None]
 
     def _save_deliveries(self, runs: set[Run], durable: list[Applied]) -> set[Run]:
         """Each run that applied params, log lines, hello or finish records so (with this
@@ -329,10 +386,8 @@ class Collector:
         if frame.seq is not None and kind in _DELIVERY_KINDS:
             run.delivery_dirty = True
         if kind == proto.METRICS:
-            table = frame_table(frame)
-            run.metrics_store().add(data, table, frame.sender, frame.seq)
-            self.counters["points"] += table.num_rows
-            last = pc.max(table.column(STEP)).as_py()
+            rows, last = run.metrics_store().add_frame(data, frame)
+            self.counters["points"] += rows
             if last is not None:
                 run.stored_step(frame.rank, last)
         elif kind == proto.PARAMS:
@@ -399,12 +454,21 @@ class Collector:
 
     # --- between turns ------------------------------------------------------------------
     def _periodic(self, now: float) -> None:
+        """Between turns: the runs touched since the last tick, and every SWEEP_S all runs.
+        An idle run costs one cheap look per sweep, nothing per tick."""
         if self.relay is not None:
             self.relay.forget_idle(now)
         parent_gone = self.parent_pid is not None and not _alive(self.parent_pid)
-        for uid, run in list(self.runs.items()):
+        sweep = parent_gone or now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + SWEEP_S
+            visit = list(self.runs.items())
+        else:
+            visit = [(uid, run) for run in self._touched if self.runs.get(uid := run.info["id"]) is run]
+        self._touched = set()
+        for uid, run in visit:
             try:
-                self._periodic_run(uid, run, now, parent_gone)
+                self._periodic_run(uid, run, now, parent_gone, sweep)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
@@ -414,15 +478,18 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
-    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool) -> None:
+    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, sweep: bool) -> None:
         store = run.store
         if store is not None and store.pending_rows and (
-            store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
+            store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
+            or (now - store.pending_since >= FLUSH_AGE_S and now - run.flushed_at >= FLUSH_AGE_S)
         ):
-            run.flushed_at = now  # first: a failing write (full disk) is retried at the next interval, not every tick
+            run.flushed_at = now  # first: a failing write (full disk) is retried after FLUSH_AGE_S, not every tick
             run.flush_metrics(final=run.final_since is not None)
         elif store is not None and run.final_since is not None:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
+        if not sweep:
+            return
         lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
         if lost:
             why = "the training process exited without finishing" if parent_gone else "no heartbeat"
@@ -481,6 +548,10 @@ class Collector:
         if self.zap is not None:
             self.zap.close()
         self._stop_pull.close(0)
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
         self._ctx.term()
 
 
