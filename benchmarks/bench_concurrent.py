@@ -137,6 +137,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
         time.sleep(2.0)  # let the collector settle with every run open and idle
         rss_idle = proc_kb(pid, "VmRSS")
         cpu0, t0, machine0 = proc_cpu_s(pid), time.monotonic(), machine_cpu_s()
+        ranks_cpu0 = sum(os.times()[2:4])  # children that ended: the rank processes
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
@@ -146,6 +147,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
             runs.extend(out["runs"])
             p.wait(60)
         wall = time.monotonic() - t0
+        ranks_cpu = sum(os.times()[2:4]) - ranks_cpu0
         cpu = proc_cpu_s(pid) - cpu0
         machine = machine_cpu_s() - machine0
         hwm = proc_kb(pid, "VmHWM")
@@ -160,7 +162,8 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
         "runs": n, "per_process": per, "points": total, "wall_s": round(wall, 1),
         "finish_true": sum(r["ok"] for r in runs), "finish_max_s": round(max(r["finish_s"] for r in runs), 2),
         "stored_once": sum(c[0] for c in checks), "finished": sum(c[1] for c in checks),
-        "collector_cpu_s": round(cpu, 2), "machine_cpu_s": round(machine, 1), "cpu_us_per_point": round(cpu / total * 1e6, 1),
+        "collector_cpu_s": round(cpu, 2), "machine_cpu_s": round(machine, 1),
+        "ranks_cpu_s": round(ranks_cpu, 1), "cpu_us_per_point": round(cpu / total * 1e6, 1),
         "collector_peak_rss_mb": round(hwm / 1024, 1), "idle_run_kb": round((rss_idle - rss0) / n, 1),
         "_work": str(work),
     }
