@@ -15,7 +15,6 @@ import os
 import socket
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +24,9 @@ from expman._wire import frames as proto
 from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
 from expman._storage.layout import HOSTS_DIR
-from expman._storage.wal import SegmentWriter
 from expman._wire.limits import check_envelope, check_name
 
+from ._commit import GroupCommit
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
@@ -46,7 +45,6 @@ FLUSH_ROWS = 262_144  # ... or once this many wait
 FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
-SYNC_THREADS = 8  # without syncfs, a turn's fsyncs go out together: the filesystem commits them as one
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
@@ -104,9 +102,8 @@ class Collector:
         self.on_periodic: Callable[[float], None] | None = None
         self._touched: set[Run] = set()  # runs that took a frame since the last tick
         self._next_sweep = 0.0
-        self._sync_pool: ThreadPoolExecutor | None = None
+        self.commit = GroupCommit(root)
         self._last_turn = 0.0
-        self._root_fd: int | None = None  # the group commit's handle on the root's filesystem
 
     def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
         """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
@@ -286,7 +283,7 @@ class Collector:
         """Make every touched run durable at once (one group commit), record what was
         applied, then mark the frames seen."""
         self._touched |= turn.touched
-        for run, exc in self._sync_all(turn.touched):
+        for run, exc in self.commit.sync(turn.touched):
             turn.failed.add(run)
             self.write_failures.failed(exc, str(run.dir))
         try:
@@ -309,54 +306,6 @@ class Collector:
         if refused:
             self.counters["unpersisted"] += refused
         self.write_failures.turn_done(len(turn.applied), refused)
-
-    def _sync_all(self, runs: set[Run]) -> list[tuple[Run, OSError]]:
-        """Make the runs' appended frames and log lines durable with one group commit:
-        each run's WAL is written, then one syncfs covers them all (Linux), so a turn
-        that touched 500 runs costs one commit, not 500 fsyncs. Without syncfs the
-        fsyncs go out side by side on a few threads. Returns the runs that failed."""
-        commit = SegmentWriter.sync_filesystem
-        if len(runs) <= 1 or commit is None:
-            return self._sync_each(runs)
-        failed: list[tuple[Run, OSError]] = []
-        written = []
-        for run in runs:
-            try:
-                run.sync(fsync=False)
-                written.append(run)
-            except OSError as exc:
-                failed.append((run, exc))
-        try:
-            if self._root_fd is None:
-                self._root_fd = os.open(self.root, os.O_RDONLY)
-            commit(self._root_fd)
-        except OSError as exc:
-            for run in written:
-                run.committed(False)
-                failed.append((run, exc))
-        else:
-            for run in written:
-                run.committed(True)
-        return failed
-
-    def _sync_each(self, runs: set[Run]) -> list[tuple[Run, OSError]]:
-        """fsync each run; several at once on threads (the journal commits them together)."""
-
-        def sync(run: Run) -> OSError | None:
-            try:
-                run.sync()
-            except OSError as exc:
-                return exc
-            return None
-
-        if len(runs) <= 1:
-            results = [(run, sync(run)) for run in runs]
-        else:
-            if self._sync_pool is None:
-                self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="expman-sync")
-            ordered = list(runs)
-            results = list(zip(ordered, self._sync_pool.map(sync, ordered)))
-        return [(run, exc) for run, exc in results if exc is not None]
 
     def _save_deliveries(self, runs: set[Run], durable: list[Applied]) -> set[Run]:
         """Each run that applied params, log lines, hello or finish records so (with this
@@ -475,9 +424,12 @@ class Collector:
         else:
             visit = [(uid, run) for run in self._touched if self.runs.get(uid := run.info["id"]) is run]
         self._touched = set()
+        # Frames still waiting (a loop behind its load) may hold the heartbeats a silent
+        # rank sent: nobody is judged silent until they are read.
+        backlog = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
         for uid, run in visit:
             try:
-                self._periodic_run(uid, run, now, parent_gone, sweep)
+                self._periodic_run(uid, run, now, parent_gone, sweep, backlog)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
@@ -487,7 +439,7 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
-    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, sweep: bool) -> None:
+    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, sweep: bool, backlog: bool) -> None:
         store = run.store
         if store is not None and store.pending_rows and (
             store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
@@ -499,7 +451,7 @@ class Collector:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
         if not sweep:
             return
-        lost = [r for r in run.running_ranks() if parent_gone or self._silent_too_long(run, r, now)]
+        lost = [r for r in run.running_ranks() if parent_gone or (not backlog and self._silent_too_long(run, r, now))]
         if lost:
             why = "the training process exited without finishing" if parent_gone else "no heartbeat"
             for rank in lost:
@@ -557,10 +509,7 @@ class Collector:
         if self.zap is not None:
             self.zap.close()
         self._stop_pull.close(0)
-        if self._sync_pool is not None:
-            self._sync_pool.shutdown()
-        if self._root_fd is not None:
-            os.close(self._root_fd)
+        self.commit.close()
         self._ctx.term()
 
 
