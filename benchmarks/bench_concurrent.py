@@ -13,6 +13,7 @@ finish), collector peak RSS (VmHWM), RSS per idle run, wall time.
 
     python benchmarks/bench_concurrent.py                     # N = 10 and 100
     python benchmarks/bench_concurrent.py --runs 1000 --per-process 50
+    python benchmarks/bench_concurrent.py --ack-wait --runs    # only: a rank waiting for acks
 
 Exit status 1 if a check fails.
 """
@@ -24,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,17 +54,50 @@ def worker(argv: list[str]) -> int:
         wait = t0 + (step + 1) / rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-    results = []
-    for e in exps:  # finish() each in turn, each with its default timeout
+    results: list[dict] = [{} for _ in exps]
+
+    def finish(i: int) -> None:  # all at once, as K processes would, each with its default timeout
         f0 = time.monotonic()
-        ok = e.finish()
-        results.append({"ok": ok, "dir": str(e.run_dir), "finish_s": time.monotonic() - f0})
+        ok = exps[i].finish()
+        results[i] = {"ok": ok, "dir": str(exps[i].run_dir), "finish_s": time.monotonic() - f0}
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(len(exps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     print(json.dumps({"runs": results}), flush=True)
+    return 0
+
+
+def ack_waiter(argv: list[str]) -> int:
+    """`--ack-waiter ROOT SECONDS`: say ready once the hello is acked; at "go" (the
+    collector is stopped by then) log a point and wait in finish(); print its CPU use."""
+    root, seconds = argv[0], float(argv[1])
+    import expman
+
+    exp = expman.start_experiment("concurrent", "ack-wait", root=root)
+    while not (exp._channel.hello_sent and exp.stats()["unacked_frames"] == 0):
+        time.sleep(0.01)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    exp.log_metric("loss", 1.0, step=0)
+    time.sleep(0.5)  # the frame goes out; from here the rank only waits for its ack
+    waiter = threading.Thread(target=exp.finish, kwargs={"timeout": seconds})
+    waiter.start()
+    time.sleep(1.0)  # measured inside the wait: not the finish frame going out, not the spill at the timeout
+    t0, c0 = time.monotonic(), sum(os.times()[:2])
+    time.sleep(seconds - 2.0)
+    out = {"waited_s": time.monotonic() - t0, "cpu_s": sum(os.times()[:2]) - c0}
+    waiter.join()
+    print(json.dumps(out), flush=True)
     return 0
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     sys.exit(worker(sys.argv[2:]))
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--ack-waiter":
+    sys.exit(ack_waiter(sys.argv[2:]))
 
 
 from _common import PYTHON, ExternalCollector, make_tmpdir, rmtree_quiet  # noqa: E402
@@ -169,16 +204,42 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
     }
 
 
+def ack_wait_case(seconds: float = 22.0) -> dict:
+    """CPU of a rank waiting in finish() for acks from a stopped (SIGSTOP) collector."""
+    work = make_tmpdir("ack-wait")
+    coll = Collector(work, None).start()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXPMAN_")}, "EXPMAN_COLLECTOR": coll.endpoint,
+           "EXPMAN_SPOOL_DIR": str(work / "spool")}
+    proc = subprocess.Popen([PYTHON, __file__, "--ack-waiter", str(coll.root), str(seconds)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        coll.sigstop()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out = json.loads(proc.stdout.readline())
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        coll.close()
+        rmtree_quiet(work)
+    return {"ack_wait_s": round(out["waited_s"], 1), "ack_wait_core_pct": round(100 * out["cpu_s"] / out["waited_s"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--runs", type=int, nargs="*", default=[10, 100])
     p.add_argument("--per-process", type=int, default=1, help="runs per rank process (default 1)")
     p.add_argument("--points", type=int, default=2000)
     p.add_argument("--rate", type=float, default=100.0, help="steps per second per run")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--profile", metavar="FILE", help="run the collector under cProfile, stats to FILE (last N)")
+    p.add_argument("--ack-wait", action="store_true", help="also: CPU of a rank waiting for acks in finish()")
     args = p.parse_args(argv)
     results, ok = [], True
+    if args.ack_wait:
+        print(json.dumps(ack_wait_case()), flush=True)
     for n in args.runs:
         r = run_case(n, args.per_process, args.points, args.rate, args.profile)
         rmtree_quiet(r.pop("_work"))
