@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def _frames_metadata(ranges: Ranges) -> dict[str, str]:
 
 
 _TIME_TYPE = _SCHEMA.field("time").type
+_SMALL_MAX_KEY_ID = 1 << 20  # key ids past this (or below 0) take the general path: no huge lookup table
 
 
 class _Small:
@@ -100,10 +102,12 @@ def _small(frame: Frame) -> tuple[_Small | pa.Table, int | None]:
     """The frame's rows (a _Small where it can, else a table) and its highest step;
     raises ProtocolError for what batch_table would refuse."""
     batch = read_metrics_body(frame.body)
-    if batch.texts or batch.times is not None or not isinstance(batch.steps, bytes):
-        table = frame_table(frame)
-        return table, pc.max(table.column("step")).as_py()
     known = sorted(batch.keys)
+    time_us = int(frame.sent_at * 1e6) if math.isfinite(frame.sent_at) else 2**63
+    if (batch.texts or batch.times is not None or not isinstance(batch.steps, bytes)
+            or (known and not 0 <= known[0] <= known[-1] < _SMALL_MAX_KEY_ID) or not -2**63 <= time_us < 2**63):
+        table = frame_table(frame)  # the general path, and the one that says what is wrong
+        return table, pc.max(table.column("step")).as_py()
     ids = np.frombuffer(batch.ids, np.int32)
     if known != list(range(len(known))):
         lookup = np.full(max(known[-1] + 1, 1) if known else 1, -1, np.int32)
@@ -114,8 +118,7 @@ def _small(frame: Frame) -> tuple[_Small | pa.Table, int | None]:
     if len(ids) and (ids.min() < 0 or ids.max() >= len(known)):
         raise ProtocolError("bad-values", "a point names a key id the frame does not define")
     steps = np.frombuffer(batch.steps, np.int64)
-    rows = _Small([batch.keys[i] for i in known], ids, batch.values, batch.steps, frame.rank, frame.host,
-                  int(frame.sent_at * 1e6))
+    rows = _Small([batch.keys[i] for i in known], ids, batch.values, batch.steps, frame.rank, frame.host, time_us)
     return rows, int(steps.max()) if len(steps) else None
 
 
