@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from expman._errors import ProtocolError
 from expman._storage.rows import frame_table
-from expman._wire.frames import decode_frame
+from expman._wire.columns import read_metrics_body
+from expman._wire.frames import Frame, decode_frame
 from expman._storage.layout import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._storage.wal import SegmentWriter, list_segments, read_records, segment_path
 
@@ -71,6 +77,91 @@ def _frames_metadata(ranges: Ranges) -> dict[str, str]:
     return {FRAMES_KEY: json.dumps(ranges, separators=(",", ":"))}
 
 
+_TIME_TYPE = _SCHEMA.field("time").type
+_SMALL_MAX_KEY_ID = 1 << 20  # key ids past this (or below 0) take the general path: no huge lookup table
+
+
+class _Small:
+    """A plain metrics frame (binary steps, the frame's time, no texts) kept as its raw
+    columns until the next part: building an Arrow table per frame costs ~90 us, which
+    at one or two points per frame (many slow runs) is most of the collector's work."""
+
+    __slots__ = ("names", "ids", "values", "steps", "rank", "host", "time_us")
+
+    def __init__(self, names: list[str], ids: np.ndarray, values: bytes, steps: bytes,
+                 rank: int, host: str, time_us: int) -> None:
+        self.names, self.ids, self.values, self.steps = names, ids, values, steps
+        self.rank, self.host, self.time_us = rank, host, time_us
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+def _small(frame: Frame) -> tuple[_Small | pa.Table, int | None]:
+    """The frame's rows (a _Small where it can, else a table) and its highest step;
+    raises ProtocolError for what batch_table would refuse."""
+    batch = read_metrics_body(frame.body)
+    known = sorted(batch.keys)
+    time_us = int(frame.sent_at * 1e6) if math.isfinite(frame.sent_at) else 2**63
+    if (batch.texts or batch.times is not None or not isinstance(batch.steps, bytes)
+            or (known and not 0 <= known[0] <= known[-1] < _SMALL_MAX_KEY_ID) or not -2**63 <= time_us < 2**63):
+        table = frame_table(frame)  # the general path, and the one that says what is wrong
+        return table, pc.max(table.column("step")).as_py()
+    ids = np.frombuffer(batch.ids, np.int32)
+    if known != list(range(len(known))):
+        lookup = np.full(max(known[-1] + 1, 1) if known else 1, -1, np.int32)
+        lookup[known] = np.arange(len(known), dtype=np.int32)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(lookup)):
+            raise ProtocolError("bad-values", "a point names a key id the frame does not define")
+        ids = lookup[ids]
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(known)):
+        raise ProtocolError("bad-values", "a point names a key id the frame does not define")
+    steps = np.frombuffer(batch.steps, np.int64)
+    rows = _Small([batch.keys[i] for i in known], ids, batch.values, batch.steps, frame.rank, frame.host, time_us)
+    return rows, int(steps.max()) if len(steps) else None
+
+
+def _small_table(items: list[_Small]) -> pa.Table:
+    """One table for many small frames, built with numpy."""
+    codes: dict[str, int] = {}
+    hosts: dict[str, int] = {}
+    ids = []
+    for item in items:
+        mapping = np.array([codes.setdefault(name, len(codes)) for name in item.names], np.int32)
+        ids.append(mapping[item.ids] if len(mapping) else item.ids)
+    counts = np.fromiter((len(i.ids) for i in items), np.int64, len(items))
+    n = int(counts.sum())
+    return pa.Table.from_arrays([
+        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), pa.array(list(codes), pa.string())),
+        pa.array(np.frombuffer(b"".join(i.values for i in items), np.float64)),
+        pa.nulls(n, pa.string()),
+        pa.array(np.frombuffer(b"".join(i.steps for i in items), np.int64)),
+        pa.array(np.repeat(np.fromiter((i.rank for i in items), np.int32, len(items)), counts)),
+        pa.DictionaryArray.from_arrays(
+            pa.array(np.repeat(np.fromiter((hosts.setdefault(i.host, len(hosts)) for i in items), np.int32,
+                                           len(items)), counts)), pa.array(list(hosts), pa.string())),
+        pa.array(np.repeat(np.fromiter((i.time_us for i in items), np.int64, len(items)), counts)).cast(_TIME_TYPE),
+    ], schema=_SCHEMA)
+
+
+def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
+    """The rows of pending frames in arrival order (runs of small frames built together)."""
+    tables: list[pa.Table] = []
+    run: list[_Small] = []
+    for item in items:
+        if isinstance(item, _Small):
+            run.append(item)
+            continue
+        if run:
+            tables.append(_small_table(run))
+            run = []
+        tables.append(item)
+    if run:
+        tables.append(_small_table(run))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
 class MetricsStore:
     """One writer's (collector's) share of a run's metrics."""
 
@@ -81,6 +172,7 @@ class MetricsStore:
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
+        self.pending_since = 0.0  # monotonic time of the oldest row not yet in a part
         self.rows_written = 0
         # Every frame this writer has stored for the run, so a restarted collector does not
         # store a resend twice (also ones whose ack a kill lost after they reached a part).
@@ -118,34 +210,65 @@ class MetricsStore:
         self.wal = SegmentWriter(self.wal_dir, next_segment)
         self._pending_from = next_segment
         self._synced_tables = 0
+        self._written_from: int | None = None  # WAL size before writes that wait for a group commit
         self.rollbacks = 0  # failed syncs: frames added before one were not stored
 
-    def add(self, raw_frame: bytes, table: pa.Table, sender: str, seq: int | None) -> None:
+    def add_frame(self, raw_frame: bytes, frame: Frame) -> tuple[int, int | None]:
+        """Check a metrics frame, log it ahead; returns (its rows, its highest step or None)."""
+        rows, last = _small(frame)
+        self.add(raw_frame, rows, frame.sender, frame.seq)
+        return rows.num_rows, last
+
+    def add(self, raw_frame: bytes, table: pa.Table | _Small, sender: str, seq: int | None) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
         self.wal.append(raw_frame)
+        if not self._tables:
+            self.pending_since = time.monotonic()
         self._tables.append(table)
         self._frames.append((sender, -1 if seq is None else seq))
         self.pending_rows += table.num_rows
 
-    def sync(self) -> None:
+    @property
+    def pending_frames(self) -> int:
+        """Frames whose rows wait for the next part (each holds a small table in memory)."""
+        return len(self._tables)
+
+    def sync(self, fsync: bool = True) -> None:
         """Make the frames added since the last sync durable; if that fails (disk full)
-        forget them, so their resends are stored once, and raise."""
+        forget them, so their resends are stored once, and raise. `fsync=False` only
+        writes them: a group commit follows, then `committed()` or `commit_failed()`."""
+        start = self.wal.committed
         try:
-            self.wal.sync()
+            self.wal.sync(fsync)
         except OSError:
-            self.rollbacks += 1
-            del self._tables[self._synced_tables:]
-            del self._frames[self._synced_tables:]
-            self.pending_rows = sum(t.num_rows for t in self._tables)
+            self.commit_failed()
             raise
+        if fsync:
+            self.committed()
+        elif self._written_from is None:
+            self._written_from = start
+
+    def committed(self) -> None:
+        """The frames written so far are durable."""
         self._synced_tables = len(self._tables)
+        self._written_from = None
+
+    def commit_failed(self) -> None:
+        """The group commit failed: cut the WAL back to what was durable, forget the rest."""
+        if self._written_from is not None:
+            self.wal.truncate(self._written_from)
+            self._written_from = None
+        self.rollbacks += 1
+        del self._tables[self._synced_tables:]
+        del self._frames[self._synced_tables:]
+        self.pending_rows = sum(t.num_rows for t in self._tables)
 
     def flush(self) -> None:
         """Seal the current segment and write its rows as a part."""
         if not self._tables:
             return
         sealed = self.wal.rotate()
-        table = pa.concat_tables(self._tables)
+        table = _pending_table(self._tables)
         frames = _to_ranges([f for f in self._frames if f[1] >= 0])
         write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA,
                    _frames_metadata(frames), by_key=True, **_ENCODING)

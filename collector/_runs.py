@@ -41,7 +41,7 @@ from ._metrics_store import MetricsStore
 
 log = logging.getLogger("expman.collector")
 
-RUN_YAML_MIN_INTERVAL_S = 1.0
+RUN_YAML_MIN_INTERVAL_S = 5.0  # unforced changes (heartbeats, last_step); a status change is written at once
 # Worst first: the run's status is the worst of its ranks' final statuses; a rank that
 # vanished is "lost", and makes the run "crashed".
 _SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
@@ -441,14 +441,20 @@ class Run:
         self.delivered = windows
         self.delivery_dirty = False
 
-    def sync(self) -> None:
-        """Make everything appended since the last sync durable before acks go out."""
+    def sync(self, fsync: bool = True) -> None:
+        """Make everything appended since the last sync durable before acks go out;
+        `fsync=False` only writes it, for the collector's group commit (then `committed`)."""
         if self.store is not None:
-            self.store.sync()
+            self.store.sync(fsync)
         if self._log_dirty:
             self._log.flush()
             self._log_dirty = False
             self.delivery_dirty = True
+
+    def committed(self, ok: bool) -> None:
+        """The group commit after `sync(fsync=False)` succeeded (or failed)."""
+        if self.store is not None:
+            self.store.committed() if ok else self.store.commit_failed()
 
     def flush_metrics(self, final: bool = False) -> None:
         """Write pending rows as a part; `final` also merges all parts and closes the WAL."""

@@ -1,9 +1,11 @@
 """The collector's receive loop: frames in, write-ahead log, acknowledgements out.
 
 One thread. Each turn it takes every frame that is waiting (up to a batch), persists
-them (WAL append, run.log, YAML), makes the batch durable with one fsync per run, and
-only then acknowledges the sequence numbers to their senders. Periodic work (Parquet
-flushes, run.yaml updates, missing heartbeats) happens between turns.
+them (WAL append, run.log, YAML), makes the batch durable with one group commit for all
+the runs it touched, and only then acknowledges the sequence numbers to their senders.
+Periodic work (Parquet flushes by size and age, run.yaml updates, missing heartbeats)
+happens between turns, and only for runs that need it: the touched ones every tick,
+all of them once a second (docs/architecture.md, Scaling).
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.compute as pc
 import zmq
 
 from expman._env import hostname
 from expman._wire import frames as proto
-from expman._storage.rows import frame_table
 from expman._wire.curve_keys import ClientKeys
 from expman._errors import ProtocolError
-from expman._storage.layout import HOSTS_DIR, STEP
+from expman._storage.layout import HOSTS_DIR
 from expman._wire.limits import check_envelope, check_name
 
+from ._commit import GroupCommit
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
@@ -37,10 +38,14 @@ from ._runs import Run, add_child_on_disk
 
 log = logging.getLogger("expman.collector")
 
-RECV_BATCH = 128  # frames per turn: bounds the rows decoded before the next flush
+RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
+COMMIT_INTERVAL_S = 0.01  # turns (and group commits) at most this often: frames gather meanwhile
 RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
-FLUSH_INTERVAL_S = 0.5
-FLUSH_ROWS = 262_144
+FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
+FLUSH_ROWS = 262_144  # ... or once this many wait
+FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
+TICK_S = 0.1  # runs touched since the last tick are looked at this often
+SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0
 IDLE_GRACE_S = 3.0
 # Local mode, after a watched process exited: its frames are all in once no connection is
@@ -112,6 +117,10 @@ class Collector:
         # Called with the loop's monotonic time after each round of periodic work (the
         # daemon's sd_notify watchdog and status); must be quick and must not raise.
         self.on_periodic: Callable[[float], None] | None = None
+        self._touched: set[Run] = set()  # runs that took a frame since the last tick
+        self._next_sweep = 0.0
+        self.commit = GroupCommit(root)
+        self._last_turn = 0.0
 
     def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
         """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
@@ -170,7 +179,7 @@ class Collector:
                     self._internal_error("in the receive loop")
                 now = time.monotonic()
                 if now >= next_periodic:
-                    next_periodic = now + 0.1
+                    next_periodic = now + TICK_S
                     self._periodic(now)
         finally:
             self._shutdown()
@@ -186,6 +195,13 @@ class Collector:
                     self.relay.pass_back(sock, self._router)
 
     def _turn(self) -> None:
+        """Take what waits, make it durable with one commit, answer. Turns come at most every
+        COMMIT_INTERVAL_S: under load a commit covers many frames (and runs), so its cost
+        per point falls as the load grows; an ack waits at most that much longer."""
+        wait = self._last_turn + COMMIT_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_turn = time.monotonic()
         turn = Turn()
         for parts in self._receive():
             try:
@@ -281,13 +297,12 @@ class Collector:
             turn.refuse(identity, seq, f"{exc.reason}: {exc.detail}")
 
     def _make_durable(self, turn: Turn) -> None:
-        """fsync each touched run once, record what was applied, then mark the frames seen."""
-        for run in turn.touched:
-            try:
-                run.sync()
-            except OSError as exc:
-                turn.failed.add(run)
-                self.write_failures.failed(exc, str(run.dir))
+        """Make every touched run durable at once (one group commit), record what was
+        applied, then mark the frames seen."""
+        self._touched |= turn.touched
+        for run, exc in self.commit.sync(turn.touched):
+            turn.failed.add(run)
+            self.write_failures.failed(exc, str(run.dir))
         try:
             self.artifacts.sync()
         except OSError as exc:
@@ -346,10 +361,8 @@ class Collector:
         if frame.seq is not None and kind in _DELIVERY_KINDS:
             run.delivery_dirty = True
         if kind == proto.METRICS:
-            table = frame_table(frame)
-            run.metrics_store().add(data, table, frame.sender, frame.seq)
-            self.counters["points"] += table.num_rows
-            last = pc.max(table.column(STEP)).as_py()
+            rows, last = run.metrics_store().add_frame(data, frame)
+            self.counters["points"] += rows
             if last is not None:
                 run.stored_step(frame.rank, last)
         elif kind == proto.PARAMS:
@@ -416,15 +429,27 @@ class Collector:
 
     # --- between turns ------------------------------------------------------------------
     def _periodic(self, now: float) -> None:
+        """Between turns: the runs touched since the last tick, and every SWEEP_S all runs.
+        An idle run costs one cheap look per sweep, nothing per tick."""
         if self.relay is not None:
             self.relay.forget_idle(now)
         if self.connections is not None:
             self.connections.count()  # keep the monitor's queue short (it drops news past its HWM)
         parent_gone = self._parent_drained(now)
         vanished = self._vanished_ranks(now) if self.watch_ranks and not parent_gone else set()
-        for uid, run in list(self.runs.items()):
+        sweep = parent_gone or bool(vanished) or now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + SWEEP_S
+            visit = list(self.runs.items())
+        else:
+            visit = [(uid, run) for run in self._touched if self.runs.get(uid := run.info["id"]) is run]
+        self._touched = set()
+        # Frames still waiting (a loop behind its load) may hold the heartbeats a silent
+        # rank sent: nobody is judged silent until they are read.
+        backlog = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        for uid, run in visit:
             try:
-                self._periodic_run(uid, run, now, parent_gone, vanished)
+                self._periodic_run(uid, run, now, parent_gone, vanished, sweep, backlog)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
@@ -434,17 +459,21 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
-    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]]) -> None:
+    def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]],
+                      sweep: bool, backlog: bool) -> None:
         store = run.store
         if store is not None and store.pending_rows and (
-            store.pending_rows >= FLUSH_ROWS or now - run.flushed_at >= FLUSH_INTERVAL_S
+            store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
+            or (now - store.pending_since >= FLUSH_AGE_S and now - run.flushed_at >= FLUSH_AGE_S)
         ):
-            run.flushed_at = now  # first: a failing write (full disk) is retried at the next interval, not every tick
+            run.flushed_at = now  # first: a failing write (full disk) is retried after FLUSH_AGE_S, not every tick
             run.flush_metrics(final=run.final_since is not None)
         elif store is not None and run.final_since is not None:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
+        if not sweep:
+            return
         gone = {r for r in run.running_ranks() if parent_gone or (uid, r) in vanished}
-        lost = [r for r in run.running_ranks() if r in gone or self._silent_too_long(run, r, now)]
+        lost = [r for r in run.running_ranks() if r in gone or (not backlog and self._silent_too_long(run, r, now))]
         if lost:
             for rank in lost:
                 why = GONE_WHY if rank in gone else "no heartbeat"
@@ -568,5 +597,6 @@ class Collector:
         if self.zap is not None:
             self.zap.close()
         self._stop_pull.close(0)
+        self.commit.close()
         self._ctx.term()
 

@@ -187,7 +187,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 # a real terminal (tmux), network namespaces, a Jupyter kernel, an S3-protocol server, a web
 # server. `pytest -m "not e2e"` runs the rest: the fast subset for a quick check.
 E2E = {
-    "test_multihost", "test_distributed", "test_hostile", "test_soak", "test_curve_refusals",
+    "test_multihost", "test_distributed", "test_concurrent", "test_hostile", "test_soak", "test_curve_refusals",
     "test_integrations_lightning", "test_integrations_transformers",
     "test_tui_tmux", "test_tui_serve", "test_tui_media", "test_notebook", "test_objstore", "test_lifecycle", "test_deploy",
     "test_kill_drain",

@@ -44,6 +44,7 @@ log = logging.getLogger("expman")
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
 IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
+ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384
 MAX_CONSOLE_LINES_PER_FRAME = 4096
 MAX_PENDING_BYTES = 256 * 1024 * 1024
@@ -243,7 +244,12 @@ class Sender:
                     self._overflow.load_into(self._outbox, self.max_pending_bytes)
                 self._send_pending(dealer)
                 # Wake every flush_interval while points flow; back off when idle (it costs CPU).
-                timeout = self.flush_interval if self._busy or self._outbox.has_due else min(timeout * 2, IDLE_POLL_MAX_S)
+                # Every run finished and only acks awaited (finish() waiting on a slow collector):
+                # no new data can come but by a wake-up, so back off further; an ack or a
+                # wake-up (a new run, a stop) still ends the poll at once.
+                acks_only = bool(self._outbox) and all(run.finish_sent for run in self.active())
+                timeout = self.flush_interval if self._busy or self._outbox.has_due else min(
+                    timeout * 2, ACK_WAIT_POLL_MAX_S if acks_only else IDLE_POLL_MAX_S)
         except zmq.ContextTerminated:
             pass
         except Exception:  # never let a bug here take the training process down

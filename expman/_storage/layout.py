@@ -94,7 +94,9 @@ def write_yaml_atomic(path: Path, data: dict[str, Any]) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode any new file gets
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)
+            # libyaml's dumper where installed: the same text, ~8x less CPU (the collector
+            # rewrites every running run's run.yaml)
+            yaml.dump(data, fh, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False, allow_unicode=True)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -18,6 +18,27 @@ from expman._storage.records import OVERHEAD, frame_record, iter_records
 _SUFFIX = ".wal"
 
 
+def _load_syncfs() -> Callable[[int], None] | None:
+    """syncfs(2) through libc, where there is one (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs
+
+
+_syncfs = _load_syncfs()
+
+
 def segment_path(folder: Path, number: int) -> Path:
     return folder / f"{number:08d}{_SUFFIX}"
 
@@ -54,6 +75,9 @@ class SegmentWriter:
     """
 
     sync_file: Callable[[int], None] = staticmethod(os.fsync)
+    # One commit for every segment written on a filesystem (Linux syncfs), or None where
+    # there is none: the collector's group commit (collector/_server.py). A seam too.
+    sync_filesystem: Callable[[int], None] | None = staticmethod(_syncfs) if _syncfs is not None else None
 
     def __init__(self, folder: Path, number: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,8 +96,9 @@ class SegmentWriter:
         self._buffer += frame_record(payload)
         self.records += 1
 
-    def sync(self) -> None:
-        """Make appended records durable (called once per receive batch, not per record).
+    def sync(self, fsync: bool = True) -> None:
+        """Make appended records durable (called once per receive batch, not per record);
+        `fsync=False` only writes them, for a group commit (`sync_filesystem`) to follow.
 
         On failure nothing of this batch stays in the segment, and the error is raised."""
         if not self._buffer:
@@ -83,16 +108,31 @@ class SegmentWriter:
             written = 0
             while written < len(data):
                 written += os.write(self._fd, data[written:] if written else data)
-            self.sync_file(self._fd)
+            if fsync:
+                self.sync_file(self._fd)
         except OSError:
             self._buffer.clear()
-            try:
-                os.ftruncate(self._fd, self._committed)
-            except OSError:
-                pass  # a torn tail is cut by the reader at its first bad record
+            self.truncate(self._committed)
             raise
         self._committed += len(self._buffer)
         self._buffer.clear()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def committed(self) -> int:
+        """Bytes of the segment written by `sync`."""
+        return self._committed
+
+    def truncate(self, size: int) -> None:
+        """Cut the segment back to `size` bytes (a group commit that failed)."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            pass  # a torn tail is cut by the reader at its first bad record
+        self._committed = min(self._committed, size)
 
     def rotate(self) -> int:
         """Seal the current segment and start the next; return the sealed segment's number."""
