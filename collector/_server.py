@@ -39,7 +39,8 @@ from ._runs import Run, add_child_on_disk
 log = logging.getLogger("expman.collector")
 
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
-COMMIT_INTERVAL_S = 0.01  # turns (and group commits) at most this often: frames gather meanwhile
+COMMIT_INTERVAL_S = 0.01  # after a turn of small frames, the next at most this often: frames gather meanwhile
+PACE_BELOW_BYTES = 1 << 20  # a turn that took this much data or more is followed at once
 RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
 FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
 FLUSH_ROWS = 262_144  # ... or once this many wait
@@ -121,6 +122,7 @@ class Collector:
         self._next_sweep = 0.0
         self.commit = GroupCommit(root)
         self._last_turn = 0.0
+        self._last_turn_bytes = 0
 
     def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
         """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
@@ -195,15 +197,20 @@ class Collector:
                     self.relay.pass_back(sock, self._router)
 
     def _turn(self) -> None:
-        """Take what waits, make it durable with one commit, answer. Turns come at most every
-        COMMIT_INTERVAL_S: under load a commit covers many frames (and runs), so its cost
-        per point falls as the load grows; an ack waits at most that much longer."""
-        wait = self._last_turn + COMMIT_INTERVAL_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        """Take what waits, make it durable with one commit, answer. After a turn of small
+        frames the next comes at most COMMIT_INTERVAL_S later: many small runs then share one
+        commit, so its cost per point falls as they grow in number (an ack waits at most that
+        much longer). After a turn with bulk data (PACE_BELOW_BYTES) there is no wait: big
+        frames already amortize their commit, and waiting would only queue them in memory."""
+        if self._last_turn_bytes < PACE_BELOW_BYTES:
+            wait = self._last_turn + COMMIT_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         self._last_turn = time.monotonic()
         turn = Turn()
-        for parts in self._receive():
+        messages = self._receive()
+        self._last_turn_bytes = sum(len(parts[-1]) for parts in messages)
+        for parts in messages:
             try:
                 self._take(parts, turn)
             except Exception:  # a bug met this frame: it costs the frame, never the loop
