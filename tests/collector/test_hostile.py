@@ -274,7 +274,16 @@ def test_a_killed_rank_shows_its_last_stored_step(root, short_dir, run_script):
 
 
 def modes(path: Path) -> set[tuple[str, int]]:
-    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in [path, *path.rglob("*")]}
+    """(kind, permission bits) of everything under `path`; what the collector removes while
+    we look (a WAL segment folded into a part, a temp file renamed) is skipped."""
+    found = set()
+    for p in [path, *path.rglob("*")]:
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        found.add(("dir" if stat.S_ISDIR(st.st_mode) else "file", stat.S_IMODE(st.st_mode)))
+    return found
 
 
 @pytest.mark.parametrize("extra,folder,file", [((), 0o700, 0o600), (("--group-readable",), 0o750, 0o640)])
@@ -289,7 +298,7 @@ def test_run_files_are_private_to_the_collector_user_by_default(root, short_dir,
         for step in range(100):
             exp.log_metric("loss", 1.0, step=step)
         exp.log_artifact(src)
-        wait_for(lambda: exp.stats()["acked"] == 100 and list(root.glob("e/*/metrics/*.parquet")), 20, "a part")
+        wait_for(lambda: exp.stats()["acked"] == 100 and list(root.glob("e/*/metrics/*.parquet")), 60, "a part")
         run_dir = next(root.glob("e/*"))
         live = modes(run_dir)  # WAL segments and the delivery record too, while the run is live
         assert exp.finish(timeout=30) is True
