@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from textual.widgets import Input
 from _tui_runs import NOW, make_root, make_run, private_tui_state, write_hardware  # noqa: F401 (autouse)
 
 from expman.tui.app import ExpmanApp
@@ -32,11 +33,15 @@ def app(tmp_path, monkeypatch):
     time.tzset()
 
 
-async def settle(pilot, condition, timeout: float = 15.0) -> None:
+async def settle(pilot, condition, timeout: float = 60.0) -> None:
+    """Wait until `condition()` holds, then make the picture deterministic: a focused
+    input's cursor blinks on a timer, so it is held still (on) before the snapshot."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the screen did not settle"
         await pilot.pause(0.05)
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
     await pilot.pause(0.2)
 
 
