@@ -141,7 +141,6 @@ def log_image(run: RunChannel, sender: Sender, key: str, image: Any, step: Any =
     elif layout is None and type(image).__module__.startswith("torch"):
         layout = "CHW" if image.ndim == 3 else ("NCHW" if image.ndim == 4 else None)
     array = _np().asarray(_tensor_to_numpy(image))
-    np = _np()
     if layout is None:
         layout = {2: "HW", 3: "HWC", 4: "NHWC"}.get(array.ndim)
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):

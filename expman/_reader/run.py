@@ -21,7 +21,7 @@ from expman._env import chosen_root
 from expman._reader.progress import StepSpan, rank_progress
 from expman._storage.files import resolve_root
 from expman._storage.layout import (
-    CONFIG_YAML, KEY, LOGS_DIR, METRICS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, VALUE, WAL_DIR, ArtifactRecord,
+    CONFIG_YAML, KEY, LOGS_DIR, RANK, RUN_LOG, RUN_YAML, STEP, TIME, ArtifactRecord,
     format_time, list_parts, read_yaml, read_yaml_if_present,
 )
 from expman._storage.files import LOCAL, Files, is_uri, locate, shown

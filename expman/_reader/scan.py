@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from expman._storage.key_index import KeyIndex, Span, read_index, spans
-from expman._storage.layout import HOST, KEY, METRIC_COLUMNS, RANK, STEP, TEXT, TIME, VALUE, metrics_schema
+from expman._storage.layout import HOST, KEY, METRIC_COLUMNS, RANK, STEP, TEXT, VALUE, metrics_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -220,9 +221,18 @@ def test_plan_attributes_devices_by_process_then_by_visible_devices(tmp_path):
 
 
 class SlowNvml(FakeNvml):
+    """NVML whose start waits until the test opens `gate` (nvmlInit can take seconds without
+    persistence mode), and whose PCIe reads are slow as on real GPUs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
     def nvmlInit(self) -> None:
-        time.sleep(0.5)
+        self.gate.wait(60)
         super().nvmlInit()
+        self.started.set()
 
     def nvmlDeviceGetPcieThroughput(self, handle, counter):
         time.sleep(0.05)
@@ -244,15 +254,16 @@ def test_a_collector_on_ipc_only_samples_ranks_whatever_host_they_name(tmp_path)
 
 
 def test_monitor_calls_return_at_once_and_close_writes_the_last_sample(tmp_path):
-    monitor = HardwareMonitor(tmp_path, nvml=SlowNvml([gpu(0), gpu(1)]), flush_interval=0.1)
+    nvml = SlowNvml([gpu(0), gpu(1)])
+    monitor = HardwareMonitor(tmp_path, nvml=nvml, flush_interval=0.1)
     run_dir = tmp_path / "e" / "r-1"
     run_dir.mkdir(parents=True)
     write_yaml_atomic(run_dir / "run.yaml", {"id": "1"})
-    t0 = time.perf_counter()
     monitor.hello(hello("1", 0, monitor.host, hardware_interval=0.2), run_dir)
     monitor.hello(hello("1", 1, "another-host"), run_dir)  # not this host's to sample
     monitor.rank_ended("1", 5)  # never registered: nothing to do
-    assert time.perf_counter() - t0 < 1.0, "NVML starts on the sampler's thread, not the caller's"
+    assert not nvml.started.is_set(), "NVML starts on the sampler's thread: the calls returned before it did"
+    nvml.gate.set()
     run = expman.open_run(run_dir)
     wait_for(lambda: run.hardware("gpu.pcie.rx_bytes_per_s").num_rows >= 2, 10, "the first samples")
     t0 = time.perf_counter()
