@@ -34,6 +34,12 @@ OTHERS = {  # short settings, so the whole run stays in minutes; each script's -
     "bench_collector_down.py": ["--down", "3"],
     "bench_hardware.py": ["--seconds", "5"],
     "bench_tui.py": ["--points", "1000000", "--trials", "2", "--app-trials", "1", "--live-seconds", "4"],
+    "bench_read.py": ["--points", "2000000", "--trials", "1"],
+    "bench_concurrent.py": ["--runs", "10", "--points", "500"],
+    "bench_kill.py": ["--tries", "1"],
+    "bench_media.py": ["--seconds", "2"],
+    "bench_console.py": ["--prints", "20000"],
+    "bench_tensorboard.py": ["--points", "200000"],
 }
 
 
