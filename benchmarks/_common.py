@@ -343,3 +343,30 @@ def table(rows: Iterable[list[str]], header: list[str]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def synthetic_points(points: int, names: list[str], ranks: int,
+                     time_us: Callable[[Any, Any], Any]) -> Iterable[Any]:
+    """A finished run's points in the storage schema, 1 M rows a table: keys cycle fastest,
+    then ranks, then steps; values a decaying loss with noise; `time_us(i, step)` gives
+    each row's microseconds past a fixed epoch (numpy arrays in, numpy array out)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from expman._storage.layout import metrics_schema
+
+    schema = metrics_schema()
+    keys = len(names)
+    per_step = keys * ranks
+    rng = np.random.default_rng(0)
+    for lo in range(0, points, 1 << 20):
+        i = np.arange(lo, min(points, lo + (1 << 20)))
+        step = i // per_step
+        value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
+        yield pa.Table.from_arrays([
+            pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), pa.array(names)),
+            pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
+            pa.array(((i // keys) % ranks).astype(np.int32)),
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
+            pa.array(1_795_000_000_000_000 + time_us(i, step)).cast(pa.timestamp("us", tz="UTC")),
+        ], schema=schema)

@@ -41,8 +41,6 @@ TARGETS = {"one key": ("s", 0.3), "mean across ranks (one key)": ("s", 0.5), "al
 
 
 def write_run(root: Path, points: int, keys: int, ranks: int) -> Path:
-    import numpy as np
-    import pyarrow as pa
 
     from expman._storage.layout import Part, metrics_schema, part_name, write_yaml_atomic
     from expman.collector._metrics_store import _ENCODING
@@ -50,22 +48,10 @@ def write_run(root: Path, points: int, keys: int, ranks: int) -> Path:
 
     run = root / "bench" / "read-00000001"
     (run / "metrics").mkdir(parents=True)
-    names = pa.array([f"k{i}" for i in range(keys)])
     schema = metrics_schema()
-    per_step = keys * ranks
-    rng = np.random.default_rng(0)
     pieces = []
-    for n, lo in enumerate(range(0, points, 1 << 20)):
-        i = np.arange(lo, min(points, lo + (1 << 20)))
-        step = i // per_step
-        value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
-        table = pa.Table.from_arrays([
-            pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), names),
-            pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
-            pa.array(((i // keys) % ranks).astype(np.int32)),
-            pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
-            pa.array(1_795_000_000_000_000 + (i // keys // 64) * 2000).cast(pa.timestamp("us", tz="UTC")),
-        ], schema=schema)
+    tables = c.synthetic_points(points, [f"k{i}" for i in range(keys)], ranks, lambda i, step: (i // keys // 64) * 2000)
+    for n, table in enumerate(tables):
         path = run / "metrics" / part_name(0, n, n, "bench")
         write_part(table, path, schema, by_key=True, **_ENCODING)
         pieces.append(Part("bench", n, n, 0, path))

@@ -36,6 +36,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,8 +44,6 @@ import _common as c  # noqa: E402
 
 
 def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path:
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from expman._storage.layout import Part, metrics_schema, part_name, write_yaml_atomic
@@ -52,22 +51,11 @@ def write_run(root: Path, name: str, points: int, keys: int, ranks: int) -> Path
 
     run = root / "bench" / f"{name}-00000001"
     (run / "metrics").mkdir(parents=True)
-    names = ["loss", "acc", "lr", "grad_norm"][:keys]
     schema = metrics_schema()
     per_step = keys * ranks
-    rng = np.random.default_rng(0)
     pieces = []
-    for n, lo in enumerate(range(0, points, 1 << 20)):
-        i = np.arange(lo, min(points, lo + (1 << 20)))
-        step = i // per_step
-        value = np.exp(-3 * step / (points / per_step)) + 0.1 * rng.random(len(i))
-        table = pa.Table.from_arrays([
-            pa.DictionaryArray.from_arrays(pa.array((i % keys).astype(np.int32)), pa.array(names)),
-            pa.array(value), pa.nulls(len(i), pa.string()), pa.array(step),
-            pa.array(((i // keys) % ranks).astype(np.int32)),
-            pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(i), np.int32)), pa.array(["node01"])),
-            pa.array(1_795_000_000_000_000 + step * 1000).cast(pa.timestamp("us", tz="UTC")),
-        ], schema=schema)
+    tables = c.synthetic_points(points, ["loss", "acc", "lr", "grad_norm"][:keys], ranks, lambda i, step: step * 1000)
+    for n, table in enumerate(tables):
         path = run / "metrics" / part_name(0, n, n, "bench")
         pq.write_table(table, path, row_group_size=131_072)
         pieces.append(Part("bench", n, n, 0, path))
@@ -104,8 +92,6 @@ async def app_first_grid(run: Path, trials: int, keys: list[str]) -> list[float]
 
     from expman.tui.app import ExpmanApp
     from expman.tui.data import view_state
-    from expman.tui.screens.run import RunScreen
-    from expman.tui.screens.runs import RunsScreen
     from expman.tui.widgets.chart import MetricChart
     from expman.tui.widgets.chart_view import ChartView
 
@@ -115,25 +101,13 @@ async def app_first_grid(run: Path, trials: int, keys: list[str]) -> list[float]
     try:
         view_state.save(run.parent.name, keys, ChartView(), None)
         app = ExpmanApp(run.parent.parent, poll_interval=0.25)
-        out = []
-        async with app.run_test(size=(160, 45)) as pilot:
-            while not (isinstance(app.screen, RunsScreen) and app.screen.scans):
-                await pilot.pause(0.01)
-            for _ in range(trials):
-                t0 = time.monotonic()
-                app.open_run(run)
-                while True:
-                    screen = app.screen
-                    charts = list(screen.query(MetricChart)) if isinstance(screen, RunScreen) else []
-                    if len(charts) == len(keys) and all(ch.first_drawn_at for ch in charts):
-                        out.append(max(ch.first_drawn_at for ch in charts) - t0)
-                        break
-                    if time.monotonic() - t0 > 60:
-                        raise RuntimeError("no grid after 60 s")
-                    await asyncio.sleep(0.002)
-                app.pop_screen()
-                await pilot.pause(0.3)
-        return out
+
+        def grid_drawn(charts: list[MetricChart]) -> float | None:
+            if len(charts) == len(keys) and all(ch.first_drawn_at for ch in charts):
+                return max(ch.first_drawn_at for ch in charts)
+            return None
+
+        return await time_opening(app, run, trials, grid_drawn, "grid")
     finally:
         if old is None:
             os.environ.pop("XDG_STATE_HOME", None)
@@ -144,11 +118,23 @@ async def app_first_grid(run: Path, trials: int, keys: list[str]) -> list[float]
 
 async def app_first_chart(run: Path, trials: int) -> list[float]:
     from expman.tui.app import ExpmanApp
+    from expman.tui.widgets.chart import MetricChart
+
+    def first_drawn(charts: list[MetricChart]) -> float | None:
+        drawn = [ch.first_drawn_at for ch in charts if ch.first_drawn_at]
+        return drawn[0] if drawn else None
+
+    return await time_opening(ExpmanApp(run.parent.parent, poll_interval=0.25), run, trials, first_drawn, "chart")
+
+
+async def time_opening(app: Any, run: Path, trials: int, drawn_at: Callable[[list[Any]], float | None],
+                       what: str) -> list[float]:
+    """Open `run` from the Runs screen `trials` times; each time, the seconds until
+    `drawn_at(the Run screen's charts)` gives the moment the wanted drawing was done."""
     from expman.tui.screens.run import RunScreen
     from expman.tui.screens.runs import RunsScreen
     from expman.tui.widgets.chart import MetricChart
 
-    app = ExpmanApp(run.parent.parent, poll_interval=0.25)
     out = []
     async with app.run_test(size=(160, 45)) as pilot:
         while not (isinstance(app.screen, RunsScreen) and app.screen.scans):
@@ -158,12 +144,12 @@ async def app_first_chart(run: Path, trials: int) -> list[float]:
             app.open_run(run)
             while True:
                 screen = app.screen
-                drawn = [ch for ch in screen.query(MetricChart) if ch.first_drawn_at] if isinstance(screen, RunScreen) else []
-                if drawn:
-                    out.append(drawn[0].first_drawn_at - t0)
+                done = drawn_at(list(screen.query(MetricChart))) if isinstance(screen, RunScreen) else None
+                if done is not None:
+                    out.append(done - t0)
                     break
                 if time.monotonic() - t0 > 60:
-                    raise RuntimeError("no chart after 60 s")
+                    raise RuntimeError(f"no {what} after 60 s")
                 await asyncio.sleep(0.002)
             app.pop_screen()
             await pilot.pause(0.3)
