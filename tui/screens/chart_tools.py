@@ -8,6 +8,8 @@ and its message handlers go by name (Textual finds `on_*` methods of mixins, not
 
 from __future__ import annotations
 
+from typing import Callable
+
 from textual.binding import Binding
 
 from ..widgets.chart import MetricChart
@@ -104,17 +106,17 @@ class ChartTools:
         self._view_changed()
 
     def action_hide(self) -> None:
-        if self.view.selected is None:
-            getattr(self, "notify")("select a series first (n)", severity="warning", timeout=2)
-            return
-        self.view.toggle_hidden()
-        self._view_changed()
+        self._on_selected(self.view.toggle_hidden)
 
     def action_solo(self) -> None:
+        self._on_selected(self.view.toggle_solo)
+
+    def _on_selected(self, change: Callable[[], None]) -> None:
+        """Apply `change` to the selected series, or say how to select one."""
         if self.view.selected is None:
             getattr(self, "notify")("select a series first (n)", severity="warning", timeout=2)
             return
-        self.view.toggle_solo()
+        change()
         self._view_changed()
 
     def action_show_all(self) -> None:
