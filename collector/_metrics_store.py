@@ -1,10 +1,15 @@
 """One run's metrics on disk: write-ahead segments first, then Parquet parts.
 
 Frames are appended to the current WAL segment before they are acknowledged. Every
-flush seals the segment and writes its rows as a new part, sorted by key with a key index
-in its footer (expman/_storage/key_index.py: a reader of one key decodes only that key);
-parts are merged eight at a time (so a run never has more than a few dozen files), key
-by key, and into one at finish.
+flush seals the segment and hands its rows to the background (collector/_background.py),
+which writes them as a new part, sorted by key with a key index in its footer
+(expman/_storage/key_index.py: a reader of one key decodes only that key), then deletes
+the sealed segments; fresh parts are merged eight at a time, key by key, and into one at
+finish (collector/_parts.py `next_merge` says which). The receive loop only seals and
+hands over: the sorting, encoding and merging of a run with a million keys never delays
+another run's acknowledgements. A crash at any moment leaves the segments of a part not
+yet written, or a wider part beside the inputs it covers: the next collector recovers the
+one and deletes the others, so no point is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from expman._wire.frames import Frame, decode_frame
 from expman._storage.layout import METRICS_DIR, WAL_DIR, Part, list_parts, metrics_schema, part_name, stale_parts
 from expman._storage.wal import SegmentWriter, list_segments, read_records, segment_path
 
+from ._background import Background
 from ._parts import merge_parts, next_merge, write_part
 
 log = logging.getLogger("expman.collector")
@@ -162,18 +169,34 @@ def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+class _Batch:
+    """Rows sealed in WAL segments [first, last], on their way to a part."""
+
+    __slots__ = ("items", "frames", "first", "last")
+
+    def __init__(self, items: list[_Small | pa.Table], frames: Ranges, first: int, last: int) -> None:
+        self.items, self.frames, self.first, self.last = items, frames, first, last
+
+
+_INLINE = Background(threads=None)  # stores built without a background (tests, tools) write at once
+
+
 class MetricsStore:
     """One writer's (collector's) share of a run's metrics."""
 
-    def __init__(self, run_dir: Path, writer: str) -> None:
+    def __init__(self, run_dir: Path, writer: str, background: Background | None = None) -> None:
         self.writer = writer
+        self.background = background or _INLINE
         self.metrics_dir = run_dir / METRICS_DIR
         self.wal_dir = run_dir / WAL_DIR / writer
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
         self.pending_since = 0.0  # monotonic time of the oldest row not yet in a part
-        self.rows_written = 0
+        self.rows_written = 0  # by the background: rows put in fresh parts
+        self.rows_merged = 0  # ... and rewritten by merges before finish (amplification: 1 + merged / written)
+        self._part_rows: dict[Path, int] = {}  # rows of the parts this store wrote (next_merge asks)
+        self.compacted = False  # every part merged into one since the last frame (finish)
         # Every frame this writer has stored for the run, so a restarted collector does not
         # store a resend twice (also ones whose ack a kill lost after they reached a part).
         self.stored_frames: Ranges = {}
@@ -227,6 +250,7 @@ class MetricsStore:
         self._tables.append(table)
         self._frames.append((sender, -1 if seq is None else seq))
         self.pending_rows += table.num_rows
+        self.compacted = False
 
     @property
     def pending_frames(self) -> int:
@@ -263,37 +287,74 @@ class MetricsStore:
         del self._frames[self._synced_tables:]
         self.pending_rows = sum(t.num_rows for t in self._tables)
 
-    def flush(self) -> None:
-        """Seal the current segment and write its rows as a part."""
-        if not self._tables:
-            return
-        sealed = self.wal.rotate()
-        table = _pending_table(self._tables)
-        frames = _to_ranges([f for f in self._frames if f[1] >= 0])
-        write_part(table, self.metrics_dir / part_name(0, self._pending_from, sealed, self.writer), _SCHEMA,
-                   _frames_metadata(frames), by_key=True, **_ENCODING)
-        self.stored_frames = _union([self.stored_frames, frames])
-        for number in range(self._pending_from, sealed + 1):
+    def flush(self, written: threading.Event | None = None) -> None:
+        """Seal the current segment; the background writes its rows as a part, then
+        deletes the sealed segments and merges what is due. `written` is set once every
+        row added so far is in a part (a finish is answered then)."""
+        batch = None
+        if self._tables:
+            sealed = self.wal.rotate()
+            frames = _to_ranges([f for f in self._frames if f[1] >= 0])
+            batch = _Batch(list(self._tables), frames, self._pending_from, sealed)
+            self.stored_frames = _union([self.stored_frames, frames])  # in sealed segments until the part is written
+            self._tables.clear()
+            self._frames.clear()
+            self._synced_tables = 0
+            self.pending_rows = 0
+            self._pending_from = self.wal.number
+            self.background.submit(self, lambda: self._write_batch(batch))
+        if written is not None:
+            self.background.submit(self, written.set)
+        if batch is not None:
+            self.background.submit(self, self._merge_due)  # apart: a failed merge is retried without rewriting the part
+
+    def _merge_due(self) -> None:
+        """Merge what is due (collector/_parts.py next_merge)."""
+        while (plan := next_merge(list_parts(self.metrics_dir, self.writer), self._rows_of)) is not None:
+            self.rows_merged += self._merge(*plan)
+
+    def _write_batch(self, batch: _Batch) -> None:
+        """Background: the batch as a part, then its segments deleted."""
+        table = _pending_table(batch.items)
+        write_part(table, self.metrics_dir / part_name(0, batch.first, batch.last, self.writer), _SCHEMA,
+                   _frames_metadata(batch.frames), by_key=True, **_ENCODING)
+        batch.items.clear()  # the rows live in the part now: free them before merging
+        for number in range(batch.first, batch.last + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
         self.rows_written += table.num_rows
-        self._tables.clear()
-        self._frames.clear()
-        self._synced_tables = 0
-        self.pending_rows = 0
-        self._pending_from = self.wal.number
-        self._merge_levels()
+        self._part_rows[self.metrics_dir / part_name(0, batch.first, batch.last, self.writer)] = table.num_rows
 
-    def _merge_levels(self) -> None:
-        while (plan := next_merge(list_parts(self.metrics_dir, self.writer))) is not None:
-            self._merge(*plan)
+    def _rows_of(self, part: Part) -> int:
+        rows = self._part_rows.get(part.path)
+        if rows is None:  # a part from before a restart
+            rows = self._part_rows[part.path] = pq.read_metadata(part.path).num_rows
+        return rows
 
-    def _merge(self, parts: list[Part], level: int) -> None:
+    def _merge(self, parts: list[Part], level: int) -> int:
         frames = _frames_metadata(_union([part_frames(p.path) for p in parts]))
-        merge_parts(parts, level, _SCHEMA, frames, summarize=True, by_key=True, **_ENCODING)
+        rows = merge_parts(parts, level, _SCHEMA, frames, summarize=True, by_key=True,
+                           stop=self.background.stopping, **_ENCODING)
+        for p in parts:
+            self._part_rows.pop(p.path, None)
+        self._part_rows[self.metrics_dir / part_name(level, parts[0].first, parts[-1].last, self.writer)] = rows
+        return rows
+
+    @property
+    def busy(self) -> bool:
+        """Parts still being written or merged in the background."""
+        return self.background.busy(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the background has written and merged what was handed to it; False on timeout."""
+        return self.background.wait(self, timeout)
 
     def compact(self) -> None:
-        """Flush, then merge every part into one (at finish)."""
+        """Flush, then merge every part into one (at finish), in the background."""
         self.flush()
+        self.compacted = True
+        self.background.submit(self, self._merge_all)
+
+    def _merge_all(self) -> None:
         parts = list_parts(self.metrics_dir, self.writer)
         if len(parts) > 1:
             self._merge(parts, max(p.level for p in parts) + 1)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -15,53 +15,37 @@ from expman._storage import key_index as _key_index
 from expman._storage import summary as _summary
 from expman._storage.layout import Part, part_name
 
+from ._background import Stopped
+
 ROW_GROUP = 131_072
 MIN_GROUP = ROW_GROUP // 8  # a key that starts past this many buffered rows starts a row group
 STREAM_BATCH = 16_384  # rows a by-key merge holds per input while it streams
-MERGE_FANIN = 8  # parts of one level merged into one of the next: a run keeps a few dozen files
+CHUNK_ROWS = MIN_GROUP  # a by-key merge gathers whole small keys up to this many rows and orders them at once
+MERGE_FANIN = 8  # parts of one level merged into one of the next
+SETTLED_ROWS = 1 << 20  # a merged part this large is not merged again before finish
 
 
-def next_merge(parts: list[Part]) -> tuple[list[Part], int] | None:
-    """The parts to merge next (the oldest MERGE_FANIN of the lowest full level) and the
-    level of the result, or None when no level is full."""
-    by_level: dict[int, list[Part]] = {}
-    for p in parts:
-        by_level.setdefault(p.level, []).append(p)
-    full = next((lvl for lvl, group in sorted(by_level.items()) if len(group) >= MERGE_FANIN), None)
-    return None if full is None else (by_level[full][:MERGE_FANIN], full + 1)
+def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> tuple[list[Part], int] | None:
+    """The parts to merge next and the level of the result, or None when nothing is due.
 
-
-def _merge_into(writer: pq.ParquetWriter, files: list[pq.ParquetFile], summarize: bool) -> tuple[int, _summary.Summary]:
-    """Stream the parts' rows into `writer`; with `summarize`, also their summary.
-
-    Inputs that carry a summary lend it; the others are bucketed batch by batch on a
-    second thread while this one encodes and compresses (numpy and Arrow release the GIL,
-    so a merge takes about as long as the writing alone where a core is free).
-    """
-    rows = 0
-    summary: _summary.Summary = {}
-    width = _summary.merge_width(files) if summarize else None
-    pending: deque[Future[_summary.Summary]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="expman-summary") as pool:
-
-        def fold(keep: int) -> None:
-            nonlocal summary
-            while len(pending) > keep:  # in order: the last point of a key is the last one merged
-                summary = _summary.merge([summary, pending.popleft().result()])
-
-        for file in files:
-            known = _summary.read_summary(file) if summarize else None
-            if known is not None:
-                fold(0)
-                summary = _summary.merge([summary, known])
-            for batch in file.iter_batches(batch_size=ROW_GROUP):
-                writer.write_batch(batch, row_group_size=ROW_GROUP)
-                rows += batch.num_rows
-                if summarize and known is None:  # each point is bucketed once, here
-                    pending.append(pool.submit(_summary.summarize, pa.Table.from_batches([batch]), width=width))
-                    fold(2)
-        fold(0)
-    return rows, summary
+    MERGE_FANIN consecutive parts of the lowest level that has them: fresh parts (level 0)
+    always; merged ones only while smaller than SETTLED_ROWS (`rows` says; without it, any
+    size). So a point of a busy run is written twice before finish (its fresh part, one
+    merge) while a slow run's many small parts keep folding together. Only neighbours
+    merge: a merged part's name covers the segments from its first input to its last, and
+    a reader skips every part inside it."""
+    ordered = sorted(parts, key=lambda p: p.first)
+    levels = sorted({p.level for p in ordered})
+    for level in levels:
+        run: list[Part] = []
+        for part in ordered:
+            if part.level == level and (level == 0 or rows is None or rows(part) < SETTLED_ROWS):
+                run.append(part)
+                if len(run) == MERGE_FANIN:
+                    return run, level + 1
+            else:
+                run = []
+    return None
 
 
 class _Stream:
@@ -101,11 +85,6 @@ class _GroupWriter:
             rest = table.slice(whole)
             self._buffer, self._buffered = rest.to_batches(), rest.num_rows
 
-    @property
-    def position(self) -> int:
-        """Rows written or buffered: where the next row will land."""
-        return self.rows + self._buffered
-
     def key_boundary(self) -> None:
         if self._buffered >= MIN_GROUP:
             self.flush()
@@ -120,52 +99,137 @@ class _GroupWriter:
         self.rows += table.num_rows
 
 
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped("merge stopped: its inputs are untouched")
+
+
+def _merge_into(writer: pq.ParquetWriter, files: list[pq.ParquetFile], summarize: bool,
+                stop: threading.Event | None) -> tuple[int, _summary.Summary]:
+    """Stream the parts' rows into `writer` (inputs without a key index); with
+    `summarize`, also their summary (inputs that carry one lend it)."""
+    rows = 0
+    summary: _summary.Summary = {}
+    width = _summary.merge_width(files) if summarize else None
+    for file in files:
+        known = _summary.read_summary(file) if summarize else None
+        if known is not None:
+            summary = _summary.merge([summary, known])
+        for batch in file.iter_batches(batch_size=ROW_GROUP):
+            _check(stop)
+            writer.write_batch(batch, row_group_size=ROW_GROUP)
+            rows += batch.num_rows
+            if summarize and known is None:  # each point is bucketed once, here
+                summary = _summary.merge([summary, _summary.summarize(pa.Table.from_batches([batch]), width=width)])
+    return rows, summary
+
+
+class _KeyPlan:
+    """Where each key's rows lie in every input of a by-key merge, as arrays over the
+    union of their keys in key order: no Python loop per key."""
+
+    def __init__(self, indexes: list[_key_index.KeyIndex]) -> None:
+        names = sorted(set().union(*indexes))
+        self.names = names
+        table = np.array(names, dtype=object)
+        self.total = np.zeros(len(names), np.int64)
+        self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names`
+        self.before: list[np.ndarray] = []  # per input: its rows of the keys before each key (len(names) + 1)
+        for index in indexes:
+            pos = np.searchsorted(table, np.array(list(index), dtype=object)) if index else np.zeros(0, np.int64)
+            counts = np.fromiter((r for _, r in index.values()), np.int64, len(index))
+            self.total[pos] += counts
+            cum = np.zeros(len(names) + 1, np.int64)
+            cum[pos + 1] = counts
+            self.positions.append(pos)
+            self.before.append(np.cumsum(cum))
+
+    def groups(self) -> list[tuple[int, int]]:
+        """Consecutive keys [a, b) of at most CHUNK_ROWS rows together; a larger key alone."""
+        n = len(self.names)
+        if n == 0:
+            return []
+        start = np.concatenate(([0], np.cumsum(self.total)[:-1]))
+        cuts = np.flatnonzero(np.diff(start // CHUNK_ROWS)) + 1
+        big = np.flatnonzero(self.total > CHUNK_ROWS)
+        bounds = np.unique(np.concatenate(([0, n], cuts, big, big + 1)))
+        bounds = bounds[bounds <= n]
+        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+    def rows(self, source: int, a: int, b: int) -> int:
+        """Rows of input `source` for keys [a, b)."""
+        before = self.before[source]
+        return int(before[b] - before[a])
+
+    def key_of_rows(self, source: int, a: int, b: int) -> np.ndarray:
+        """For input `source`'s rows of keys [a, b), each row's key (its position in `names`)."""
+        pos = self.positions[source]
+        lo, hi = np.searchsorted(pos, [a, b])
+        keys = pos[lo:hi]
+        counts = self.before[source][keys + 1] - self.before[source][keys]
+        return np.repeat(keys, counts)
+
+    def index(self) -> _key_index.KeyIndex:
+        first = np.concatenate(([0], np.cumsum(self.total)[:-1]))
+        return dict(zip(self.names, zip(first.tolist(), self.total.tolist())))
+
+
 def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes: list[_key_index.KeyIndex],
-                  summarize: bool) -> tuple[int, _summary.Summary, _key_index.KeyIndex]:
+                  summarize: bool, stop: threading.Event | None) -> tuple[int, _summary.Summary, _key_index.KeyIndex]:
     """Merge parts sorted by key into one sorted by key: for each key, each input's rows of
     it in input order (so each key keeps its arrival order). Every input is one stream read
-    once, front to back, a batch at a time; memory stays flat whatever the fan-in. Summaries
-    are folded per key (inputs that carry one lend it), then fitted to one budget.
+    once, front to back; keys are taken in groups of whole keys of about CHUNK_ROWS rows,
+    ordered with one stable sort per group (a key larger than that streams alone), so the
+    cost per key is a few array elements and memory stays flat whatever the fan-in or the
+    number of keys. Summaries: inputs that carry one lend it, the others are summarized
+    group by group; none is computed where it could not be kept (as many keys as points).
     """
+    plan = _KeyPlan(indexes)
+    total_rows = int(plan.total.sum())
+    if summarize and len(plan.names) * _summary.KEEP_RATIO > total_rows:
+        summarize = False  # at least a bucket per key: never worth keeping
     streams = [_Stream(file) for file in files]
-    known = [_summary.read_summary(file) if summarize else None for file in files]
+    lent = [_summary.read_summary(file) if summarize else None for file in files]
     width = _summary.merge_width(files) if summarize else None
-    out, index = _GroupWriter(writer), {}
-    per_key: dict[str, _summary.Summary] = {}
-    pending: deque[tuple[str, Future[_summary.Summary] | _summary.Summary]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="expman-summary") as pool:
-
-        def fold(keep: int) -> None:
-            while len(pending) > keep:  # in order: the last point of a key is the last one merged
-                key, done = pending.popleft()
-                piece = done if isinstance(done, dict) else done.result()
-                per_key[key] = _summary.merge([per_key.get(key, {}), piece])
-
-        for key in sorted(set().union(*indexes)):
-            out.key_boundary()
-            first = out.position
-            for stream, held, lent in zip(streams, indexes, known):
-                if key not in held:
-                    continue
-                batches = stream.take(held[key][1])
+    out = _GroupWriter(writer)
+    per_key: _summary.Summary = {}
+    for a, b in plan.groups():
+        _check(stop)
+        out.key_boundary()
+        pieces: list[tuple[int, list[pa.RecordBatch]]] = []
+        for source, stream in enumerate(streams):
+            n = plan.rows(source, a, b)
+            if n:
+                pieces.append((source, stream.take(n)))
+        if b - a == 1:  # one key: its rows are already in order, input after input
+            for _, batches in pieces:
                 out.add(batches)
-                if lent is not None:
-                    pending.append((key, {key: lent[key]} if key in lent else {}))
-                elif summarize:
-                    pending.append((key, pool.submit(_summary.summarize, pa.Table.from_batches(batches), width=width)))
-                fold(2)
-            index[key] = (first, out.position - first)
-        out.flush()
-        fold(0)
-    summary = _summary.merge([{k: s[k] for k, s in per_key.items() if k in s}]) if per_key else {}
-    return out.rows, summary, index
+        elif len(pieces) == 1:
+            out.add(pieces[0][1])
+        else:
+            order = np.argsort(np.concatenate([plan.key_of_rows(source, a, b) for source, _ in pieces]), kind="stable")
+            table = pa.Table.from_batches([batch for _, piece in pieces for batch in piece])
+            out.add(table.take(pa.array(order)).to_batches())
+        if summarize:
+            names = plan.names[a:b]
+            parts = []
+            for source, batches in pieces:
+                known = lent[source]
+                if known is not None:
+                    parts.append({k: known[k] for k in names if k in known})
+                else:
+                    parts.append(_summary.summarize(pa.Table.from_batches(batches), width=width))
+            per_key.update(_summary.merge(parts) if len(parts) > 1 else parts[0])
+    out.flush()
+    summary = _summary.merge([per_key]) if per_key else {}
+    return out.rows, summary, plan.index()
 
 
 def write_part(
     source: pa.Table | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None,
-    summarize: bool = False, by_key: bool = False, **options: Any,
-) -> None:
-    """Temp file beside the target, fsync, rename: a part is whole or absent.
+    summarize: bool = False, by_key: bool = False, stop: threading.Event | None = None, **options: Any,
+) -> int:
+    """Temp file beside the target, fsync, rename: a part is whole or absent. Returns its rows.
 
     `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
@@ -174,6 +238,7 @@ def write_part(
     (expman/_storage/summary.py) when it is much smaller than the part. `by_key` (metrics
     parts) sorts the rows by key and puts the key index in the footer
     (expman/_storage/key_index.py); a merge keeps that order when every input has an index.
+    A merge checks `stop` between groups of keys and raises Stopped once it is set.
     """
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
@@ -185,13 +250,14 @@ def write_part(
                 if by_key:
                     source, index = _key_index.sort_by_key(source)
                 writer.write_table(source, row_group_size=ROW_GROUP)
+                rows = source.num_rows
             else:
                 files = [pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 16) for part in source]
                 indexes = [_key_index.read_index(file) for file in files] if by_key else []
                 if by_key and all(i is not None for i in indexes):
-                    rows, summary, index = _merge_by_key(writer, files, indexes, summarize)  # type: ignore[arg-type]
+                    rows, summary, index = _merge_by_key(writer, files, indexes, summarize, stop)  # type: ignore[arg-type]
                 else:  # inputs from before the index: concatenated, as they were
-                    rows, summary = _merge_into(writer, files, summarize)
+                    rows, summary = _merge_into(writer, files, summarize, stop)
                 if summarize and _summary.worth_keeping(summary, rows):
                     writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
             if index is not None:
@@ -199,17 +265,21 @@ def write_part(
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        return rows
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk: nothing half-written stays; the WAL still has the rows
         raise
 
 
 def merge_parts(parts: list[Part], level: int, schema: pa.Schema, metadata: dict[str, str] | None = None,
-                summarize: bool = False, by_key: bool = False, **options: Any) -> None:
-    """Write `parts` (oldest first, one writer's) as one part of `level` beside them, then
-    delete them; until then readers skip the inputs, which lie inside the new part's range."""
+                summarize: bool = False, by_key: bool = False, stop: threading.Event | None = None,
+                **options: Any) -> int:
+    """Write `parts` (oldest first, one writer's, neighbours) as one part of `level` beside
+    them, then delete them; until then readers skip the inputs, which lie inside the new
+    part's range. Returns the rows written."""
     first = parts[0]
     target = first.path.parent / part_name(level, first.first, parts[-1].last, first.writer)
-    write_part(parts, target, schema, metadata, summarize, by_key, **options)
+    rows = write_part(parts, target, schema, metadata, summarize, by_key, stop, **options)
     for part in parts:
         part.path.unlink(missing_ok=True)
+    return rows

@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from expman._storage.layout import (
 )
 
 from ._delivery import Windows
+from ._background import Background
 from ._metrics_store import MetricsStore
 
 log = logging.getLogger("expman.collector")
@@ -102,8 +104,9 @@ def _parse_delivery(record: dict[str, Any], run_dir: Path) -> tuple[Windows, dic
 class Run:
     """A run the collector is writing (or has written, and may reopen for late frames)."""
 
-    def __init__(self, run_dir: Path, info: dict[str, Any], writer: str) -> None:
+    def __init__(self, run_dir: Path, info: dict[str, Any], writer: str, background: Background | None = None) -> None:
         self.dir = run_dir
+        self.background = background  # where its parts are written and merged (None: at once)
         self.info = info
         self.writer = writer
         self.owner = claim_ownership(run_dir, writer)
@@ -127,7 +130,7 @@ class Run:
         self.delivery_dirty = False
         self._log = open(log_path, "a", encoding="utf-8")
         self._log_dirty = False
-        self.store: MetricsStore | None = MetricsStore(run_dir, writer)
+        self.store: MetricsStore | None = MetricsStore(run_dir, writer, background)
         self._info_dirty = True
         self._info_written_at = 0.0
         self.final_since: float | None = None  # when this collector's share of the run ended
@@ -140,7 +143,7 @@ class Run:
         self.write_info(force=True)
 
     @classmethod
-    def from_hello(cls, root: Path, frame: Frame, writer: str) -> Run:
+    def from_hello(cls, root: Path, frame: Frame, writer: str, background: Background | None = None) -> Run:
         body = frame.body
         try:
             experiment = check_name("experiment", body.get("experiment"))
@@ -175,7 +178,7 @@ class Run:
                 "software": body.get("software") or {},
             }
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir, info, writer)
+        return cls(run_dir, info, writer, background)
 
     # --- frames ----------------------------------------------------------------------
     def hello(self, frame: Frame) -> None:
@@ -378,7 +381,7 @@ class Run:
     # --- persistence ----------------------------------------------------------------------
     def metrics_store(self) -> MetricsStore:
         if self.store is None:  # late frames after the run ended reopen the store
-            self.store = MetricsStore(self.dir, self.writer)
+            self.store = MetricsStore(self.dir, self.writer, self.background)
         return self.store
 
     def running_ranks(self) -> list[int]:
@@ -456,21 +459,32 @@ class Run:
         if self.store is not None:
             self.store.committed() if ok else self.store.commit_failed()
 
-    def flush_metrics(self, final: bool = False) -> None:
-        """Write pending rows as a part; `final` also merges all parts and closes the WAL."""
+    def flush_metrics(self, final: bool = False, written: threading.Event | None = None) -> None:
+        """Hand pending rows to the background as a part (`written` is set once they are in
+        one); `final` also merges all parts into one, and once that is done (a later call
+        sees it) closes the WAL. Never waits."""
         if self.store is None:
+            if written is not None:
+                written.set()
             return
-        if final:
+        if not final:
+            self.store.flush(written)
+            return
+        if not self.store.compacted:
             self.store.compact()
+        if not self.store.busy:  # every part written and merged: only now does the WAL go
             self.store.close()
             self.store = None
-        else:
-            self.store.flush()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the background has written and merged this run's parts; False on timeout."""
+        return self.store is None or self.store.wait(timeout)
 
     def close(self) -> None:
         self.sync()
         self.flush_metrics(final=self.final_since is not None)
         if self.store is not None:
+            self.store.wait()
             self.store.close()
             self.store = None
         self.write_info(force=True)

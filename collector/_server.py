@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ from expman._errors import ProtocolError
 from expman._storage.layout import HOSTS_DIR
 from expman._wire.limits import check_envelope, check_name
 
+from ._background import Background
 from ._commit import GroupCommit
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
@@ -57,6 +59,8 @@ DRAIN_QUIET_S = 0.3
 DRAIN_MAX_S = 10.0
 DRAIN_BUSY_S = 1.0
 GONE_WHY = "the training process exited without finishing"
+STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (parts are written whatever):
+# a local collector is killed 10 s after SIGTERM (expman/_rank/local_collector.py)
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
 
 
@@ -121,6 +125,10 @@ class Collector:
         self._touched: set[Run] = set()  # runs that took a frame since the last tick
         self._next_sweep = 0.0
         self.commit = GroupCommit(root)
+        self.background = Background(on_error=self._background_failed)  # parts and merges, beside this loop
+        # A finish is answered once its rank's points are in a part: (sender, seq) -> set then.
+        self._finish_written: dict[tuple[str, int], threading.Event] = {}
+        self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
         self._last_turn = 0.0
         self._last_turn_bytes = 0
 
@@ -216,7 +224,17 @@ class Collector:
             except Exception:  # a bug met this frame: it costs the frame, never the loop
                 self._internal_error("while taking a frame")
         self._make_durable(turn)
+        self._release_held(turn)
         self._answer(turn)
+
+    def _release_held(self, turn: Turn) -> None:
+        """Answer the finishes whose rank's points are now in a part."""
+        for key, (written, identity, info) in list(self._held.items()):
+            if written.is_set():
+                del self._held[key]
+                turn.acks[identity].append(key[1])
+                if info:
+                    turn.infos[identity][key[1]] = info
 
     def _receive(self) -> list[list[bytes]]:
         messages = []
@@ -256,7 +274,8 @@ class Collector:
         if frame.seq is not None:
             if self.senders.is_duplicate(frame):
                 self.counters["duplicates"] += 1
-                turn.acks[identity].append(frame.seq)  # the first ack may have been lost
+                if (frame.sender, frame.seq) not in self._held:  # a held finish is answered when its part is written
+                    turn.acks[identity].append(frame.seq)  # the first ack may have been lost
                 return
             if (frame.sender, frame.seq) in turn.this_turn:
                 self.counters["duplicates"] += 1  # a resend in the same batch: acked with the first
@@ -324,9 +343,14 @@ class Collector:
                 refused += 1
                 continue
             self.senders.mark(a.sender, a.seq)
+            written = self._finish_written.pop((a.sender, a.seq), None)
+            if written is not None and not written.is_set():
+                self._held[(a.sender, a.seq)] = (written, a.identity, a.info)
+                continue
             turn.acks[a.identity].append(a.seq)
             if a.info:
                 turn.infos[a.identity][a.seq] = a.info
+        self._finish_written.clear()
         if refused:
             self.counters["unpersisted"] += refused
         self.write_failures.turn_done(len(turn.applied), refused)
@@ -383,11 +407,14 @@ class Collector:
         elif kind == proto.CODE:
             self.artifacts.apply_code(run, frame)
         elif kind == proto.FINISH:
-            # The ack waits for this rank's points to be in Parquet; merging the run's
-            # parts into one happens right after, between turns, off the ack's path.
+            # The rank's points are made durable (WAL) before the ack; their part is
+            # written, and the run's parts merged into one, in the background.
             run.sync()
             run.finish_rank(frame)
-            run.flush_metrics()
+            written = threading.Event()
+            run.flush_metrics(written=written)
+            if frame.seq is not None:
+                self._finish_written[(frame.sender, frame.seq)] = written
             self.hardware.rank_ended(frame.run, frame.rank)  # one last sample, then stop
             log.info("run %s rank %d: %s", frame.run, frame.rank, frame.body.get("status"))
         run.rank_seen[frame.rank] = time.monotonic()
@@ -396,7 +423,7 @@ class Collector:
     def _hello(self, frame: proto.Frame) -> tuple[dict[str, Any], Run]:
         run = self.runs.get(frame.run)
         if run is None:
-            run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name)
+            run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name, self.background)
             log.info("run %s started in %s", frame.run, run.dir)
             self.senders.seed(run.store.stored_frames if run.store else {}, run.delivered)
             parent = frame.body.get("parent")
@@ -440,6 +467,11 @@ class Collector:
         An idle run costs one cheap look per sweep, nothing per tick."""
         if self.relay is not None:
             self.relay.forget_idle(now)
+        self.background.retry_due(now)
+        if self._held:
+            turn = Turn()
+            self._release_held(turn)
+            self._answer(turn)
         if self.connections is not None:
             self.connections.count()  # keep the monitor's queue short (it drops news past its HWM)
         parent_gone = self._parent_drained(now)
@@ -509,6 +541,33 @@ class Collector:
             self._stopping = True
         if self.on_periodic is not None:
             self.on_periodic(now)
+
+    def _settle_runs(self) -> None:
+        """At exit: every run's pending rows handed over, then waited for; merges still
+        running after STOP_MERGES_AFTER_S give up (their inputs stay, readers merge them),
+        so parts are always written and no WAL is left, within the exit timeout."""
+        deadline = time.monotonic() + STOP_MERGES_AFTER_S
+        for uid, run in self.runs.items():
+            try:
+                run.sync()
+                run.flush_metrics(final=run.final_since is not None)
+            except Exception:
+                log.exception("could not flush run %s", uid)
+        for uid, run in self.runs.items():
+            if not run.settle(max(0.0, deadline - time.monotonic())):
+                if not self.background.stopping.is_set():
+                    log.warning("stopping: merges still running after %.0f s are left for later", STOP_MERGES_AFTER_S)
+                self.background.stopping.set()
+                run.settle()
+
+    def _background_failed(self, owner: Any, exc: BaseException) -> None:
+        """A background write failed (it is tried again): said like any failing write."""
+        where = str(getattr(owner, "metrics_dir", owner))
+        if isinstance(exc, OSError):
+            self.write_failures.failed(exc, where)
+        else:
+            self.rejects["internal-error"] += 1
+            log.error("internal error writing parts of %s: %r; trying again later", where, exc, exc_info=exc)
 
     def _parent_drained(self, now: float) -> bool:
         """Local mode: True once the parent has exited and everything it had sent is stored.
@@ -589,6 +648,8 @@ class Collector:
                 for rank in run.running_ranks():
                     run.end_rank(rank, "lost", time.time(),
                                  {"type": "Crashed", "message": "the collector stopped before the rank finished"})
+        self._settle_runs()
+        for uid, run in list(self.runs.items()):
             try:
                 self.artifacts.close_run(uid, final=run.final_since is not None)
                 run.save_delivery(self.senders.snapshot(run.senders))
@@ -605,5 +666,6 @@ class Collector:
             self.zap.close()
         self._stop_pull.close(0)
         self.commit.close()
+        self.background.close()
         self._ctx.term()
 

@@ -1,0 +1,133 @@
+"""Heavy work beside the receive loop: writing parts, merging them, summaries.
+
+A part of a run with a million keys takes seconds to sort, index and summarize; done on
+the receive loop, every other run's acknowledgements would wait that long. The loop
+hands such work here instead and keeps answering: the rows are already durable in the
+write-ahead log, so nothing waits on it but the Parquet copy. pyarrow and numpy release
+the GIL for the bulk of it, so the loop keeps its core.
+
+Each owner (a run's metrics store) gets its jobs run one at a time and in order (a part
+must be on disk before it is merged), on a few threads shared by every owner, so one
+wide run finishing never holds up another run's parts. A job that fails (a full disk)
+stays at the head of its owner's queue and is tried again after RETRY_S; the ones behind
+it wait, because a later part must never cover the segments of one not yet written.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Hashable
+
+import pyarrow as pa
+
+log = logging.getLogger("expman.collector")
+
+THREADS = 2
+RETRY_S = 5.0
+
+Job = Callable[[], None]
+
+
+class Stopped(Exception):
+    """A job gave up part way because the collector is stopping (`Background.stopping`);
+    it left nothing half done, and is dropped rather than tried again."""
+
+
+class Background:
+    """Runs each owner's jobs in order on a small shared pool; `None` threads runs them inline."""
+
+    def __init__(self, threads: int | None = THREADS, on_error: Callable[[Hashable, BaseException], None] | None = None) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="expman-parts") if threads else None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queues: dict[Hashable, deque[Job]] = {}
+        self._running: set[Hashable] = set()
+        self._retry_at: dict[Hashable, float] = {}
+        self.on_error = on_error
+        self.failures = 0
+        self.stopping = threading.Event()  # set when the collector must exit: long merges give up
+
+    def submit(self, owner: Hashable, job: Job) -> None:
+        """Queue `job` behind the owner's earlier ones."""
+        if self._pool is None:
+            job()
+            return
+        with self._lock:
+            self._queues.setdefault(owner, deque()).append(job)
+            self._start(owner)
+
+    def _start(self, owner: Hashable) -> None:
+        """Under the lock: run the owner's queue unless it runs already or waits to retry."""
+        if owner in self._running or owner in self._retry_at or not self._queues.get(owner):
+            return
+        self._running.add(owner)
+        assert self._pool is not None
+        self._pool.submit(self._drain, owner)
+
+    def _drain(self, owner: Hashable) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues.get(owner)
+                if not queue:
+                    self._queues.pop(owner, None)
+                    self._running.discard(owner)
+                    self._idle.notify_all()
+                    return
+                job = queue[0]
+            try:
+                job()
+            except Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - kept at the head, tried again later
+                with self._lock:
+                    self.failures += 1
+                    self._retry_at[owner] = time.monotonic() + RETRY_S
+                    self._running.discard(owner)
+                    self._idle.notify_all()
+                if self.on_error is not None:
+                    self.on_error(owner, exc)
+                else:
+                    log.error("background work for %s failed (%r); trying again in %.0f s", owner, exc, RETRY_S)
+                return
+            finally:
+                pa.default_memory_pool().release_unused()  # a merge's buffers go back to the OS
+            with self._lock:
+                queue.popleft()
+
+    def retry_due(self, now: float | None = None) -> None:
+        """Restart owners whose failed job is due again (the loop calls this between turns)."""
+        if self._pool is None or not self._retry_at:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for owner in [o for o, at in self._retry_at.items() if at <= now]:
+                del self._retry_at[owner]
+                self._start(owner)
+
+    def busy(self, owner: Hashable) -> bool:
+        """Whether the owner has work queued, running or waiting to retry."""
+        with self._lock:
+            return bool(self._queues.get(owner)) or owner in self._running
+
+    def wait(self, owner: Hashable, timeout: float | None = None) -> bool:
+        """Block until the owner's work is done (a failed job is retried at once); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._retry_at.pop(owner, None) is not None:
+                self._start(owner)
+            while self._queues.get(owner) or owner in self._running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+                if owner in self._retry_at:  # failed again: give up waiting for it
+                    return False
+        return True
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
