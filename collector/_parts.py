@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from expman._storage import key_index as _key_index
@@ -129,17 +130,20 @@ class _KeyPlan:
     union of their keys in key order: no Python loop per key."""
 
     def __init__(self, indexes: list[_key_index.KeyIndex]) -> None:
-        names = sorted(set().union(*indexes))
-        self.names = names
-        table = np.array(names, dtype=object)
-        self.total = np.zeros(len(names), np.int64)
-        self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names`
+        # Sorted and matched in Arrow, which lets go of the GIL: sorting a million names
+        # in Python would hold it for seconds, and the receive loop with it.
+        given = [pa.array(list(index), pa.string()) for index in indexes]
+        union = pc.unique(pa.concat_arrays(given)) if given else pa.array([], pa.string())
+        table = union.take(pc.array_sort_indices(union))
+        self.names: list[str] = table.to_pylist()
+        self.total = np.zeros(len(self.names), np.int64)
+        self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names` (rising)
         self.before: list[np.ndarray] = []  # per input: its rows of the keys before each key (len(names) + 1)
-        for index in indexes:
-            pos = np.searchsorted(table, np.array(list(index), dtype=object)) if index else np.zeros(0, np.int64)
+        for names, index in zip(given, indexes):
+            pos = pc.index_in(names, value_set=table).to_numpy(zero_copy_only=False).astype(np.int64)
             counts = np.fromiter((r for _, r in index.values()), np.int64, len(index))
             self.total[pos] += counts
-            cum = np.zeros(len(names) + 1, np.int64)
+            cum = np.zeros(len(self.names) + 1, np.int64)
             cum[pos + 1] = counts
             self.positions.append(pos)
             self.before.append(np.cumsum(cum))

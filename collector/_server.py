@@ -64,6 +64,18 @@ STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (p
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
 
 
+class _Written(threading.Event):
+    """Set by the background once a finishing rank's points are in a part; wakes the loop."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
+
+
 class Collector:
     def __init__(
         self,
@@ -115,6 +127,9 @@ class Collector:
         self._stop_pull = self._ctx.socket(zmq.PULL)
         self._stop_addr = f"inproc://collector-stop-{id(self)}"
         self._stop_pull.bind(self._stop_addr)
+        self._wake_pull = self._ctx.socket(zmq.PULL)  # the background says a held finish may be answered
+        self._wake_addr = f"inproc://collector-wake-{id(self)}"
+        self._wake_pull.bind(self._wake_addr)
         self._stopping = False
         self.write_failures = WriteFailures()
         self._poller = zmq.Poller()
@@ -172,6 +187,7 @@ class Collector:
         poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._stop_pull, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
         zap_sockets = self.zap.sockets() if self.zap is not None else []
         for sock in zap_sockets:
             poller.register(sock, zmq.POLLIN)
@@ -197,6 +213,13 @@ class Collector:
     def _serve_events(self, events: dict[Any, int], zap_sockets: list[Any]) -> None:
         if self.zap is not None and any(sock in events for sock in zap_sockets):
             self.zap.handle()
+        if self._wake_pull in events:
+            while True:
+                try:
+                    self._wake_pull.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            self._answer_held()
         if self._router in events:
             self._turn()
         if self.relay is not None:
@@ -226,6 +249,23 @@ class Collector:
         self._make_durable(turn)
         self._release_held(turn)
         self._answer(turn)
+
+    def _answer_held(self) -> None:
+        if self._held:
+            turn = Turn()
+            self._release_held(turn)
+            self._answer(turn)
+
+    def _wake(self) -> None:
+        """From a background thread: a held finish may be answered (a socket of its own: ZeroMQ
+        sockets stay with one thread)."""
+        try:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.connect(self._wake_addr)
+            sock.send(b"")
+            sock.close(1000)
+        except zmq.ZMQError:
+            pass  # stopping: the loop answers nothing more
 
     def _release_held(self, turn: Turn) -> None:
         """Answer the finishes whose rank's points are now in a part."""
@@ -411,7 +451,7 @@ class Collector:
             # written, and the run's parts merged into one, in the background.
             run.sync()
             run.finish_rank(frame)
-            written = threading.Event()
+            written = _Written(self._wake)
             run.flush_metrics(written=written)
             if frame.seq is not None:
                 self._finish_written[(frame.sender, frame.seq)] = written
@@ -468,10 +508,7 @@ class Collector:
         if self.relay is not None:
             self.relay.forget_idle(now)
         self.background.retry_due(now)
-        if self._held:
-            turn = Turn()
-            self._release_held(turn)
-            self._answer(turn)
+        self._answer_held()
         if self.connections is not None:
             self.connections.count()  # keep the monitor's queue short (it drops news past its HWM)
         parent_gone = self._parent_drained(now)
@@ -665,6 +702,7 @@ class Collector:
         if self.zap is not None:
             self.zap.close()
         self._stop_pull.close(0)
+        self._wake_pull.close(0)
         self.commit.close()
         self.background.close()
         self._ctx.term()

@@ -32,13 +32,17 @@ def sort_by_key(table: pa.Table) -> tuple[pa.Table, KeyIndex]:
     Sorting the key's dictionary (a few names) and counting rows per name is all the
     comparing there is: the row order comes from a stable argsort of small integers."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     if table.num_rows == 0:
         return table, {}
     table = table.unify_dictionaries()  # one dictionary for every chunk: no copy of the rows
     chunks = table.column(KEY).chunks
-    names = chunks[0].dictionary.to_pylist()
-    order_of_name = np.argsort(np.array(names, dtype=object), kind="stable")
+    dictionary = chunks[0].dictionary
+    names = dictionary.to_pylist()
+    # Arrow sorts the names without the GIL (numpy's object sort holds it for seconds at a
+    # million keys, stalling the collector's receive loop); UTF-8 byte order is str order.
+    order_of_name = pc.array_sort_indices(dictionary).to_numpy()
     rank = np.empty(len(names), np.int32)
     rank[order_of_name] = np.arange(len(names), dtype=np.int32)
     ranked = rank[np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])]
@@ -54,8 +58,14 @@ def sort_by_key(table: pa.Table) -> tuple[pa.Table, KeyIndex]:
     return table, index
 
 
+ENCODE_CHUNK = 20_000  # keys per json.dumps call: each holds the GIL, so a million keys in one would stall other threads
+
+
 def encode(index: KeyIndex) -> bytes:
-    return json.dumps({k: list(v) for k, v in index.items()}, separators=(",", ":"), ensure_ascii=False).encode()
+    items = list(index.items())
+    pieces = [json.dumps({k: list(v) for k, v in items[i:i + ENCODE_CHUNK]}, separators=(",", ":"),
+                         ensure_ascii=False)[1:-1] for i in range(0, len(items), ENCODE_CHUNK)]
+    return ("{" + ",".join(pieces) + "}").encode()
 
 
 def read_index(part: pq.ParquetFile) -> KeyIndex | None:

@@ -1,0 +1,88 @@
+"""Parts written and merged beside the receive loop (collector/_background.py): a wide run
+finishing never holds up another run, and a collector killed mid-write or mid-merge loses
+and doubles nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+import expman
+from expman._storage.layout import list_parts
+from conftest import start_collector
+
+WIDE_KEYS = 40_000
+
+
+def log_wide(exp: expman.Experiment, keys: range) -> None:
+    for first in range(keys.start, keys.stop, 1000):
+        exp.log_metrics({f"k/{i:07d}": float(i) for i in range(first, min(first + 1000, keys.stop))}, step=0)
+
+
+def stored_keys(run_dir: Path) -> list[str]:
+    """Every stored row's key, from the parts a reader uses (pyarrow: no expman reader)."""
+    keys: list[str] = []
+    for part in list_parts(run_dir / "metrics"):
+        keys += pq.read_table(part.path, columns=["key"])["key"].to_pylist()
+    return keys
+
+
+def test_a_wide_run_finishing_does_not_hold_up_another_run(root, collector):
+    wide = expman.start_experiment("e", "wide", root=root, collector=collector.endpoint, finish_timeout=120)
+    other = expman.start_experiment("e", "other", root=root, collector=collector.endpoint, finish_timeout=120)
+    n = 3000
+    logged = threading.Event()
+
+    def log_other() -> None:
+        for step in range(n):
+            other.log_metric("loss", float(step), step=step)
+            if step % 100 == 0:
+                time.sleep(0.005)  # keeps logging while the wide run finishes
+        logged.set()
+
+    writer = threading.Thread(target=log_other)
+    writer.start()
+    log_wide(wide, range(WIDE_KEYS))
+    assert wide.finish() is True
+    writer.join()
+    assert other.finish() is True
+    steps = expman.open_run(other.run_dir).metrics("loss")["step"].to_pylist()
+    assert sorted(steps) == list(range(n))
+    keys = stored_keys(wide.run_dir)
+    assert len(keys) == WIDE_KEYS and len(set(keys)) == WIDE_KEYS
+
+
+def test_kill_9_while_parts_are_written_or_merged_loses_and_doubles_nothing(root, short_dir):
+    """The collector is SIGKILLed while a part is being written or merged in the background
+    (a `.tmp` part is there); the next collector recovers what the WAL holds, drops what a
+    wider part covers, and every point is stored exactly once."""
+    c = start_collector(root, short_dir)
+    endpoint = c.endpoint
+    exp = expman.start_experiment("e", "killed", root=root, collector=endpoint, finish_timeout=120)
+    kills = 0
+    try:
+        for rnd in range(3):
+            metrics = exp.run_dir / "metrics"
+            log_wide(exp, range(rnd * WIDE_KEYS, (rnd + 1) * WIDE_KEYS))
+            deadline = time.monotonic() + 60
+            while not list(metrics.glob(".part-*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if list(metrics.glob(".part-*.tmp")):
+                os.kill(c.proc.pid, signal.SIGKILL)
+                c.proc.wait()
+                kills += 1
+                c = start_collector(root, short_dir, endpoint)
+        assert kills >= 1, "no part was ever seen being written"
+        assert exp.finish() is True
+        assert c.stop() == 0  # a clean stop waits for the background
+        keys = stored_keys(exp.run_dir)
+        assert len(keys) == 3 * WIDE_KEYS, f"{len(keys)} rows after {kills} kills"
+        assert len(set(keys)) == 3 * WIDE_KEYS
+        assert not list((exp.run_dir / "metrics").glob(".*.tmp"))
+    finally:
+        assert c.stop() == 0
