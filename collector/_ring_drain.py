@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from expman._storage.ring import HAS_STEP, HAS_TIME, Recovered, is_abandoned, read_ring, ring_dir, ring_path, updated_at
+from expman._storage.ring import (HAS_STEP, HAS_TIME, Recovered, is_abandoned, private_folder, read_ring, ring_dir,
+                                  ring_path, updated_at)
 from expman._wire import columns
 from expman._wire import frames as proto
 
@@ -43,6 +44,8 @@ class RingDrain:
         collector touched for STALE_S: their runs ended long ago. Returns how many."""
         removed = 0
         now = time.time()
+        if not private_folder(self.folder, make=False):
+            return 0
         try:
             paths = list(self.folder.glob("*.ring")) + list(self.folder.glob("*.tmp*"))
         except OSError:
@@ -63,6 +66,8 @@ class RingDrain:
         """Store what the rings of (run, rank) hold that was never stored, for every sender
         of the run whose process is gone; delete each ring once stored. Returns the points."""
         total = 0
+        if not private_folder(self.folder, make=False):
+            return 0  # no rings here, or a folder someone else could have written
         for sender in sorted(senders):
             path = ring_path(self.folder, sender, run, rank)
             if not is_abandoned(path):

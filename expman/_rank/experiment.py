@@ -11,12 +11,16 @@ Each point also goes, first, into the run's point ring in shared memory
 (expman/_storage/ring.py): one `struct.pack_into` of a fixed record, so what a call
 accepted survives the process's kill -9 and the host's collector stores it. Points the
 fixed record does not fit (no step, a time, a huge int, a device tensor) take `_ring_put`.
+A point's ring number is `_ring_n`, read and bumped by two plain attribute operations:
+CPython checks for a thread switch only at calls and backward jumps, so none falls
+between them, and threads logging into one run never share a number (cheaper than an
+`itertools.count` call). With several such threads the list's order and the numbers may
+differ by the points in flight at once; the ring then misnames at most those.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import struct
@@ -100,7 +104,7 @@ class Experiment:
         self._intern_lock = threading.Lock()
         ring = channel.ring = PointRing.create(sender.sender_id, channel.uid, channel.rank, channel.host) \
             if near(sender.endpoint, channel.host) else None
-        self._ring_n: Any = ring.next_n if ring is not None else itertools.count().__next__
+        self._ring_n = 0  # the next point's number in the ring (and in the channel's list)
         self._ring_mm: Any = ring.mm if ring is not None else None
         self._ring_span = ring.span if ring is not None else 1
         self._ring_fast: Any = ring.put_fast if ring is not None else _no_ring
@@ -127,12 +131,19 @@ class Experiment:
             return
         if step is not None and step.__class__ is not int:
             step = coerce_step(key, step)
-        n = self._ring_n()
-        try:
-            self._ring_fast(self._ring_mm, n * 40 % self._ring_span, kid, 9, value, step, n)
-        except (struct.error, OverflowError):  # no step, or an int beyond float64
-            self._ring_put(kid, n, value, step, None)
+        if self._ring_mm is not None:
+            n = self._ring_n
+            self._ring_n = n + 1  # no thread switch falls between these two lines (module docstring)
+            try:
+                self._ring_fast(self._ring_mm, n * 40 % self._ring_span, kid, 9, value, step, n)
+            except (struct.error, OverflowError):  # no step, or an int beyond float64
+                self._ring_put(kid, n, value, step, None)
         self._buf.extend((kid, value, step, None))
+
+    def _take_n(self) -> int:
+        n = self._ring_n
+        self._ring_n = n + 1
+        return n
 
     def _log_point(self, kid: int, key: str, value: Any, step: Any, when: Any) -> None:
         """log_metric's other cases: values to coerce (text goes its own way; a device
@@ -148,7 +159,7 @@ class Experiment:
             step = coerce_step(key, step)
         if when is not None:
             when = coerce_time(key, when)
-        self._ring_put(kid, self._ring_n(), value, step, when)
+        self._ring_put(kid, self._take_n(), value, step, when)
         self._buf.extend((kid, value, step, when))
 
     def log_metrics(
@@ -170,6 +181,7 @@ class Experiment:
             timestamp = coerce_time("<timestamp>", timestamp)
         ids = self._key_ids
         timed = timestamp is not None
+        ring = self._ring_mm
         flat: list[Any] = []
         for key, value in metrics.items():
             kid = ids.get(key)
@@ -182,17 +194,19 @@ class Experiment:
                     continue
                 if value.__class__ is not float:  # a device tensor, kept as is: no sync here
                     self._channel.held += 1
-                    self._ring_put(kid, self._ring_n(), value, step, timestamp)
+                    self._ring_put(kid, self._take_n(), value, step, timestamp)
                     flat += (kid, value, step, timestamp)
                     continue
-            n = self._ring_n()
-            if timed:
-                self._ring_put(kid, n, value, step, timestamp)
-            else:
-                try:
-                    self._ring_fast(self._ring_mm, n * 40 % self._ring_span, kid, 9, value, step, n)
-                except (struct.error, OverflowError):  # no step, or an int beyond float64
-                    self._ring_put(kid, n, value, step, None)
+            if ring is not None:
+                n = self._ring_n
+                self._ring_n = n + 1
+                if timed:  # the fixed record has no time
+                    self._ring_put(kid, n, value, step, timestamp)
+                else:
+                    try:
+                        self._ring_fast(ring, n * 40 % self._ring_span, kid, 9, value, step, n)
+                    except (struct.error, OverflowError):  # no step, or an int beyond float64
+                        self._ring_put(kid, n, value, step, None)
             flat += (kid, value, step, timestamp)
         self._buf.extend(flat)
 
@@ -378,7 +392,7 @@ class Experiment:
                     child.finish(status, timeout)
             console.detach(channel)
             self._buf = _ClosedBuffer(channel)
-            self._ring_fast = self._ring_put = _no_ring
+            self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring
             self.status = status
             channel.finish_request = {"status": status, "ended_at": time.time(), "error": error}
             self._sender.wake()
@@ -405,7 +419,7 @@ class Experiment:
         False at once (expman/_rank/start.py registers this at fork)."""
         self._channel.inherited_by_fork = True
         self._buf = _ClosedBuffer(self._channel)
-        self._ring_fast = self._ring_put = _no_ring  # the mapping is the parent's: never write it
+        self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring  # the parent's mapping: never write it
         self._channel.ring = None
 
     @property

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import itertools
 import logging
 import math
 import mmap
@@ -91,9 +90,13 @@ def ring_path(folder: Path, sender: str, run: str, rank: int) -> Path:
     return folder / (hashlib.sha256(f"{sender}\0{run}\0{rank}".encode()).hexdigest()[:32] + ".ring")
 
 
-def _private_folder(folder: Path) -> bool:
+def private_folder(folder: Path, make: bool = True) -> bool:
+    """Whether `folder` is a real folder of this user that no one else may enter (made
+    0700 first with `make`). Rings are trusted only there: another user who made the
+    folder first could otherwise plant points in our runs."""
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if make:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(folder)
     except OSError:
         return False
@@ -113,7 +116,7 @@ def _no_record(*_args: Any) -> None:
 
 
 class PointRing:
-    """The writer's side: one run of this process. The hot path uses `mm`, `next_n` and
+    """The writer's side: one run of this process. The hot path uses `mm`, `span` and
     `put_fast` directly (expman/_rank/experiment.py); the rest is for rarer calls."""
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
@@ -123,8 +126,8 @@ class PointRing:
         self._fd = fd
         self._table_at, self._names_at, records_at, size = _layout(capacity)
         self._head = mmap.mmap(fd, records_at)
-        self.mm = mmap.mmap(fd, self.span, offset=records_at)
-        self.next_n: Callable[[], int] = itertools.count().__next__
+        # populated now: a first touch of each page would cost the hot path a page fault (~1 µs)
+        self.mm = mmap.mmap(fd, self.span, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=records_at)
         self.put_fast: Callable[..., None] = FAST.pack_into
         self._frames = 0
         self._names_used = 0
@@ -139,7 +142,7 @@ class PointRing:
         if capacity <= 0:
             return None
         folder = ring_dir()
-        if not _private_folder(folder):
+        if not private_folder(folder):
             log.warning("expman: %s is not a private folder of this user; points are not kept for recovery", folder)
             return None
         path = ring_path(folder, sender, run, rank)
@@ -279,7 +282,9 @@ def read_ring(path: Path, stored: Callable[[str, int], bool]) -> Recovered | Non
     spool replay is a duplicate), and the points after the last frame (seq None: the
     caller names them). None for a file that is not a ring of this version."""
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
+            if os.fstat(fh.fileno()).st_uid != os.getuid():
+                return None  # not written by a process of ours
             data = fh.read()
     except OSError:
         return None

@@ -20,6 +20,7 @@ import yaml
 
 import expman
 from _helpers import wait_for
+from expman._storage.ring import PointRing, read_ring
 from conftest import start_collector
 
 N = 20_000
@@ -123,3 +124,49 @@ def test_a_ring_whose_points_were_all_stored_adds_nothing(tmp_path: Path, root: 
     wait_for(lambda: _gone(collector_pid), 120, "the private collector to exit")
     assert _crashed(run_dir)
     _check_every_point(run_dir)
+
+
+# --- the ring's contract, without processes ------------------------------------------------
+
+def _ring(monkeypatch: pytest.MonkeyPatch, capacity: int) -> PointRing:
+    monkeypatch.setenv("EXPMAN_RING_POINTS", str(capacity))
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None
+    ring.name(0, "loss")
+    return ring
+
+
+def _write(ring: PointRing, first: int, last: int) -> None:
+    for n in range(first, last):  # as the hot path does
+        ring.put_fast(ring.mm, n * 40 % ring.span, 0, 9, n * 0.5, n, n)
+
+
+def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 10)
+    ring.framed(5, 4, 100.0)  # points 0..3, stored
+    ring.framed(6, 8, 101.0)  # points 4..7, never stored
+    found = read_ring(ring.path, lambda sender, seq: seq == 5)
+    ring.close(remove=True)
+    assert (found.sender, found.run, found.rank, found.host, found.end) == ("s" * 32, "run1", 0, "host", 10)
+    assert [(seq, [p[3] for p in points]) for seq, _t, points in found.frames] == [(6, [4, 5, 6, 7]), (None, [8, 9])]
+    assert found.frames[0][1] == 101.0 and found.lost == 0
+
+
+def test_points_the_ring_overwrote_are_counted_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 40)
+    ring.framed(1, 30, 0.0)  # never stored: points 0..29, of which 0..23 are overwritten
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.close(remove=True)
+    steps = [p[3] for _seq, _t, points in found.frames for p in points]
+    assert steps == list(range(24, 40)) and found.lost == 24
+
+
+def test_a_record_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 5)
+    ring.mm[4 * 40 : 5 * 40] = bytes(40)  # pack_into zeroes the record before it fills it: cut there
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.close(remove=True)
+    assert [p[3] for p in found.frames[0][2]] == [0, 1, 2, 3] and found.end == 4
