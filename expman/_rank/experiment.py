@@ -180,7 +180,8 @@ class Experiment:
         if timestamp is not None:
             timestamp = coerce_time("<timestamp>", timestamp)
         ids = self._key_ids
-        plain = timestamp is None  # every value a float or int, no time: the ring takes them in one write
+        timed = timestamp is not None
+        ring, fast, span = self._ring_mm, self._ring_fast, self._ring_span
         flat: list[Any] = []
         for key, value in metrics.items():
             kid = ids.get(key)
@@ -193,27 +194,21 @@ class Experiment:
                     continue
                 if value.__class__ is not float:  # a device tensor, kept as is: no sync here
                     self._channel.held += 1
-                    plain = False
+                    self._ring_put(kid, self._take_n(), value, step, timestamp)
+                    flat += (kid, value, step, timestamp)
+                    continue
+            if ring is not None:  # one record per key: one pack_into of all keys costs more (building its arguments)
+                n = self._ring_n
+                self._ring_n = n + 1
+                if timed:  # the fixed record has no time
+                    self._ring_put(kid, n, value, step, timestamp)
+                else:
+                    try:
+                        fast(ring, n * 40 % span, kid, 9, value, step, n)
+                    except (struct.error, OverflowError):  # no step, or an int beyond float64
+                        self._ring_put(kid, n, value, step, None)
             flat += (kid, value, step, timestamp)
-        if self._ring_mm is not None and flat:
-            n = self._ring_n
-            self._ring_n = n + (len(flat) >> 2)
-            self._ring_block(n, flat, plain)
         self._buf.extend(flat)
-
-    def _ring_block(self, n: int, flat: list[Any], plain: bool) -> None:
-        """log_metrics' points into the ring from number n: one write when it can."""
-        ring = self._channel.ring
-        if ring is None:
-            return
-        if plain:
-            try:
-                if ring.put_block(n, flat):
-                    return
-            except (struct.error, OverflowError):  # no step, or an int beyond float64
-                pass
-        for i in range(0, len(flat), 4):
-            ring.put(flat[i], n + (i >> 2), flat[i + 1], flat[i + 2], flat[i + 3])
 
     def log_eval_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record evaluation metrics (OPSML's verb): points whose keys carry the `eval/`

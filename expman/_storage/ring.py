@@ -26,7 +26,6 @@ The file is made under a temporary name, locked, and only then renamed into plac
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import logging
 import math
@@ -112,12 +111,6 @@ def _layout(capacity: int) -> tuple[int, int, int, int]:
     return table_at, names_at, records_at, records_at + capacity * RECORD.size
 
 
-@functools.lru_cache(maxsize=64)
-def _block(count: int) -> struct.Struct:
-    """`count` hot-path records in a row (log_metrics of that many keys)."""
-    return struct.Struct("<" + FAST.format[1:] * count)
-
-
 def _no_record(*_args: Any) -> None:
     """Stands in for the ring's write where there is none (off, failed, or the run finished)."""
 
@@ -198,22 +191,6 @@ class PointRing:
             flags |= HAS_TIME
         RECORD.pack_into(self.mm, n % self.capacity * RECORD.size, kid, flags, value, step,
                          0.0 if when is None else when, n)
-
-    def put_block(self, n: int, flat: list[Any]) -> bool:
-        """Points n.. from a flat (key id, value, step, time) list, every one a float or int
-        with a step and no time, in one `pack_into`; False (nothing written) where the
-        block would wrap around the ring's end."""
-        count = len(flat) >> 2
-        slot = n % self.capacity
-        if slot + count > self.capacity:
-            return False
-        args: list[Any] = [FAST_FLAGS] * (5 * count)
-        args[0::5] = flat[0::4]
-        args[2::5] = flat[1::4]
-        args[3::5] = flat[2::4]
-        args[4::5] = range(n, n + count)
-        _block(count).pack_into(self.mm, slot * RECORD.size, *args)
-        return True
 
     def name(self, kid: int, key: str) -> None:
         """Record a key's name (the caller interns under a lock); past the names area the
