@@ -300,8 +300,8 @@ def read_ring(path: Path, stored: Callable[[str, int], bool]) -> Recovered | Non
     out = Recovered(sender.rstrip(b"\0").decode(errors="replace"), run.rstrip(b"\0").decode(errors="replace"),
                     _RANK.unpack_from(data, _RANK_AT)[0], host.rstrip(b"\0").decode(errors="replace"))
     out.names = dict(_names(data, names_at, min(names_used, NAMES_BYTES)))
-    records = _records(data, records_at, capacity)
-    out.end = max(records) + 1 if records else 0
+    records = _Records(data, records_at, capacity)
+    out.end = records.end()
     lowest = out.end - capacity  # points below this were overwritten
     entries = [_ENTRY.unpack_from(data, table_at + (k % TABLE_ENTRIES) * _ENTRY.size)
                for k in range(max(0, frames_made - TABLE_ENTRIES), frames_made)]
@@ -326,20 +326,28 @@ def _names(data: bytes, at: int, used: int) -> Iterator[tuple[int, str]]:
         pos += length
 
 
-def _records(data: bytes, at: int, capacity: int) -> dict[int, tuple[int, int, float, int, float]]:
-    """Whole records by point number: a slot's n must name that slot (a record cut by the
-    kill still holds zeros or its predecessor's n there)."""
-    out = {}
-    for slot, (kid, flags, value, step, when, n) in enumerate(RECORD.iter_unpack(data[at : at + capacity * RECORD.size])):
-        if flags & WRITTEN and n >= 0 and n % capacity == slot:
-            out[n] = (kid, flags, value, step, when)
-    if out:  # a slot still holding a point from an earlier lap than its neighbours is stale
-        top = max(out)
-        out = {n: r for n, r in out.items() if n > top - capacity}
-    return out
+class _Records:
+    """The ring's records, read one by one where needed (a collector reads only the points
+    it lacks, not all of a 10 MiB ring, while other runs wait for their acks)."""
+
+    def __init__(self, data: bytes, at: int, capacity: int) -> None:
+        self._data, self._at, self._capacity = data, at, capacity
+        self._region = memoryview(data)[at : at + capacity * RECORD.size]
+
+    def end(self) -> int:
+        """One past the newest point. Numbers only grow, and a record cut by the kill holds
+        zeros or a prefix of its number (pack_into zeroes it, then writes n last), so the
+        largest n in any slot is the newest whole record, if that slot says so."""
+        top = max(self._region.cast("q")[4 :: 5])
+        return top + 1 if self.get(top) is not None else top
+
+    def get(self, n: int) -> tuple[int, int, float, int, float] | None:
+        """Point n's record, or None where its slot holds another point or none."""
+        kid, flags, value, step, when, number = RECORD.unpack_from(self._data, self._at + n % self._capacity * RECORD.size)
+        return (kid, flags, value, step, when) if flags & WRITTEN and number == n else None
 
 
-def _take(records: dict[int, tuple[int, int, float, int, float]], start: int, end: int, lowest: int,
+def _take(records: _Records, start: int, end: int, lowest: int,
           out: Recovered) -> list[tuple[int, int, float, int, float]]:
     points = []
     if start < lowest:  # overwritten before the collector stored them
