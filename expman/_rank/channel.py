@@ -89,6 +89,15 @@ class RunChannel:
         if ring is not None and count:
             ring.framed(-1 if seq is None else seq, self.ring_framed, time.time())
 
+    def forget_ring(self) -> None:
+        """Delete the run's ring once nothing in it needs recovery: every point stored
+        (finish), or every point framed and what is unacknowledged in the spool (the
+        sender's exit)."""
+        ring = self.ring
+        if ring is not None and not self.points and not self.device_batches:
+            self.ring = None
+            ring.remove()
+
     def why_closed(self) -> str:
         """Why nothing more is delivered for this run (for the one warning a caller logs)."""
         if self.inherited_by_fork:

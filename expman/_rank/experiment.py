@@ -408,9 +408,8 @@ class Experiment:
             if hint:
                 log.error("expman: run %s: nothing was ever acknowledged; %s", self.uid, hint)
         self._sender.unregister(channel)
-        if done and channel.ring is not None:  # every point stored: nothing left to recover
-            ring, channel.ring = channel.ring, None
-            ring.close(remove=True)
+        if done:  # every point stored: nothing left to recover
+            channel.forget_ring()
         return done
 
     def _inherited_by_fork(self) -> None:

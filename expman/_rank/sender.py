@@ -258,6 +258,8 @@ class Sender:
             self._exiting = True
             try:
                 self._overflow.keep_at_exit(self._outbox)
+                for run in self.active():
+                    run.forget_ring()  # what it held is in the spool now
             except Exception:
                 log.exception("expman: could not write the unacknowledged frames to the spool; they are lost")
             dealer.close(0)

@@ -216,17 +216,17 @@ class PointRing:
     def _counters(self) -> None:
         _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time())
 
-    def close(self, remove: bool) -> None:
-        """Unmap; with `remove` (every point acknowledged) delete the file first."""
+    def remove(self) -> None:
+        """Delete the file: its points are stored, or in the spool. The mapping stays valid
+        until nothing refers to it, so a call racing with this never meets a closed buffer."""
         self.put_fast = _no_record
-        if remove:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-        self.mm.close()
-        self._head.close()
-        os.close(self._fd)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --- the collector's side ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -147,7 +148,7 @@ def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.Monk
     ring.framed(5, 4, 100.0)  # points 0..3, stored
     ring.framed(6, 8, 101.0)  # points 4..7, never stored
     found = read_ring(ring.path, lambda sender, seq: seq == 5)
-    ring.close(remove=True)
+    ring.remove()
     assert (found.sender, found.run, found.rank, found.host, found.end) == ("s" * 32, "run1", 0, "host", 10)
     assert [(seq, [p[3] for p in points]) for seq, _t, points in found.frames] == [(6, [4, 5, 6, 7]), (None, [8, 9])]
     assert found.frames[0][1] == 101.0 and found.lost == 0
@@ -158,7 +159,7 @@ def test_points_the_ring_overwrote_are_counted_not_invented(monkeypatch: pytest.
     _write(ring, 0, 40)
     ring.framed(1, 30, 0.0)  # never stored: points 0..29, of which 0..23 are overwritten
     found = read_ring(ring.path, lambda sender, seq: False)
-    ring.close(remove=True)
+    ring.remove()
     steps = [p[3] for _seq, _t, points in found.frames for p in points]
     assert steps == list(range(24, 40)) and found.lost == 24
 
@@ -168,5 +169,20 @@ def test_a_record_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -
     _write(ring, 0, 5)
     ring.mm[4 * 40 : 5 * 40] = bytes(40)  # pack_into zeroes the record before it fills it: cut there
     found = read_ring(ring.path, lambda sender, seq: False)
-    ring.close(remove=True)
+    ring.remove()
     assert [p[3] for p in found.frames[0][2]] == [0, 1, 2, 3] and found.end == 4
+
+
+def test_a_process_that_exits_with_points_unconfirmed_leaves_them_in_the_spool_not_a_ring(
+        run_script: Callable[..., subprocess.CompletedProcess], short_dir: Path, ring_dir: Path, spool_dir: Path) -> None:
+    result = run_script(f"""
+        import expman
+        exp = expman.start_experiment("e", "r", root={str(short_dir / "runs")!r}, collector="ipc://{short_dir}/none.sock",
+                                      finish_timeout=0.5)
+        for step in range(100):
+            exp.log_metric("loss", 1.0, step=step)
+        print(len(list(__import__("pathlib").Path({str(ring_dir)!r}).glob("*.ring"))))
+    """, check=True)
+    assert result.stdout.split() == ["1"]  # the ring existed while the run was open
+    assert list(ring_dir.iterdir()) == []
+    assert list(spool_dir.glob("*.spool"))
