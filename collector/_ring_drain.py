@@ -23,6 +23,7 @@ from expman._storage.ring import (HAS_STEP, HAS_TIME, Recovered, is_abandoned, p
                                   ring_path, updated_at)
 from expman._wire import columns
 from expman._wire import frames as proto
+from expman._wire.limits import MAX_ID
 
 log = logging.getLogger("expman.collector")
 
@@ -91,6 +92,11 @@ class RingDrain:
         return total
 
 
+def recovery_sender(sender: str) -> str:
+    """The sender id of the points a rank never put in a frame (within the wire's id limit)."""
+    return sender[: MAX_ID - len(RECOVERY_SENDER_SUFFIX)] + RECOVERY_SENDER_SUFFIX
+
+
 def _frame(found: Recovered, seq: int | None, sent_at: float, points: list[tuple[int, int, float, int, float]]) -> bytes:
     """One metrics frame of recovered points, built with the wire's own column packer."""
     n = len(points)
@@ -102,6 +108,6 @@ def _frame(found: Recovered, seq: int | None, sent_at: float, points: list[tuple
     body = columns.metrics_body({k: found.names[k] for k in set(ids)}, struct.pack(f"<{n}i", *ids),
                                 struct.pack(f"<{n}d", *(p[2] for p in points)), steps,
                                 times if any(t is not None for t in times) else None, None)
-    sender, number = (found.sender, seq) if seq is not None else (found.sender + RECOVERY_SENDER_SUFFIX, found.end)
+    sender, number = (found.sender, seq) if seq is not None else (recovery_sender(found.sender), found.end)
     return proto.encode_frame(proto.METRICS, run=found.run, host=found.host, rank=found.rank, sender=sender,
                               seq=number, sent_at=sent_at, body=body)
