@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from expman._storage.ring import (HAS_STEP, HAS_TIME, Recovered, is_abandoned, private_folder, read_ring, ring_dir,
+from expman._storage.ring import (HAS_STEP, HAS_TIME, Recovered, is_abandoned, private_folder, read_ring, ring_dirs,
                                   ring_path, updated_at)
 from expman._wire import columns
 from expman._wire import frames as proto
@@ -34,8 +34,8 @@ RECOVERY_SENDER_SUFFIX = "-ring"
 class RingDrain:
     """Finds the rings of a run's rank and turns what they hold beyond what was stored into frames."""
 
-    def __init__(self, stored: Callable[[str, int], bool], folder: Path | None = None) -> None:
-        self.folder = folder or ring_dir()
+    def __init__(self, stored: Callable[[str, int], bool], folders: list[Path] | None = None) -> None:
+        self.folders = folders or ring_dirs()
         self._stored = stored
         self.recovered = 0  # points, since start
         self.unrecoverable = 0  # overwritten before they were stored, or device tensors
@@ -45,13 +45,7 @@ class RingDrain:
         collector touched for STALE_S: their runs ended long ago. Returns how many."""
         removed = 0
         now = time.time()
-        if not private_folder(self.folder, make=False):
-            return 0
-        try:
-            paths = list(self.folder.glob("*.ring")) + list(self.folder.glob("*.tmp*"))
-        except OSError:
-            return 0
-        for path in paths:
+        for path in self._files("*.ring", "*.tmp*"):
             try:
                 old = now - (updated_at(path) if path.suffix == ".ring" else path.stat().st_mtime) > STALE_S
                 if old and is_abandoned(path):
@@ -60,17 +54,27 @@ class RingDrain:
             except OSError:
                 continue
         if removed:
-            log.info("removed %d abandoned point rings from %s", removed, self.folder)
+            log.info("removed %d abandoned point rings from %s", removed, ", ".join(map(str, self.folders)))
         return removed
+
+    def _files(self, *patterns: str) -> list[Path]:
+        """Matching files of the ring folders that are private to this user (others are not read)."""
+        found: list[Path] = []
+        for folder in self.folders:
+            if private_folder(folder, make=False):
+                try:
+                    found += [p for pattern in patterns for p in folder.glob(pattern)]
+                except OSError:
+                    continue
+        return found
 
     def recover(self, run: str, rank: int, senders: set[str], store: Callable[[list[bytes]], None]) -> int:
         """Store what the rings of (run, rank) hold that was never stored, for every sender
         of the run whose process is gone; delete each ring once stored. Returns the points."""
         total = 0
-        if not private_folder(self.folder, make=False):
-            return 0  # no rings here, or a folder someone else could have written
-        for sender in sorted(senders):
-            path = ring_path(self.folder, sender, run, rank)
+        folders = [f for f in self.folders if private_folder(f, make=False)]  # not one someone else could write
+        for sender, folder in sorted((s, f) for s in senders for f in folders):
+            path = ring_path(folder, sender, run, rank)
             if not is_abandoned(path):
                 continue  # no ring, or its writer still lives (silent, not dead): its frames may still come
             found = read_ring(path, self._stored)

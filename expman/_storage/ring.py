@@ -3,7 +3,8 @@ host's collector can store it when the process is killed before its sender shipp
 
 A contract between the rank (which writes) and the collector on the same host (which
 reads after the rank's death), so it lives below both. One file per run and process,
-`<ring_dir()>/<hash of sender, run, rank>.ring`, 0600, in a 0700 folder of the user:
+`<folder>/<hash of sender, run, rank>.ring`, 0600, in a 0700 folder of the user (the
+first of `ring_dirs()` with room; the collector looks in all of them):
 
     header   4 KiB   static identity (magic, sizes, sender, run, rank, host, pid), then
                      the sender's counters: frames written to the table, name bytes, time
@@ -64,15 +65,29 @@ _ENTRY = struct.Struct("<qqd")  # frame seq (-1: dropped), end point number, sen
 _NAME = struct.Struct("<IH")
 
 
-def ring_dir() -> Path:
-    """The folder both sides find rings in: $EXPMAN_RING_DIR, else /dev/shm/expman-<uid>
-    (memory, no writeback), else <tmp>/expman-<uid>-rings."""
+SHM_SPARE_BYTES = 256 << 20  # /dev/shm is used only while this much more stays free
+
+
+def ring_dirs() -> list[Path]:
+    """The folders rings live in, in the order a rank tries them: $EXPMAN_RING_DIR alone
+    when set; else /dev/shm/expman-<uid> (memory, no writeback), then
+    <tmp>/expman-<uid>-rings (the page cache outlives the process just as well; for a
+    small /dev/shm, as containers have by default, that data loaders need)."""
     if os.environ.get(RING_DIR_ENV):
-        return Path(os.environ[RING_DIR_ENV])
+        return [Path(os.environ[RING_DIR_ENV])]
     uid = os.getuid()
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return Path(f"/dev/shm/expman-{uid}")
-    return Path(tempfile.gettempdir()) / f"expman-{uid}-rings"
+    folders = [Path(f"/dev/shm/expman-{uid}")] if os.path.isdir("/dev/shm") else []
+    return folders + [Path(tempfile.gettempdir()) / f"expman-{uid}-rings"]
+
+
+def _roomy(folder: Path, size: int, last: bool) -> bool:
+    if last:
+        return True  # posix_fallocate says whether it fits
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= size + SHM_SPARE_BYTES
 
 
 def near(endpoint: str, here: str) -> bool:
@@ -124,7 +139,7 @@ class PointRing:
         self.capacity = capacity
         self.span = capacity * RECORD.size
         self._fd = fd
-        self._table_at, self._names_at, records_at, size = _layout(capacity)
+        self._table_at, self._names_at, records_at, _size = _layout(capacity)
         self._head = mmap.mmap(fd, records_at)
         # populated now: a first touch of each page would cost the hot path a page fault (~1 µs)
         self.mm = mmap.mmap(fd, self.span, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=records_at)
@@ -141,12 +156,15 @@ class PointRing:
             capacity = DEFAULT_POINTS
         if capacity <= 0:
             return None
-        folder = ring_dir()
-        if not private_folder(folder):
-            log.warning("expman: %s is not a private folder of this user; points are not kept for recovery", folder)
+        size = _layout(capacity)[3]
+        folders = ring_dirs()
+        folder = next((f for i, f in enumerate(folders) if private_folder(f) and _roomy(f, size, i == len(folders) - 1)),
+                      None)
+        if folder is None:
+            log.warning("expman: none of %s is a private folder of this user; points are not kept for recovery",
+                        ", ".join(map(str, folders)))
             return None
         path = ring_path(folder, sender, run, rank)
-        size = _layout(capacity)[3]
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         fd = -1
         try:

@@ -186,3 +186,16 @@ def test_a_process_that_exits_with_points_unconfirmed_leaves_them_in_the_spool_n
     assert result.stdout.split() == ["1"]  # the ring existed while the run was open
     assert list(ring_dir.iterdir()) == []
     assert list(spool_dir.glob("*.spool"))
+
+
+def test_a_ring_goes_to_the_next_folder_when_the_first_lacks_room(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    first, second = tmp_path / "shm", tmp_path / "disk"
+    monkeypatch.setattr(ring_module, "ring_dirs", lambda: [first, second])
+    monkeypatch.setattr(ring_module, "SHM_SPARE_BYTES", 1 << 62)  # no filesystem has this much to spare
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None and ring.path.parent == second
+    ring.remove()
