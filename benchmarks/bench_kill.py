@@ -10,8 +10,10 @@ crashed (and a private collector has exited) reads it back: missing = returned s
 stored; "handed to ZeroMQ" = those of them below the last sent count, the rest were still
 in the sender's buffers. Neither kind reached the collector's socket: a handed-over frame
 can wait in the rank's ZeroMQ queue while the socket buffer is full (flat out on busy
-cores), and both die with the process; only the shared-memory buffer of issue 18 could
-save them. Each try prints the missing step range: always a tail, so what is stored is a
+cores), and both die with the process, unless the collector stores them from the rank's
+point ring in shared memory (expman/_storage/ring.py; "from the ring" counts them, read
+from the collector's log). `--no-ring` turns the ring off in the ranks: the figures
+before it. Each try prints the missing step range: always a tail, so what is stored is a
 contiguous prefix.
 
 Modes: **local** (no collector configured: a private collector per rank, which drains its
@@ -22,6 +24,7 @@ run.yaml (set when the collector marked it lost) minus the time of the kill.
 
     python benchmarks/bench_kill.py                   # 5 tries each: local and service, 1,000/s and flat out (~1 min)
     python benchmarks/bench_kill.py --modes local --tries 13
+    python benchmarks/bench_kill.py --no-ring         # the same without the point ring
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import datetime as dt
 import mmap
 import os
+import re
 import signal
 import statistics
 import struct
@@ -84,8 +88,10 @@ while True:
 
 def _start_service(work: Path) -> tuple[subprocess.Popen, str]:
     ready = work / "ready.yaml"
-    proc = subprocess.Popen([c.PYTHON, "-m", "expman.collector", "--root", str(work / "runs"),
-                             "--bind", f"ipc://{work}/c.sock", "--ready-file", str(ready), "--log-level", "ERROR"])
+    with open(work / "service.log", "ab") as err:  # its WARNINGs say what it stored from a dead rank's ring
+        proc = subprocess.Popen([c.PYTHON, "-m", "expman.collector", "--root", str(work / "runs"),
+                                 "--bind", f"ipc://{work}/c.sock", "--ready-file", str(ready), "--log-level", "WARNING"],
+                                stderr=err)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -158,9 +164,18 @@ def _score(t: dict, deadline_s: float) -> dict:
     if missing:
         print(f"  {t['run_dir'].name}: returned {returned:,}, handed to ZeroMQ {sent:,}, stored {len(stored):,}, "
               f"missing steps {missing[0]:,}..{missing[-1]:,}", flush=True)
-    return {**t, "crash_s": ended - t["killed_at"], "missing": len(missing),
+    return {**t, "crash_s": ended - t["killed_at"], "missing": len(missing), "from_ring": _from_ring(t["run_dir"]),
             "missing_sent": sum(1 for s in missing if s < sent), "missing_unsent": sum(1 for s in missing if s >= sent),
             "stored": len(stored), "duplicates": len(steps) - len(stored)}
+
+
+def _from_ring(run_dir: Path) -> int:
+    """Points the collector stored from the dead rank's ring, as its log says."""
+    uid = run_dir.name.rsplit("-", 1)[-1]
+    said = re.compile(rf"run {uid} rank \d+: stored (\d+) points from the dead process's ring")
+    work = run_dir.parent.parent.parent
+    text = "".join(p.read_text(errors="replace") for p in (work / "ranks.log", work / "service.log") if p.exists())
+    return sum(int(m.group(1)) for m in said.finditer(text))
 
 
 def _report(mode: str, rate: float, seconds: float, scored: list[dict]) -> None:
@@ -177,7 +192,7 @@ def _report(mode: str, rate: float, seconds: float, scored: list[dict]) -> None:
 
     rates = [s["returned"] / seconds for s in done]
     print(f"{label}: missing {med_max('missing')} (of them handed to ZeroMQ {med_max('missing_sent')}, still in the "
-          f"sender's buffers {med_max('missing_unsent')})  "
+          f"sender's buffers {med_max('missing_unsent')}); from the ring {med_max('from_ring')}  "
           f"time to crashed {med_max('crash_s', '{:.2f}')} s  "
           f"[median / max of {len(done)}; ~{statistics.median(rates):,.0f} steps/s; "
           f"per try missing {[s['missing'] for s in done]}; duplicates {sum(s['duplicates'] for s in done)}]", flush=True)
@@ -189,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", nargs="+", type=float, default=[1000.0, 0.0], help="steps/s; 0 is flat out")
     p.add_argument("--tries", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="logging before the kill, per try")
+    p.add_argument("--no-ring", action="store_true", help="ranks without the point ring (the figures before it)")
     args = p.parse_args(argv)
+    if args.no_ring:
+        os.environ["EXPMAN_RING_POINTS"] = "0"
     work = c.make_tmpdir("kill")
     os.environ["EXPMAN_SPOOL_DIR"] = str(work / "spool")
+    os.environ["EXPMAN_RING_DIR"] = str(work / "rings")
     service = None
-    print(f"bench_kill: {args.tries} tries per case, {args.seconds:g} s of logging each; load {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(f"bench_kill: {args.tries} tries per case, {args.seconds:g} s of logging each, point ring "
+          f"{'off' if args.no_ring else 'on'}; load {os.getloadavg()[0]:.1f}", flush=True)
     try:
         for mode in args.modes:
             endpoint = ""

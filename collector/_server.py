@@ -34,6 +34,7 @@ from ._hardware import HardwareMonitor
 from ._artifacts import ArtifactService, ArtifactSettings, Deferred
 from ._rank_watch import OpenConnections, ProcessWatch
 from ._relay import Relay
+from ._ring_drain import RingDrain
 from ._write_failures import WriteFailures
 from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
 from ._runs import Run, add_child_on_disk
@@ -112,6 +113,8 @@ class Collector:
         self.runs: dict[str, Run] = {}
         self.artifacts = ArtifactService(artifacts)
         self.senders = Senders()
+        self.rings = RingDrain(self.senders.seen)  # dead ranks' points in shared memory (this host)
+        self.rings.clean_stale()
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
         self._ctx = zmq.Context()
@@ -356,6 +359,13 @@ class Collector:
             turn.applied.append(Applied(identity, frame.sender, frame.seq, run, info, store,
                                          store.rollbacks if store is not None else 0))
 
+    def _store_made(self, frames: list[bytes]) -> None:
+        """Frames made here (a dead rank's ring): the checks, WAL and duplicate rules of received ones, no ack."""
+        turn = Turn()
+        for data in frames:
+            self._take([b"", data], turn)
+        self._make_durable(turn)
+
     def _refuse(self, turn: Turn, identity: bytes, seq: int | None, exc: ProtocolError) -> None:
         """A frame refused before it reached a run: counted, logged, and answered when it had a seq."""
         self._reject(exc.reason, exc.detail)
@@ -552,6 +562,7 @@ class Collector:
         lost = [r for r in run.running_ranks() if r in gone or (not backlog and self._silent_too_long(run, r, now))]
         if lost:
             for rank in lost:
+                self.rings.recover(uid, rank, run.senders, self._store_made)  # before it is marked lost
                 why = GONE_WHY if rank in gone else "no heartbeat"
                 log.warning("run %s rank %d: %s; marking it lost", uid, rank, why)
                 run.end_rank(rank, "lost", time.time(), {"type": "Lost", "message": why})

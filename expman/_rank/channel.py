@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from expman._storage.ring import PointRing
 
 log = logging.getLogger("expman")
 
@@ -53,6 +57,8 @@ class RunChannel:
         self.held = 0  # device tensors put into `points` (expman/_rank/device.py), not yet taken by the sender
         self.inherited_by_fork = False  # this process is a fork of the one that started the run
         self.artifacts = ArtifactState()
+        self.ring: PointRing | None = None  # the points in shared memory (set by the Experiment; None: none)
+        self.ring_framed = 0  # points of `points` the sender has put in frames (their ring numbers: 0 ..)
         # written by the sender thread
         self.hello_sent = False
         self.finish_sent = False
@@ -74,6 +80,23 @@ class RunChannel:
             return False
         self.control.append((kind, payload))
         return True
+
+    def framed(self, seq: int | None, count: int) -> None:
+        """The sender made a metrics frame `seq` (None: dropped) of the next `count` points:
+        said in the ring before the frame can reach the collector (sender thread)."""
+        self.ring_framed += count
+        ring = self.ring
+        if ring is not None and count:
+            ring.framed(-1 if seq is None else seq, self.ring_framed, time.time())
+
+    def forget_ring(self) -> None:
+        """Delete the run's ring once nothing in it needs recovery: every point stored
+        (finish), or every point framed and what is unacknowledged in the spool (the
+        sender's exit)."""
+        ring = self.ring
+        if ring is not None and not self.points and not self.device_batches:
+            self.ring = None
+            ring.remove()
 
     def why_closed(self) -> str:
         """Why nothing more is delivered for this run (for the one warning a caller logs)."""

@@ -6,6 +6,16 @@ a collector. The metric hot path is one dict lookup, two class checks and one
 `list.extend` of a 4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic
 under the GIL, so other threads and the sender's drain never see half a point, and the
 temporary tuple dies at once, so the garbage collector never sees it pile up.
+
+Each point also goes, first, into the run's point ring in shared memory
+(expman/_storage/ring.py): one `struct.pack_into` of a fixed record, so what a call
+accepted survives the process's kill -9 and the host's collector stores it. Points the
+fixed record does not fit (no step, a time, a huge int, a device tensor) take `_ring_put`.
+A point's ring number is `_ring_n`, read and bumped by two plain attribute operations:
+CPython checks for a thread switch only at calls and backward jumps, so none falls
+between them, and threads logging into one run never share a number (cheaper than an
+`itertools.count` call). With several such threads the list's order and the numbers may
+differ by the points in flight at once; the ring then misnames at most those.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import threading
 import time
 import traceback
@@ -24,6 +35,7 @@ from expman._rank import console
 from expman._rank.channel import RunChannel
 from expman._rank.values import Metric, check_key, check_log_text, eval_key, check_params, coerce_number, coerce_step, coerce_time
 from expman._storage.layout import FINAL_STATUSES
+from expman._storage.ring import PointRing, near
 from expman._wire.curve_keys import curve_refusal_hint
 
 if TYPE_CHECKING:
@@ -90,6 +102,13 @@ class Experiment:
         self._key_names = channel.key_names
         self._buf: list[Any] | _ClosedBuffer = channel.points
         self._intern_lock = threading.Lock()
+        ring = channel.ring = PointRing.create(sender.sender_id, channel.uid, channel.rank, channel.host) \
+            if near(sender.endpoint, channel.host) else None
+        self._ring_n = 0  # the next point's number in the ring (and in the channel's list)
+        self._ring_mm: Any = ring.mm if ring is not None else None
+        self._ring_span = ring.span if ring is not None else 1
+        self._ring_fast: Any = ring.put_fast if ring is not None else _no_ring
+        self._ring_put: Any = ring.put if ring is not None else _no_ring
         self._children: list[Experiment] = []
         self._child_names: dict[str | None, int] = {}
         sender.register(channel)
@@ -107,18 +126,41 @@ class Experiment:
         kid = self._key_ids.get(key)
         if kid is None:
             kid = self._intern(key)
+        if (value.__class__ is not float and value.__class__ is not int) or timestamp is not None or created_at is not None:
+            self._log_point(kid, key, value, step, timestamp if timestamp is not None else created_at)
+            return
+        if step is not None and step.__class__ is not int:
+            step = coerce_step(key, step)
+        if self._ring_mm is not None:
+            n = self._ring_n
+            self._ring_n = n + 1  # no thread switch falls between these two lines (module docstring)
+            try:
+                self._ring_fast(self._ring_mm, n * 40 % self._ring_span, kid, 9, value, step, n)
+            except (struct.error, OverflowError):  # no step, or an int beyond float64
+                self._ring_put(kid, n, value, step, None)
+        self._buf.extend((kid, value, step, None))
+
+    def _take_n(self) -> int:
+        n = self._ring_n
+        self._ring_n = n + 1
+        return n
+
+    def _log_point(self, kid: int, key: str, value: Any, step: Any, when: Any) -> None:
+        """log_metric's other cases: values to coerce (text goes its own way; a device
+        tensor is kept as is, no sync here), and a caller's timestamp."""
         if value.__class__ is not float and value.__class__ is not int:
             value = coerce_number(key, value)
             if value.__class__ is str:
-                self._log_text(kid, key, value, step, timestamp, created_at)
+                self._log_text(kid, key, value, step, when, None)
                 return
-            if value.__class__ is not float:  # a device tensor, kept as is: no sync here
+            if value.__class__ is not float:
                 self._channel.held += 1
         if step is not None and step.__class__ is not int:
             step = coerce_step(key, step)
-        if timestamp is not None or created_at is not None:
-            timestamp = coerce_time(key, timestamp if timestamp is not None else created_at)
-        self._buf.extend((kid, value, step, timestamp))
+        if when is not None:
+            when = coerce_time(key, when)
+        self._ring_put(kid, self._take_n(), value, step, when)
+        self._buf.extend((kid, value, step, when))
 
     def log_metrics(
         self,
@@ -138,6 +180,8 @@ class Experiment:
         if timestamp is not None:
             timestamp = coerce_time("<timestamp>", timestamp)
         ids = self._key_ids
+        timed = timestamp is not None
+        ring, fast, span = self._ring_mm, self._ring_fast, self._ring_span
         flat: list[Any] = []
         for key, value in metrics.items():
             kid = ids.get(key)
@@ -150,6 +194,19 @@ class Experiment:
                     continue
                 if value.__class__ is not float:  # a device tensor, kept as is: no sync here
                     self._channel.held += 1
+                    self._ring_put(kid, self._take_n(), value, step, timestamp)
+                    flat += (kid, value, step, timestamp)
+                    continue
+            if ring is not None:  # one record per key: one pack_into of all keys costs more (building its arguments)
+                n = self._ring_n
+                self._ring_n = n + 1
+                if timed:  # the fixed record has no time
+                    self._ring_put(kid, n, value, step, timestamp)
+                else:
+                    try:
+                        fast(ring, n * 40 % span, kid, 9, value, step, n)
+                    except (struct.error, OverflowError):  # no step, or an int beyond float64
+                        self._ring_put(kid, n, value, step, None)
             flat += (kid, value, step, timestamp)
         self._buf.extend(flat)
 
@@ -164,6 +221,8 @@ class Experiment:
             kid = self._key_ids.get(key)
             if kid is None:
                 kid = len(self._key_names)
+                if self._channel.ring is not None:
+                    self._channel.ring.name(kid, key)  # before the key's first point can be in the ring
                 self._key_names.append(key)
                 self._key_ids[key] = kid
         return kid
@@ -333,6 +392,7 @@ class Experiment:
                     child.finish(status, timeout)
             console.detach(channel)
             self._buf = _ClosedBuffer(channel)
+            self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring
             self.status = status
             channel.finish_request = {"status": status, "ended_at": time.time(), "error": error}
             self._sender.wake()
@@ -348,6 +408,8 @@ class Experiment:
             if hint:
                 log.error("expman: run %s: nothing was ever acknowledged; %s", self.uid, hint)
         self._sender.unregister(channel)
+        if done:  # every point stored: nothing left to recover
+            channel.forget_ring()
         return done
 
     def _inherited_by_fork(self) -> None:
@@ -356,6 +418,8 @@ class Experiment:
         False at once (expman/_rank/start.py registers this at fork)."""
         self._channel.inherited_by_fork = True
         self._buf = _ClosedBuffer(self._channel)
+        self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring  # the parent's mapping: never write it
+        self._channel.ring = None
 
     @property
     def finishing(self) -> bool:
@@ -386,6 +450,10 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"<expman.Experiment {self.experiment}/{self.name} uid={self.uid} rank={self.rank} status={self.status}>"
+
+
+def _no_ring(*_args: Any) -> None:
+    """The ring's writes where there is no ring (off, a remote collector) or no more points."""
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

@@ -258,6 +258,8 @@ class Sender:
             self._exiting = True
             try:
                 self._overflow.keep_at_exit(self._outbox)
+                for run in self.active():
+                    run.forget_ring()  # what it held is in the spool now
             except Exception:
                 log.exception("expman: could not write the unacknowledged frames to the spool; they are lost")
             dealer.close(0)
@@ -387,6 +389,7 @@ class Sender:
         for start in range(0, max(n, 1), step_width):
             used_texts, texts = texts, []
             points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
+            seq = self._next_seq  # the frame's, unless it is dropped
             try:
                 body, _count, last_step = columns.pack(buf, start, min(n, start + step_width), run.key_names,
                                                        used_texts, warn)
@@ -396,6 +399,7 @@ class Sender:
             except Exception:  # a bug must cost this batch, loudly, never the thread
                 self._counters[id(run)].dropped += points
                 log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
+            run.framed(seq if self._next_seq > seq else None, min(n - start, step_width) // columns.POINT_STRIDE)
         del buf[:n]
 
     def _send_heartbeat(self, run: RunChannel) -> None:

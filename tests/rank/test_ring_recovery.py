@@ -1,0 +1,201 @@
+"""Points a `log_metric` call accepted survive the rank's kill -9 (issue 18 item 2): the
+host's collector stores them from the rank's point ring in shared memory.
+
+Each rank process logs flat out and kills itself with SIGKILL the instant its last
+`log_metric` returned, so points are still in its list, in its sender's frames and in
+its ZeroMQ queue: only the ring can bring them back. Every returned point must be in the
+run, none twice. Nothing here is timed; waits are generous bounds against hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+import expman
+from _helpers import wait_for
+from expman._storage.ring import PointRing, read_ring
+from conftest import start_collector
+
+N = 20_000
+
+RANK = """
+import os, sys, time
+import expman
+from expman._rank import start as _api
+
+collector = sys.argv[2] or None
+exp = expman.start_experiment("e", "killed", root=sys.argv[1], collector=collector, heartbeat_interval=float(sys.argv[3]))
+pid = 0
+for local in _api._local_collectors.values():
+    pid = local._proc.pid if local._proc is not None else int((local._dir / "pid").read_text())
+print(exp.run_dir, pid, flush=True)
+log = exp.log_metric
+log("loss", 0.0, step=0)
+while exp.stats()["acked"] < 1:  # the collector knows the run (a rank dead before its hello is not one it can name)
+    time.sleep(0.01)
+for step in range(1, {n}):
+    log("loss", step * 0.5, step=step)
+log("nostep", 1.5)
+log("timed", 2.0, step=1, timestamp=1700000000.25)
+exp.log_metrics({{"a": 1, "b": 2.5}}, step=3)
+if sys.argv[4] == "acked":  # wait until the collector stored everything: the ring must add nothing
+    while exp.stats()["acked"] < {n} + 4:
+        time.sleep(0.01)
+os.kill(os.getpid(), 9)
+""".format(n=N)
+
+
+@pytest.fixture(autouse=True)
+def ring_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's rings in a folder of its own (ranks and collectors it starts inherit it)."""
+    path = tmp_path / "rings"
+    monkeypatch.setenv("EXPMAN_RING_DIR", str(path))
+    return path
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in (b"Z", b"X")
+
+
+def _kill_self(tmp_path: Path, root: Path, endpoint: str = "", heartbeat: float = 60.0, mode: str = "now") -> tuple[Path, int]:
+    """Run the rank to its own SIGKILL; its run folder and private collector pid (0: none)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK)
+    env = {k: v for k, v in os.environ.items() if k != "EXPMAN_COLLECTOR"}
+    proc = subprocess.Popen([sys.executable, str(script), str(root), endpoint, str(heartbeat), mode],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    run_dir, collector_pid = proc.stdout.readline().split()
+    assert proc.wait(120) == -signal.SIGKILL
+    return Path(run_dir), int(collector_pid)
+
+
+def _crashed(run_dir: Path) -> bool:
+    try:
+        return yaml.safe_load((run_dir / "run.yaml").read_text()).get("status") == "crashed"
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+
+
+def _check_every_point(run_dir: Path) -> None:
+    run = expman.open_run(run_dir)
+    steps = run.metrics(keys=["loss"], columns=["step"]).column("step").to_pylist()
+    assert len(steps) == N, f"{len(steps)} loss points stored of {N} returned"
+    assert sorted(steps) == list(range(N))
+    rest = run.metrics(keys=["nostep", "timed", "a", "b"]).to_pylist()
+    got = sorted((r["key"], r["value"], r["step"]) for r in rest)
+    assert got == [("a", 1.0, 3), ("b", 2.5, 3), ("nostep", 1.5, None), ("timed", 2.0, 1)]
+    timed = next(r for r in rest if r["key"] == "timed")
+    assert timed["time"].timestamp() == 1700000000.25
+
+
+def test_local_mode_kill_right_after_the_last_call_loses_nothing(tmp_path: Path, root: Path, ring_dir: Path) -> None:
+    run_dir, collector_pid = _kill_self(tmp_path, root)
+    wait_for(lambda: _gone(collector_pid), 120, "the private collector to store the ring and exit")
+    assert _crashed(run_dir)
+    _check_every_point(run_dir)
+    assert list(ring_dir.glob("*.ring")) == []  # stored, then deleted
+
+
+def test_service_collector_stores_a_dead_ranks_ring(tmp_path: Path, root: Path, short_dir: Path,
+                                                    ring_dir: Path) -> None:
+    collector = start_collector(root, short_dir)
+    try:
+        run_dir, _ = _kill_self(tmp_path, root, collector.endpoint, heartbeat=0.5)  # lost after 2 s of silence
+        wait_for(lambda: _crashed(run_dir), 120, "the run to be marked crashed")
+        wait_for(lambda: not list(ring_dir.glob("*.ring")), 60, "the ring to be stored and deleted")
+    finally:
+        assert collector.stop() == 0, collector.log()
+    _check_every_point(run_dir)
+
+
+def test_a_ring_whose_points_were_all_stored_adds_nothing(tmp_path: Path, root: Path, ring_dir: Path) -> None:
+    run_dir, collector_pid = _kill_self(tmp_path, root, mode="acked")
+    wait_for(lambda: _gone(collector_pid), 120, "the private collector to exit")
+    assert _crashed(run_dir)
+    _check_every_point(run_dir)
+
+
+# --- the ring's contract, without processes ------------------------------------------------
+
+def _ring(monkeypatch: pytest.MonkeyPatch, capacity: int) -> PointRing:
+    monkeypatch.setenv("EXPMAN_RING_POINTS", str(capacity))
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None
+    ring.name(0, "loss")
+    return ring
+
+
+def _write(ring: PointRing, first: int, last: int) -> None:
+    for n in range(first, last):  # as the hot path does
+        ring.put_fast(ring.mm, n * 40 % ring.span, 0, 9, n * 0.5, n, n)
+
+
+def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 10)
+    ring.framed(5, 4, 100.0)  # points 0..3, stored
+    ring.framed(6, 8, 101.0)  # points 4..7, never stored
+    found = read_ring(ring.path, lambda sender, seq: seq == 5)
+    ring.remove()
+    assert (found.sender, found.run, found.rank, found.host, found.end) == ("s" * 32, "run1", 0, "host", 10)
+    assert [(seq, [p[3] for p in points]) for seq, _t, points in found.frames] == [(6, [4, 5, 6, 7]), (None, [8, 9])]
+    assert found.frames[0][1] == 101.0 and found.lost == 0
+
+
+def test_points_the_ring_overwrote_are_counted_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 40)
+    ring.framed(1, 30, 0.0)  # never stored: points 0..29, of which 0..23 are overwritten
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.remove()
+    steps = [p[3] for _seq, _t, points in found.frames for p in points]
+    assert steps == list(range(24, 40)) and found.lost == 24
+
+
+def test_a_record_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    _write(ring, 0, 5)
+    ring.mm[4 * 40 : 5 * 40] = bytes(40)  # pack_into zeroes the record before it fills it: cut there
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.remove()
+    assert [p[3] for p in found.frames[0][2]] == [0, 1, 2, 3] and found.end == 4
+
+
+def test_a_process_that_exits_with_points_unconfirmed_leaves_them_in_the_spool_not_a_ring(
+        run_script: Callable[..., subprocess.CompletedProcess], short_dir: Path, ring_dir: Path, spool_dir: Path) -> None:
+    result = run_script(f"""
+        import expman
+        exp = expman.start_experiment("e", "r", root={str(short_dir / "runs")!r}, collector="ipc://{short_dir}/none.sock",
+                                      finish_timeout=0.5)
+        for step in range(100):
+            exp.log_metric("loss", 1.0, step=step)
+        print(len(list(__import__("pathlib").Path({str(ring_dir)!r}).glob("*.ring"))))
+    """, check=True)
+    assert result.stdout.split() == ["1"]  # the ring existed while the run was open
+    assert list(ring_dir.iterdir()) == []
+    assert list(spool_dir.glob("*.spool"))
+
+
+def test_a_ring_goes_to_the_next_folder_when_the_first_lacks_room(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    first, second = tmp_path / "shm", tmp_path / "disk"
+    monkeypatch.setattr(ring_module, "ring_dirs", lambda: [first, second])
+    monkeypatch.setattr(ring_module, "SHM_SPARE_BYTES", 1 << 62)  # no filesystem has this much to spare
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None and ring.path.parent == second
+    ring.remove()
