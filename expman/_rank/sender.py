@@ -44,7 +44,7 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
-IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
+IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384
 MAX_CONSOLE_LINES_PER_FRAME = 4096
@@ -231,10 +231,12 @@ class Sender:
         poller.register(dealer, zmq.POLLIN)
         next_resend_check = time.monotonic() + RESEND_AFTER_S
         timeout = self.flush_interval
+        next_tick = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(timeout * 1000))
-                if wake in events:
+                events = dict(poller.poll(max(next_tick - time.monotonic(), 0.0) * 1000))
+                woken = wake in events
+                if woken:
                     msgs = [wake.recv()]
                     while wake.poll(0):
                         msgs.append(wake.recv())
@@ -242,7 +244,13 @@ class Sender:
                         break
                 if dealer in events:
                     self._read_acks(dealer)
+                    self._window.follow(self._outbox.ack_latency)
                 now = time.monotonic()
+                if not woken and now < next_tick:  # only acks: the runs are drained on the tick's pace
+                    if self._overflow:
+                        self._overflow.load_into(self._outbox, self.max_pending_bytes)
+                    self._send_pending(dealer)
+                    continue
                 self._busy = False
                 for run in self.active():
                     try:
@@ -265,8 +273,9 @@ class Sender:
                 timeout = self.flush_interval if self._busy or self._outbox.has_due else min(
                     timeout * 2, ACK_WAIT_POLL_MAX_S if acks_only else IDLE_POLL_MAX_S)
                 if self._held_since:  # be back when the first held points are due
-                    due = self._window.ends(min(self._held_since.values())) - time.monotonic()
-                    timeout = max(min(timeout, due), self.flush_interval)
+                    timeout = max(min(timeout, self._window.ends(min(self._held_since.values())) - now),
+                                  self.flush_interval)
+                next_tick = now + timeout
         except zmq.ContextTerminated:
             pass
         except Exception:  # never let a bug here take the training process down

@@ -23,13 +23,35 @@ HOUR = "3600"
 
 
 def test_the_rule_holds_few_points_until_the_window_ends():
-    rule = SendWindow(window=0.1, points=8)
+    rule = SendWindow(window=0.25, points=8, longest=1.0)
     assert rule.holds(1, None, now=5.0)  # first seen now: wait
-    assert rule.holds(7, 5.0, now=5.09)
-    assert not rule.holds(7, 5.0, now=5.2)  # the window is over
+    assert rule.holds(7, 5.0, now=5.2)
+    assert not rule.holds(7, 5.0, now=5.25)  # the window is over
     assert not rule.holds(8, None, now=5.0)  # enough points for a frame: at once
-    assert rule.ends(5.0) == pytest.approx(5.1)
     assert not SendWindow(window=0).holds(1, None, now=5.0)  # 0: every tick, as before
+
+
+def test_windows_end_on_a_shared_grid_of_half_windows():
+    rule = SendWindow(window=0.25)
+    ends = {rule.ends(since) for since in (5.0, 5.01, 5.1, 5.124)}
+    assert ends == {5.25}, "runs first seen within one half-window go out together"
+    for since in (5.0, 5.124, 7.3):
+        assert 0.125 <= rule.ends(since) - since <= 0.25
+
+
+def test_the_window_widens_for_a_collector_slow_to_acknowledge():
+    rule = SendWindow(window=0.25, longest=1.0)
+    rule.follow(0.02)
+    assert rule.window == 0.25
+    rule.follow(0.15)
+    assert rule.window == pytest.approx(0.6)
+    rule.follow(3.0)
+    assert rule.window == 1.0
+    rule.follow(0.01)
+    assert rule.window == 0.25
+    off = SendWindow(window=0)
+    off.follow(3.0)
+    assert off.window == 0
 
 
 @pytest.fixture
