@@ -9,7 +9,8 @@ runs open gives the cost of an idle run.
 
 Reported per N: finish() True count, runs `finished` in run.yaml, points stored (each
 run's steps exactly 0..points-1, once), collector CPU per point (from "go" to the last
-finish), collector peak RSS (VmHWM), RSS per idle run, wall time.
+finish), collector peak RSS (VmHWM), RSS per idle run, wall time, and the rank processes'
+CPU per point while logging (their sender threads included) and while in finish().
 
     python benchmarks/bench_concurrent.py                     # N = 10 and 100
     python benchmarks/bench_concurrent.py --runs 1000 --per-process 50
@@ -47,13 +48,14 @@ def worker(argv: list[str]) -> int:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 3
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), sum(os.times()[:2])
     for step in range(points):
         for e in exps:
             e.log_metric("loss", float(step), step=step)
         wait = t0 + (step + 1) / rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+    c1 = sum(os.times()[:2])
     results: list[dict] = [{} for _ in exps]
 
     def finish(i: int) -> None:  # all at once, as K processes would, each with its default timeout
@@ -66,7 +68,7 @@ def worker(argv: list[str]) -> int:
         t.start()
     for t in threads:
         t.join()
-    print(json.dumps({"runs": results}), flush=True)
+    print(json.dumps({"runs": results, "log_cpu_s": c1 - c0, "finish_cpu_s": sum(os.times()[:2]) - c1}), flush=True)
     return 0
 
 
@@ -176,10 +178,12 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
-        runs = []
+        runs, log_cpu, finish_cpu = [], 0.0, 0.0
         for p in procs:
             out = json.loads(p.stdout.readline())
             runs.extend(out["runs"])
+            log_cpu += out["log_cpu_s"]
+            finish_cpu += out["finish_cpu_s"]
             p.wait(60)
         wall = time.monotonic() - t0
         ranks_cpu = sum(os.times()[2:4]) - ranks_cpu0
@@ -199,6 +203,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
         "stored_once": sum(c[0] for c in checks), "finished": sum(c[1] for c in checks),
         "collector_cpu_s": round(cpu, 2), "machine_cpu_s": round(machine, 1),
         "ranks_cpu_s": round(ranks_cpu, 1), "cpu_us_per_point": round(cpu / total * 1e6, 1),
+        "rank_cpu_us_per_point": round(log_cpu / total * 1e6, 1), "ranks_finish_cpu_s": round(finish_cpu, 1),
         "collector_peak_rss_mb": round(hwm / 1024, 1), "idle_run_kb": round((rss_idle - rss0) / n, 1),
         "_work": str(work),
     }

@@ -1,7 +1,8 @@
 """The background thread that moves a process's logged data to its collector.
 
 Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
-frames, gives each frame a sequence number and keeps it in its Outbox until the collector
+frames (a slow run's few points wait up to a send window to share one frame: the
+SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and keeps it in its Outbox until the collector
 acknowledges it; when to send and resend is the Outbox's rule (expman/_wire/delivery.py),
 so a collector that starts late, restarts or loses a connection costs nothing but time.
 Memory is bounded: past `max_pending_bytes` further frames are spilled to a spool file
@@ -34,7 +35,7 @@ from expman._rank.device import DeviceBatch
 from expman._wire import columns
 from expman._wire import frames as proto
 from expman._wire.curve_keys import client_keys
-from expman._wire.delivery import RESEND_AFTER_S, Entry, Outbox
+from expman._wire.delivery import RESEND_AFTER_S, SEND_WINDOW_S, Entry, Outbox, SendWindow
 from expman._rank.overflow import Overflow
 from expman._rank.spool import max_spool_bytes as spool_budget
 
@@ -43,12 +44,13 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.001
-IDLE_POLL_MAX_S = 0.010  # an idle sender backs off from flush_interval to this
+IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384
 MAX_CONSOLE_LINES_PER_FRAME = 4096
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
+SEND_WINDOW_ENV = "EXPMAN_SEND_WINDOW"
 DROP_LOG_EVERY_S = 10.0
 
 
@@ -71,6 +73,16 @@ def lower_switch_interval() -> None:
         return
     if 0 < target < sys.getswitchinterval():
         sys.setswitchinterval(target)
+
+
+def send_window() -> SendWindow:
+    """The batching rule, with $EXPMAN_SEND_WINDOW (seconds; 0 sends every tick) if set."""
+    setting = os.environ.get(SEND_WINDOW_ENV, "").strip()
+    try:
+        return SendWindow(float(setting) if setting else SEND_WINDOW_S)
+    except ValueError:
+        log.warning("expman: %s=%r is not a number of seconds; using %g", SEND_WINDOW_ENV, setting, SEND_WINDOW_S)
+        return SendWindow()
 
 
 @dataclass(slots=True)
@@ -117,6 +129,8 @@ class Sender:
         self.max_pending_bytes = max_pending_bytes
         self.max_spool_bytes = spool_budget(max_spool_bytes)
         self.max_points_per_frame = MAX_POINTS_PER_FRAME
+        self._window = send_window()
+        self._held_since: dict[int, float] = {}  # id(run) -> when its waiting points were first seen (sender thread)
         self._on_idle_check = on_idle_check  # called on resend rounds: restarts a dead local collector
         self._ctx = zmq.Context.instance()
         self._lock = threading.Lock()
@@ -217,10 +231,12 @@ class Sender:
         poller.register(dealer, zmq.POLLIN)
         next_resend_check = time.monotonic() + RESEND_AFTER_S
         timeout = self.flush_interval
+        next_tick = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(timeout * 1000))
-                if wake in events:
+                events = dict(poller.poll(max(next_tick - time.monotonic(), 0.0) * 1000))
+                woken = wake in events
+                if woken:
                     msgs = [wake.recv()]
                     while wake.poll(0):
                         msgs.append(wake.recv())
@@ -228,7 +244,13 @@ class Sender:
                         break
                 if dealer in events:
                     self._read_acks(dealer)
+                    self._window.follow(self._outbox.ack_latency)
                 now = time.monotonic()
+                if not woken and now < next_tick:  # only acks: the runs are drained on the tick's pace
+                    if self._overflow:
+                        self._overflow.load_into(self._outbox, self.max_pending_bytes)
+                    self._send_pending(dealer)
+                    continue
                 self._busy = False
                 for run in self.active():
                     try:
@@ -250,6 +272,10 @@ class Sender:
                 acks_only = bool(self._outbox) and all(run.finish_sent for run in self.active())
                 timeout = self.flush_interval if self._busy or self._outbox.has_due else min(
                     timeout * 2, ACK_WAIT_POLL_MAX_S if acks_only else IDLE_POLL_MAX_S)
+                if self._held_since:  # be back when the first held points are due
+                    timeout = max(min(timeout, self._window.ends(min(self._held_since.values())) - now),
+                                  self.flush_interval)
+                next_tick = now + timeout
         except zmq.ContextTerminated:
             pass
         except Exception:  # never let a bug here take the training process down
@@ -321,10 +347,15 @@ class Sender:
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
         if run.held or run.device_batches:
             self._drain_device_points(run)
-        elif run.points:
-            self._drain_points(run, run.points)
-        elif run.texts:
-            self._drain_points(run, [])
+        elif run.points or run.texts:
+            waiting = len(run.points) // columns.POINT_STRIDE + len(run.texts)
+            since = self._held_since.get(id(run))
+            if request is None and self._window.holds(waiting, since, now):
+                if since is None:
+                    self._held_since[id(run)] = now
+            else:
+                self._held_since.pop(id(run), None)
+                self._drain_points(run, run.points)
         if run.console:
             self._drain_console(run)
         while run.control:
