@@ -16,7 +16,7 @@ import yaml
 import expman
 from expman.collector._daemon import load_config, parse_socket_mode
 import _launchers
-from _helpers import wait_for
+from _helpers import collector_writes_buckets, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -163,13 +163,7 @@ def test_training_pods_reach_the_bucket_collector_as_they_reach_the_other():
     assert collector["securityContext"]["runAsGroup"] in spec["securityContext"]["supplementalGroups"]
 
 
-def _collector_writes_buckets() -> bool:
-    """Whether this collector takes a bucket root (`--staging-dir` comes with it)."""
-    out = subprocess.run([sys.executable, "-m", "expman.collector", "--help"], capture_output=True, text=True, timeout=60)
-    return "--staging-dir" in out.stdout
-
-
-needs_bucket_collector = pytest.mark.skipif(not _collector_writes_buckets(),
+needs_bucket_collector = pytest.mark.skipif(not collector_writes_buckets(),
                                             reason="this collector does not write to buckets yet (issue 17)")
 
 
@@ -206,7 +200,8 @@ def test_bucket_daemonset_arguments_run_a_collector_that_lands_a_run_in_the_buck
     assert proc.returncode == 0, out
     (run,) = expman.list_runs(f"s3://{bucket}/expman")
     assert run.status == "finished" and run.metrics("loss").num_rows == 100
-    assert "node-a" in run.info["hosts"] or "node-a" in str(run.info)
+    parts = s3_server.filesystem().get_file_info(pafs.FileSelector(f"{run.path}/metrics"))
+    assert parts and all(p.base_name.endswith(".node-a.parquet") for p in parts), "written under the node's name"
 
 
 @needs_bucket_collector

@@ -6,6 +6,8 @@ what polling a bucket costs, counted request by request."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -13,7 +15,8 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from _helpers import run_async, until, wait_for
+import yaml
+from _helpers import collector_writes_buckets, run_async, until, wait_for
 from _tui_runs import private_tui_state  # noqa: F401 (autouse)
 
 import expman
@@ -129,6 +132,46 @@ async def test_expman_tui_opens_a_run_in_a_bucket_and_shows_parts_as_they_arrive
         assert screen.series["loss"].last_x == 2 * PART_ROWS - 1
         await until(pilot, lambda: f"@ step {format_step(2 * PART_ROWS - 1)}" in loss_chart(screen).title.plain,
                     30, "the chart's title to follow")
+
+
+@pytest.mark.skipif(not collector_writes_buckets(), reason="this collector does not write to buckets yet (issue 17)")
+@run_async
+async def test_expman_tui_follows_a_run_that_a_bucket_collector_writes(s3_server, tmp_path, short_dir):
+    """No copying by hand: `expman-collector --root s3://...` uploads the run, and the app follows it."""
+    fs = s3_server.filesystem()
+    fs.create_dir("collected")
+    ready = short_dir / "ready.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "expman.collector", "--root", "s3://collected/team", "--name", "node-a",
+                             "--staging-dir", str(tmp_path / "staging"), "--upload-interval", "0.3",
+                             "--bind", f"ipc://{short_dir}/c.sock", "--ready-file", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the collector")
+        endpoint = yaml.safe_load(ready.read_text())["endpoints"][0]
+        exp = expman.start_experiment("mnist", "bucketed", collector=endpoint, code_dir=False)
+        for step in range(PART_ROWS):
+            exp.log_metric("loss", 1.0 / (step + 1), step=step)
+        app = ExpmanApp("s3://collected/team", poll_interval=0.1)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, RunsScreen) and rows(app), 60, "the run in the bucket")
+            assert rows(app)[0][3] == "running"
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, RunScreen), 30, "the run screen")
+            screen = app.screen
+            await until(pilot, lambda: "loss" in screen.series and screen.series["loss"].points == PART_ROWS,
+                        60, "the first part's points")
+
+            def more() -> None:
+                for step in range(PART_ROWS, 2 * PART_ROWS):
+                    exp.log_metric("loss", 1.0 / (step + 1), step=step)
+
+            await asyncio.to_thread(more)
+            await until(pilot, lambda: screen.series["loss"].points == 2 * PART_ROWS, 60, "the second part's points")
+            assert screen.series["loss"].last_x == 2 * PART_ROWS - 1
+        assert exp.finish()
+    finally:
+        proc.terminate()
+        proc.wait(90)
 
 
 class CountingHandler(pafs.FileSystemHandler):
