@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from expman._env import chosen_root
-from expman._storage.files import LOCAL, ArrowFiles, Files, is_uri, locate, shown
+from expman._storage.files import LOCAL, ArrowFiles, Files, locate, shown
 
 LOCAL_POLL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
 BUCKET_POLL_S = 2.0  # a poll of a live run is ~5 requests; collectors upload a part every ~10 s
@@ -37,11 +37,11 @@ class Store:
         """The store for a root: a folder (default $EXPMAN_ROOT, else ./experiments) or a URI.
         ExpmanError for a URI no pyarrow filesystem opens."""
         chosen = chosen_root(where)
-        label = shown(str(chosen)) if is_uri(chosen) else os.fspath(where if where is not None else chosen)
         files, path = locate(chosen)
         if isinstance(path, Path):
-            return cls(LOCAL, path.expanduser().resolve(), label)
-        return cls(files, path, label)
+            root = path.expanduser().resolve()
+            return cls(LOCAL, root, os.fspath(where) if where is not None else str(root))  # a relative root stays so
+        return cls(files, path, shown(str(chosen)))
 
     @classmethod
     def local(cls, root: str | os.PathLike[str]) -> Store:
