@@ -51,7 +51,7 @@ def mirror(run_dir: Path, fs: Any, dest: str) -> None:
     rewritten (never the WAL, which stays on local disk), delete what it retired (parts
     merged away)."""
     local = {p.relative_to(run_dir).as_posix(): p for p in run_dir.rglob("*")
-             if p.is_file() and p.relative_to(run_dir).parts[0] != "wal" and not p.name.startswith(".")}
+             if p.is_file() and not any(n.startswith(".") for n in p.relative_to(run_dir).parts)}  # .wal/, temp files
     selector = pafs.FileSelector(dest, recursive=True, allow_not_found=True)
     remote = {i.path[len(dest) + 1:] for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
     for rel, path in sorted(local.items(), key=lambda item: item[0].endswith(".yaml")):  # parts, then run.yaml
@@ -239,6 +239,29 @@ def test_polling_a_bucket_lists_folders_now_and_then_and_polls_running_runs_only
     assert touched[("head", "live")] == 2 * scans and touched[("list", "live")] == scans
     assert touched[("get", "live")] <= 2  # run.yaml again only if it changed (a heartbeat rewrite)
     assert sum(touched.values()) <= 4 * scans + 4
+
+
+@run_async
+async def test_an_open_run_screen_of_a_live_run_costs_a_few_requests_a_poll(s3_server, local_runs):
+    upload(s3_server, local_runs, "open")
+    counting = CountingHandler(s3_server.filesystem())
+    store = Store(ArrowFiles(pafs.PyFileSystem(counting), "s3://"), PurePosixPath(f"{BUCKET}/open"), "s3://runs/open")
+    live = PurePosixPath(f"{BUCKET}/open/mnist/{local_runs['live_dir'].name}")
+    app = ExpmanApp(store, poll_interval=0.05)
+    async with app.run_test(size=(140, 40)) as pilot:
+        app.open_run(live)
+        await until(pilot, lambda: isinstance(app.screen, RunScreen) and loss_chart(app.screen), 60, "the chart")
+        screen = app.screen
+        counting.requests.clear()
+        start = screen.polls
+        await until(pilot, lambda: screen.polls >= start + 25, 60, "25 polls")
+        polls = screen.polls - start
+        by_kind = Counter(kind for kind, _path in counting.requests.elements())
+    # Each poll: LISTs of metrics/ (before and after the look) and of .wal/, HEADs of run.yaml
+    # and run.log; every 5th also params, hardware, artifacts and media. Parts already read
+    # are never read again. About 6.4 requests a poll: ~11,500 an hour at the 2 s default.
+    assert sum(by_kind.values()) <= 7 * polls + 7, counting.requests
+    assert by_kind["get"] <= 2 * (polls // 5 + 1), counting.requests  # config.yaml and the manifest, now and then
 
 
 def test_expman_tui_refuses_a_bucket_prefix_with_no_runs_in_one_line(s3_server, capsys):
