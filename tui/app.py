@@ -1,4 +1,4 @@
-"""ExpmanApp: the shell. It owns the root (a folder or a bucket), the clock and the poll interval, and moves between screens."""
+"""ExpmanApp: the shell. It owns the root (folder or bucket), the clock and the poll interval, and moves between screens."""
 
 from __future__ import annotations
 

@@ -71,8 +71,8 @@ class MediaSource:
 
 def _signature(media: Any, store: Store) -> tuple:
     """(folder, name, size, mtime) of every file in the media folders; () when there are none."""
-    return tuple(sorted((sub.name, *entry) for sub in (media / MEDIA_INDEX_DIR, media / HISTOGRAMS_DIR,
-                                                       media / MEDIA_JOURNAL_DIR) for entry in store.entries(sub)))
+    folders = (media / MEDIA_INDEX_DIR, media / HISTOGRAMS_DIR, media / MEDIA_JOURNAL_DIR)
+    return tuple(sorted((sub.name, *entry) for sub in folders for entry in store.entries(sub)))
 
 
 def read_catalog(run: Any) -> MediaCatalog | None:
