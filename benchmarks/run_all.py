@@ -35,6 +35,7 @@ OTHERS = {  # short settings, so the whole run stays in minutes; each script's -
     "bench_hardware.py": ["--seconds", "5"],
     "bench_tui.py": ["--points", "1000000", "--trials", "2", "--app-trials", "1", "--live-seconds", "4"],
     "bench_read.py": ["--points", "2000000", "--trials", "1"],
+    "bench_ls.py": ["--runs", "2000", "--trials", "2"],
     "bench_concurrent.py": ["--runs", "10", "--points", "500"],
     "bench_kill.py": ["--tries", "1"],
     "bench_media.py": ["--seconds", "2"],

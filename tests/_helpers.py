@@ -41,3 +41,13 @@ async def until(pilot: Any, condition: Callable[[], object], timeout: float = 10
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await pilot.pause(0.05)
+
+
+def collector_writes_buckets() -> bool:
+    """Whether this checkout's collector takes a bucket root (`--staging-dir` comes with it):
+    tests of what reads such runs skip until it does (issue 17)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "expman.collector", "--help"], capture_output=True, text=True, timeout=60)
+    return "--staging-dir" in out.stdout

@@ -1,6 +1,7 @@
 """expman-tui, the live terminal UI (installed as `expman.tui`).
 
     expman-tui [ROOT]          # default: $EXPMAN_ROOT, else ./experiments
+    expman-tui s3://bucket/prefix   # runs in a bucket (credentials: AWS_* environment)
     expman-tui [ROOT] --serve  # the same app in a browser (tui/serve.py, needs expman[serve])
 
 See tui/app.py for the shell, tui/screens/ for the screens, tui/widgets/ for the widgets
@@ -19,15 +20,18 @@ def _parser() -> argparse.ArgumentParser:
     from expman._options import DefaultsFormatter, OneLineParser, number, port_number
     from expman._version import __version__
 
-    from .data.runs import DEFAULT_KEY_METRICS, POLL_INTERVAL_S
+    from .data.runs import DEFAULT_KEY_METRICS
+    from .data.store import BUCKET_POLL_S, LOCAL_POLL_S
 
     parser = OneLineParser(prog="expman-tui", formatter_class=DefaultsFormatter,
                            description="Watch expman runs live in the terminal.")
     parser.add_argument("--version", action="version", version=f"expman-tui {__version__}")
     parser.add_argument("root", nargs="?", default=None, metavar="ROOT",
-                        help="folder holding <experiment>/<run>/ (default: $EXPMAN_ROOT, else ./experiments)")
-    parser.add_argument("--poll", type=number(float, low=0.01, high=3600), default=POLL_INTERVAL_S, metavar="SECONDS",
-                        help="seconds between reads of live runs")
+                        help="folder holding <experiment>/<run>/, or a bucket URI such as s3://bucket/prefix "
+                             "(default: $EXPMAN_ROOT, else ./experiments)")
+    parser.add_argument("--poll", type=number(float, low=0.01, high=3600), default=None, metavar="SECONDS",
+                        help=f"seconds between reads of live runs (default: {LOCAL_POLL_S} on a folder, "
+                             f"{BUCKET_POLL_S:g} on a bucket, where each read is a few requests)")
     parser.add_argument("--keys", default=None, type=_key_list, metavar="KEY,KEY",
                         help="comma-separated metric keys for the Runs screen columns "
                              f"(default: {','.join(DEFAULT_KEY_METRICS)})")
@@ -51,19 +55,25 @@ def _key_list(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from expman._env import chosen_root
     from expman._errors import ExpmanError
-    from expman._storage.files import resolve_root
+
+    from .data.store import Store
 
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        root = resolve_root(args.root)
-    except ExpmanError as exc:  # a URI: the TUI tails local folders only
-        print(f"expman-tui: {exc}", file=sys.stderr)
+        store = Store.open(args.root)
+        found = store.exists()
+    except (ExpmanError, OSError) as exc:  # a URI pyarrow cannot open, a bucket that cannot be reached
+        print(f"expman-tui: error: {exc}", file=sys.stderr)
         return 2
-    if not root.is_dir():
-        print(f"expman-tui: error: {root} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
+    if not found:
+        where = store.label if store.remote else store.root
+        print(f"expman-tui: error: {where} is not a folder (give ROOT, or set EXPMAN_ROOT)", file=sys.stderr)
         return 2
+    root = os.fspath(chosen_root(args.root)) if store.remote else store.root  # for --serve's app processes
+    poll = args.poll if args.poll is not None else store.poll_interval
 
     if args.serve:
         try:
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"expman-tui: --serve needs textual-serve ({error.name} is not installed): "
                   "pip install 'expman[serve]'", file=sys.stderr)
             return 2
-        return serve(root, host=args.host, port=args.port, poll=args.poll, keys=args.keys,
+        return serve(root, host=args.host, port=args.port, poll=poll, keys=args.keys,
                      public_url=args.public_url)
 
     from .app import ExpmanApp
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     detect()  # before Textual starts reading the terminal: images in its graphics protocol where it has one
 
     keys = tuple(k.strip() for k in args.keys.split(",") if k.strip()) if args.keys else DEFAULT_KEY_METRICS
-    app = ExpmanApp(args.root or root, poll_interval=args.poll, key_metrics=keys)
+    app = ExpmanApp(store, poll_interval=poll, key_metrics=keys)
     app.run()
     code = app.return_code or 0
     # Quitting is instant: the terminal is restored; a reader thread still decoding a big

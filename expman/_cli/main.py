@@ -32,11 +32,12 @@ from expman._cli import shell
 from expman._cli.progress import Progress
 from expman._cli.text import aligned
 from expman._cli.artifacts import add_commands as add_artifact_commands
+from expman._cli.listing import summary_fields
 from expman._errors import ExpmanError
 from expman._env import ROOT_ENV, chosen_root
 from expman._storage.files import resolve_root
 from expman._reader.params import flat_params
-from expman._reader.run import Run, list_runs, open_run
+from expman._reader.run import Run, open_run, runs_with_yaml
 from expman._storage.layout import KEY, RANK, STEP, TEXT, TIME, VALUE, parse_time
 from expman._storage.files import is_uri, shown
 from expman._options import DefaultsFormatter, OneLineParser, endpoint, fail, number, positive_seconds
@@ -150,15 +151,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         named = "--root" if args.root is not None else f"${ROOT_ENV}" if os.environ.get(ROOT_ENV) else "the default root"
         hint = f"; `{shell.program(PROG)} demo` logs a run there" if named == "the default root" else ""
         fail(PROG, f"{named} {resolve_root(chosen)} is not a folder{hint}")
-    runs = list_runs(args.root, experiment=args.experiment)
+    runs = runs_with_yaml(args.root, experiment=args.experiment)
     if not runs:
         where = shown(str(chosen)) if is_uri(chosen) else resolve_root(chosen)
         scope = f"experiment {args.experiment!r} under {where}" if args.experiment else where
         print(f"No runs in {scope}. Try `{shell.program(PROG)} demo` to log one.")
         return 0
     rows = []
-    for run in runs:
-        info = run.info
+    for run, text in runs:
+        info = summary_fields(text, run.location)  # the file list_runs read: not a second time
         rows.append(
             [
                 str(info.get("experiment") or run.path.parent.name),

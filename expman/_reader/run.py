@@ -365,18 +365,34 @@ def list_runs(
     """The runs under a root (a folder, a URI such as s3://bucket/prefix, or a path inside
     `filesystem`), optionally of one experiment, newest first. Only each run.yaml's start
     time is read here (one line, for a file the collector wrote); `info` reads the rest."""
+    return [run for run, _text in runs_with_yaml(root, experiment, filesystem=filesystem)]
+
+
+def runs_with_yaml(
+    root: str | os.PathLike[str] | None = None,
+    experiment: str | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[tuple[Run, str]]:
+    """`list_runs`, each run with the text of the run.yaml it was sorted by: a caller that
+    shows a table of runs (`expman ls`) reads each file once (one GET per run on a bucket)."""
     files, base = _root(root, filesystem)
     runs = []
     for run_dir in _run_dirs(files, base, experiment=experiment):
+        path = run_dir / RUN_YAML
         try:
-            started = _started_at(files, run_dir / RUN_YAML)
+            text = files.read_text(path)
+        except FileNotFoundError:
+            continue
+        try:
+            started = _started_at(files, path, text)
         except ExpmanError as exc:
             log.warning("expman: skipping a run: %s", exc)
             continue
         if started is not None:
-            runs.append((started, Run._found(files, run_dir)))
+            runs.append((started, Run._found(files, run_dir), text))
     runs.sort(key=lambda item: item[0], reverse=True)
-    return [run for _, run in runs]
+    return [(run, text) for _, run, text in runs]
 
 
 # The collector writes run.yaml with yaml.safe_dump: a top-level key starts a line, and a
@@ -384,16 +400,13 @@ def list_runs(
 _STARTED_AT = re.compile(r"^started_at: *(?:'([^'\n]*)'|\"([^\"\n]*)\"|(null|~)?) *$", re.M)
 
 
-def _started_at(files: Files, path: PurePath) -> str | None:
-    """The run's start time as text, for sorting ("" if it has none); None without run.yaml."""
-    try:
-        text = files.read_text(path)
-    except FileNotFoundError:
-        return None
+def _started_at(files: Files, path: PurePath, text: str) -> str | None:
+    """The run's start time as text, for sorting ("" if it has none), from run.yaml's `text`;
+    None when the file went away meanwhile."""
     match = _STARTED_AT.search(text) if text.startswith(("id:", "name:", "experiment:")) else None
     if match is not None:
         return match[1] or match[2] or ""
-    info = read_yaml_if_present(path, files) if text.strip() else {}
+    info = read_yaml_if_present(path, files) if text.strip() else {}  # not the collector's layout: parse it
     return None if info is None else str(info.get("started_at") or "")
 
 

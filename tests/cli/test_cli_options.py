@@ -129,7 +129,8 @@ def test_version_and_help(program):
         assert "exit after this many seconds with no running run and no frame (default: never)" in " ".join(done.stdout.split())
     flat = " ".join(done.stdout.split())
     if program == "expman-tui":
-        assert "seconds between reads of live runs (default: 0.25)" in flat and "port to listen on (default: 8000)" in flat
+        assert "seconds between reads of live runs (default: 0.25 on a folder, 2 on a bucket" in flat
+        assert "port to listen on (default: 8000)" in flat
     if program == "expman":
         assert "COMMAND" in flat
         sync = run(program, "sync", "--help")

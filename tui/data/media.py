@@ -8,13 +8,15 @@ touches Textual, so it runs on the screen's worker thread.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from expman._storage.layout import HISTOGRAMS_DIR, MEDIA_DIR, MEDIA_INDEX_DIR, MEDIA_JOURNAL_DIR
+
+from .store import Store
 
 HEATMAP_BINS = 48  # columns of a histogram heatmap: the steps' histograms re-binned onto one grid
 HEATMAP_STEPS = 64  # rows at most: steps past that are sampled evenly (first and last kept)
@@ -52,13 +54,14 @@ class MediaSource:
     """A run's catalog, read again only when the media folders changed (a part or a journal
     written): a live run's Run screen asks every few polls, and most asks find nothing new."""
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, store: Store | None = None) -> None:
         self.run = run
+        self.store = store or Store.local(run.path)
         self._signature: tuple = ()
 
     def read(self) -> MediaCatalog | None:
         """The catalog if something changed since the last read, else None."""
-        signature = _signature(self.run.path / MEDIA_DIR)
+        signature = _signature(self.run.path / MEDIA_DIR, self.store)
         if not signature or signature == self._signature:
             return None
         catalog = read_catalog(self.run)
@@ -66,27 +69,16 @@ class MediaSource:
         return catalog
 
 
-def _signature(media: Any) -> tuple:
-    """(name, size, mtime) of every file in the media folders; () when there are none."""
-    found = []
-    for sub in (media / MEDIA_INDEX_DIR, media / HISTOGRAMS_DIR, media / MEDIA_JOURNAL_DIR):
-        try:
-            with os.scandir(sub) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat()
-                    except OSError:  # rolled into a part meanwhile
-                        continue
-                    found.append((entry.path, st.st_size, st.st_mtime_ns))
-        except OSError:
-            continue
-    return tuple(sorted(found))
+def _signature(media: Any, store: Store) -> tuple:
+    """(folder, name, size, mtime) of every file in the media folders; () when there are none."""
+    folders = (media / MEDIA_INDEX_DIR, media / HISTOGRAMS_DIR, media / MEDIA_JOURNAL_DIR)
+    return tuple(sorted((sub.name, *entry) for sub in folders for entry in store.entries(sub)))
 
 
 def read_catalog(run: Any) -> MediaCatalog | None:
     """The run's media keys, or None when the run has no media folder (most runs: no read)."""
-    if not (run.path / MEDIA_DIR).is_dir():
-        return None
+    if isinstance(run.path, Path) and not (run.path / MEDIA_DIR).is_dir():
+        return None  # on a bucket the caller asks only once the media folders hold files
     index = run.media().select(["key", "kind", "step", "rank"]).to_pylist()
     hist = run.histograms().select(["key", "step", "rank", "edges", "counts"]).to_pylist()
     found: dict[str, MediaKey] = {}

@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from expman._reader.params import flat_params
 from expman._reader.progress import RankProgress, rank_progress
 from expman._errors import ExpmanError
+from expman._reader.live import open_part
+from expman._storage.files import LOCAL, Files
 from expman._storage.summary import read_summary
 from expman._storage.layout import (CONFIG_YAML, FINAL_STATUSES, KEY, METRICS_DIR, RUN_YAML, VALUE, WAL_DIR, list_parts,
                                     parse_time, read_yaml)
 from expman._storage.wal import list_segments
 
 from . import run_filter
+from .store import Store
 
 # Columns of the Runs screen: the latest value of the first of these keys that runs have.
-POLL_INTERVAL_S = 0.25  # a live point is on screen within ~0.5 s; a poll of a live run costs ~20-40 ms
 DEFAULT_KEY_METRICS = ("loss", "val_loss", "acc", "accuracy", "lr")
 MAX_KEY_METRICS = 3
 
@@ -34,7 +35,7 @@ MAX_KEY_METRICS = 3
 class RunSummary:
     """One row of the Runs screen."""
 
-    path: Path
+    path: PurePath  # a Path on a local root; the path inside the filesystem on a bucket
     experiment: str
     name: str
     uid: str
@@ -72,7 +73,7 @@ class RunSummary:
         return self.latest.get(key)
 
 
-def summarize(path: Path, info: dict[str, Any], latest: dict[str, float],
+def summarize(path: PurePath, info: dict[str, Any], latest: dict[str, float],
               params: dict[str, Any] | None = None) -> RunSummary:
     ranks = info.get("ranks") or {}
     return RunSummary(
@@ -101,15 +102,16 @@ class LatestValues:
     live run is left to the Run screen (the summary lags by at most one flush, ~0.5 s).
     """
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], files: Files = LOCAL) -> None:
         self.keys = tuple(keys)
-        self._by_part: dict[Path, dict[str, float]] = {}
+        self.files = files
+        self._by_part: dict[PurePath, dict[str, float]] = {}
 
-    def of(self, run_dir: Path, every_key: bool = False) -> dict[str, float]:
+    def of(self, run_dir: PurePath, every_key: bool = False) -> dict[str, float]:
         """The latest value of each of `keys`; with `every_key`, of every key a part's summary
         knows as well (what `loss<0.5` filters on)."""
         found: dict[str, float] = {}
-        parts = list_parts(run_dir / METRICS_DIR)
+        parts = list_parts(run_dir / METRICS_DIR, files=self.files)
         for part in reversed(parts):  # newest first
             if part.path not in self._by_part:
                 try:
@@ -122,8 +124,8 @@ class LatestValues:
                 break
         return found if every_key else {k: v for k, v in found.items() if k in self.keys}
 
-    def _read(self, path: Path) -> dict[str, float]:
-        pf = pq.ParquetFile(path)
+    def _read(self, path: PurePath) -> dict[str, float]:
+        pf = open_part(self.files, path)
         summary = read_summary(pf)
         if summary is not None:  # every key: `loss<0.5` filters on any metric of a merged run
             return {k: s.last_value for k, s in summary.items() if s.last_value is not None}
@@ -148,7 +150,7 @@ class LatestValues:
                 break
         return out
 
-    def forget(self, keep: set[Path]) -> None:
+    def forget(self, keep: set[PurePath]) -> None:
         for path in [p for p in self._by_part if p.parent.parent not in keep]:
             del self._by_part[path]
 
@@ -167,46 +169,50 @@ class RunIndex:
       (the collector replaces run.yaml by a rename, which moves it), so a run reopened with
       `experiment_uid=` or rewritten by hand still shows up.
 
+    On a bucket every look is a request and folders have no mtime: folders are listed
+    again every BUCKET_LIST_EVERY scans (new runs show up within that), running runs are
+    polled as above (a HEAD of run.yaml and config.yaml, a LIST of metrics/ each), and
+    finished runs are never looked at again.
+
     `version` goes up whenever what `scan` returns changed, so the screen redraws nothing
     while nothing changes.
     """
 
     SETTLED_SWEEP = 20  # scans between checks of the finished runs (10 s at the default poll)
+    BUCKET_LIST_EVERY = 5  # scans between listings of a bucket's folders (20 s at the bucket's default poll)
 
-    def __init__(self, root: Path, key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
-        self.root = root
-        self.latest = LatestValues(key_metrics)
+    def __init__(self, root: Store | str | os.PathLike[str], key_metrics: Iterable[str] = DEFAULT_KEY_METRICS) -> None:
+        self.store = root if isinstance(root, Store) else Store.local(root)
+        self.root = self.store.root
+        self.latest = LatestValues(key_metrics, self.store.files)
         self.version = 0
-        self._dirs: dict[Path, tuple[int, list[Path]]] = {}  # folder -> (mtime_ns, its visible subfolders)
-        self._infos: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
-        self._configs: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (config.yaml mtime, size), params
-        self._settled: dict[Path, int] = {}  # finished run -> its folder's mtime_ns when last read
-        self._summaries: dict[Path, RunSummary] = {}
+        self._dirs: dict[PurePath, tuple[int | None, list[PurePath]]] = {}  # folder -> (mtime_ns, its subfolders)
+        self._infos: dict[PurePath, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> (run.yaml mtime, size), info
+        self._configs: dict[PurePath, tuple[tuple[int, int], dict[str, Any]]] = {}  # run -> config.yaml's, params
+        self._settled: dict[PurePath, int | None] = {}  # finished run -> its folder's mtime_ns when last read
+        self._summaries: dict[PurePath, RunSummary] = {}
         self._order: list[RunSummary] = []
         self._scans = 0
         self._listed = 0  # folder listings done: none since the last scan means no run came or went
+        self._relist = True  # on a bucket: list folders again in this scan
         self.reads = 0  # run.yaml files read: tests check an idle scan reads none
 
-    def _subdirs(self, folder: Path) -> list[Path]:
-        """Visible subfolders of `folder`, listed again only when its mtime changed."""
+    def _subdirs(self, folder: PurePath) -> list[PurePath]:
+        """Visible subfolders of `folder`, listed again only when its mtime changed (on a
+        bucket: when this scan lists again)."""
         try:
-            mtime = os.stat(folder).st_mtime_ns
+            mtime = self.store.folder_mtime(folder)
         except OSError:
             self._dirs.pop(folder, None)
             return []
         known = self._dirs.get(folder)
-        if known is None or known[0] != mtime:
+        if known is None or (known[0] != mtime if mtime is not None else self._relist):
             self._listed += 1
-            try:
-                with os.scandir(folder) as entries:
-                    found = sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
-            except OSError:
-                found = []
-            known = (mtime, found)
+            known = (mtime, self.store.subdirs(folder))
             self._dirs[folder] = known
         return known[1]
 
-    def run_folders(self) -> list[Path]:
+    def run_folders(self) -> list[PurePath]:
         listed = self._listed
         experiments = self._subdirs(self.root)
         folders = [run for exp in experiments for run in self._subdirs(exp)]
@@ -219,13 +225,15 @@ class RunIndex:
     def scan(self) -> list[RunSummary]:
         """Every run, newest first (see the class docstring for what is read)."""
         self._scans += 1
-        sweep = self._scans % self.SETTLED_SWEEP == 1 or self.SETTLED_SWEEP <= 1
+        remote = self.store.remote
+        self._relist = self._scans % self.BUCKET_LIST_EVERY == 1 or self.BUCKET_LIST_EVERY <= 1
+        sweep = not remote and (self._scans % self.SETTLED_SWEEP == 1 or self.SETTLED_SWEEP <= 1)
         listed = self._listed
         folders = self.run_folders()
         if self._listed == listed and not sweep:  # the quiet case: poll the live runs only
             return self._poll_live()
         changed = set(folders) != set(self._summaries)
-        summaries: dict[Path, RunSummary] = {}
+        summaries: dict[PurePath, RunSummary] = {}
         for path in folders:
             old = self._summaries.get(path)
             if old is not None and path in self._settled and not sweep:
@@ -263,47 +271,46 @@ class RunIndex:
             self._order = [self._summaries[s.path] for s in self._order if s.path in self._summaries]
         return list(self._order)
 
-    def _poll(self, path: Path, old: RunSummary | None) -> RunSummary | None:
+    def _poll(self, path: PurePath, old: RunSummary | None) -> RunSummary | None:
         """Re-read one run: run.yaml if it changed, its latest values; None when it is not a run (yet)."""
+        store = self.store
         if path in self._settled:
             try:
-                folder_mtime = os.stat(path).st_mtime_ns
+                folder_mtime = store.folder_mtime(path)
             except OSError:
                 return None
             if folder_mtime == self._settled[path] and old is not None:
                 return old
         try:
-            st = os.stat(path / RUN_YAML)
-            folder_mtime = os.stat(path).st_mtime_ns
+            signature = store.stat(path / RUN_YAML)
+            folder_mtime = store.folder_mtime(path)
         except OSError:
             return None
-        signature = (st.st_mtime_ns, st.st_size)
         known = self._infos.get(path)
         if known is None or known[0] != signature:
             try:
-                known = (signature, read_yaml(path / RUN_YAML))
+                known = (signature, read_yaml(path / RUN_YAML, store.files))
                 self.reads += 1
             except (ExpmanError, OSError):
                 return old
         self._infos[path] = known
         summary = summarize(path, known[1], self.latest.of(path, every_key=True), self._params(path))
-        if summary.status in FINAL_STATUSES and not has_live_tail(path):
+        if summary.status in FINAL_STATUSES and not has_live_tail(path, store.files):
             self._settled[path] = folder_mtime  # its parts are final: nothing to poll until the folder moves
         else:
             self._settled.pop(path, None)
         return summary
 
-    def _params(self, path: Path) -> dict[str, Any]:
+    def _params(self, path: PurePath) -> dict[str, Any]:
         """The run's parameters, flat; config.yaml re-read only when its mtime or size changed."""
         try:
-            st = os.stat(path / CONFIG_YAML)
+            signature = self.store.stat(path / CONFIG_YAML)
         except OSError:
             return {}
-        signature = (st.st_mtime_ns, st.st_size)
         known = self._configs.get(path)
         if known is None or known[0] != signature:
             try:
-                known = (signature, flat_params(read_yaml(path / CONFIG_YAML)))
+                known = (signature, flat_params(read_yaml(path / CONFIG_YAML, self.store.files)))
             except (ExpmanError, OSError):
                 known = (signature, {})
             self._configs[path] = known
@@ -344,17 +351,19 @@ def params_diff(params: list[dict[str, Any]], only_different: bool = True) -> li
 
 # --- run.log, artifacts, hardware ------------------------------------------------------------
 class LogTail:
-    """Follows run.log: the last lines at first, then only what was appended."""
+    """Follows run.log: the last lines at first, then only what was appended (on a bucket,
+    where an object is replaced whole, a ranged read of what grew)."""
 
-    def __init__(self, path: Path, initial_bytes: int = 64 * 1024) -> None:
+    def __init__(self, path: PurePath, initial_bytes: int = 64 * 1024, store: Store | None = None) -> None:
         self.path = path
+        self.store = store or Store.local(path.parent)
         self.offset: int | None = None
         self.initial_bytes = initial_bytes
         self._partial = b""
 
     def read_new(self) -> list[str]:
         try:
-            size = os.stat(self.path).st_size
+            _mtime, size = self.store.stat(self.path)
         except FileNotFoundError:
             return []
         if self.offset is None:
@@ -366,9 +375,7 @@ class LogTail:
                 self.offset, self._partial = 0, b""
         if size == self.offset:
             return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read(size - self.offset)
+        data = self.store.read_range(self.path, self.offset, size - self.offset)
         self.offset += len(data)
         data = self._partial + data
         lines = data.split(b"\n")
@@ -384,12 +391,13 @@ def artifacts(run: Any) -> list[tuple[str, int]]:
     return [(str(item.name), int(item.size) if item.size is not None else -1) for item in run.artifacts()]
 
 
-def find_run(root: Path, ref: str) -> Path:
+def find_run(root: Store | Path, ref: str) -> PurePath:
     """The run folder `ref` names under `root`: `experiment/folder`, a folder, a run id, a unique
     id prefix or a unique run name (folders are `<name>-<id>`); ValueError says why not."""
+    store = root if isinstance(root, Store) else Store.local(root)
     ref = ref.strip().strip("/")
-    folders = [run for exp in sorted(root.iterdir()) if exp.is_dir() and not exp.name.startswith(".")
-               for run in sorted(exp.iterdir()) if (run / RUN_YAML).is_file()]
+    folders = [run for exp in store.subdirs(store.root) for run in store.subdirs(exp)
+               if store.files.is_file(run / RUN_YAML)]
     for test in (lambda p: f"{p.parent.name}/{p.name}" == ref, lambda p: p.name == ref,
                  lambda p: p.name.rsplit("-", 1)[-1] == ref, lambda p: p.name.rsplit("-", 1)[0] == ref,
                  lambda p: p.name.rsplit("-", 1)[-1].startswith(ref)):
@@ -399,15 +407,16 @@ def find_run(root: Path, ref: str) -> Path:
         if len(found) > 1:
             raise ValueError(f"{ref!r} names {len(found)} runs ({', '.join(p.name for p in found[:3])}…): "
                              "give more of the id")
-    raise ValueError(f"no run {ref!r} under {root}")
+    raise ValueError(f"no run {ref!r} under {store.label}")
 
 
-def read_yaml_safe(path: Path) -> dict[str, Any]:
+def read_yaml_safe(path: PurePath, files: Files = LOCAL) -> dict[str, Any]:
     try:
-        return read_yaml(path)
+        return read_yaml(path, files)
     except ExpmanError:
         return {}
 
 
-def has_live_tail(run_dir: Path) -> bool:
-    return any(list_segments(wal) for wal in (run_dir / WAL_DIR).glob("*/"))
+def has_live_tail(run_dir: PurePath, files: Files = LOCAL) -> bool:
+    wal = run_dir / WAL_DIR
+    return any(list_segments(wal / writer, files) for writer in files.dirs(wal) if not writer.startswith("."))

@@ -21,16 +21,16 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from expman._reader.live import MetricsTail
+from expman._reader.live import MetricsTail, open_part
 from expman._reader.scan import part_keys, read_keys
 from expman._storage import summary as _summary
+from expman._storage.files import LOCAL, Files
 from expman._storage.layout import KEY, RANK, STEP, TIME, VALUE, Part
 
 from expman._storage.buckets import Buckets, aggregate, bucket_width, combine
@@ -208,8 +208,10 @@ def _chunk_last(chunk: Chunk, xkind: str) -> dict[int, tuple[float, float]]:
 class MetricsSource:
     """Series of one run; thread-safe, meant to be called from workers."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], budget_bytes: int = DEFAULT_BUDGET) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | os.PathLike[str], budget_bytes: int = DEFAULT_BUDGET, *,
+                 files: Files = LOCAL) -> None:
+        self.run_dir = run_dir if isinstance(run_dir, PurePath) else Path(run_dir)
+        self.files = files  # the run's filesystem: the local disk, or a bucket (tui/data/store.py)
         self.budget = budget_bytes
         self._lock = threading.RLock()
         self._parts: list[Part] = []
@@ -224,7 +226,7 @@ class MetricsSource:
         self._summaries: dict[str, _summary.Summary | None] = {}  # part name -> its footer's summary
         self._tail: pa.Table | None = None
         self._tail_chunks: dict[tuple[str, bool], Chunk] = {}
-        self._live = MetricsTail(self.run_dir)
+        self._live = MetricsTail(self.run_dir, files)
         self.reads = 0  # parts (or row-group ranges) read from disk: for tests and the benchmark
 
     # --- refreshing --------------------------------------------------------------------
@@ -259,7 +261,7 @@ class MetricsSource:
 
     def _read_keys(self, part: Part) -> set[str]:
         try:
-            return part_keys(pq.ParquetFile(part.path))
+            return part_keys(open_part(self.files, part.path))
         except FileNotFoundError:
             return set()
 
@@ -325,7 +327,7 @@ class MetricsSource:
     def _summary(self, part: Part) -> _summary.Summary | None:
         name = part.path.name
         if name not in self._summaries:
-            self._summaries[name] = _summary.read_summary(part.path)
+            self._summaries[name] = _summary.read_summary(open_part(self.files, part.path))
         return self._summaries[name]
 
     def _usable_summaries(self) -> dict[str, _summary.Summary]:
@@ -401,7 +403,7 @@ class MetricsSource:
 
     def _read(self, part: Part, keys: list[str], with_time: bool, skip: dict[str, int]) -> dict[str, Chunk | None]:
         """Each key's points in `part` past the first `skip[key]` rows (held from its inputs)."""
-        pf = pq.ParquetFile(part.path)
+        pf = open_part(self.files, part.path)
         self._rows[part.path.name] = pf.metadata.num_rows
         columns = [VALUE, STEP, RANK] + ([TIME] if with_time else [])
         self.reads += 1

@@ -8,7 +8,7 @@ diverged run is pinned to the top edge instead of flattening the others. Runs ar
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePath
 
 from rich.text import Text
 from textual import on, work
@@ -22,6 +22,7 @@ from expman._storage.layout import CONFIG_YAML, RUN_YAML
 
 from ..data.runs import read_yaml_safe
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
+from ..data.store import Store
 from ..widgets.braille import Line
 from ..data import view_state
 from ..widgets.chart import MEAN, MetricChart, chart_request, chart_title, lines_for_run, x_formatter
@@ -35,7 +36,7 @@ SHORT_ID = 8
 COMPARE_SCOPE = "(compare)"  # choices on the Compare screen are remembered apart from any one experiment
 
 
-def run_label(info: dict, path: Path) -> str:
+def run_label(info: dict, path: PurePath) -> str:
     """`mnist/baseline·aaaa0001`: experiment, name and short id, unique where names repeat."""
     uid = str(info.get("id") or path.name.rsplit("-", 1)[-1])[:SHORT_ID]
     name = str(info.get("name") or path.name)
@@ -57,11 +58,12 @@ class CompareScreen(ChartTools, Screen):
     CompareScreen ParamsDiff { border-top: solid $primary-background; }
     """
 
-    def __init__(self, run_dirs: list[Path]) -> None:
+    def __init__(self, run_dirs: list[PurePath], store: Store | None = None) -> None:
         super().__init__()
         self.run_dirs = list(run_dirs)
-        self.names = [run_label(read_yaml_safe(p / RUN_YAML), p) for p in self.run_dirs]
-        self.sources = [MetricsSource(p) for p in self.run_dirs]
+        self.files = (store or Store.local(self.run_dirs[0])).files  # the local disk, or a bucket
+        self.names = [run_label(read_yaml_safe(p / RUN_YAML, self.files), p) for p in self.run_dirs]
+        self.sources = [MetricsSource(p, files=self.files) for p in self.run_dirs]
         self.xkind = X_STEP
         self.only_different = True
         saved_keys, self.view, _mode = view_state.load(COMPARE_SCOPE)
@@ -112,8 +114,8 @@ class CompareScreen(ChartTools, Screen):
                 chosen = remembered or tuple(default_keys(keys))
             series = [source.series(list(chosen), xkind, target) if (c or force) else None
                       for source, c in zip(self.sources, changed)]
-            params = [read_yaml_safe(p / CONFIG_YAML) for p in self.run_dirs]
-            infos = [read_yaml_safe(p / RUN_YAML) for p in self.run_dirs]
+            params = [read_yaml_safe(p / CONFIG_YAML, self.files) for p in self.run_dirs]
+            infos = [read_yaml_safe(p / RUN_YAML, self.files) for p in self.run_dirs]
         except Exception as exc:
             self._busy = False
             self.app.call_from_thread(self.notify, f"compare failed: {exc}", severity="error")

@@ -6,11 +6,10 @@ One worker at a time reads everything new (off the UI thread) and hands the resu
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 from rich.text import Text
@@ -22,7 +21,6 @@ from textual.lazy import Lazy
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Log, TabbedContent, TabPane
 
-from expman import open_run
 from expman._storage.layout import CONFIG_YAML, FINAL_STATUSES, RUN_LOG, RUN_YAML
 
 from ..data.hardware import HardwareSeries, read_hardware
@@ -32,6 +30,7 @@ from ..data.media import MediaCatalog, MediaSource
 from ..data.runs import LogTail, artifacts, rank_rows, read_yaml_safe
 from ..data import view_state
 from ..data.series import X_STEP, X_TIME, MetricsSource, Series
+from ..data.store import Store
 from ..widgets.artifacts_list import ArtifactsList
 from ..widgets.braille import format_elapsed
 from ..widgets.chart import (
@@ -127,12 +126,13 @@ class RunScreen(ChartTools, Screen):
     RunScreen Log { height: 1fr; }
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: PurePath, store: Store | None = None) -> None:
         super().__init__()
-        self.run = open_run(run_dir)
-        self.source = MetricsSource(self.run.path)
-        self.tail = LogTail(self.run.path / RUN_LOG)
-        self.media = MediaSource(self.run)
+        self.store = store or Store.local(run_dir)  # the local disk, or a bucket
+        self.run = self.store.open_run(run_dir)
+        self.source = MetricsSource(self.run.path, files=self.store.files)
+        self.tail = LogTail(self.run.path / RUN_LOG, store=self.store)
+        self.media = MediaSource(self.run, self.store)
         self.info: dict[str, Any] = {}
         self.xkind = X_STEP
         self.scope = self.run.path.parent.name  # the experiment: choices are remembered per experiment
@@ -233,7 +233,7 @@ class RunScreen(ChartTools, Screen):
         series = self.source.series(list(chosen), xkind, target) if chosen and (changed or force) else None
         snapshot = Snapshot(self._read_info(), keys, series, self.tail.read_new(), request=request)
         if slow:
-            snapshot.params = read_yaml_safe(self.run.path / CONFIG_YAML)
+            snapshot.params = read_yaml_safe(self.run.path / CONFIG_YAML, self.store.files)
             snapshot.hardware = read_hardware(self.run)
             try:
                 snapshot.artifacts = artifacts(self.run)
@@ -248,14 +248,13 @@ class RunScreen(ChartTools, Screen):
     def _read_info(self) -> dict[str, Any] | None:
         """run.yaml if it changed since the last read (the collector replaces it whole), else None."""
         try:
-            st = os.stat(self.run.path / RUN_YAML)
+            sig = self.store.stat(self.run.path / RUN_YAML)
         except OSError:
             return None
-        sig = (st.st_mtime_ns, st.st_size)
         if sig == self._yaml_sig:
             return None
         self._yaml_sig = sig
-        return read_yaml_safe(self.run.path / RUN_YAML)
+        return read_yaml_safe(self.run.path / RUN_YAML, self.store.files)
 
     def _apply(self, snap: Snapshot) -> None:
         if self not in self.app.screen_stack or not self.is_attached or not self.is_mounted:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
+from pathlib import PurePath
 
 from rich.text import Text
 from textual import on, work
@@ -17,6 +17,7 @@ from expman._storage.layout import STATUSES
 
 from ..data.run_filter import param_columns
 from ..data.runs import DEFAULT_KEY_METRICS, RunIndex, RunSummary
+from ..data.store import Store
 from ..widgets.braille import format_elapsed, format_value
 from ..widgets.status import status_text
 
@@ -73,20 +74,20 @@ class RunsScreen(Screen):
     RunsScreen #runs { height: 1fr; }
     """
 
-    def __init__(self, root: Path, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS, label: str | None = None) -> None:
+    def __init__(self, root: Store, key_metrics: tuple[str, ...] = DEFAULT_KEY_METRICS, label: str | None = None) -> None:
         super().__init__()
-        self.root = root
-        self.label = label or str(root)
+        self.root = root.root
+        self.label = label or root.label
         self.index = RunIndex(root, key_metrics)
         self.summaries: list[RunSummary] = []
         self.shown: list[RunSummary] = []
-        self.marked: set[Path] = set()
+        self.marked: set[PurePath] = set()
         self.status_filter = "all"
         self.key_columns: list[str] = []
         self.param_columns: list[str] = []
         self.sort_by: str | None = None  # a column key; None: newest first
         self.sort_reverse = False
-        self._rows_shown: dict[Path, list[str]] = {}  # the cells of each row as shown: only changes are redrawn
+        self._rows_shown: dict[PurePath, list[str]] = {}  # the cells of each row as shown: only changes are redrawn
         self.scans = 0  # completed scans: tests wait on it
         self._scanning = False
 
