@@ -137,6 +137,9 @@ class Run:
         self.rank_seen: dict[int, float] = {r: time.monotonic() for r in self.running_ranks()}
         self.heartbeat_interval: dict[int, float] = {}  # seconds, as each rank said in its hello
         self.finished_at_seq: dict[str, int] = {}  # sender -> seq of its finish frame
+        # Runs in a bucket (collector/_bucket.py): the staged copy is ours alone, but its hosts
+        # file goes up too, so the run's owner in the bucket can fold our ranks in.
+        self.shares_hosts = False
         self.write_info(force=True)
 
     @classmethod
@@ -394,7 +397,7 @@ class Run:
         if self._info_dirty and (force or now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S):
             if self.owner:
                 write_yaml_atomic(self.dir / RUN_YAML, self.info)
-            else:
+            if not self.owner or self.shares_hosts:
                 local = {r: self.info["ranks"][r] for r in sorted(self.local_ranks) if r in self.info["ranks"]}
                 write_yaml_atomic(self.dir / HOSTS_DIR / f"{self.writer}.yaml", {
                     "writer": self.writer,
