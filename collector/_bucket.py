@@ -75,8 +75,9 @@ _PART_DIRS = (METRICS_DIR, HARDWARE_DIR)
 
 def open_bucket(uri: str) -> tuple[Any, str]:
     """A pyarrow filesystem for `uri` and the root's path in it. S3 gets request and connect
-    timeouts, so an unreachable store fails a pass instead of hanging it; credentials and
-    endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)."""
+    timeouts, so an unreachable store fails a pass instead of hanging it, and delayed opens,
+    so a small object is one PUT; credentials and endpoint come from the standard
+    environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...) as for readers."""
     files, path = locate(uri)
     filesystem = getattr(files, "filesystem", None)
     if filesystem is None:
@@ -86,7 +87,9 @@ def open_bucket(uri: str) -> tuple[Any, str]:
         import pyarrow.fs as pafs
 
         filesystem = rebuild({**options, "request_timeout": REQUEST_TIMEOUT_S, "connect_timeout": CONNECT_TIMEOUT_S,
-                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=REQUEST_ATTEMPTS)})
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=REQUEST_ATTEMPTS),
+                              # one PUT per object below the multipart size, not create + part + complete
+                              "allow_delayed_open": True})
     return filesystem, str(path).rstrip("/")
 
 

@@ -190,7 +190,7 @@ E2E = {
     "test_multihost", "test_distributed", "test_concurrent", "test_hostile", "test_soak", "test_curve_refusals",
     "test_integrations_lightning", "test_integrations_transformers",
     "test_tui_tmux", "test_tui_serve", "test_tui_media", "test_notebook", "test_objstore", "test_lifecycle", "test_deploy",
-    "test_kill_drain",
+    "test_kill_drain", "test_bucket",
 }
 
 
