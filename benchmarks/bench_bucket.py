@@ -52,7 +52,7 @@ while not Path(stop).exists():
     except Exception:
         pass
     time.sleep(0.25)
-print(json.dumps([t - v for v, t in seen.items()]))
+print(json.dumps(sorted(seen.items())))
 """
 
 
@@ -162,14 +162,15 @@ def _live(expman, sock: str, uri: str, args: argparse.Namespace, moto: subproces
     down_from = began + max(0.0, (args.seconds - args.down) / 2)
     down_until = down_from + args.down
     stopped = False
+    outage = [0.0, 0.0]  # wall clock: when the bucket was stopped and continued
     step, next_probe = 0, began
     while (now := time.monotonic()) < began + args.seconds:
         if not stopped and down_from <= now < down_until:
             os.kill(moto.pid, signal.SIGSTOP)
-            stopped = True
+            stopped, outage[0] = True, time.time()
         elif stopped and now >= down_until:
             os.kill(moto.pid, signal.SIGCONT)
-            stopped = False
+            stopped, outage[1] = False, time.time()
         into = down if stopped else up
         for _ in range(RATE // 100):
             t0 = clock()
@@ -182,18 +183,20 @@ def _live(expman, sock: str, uri: str, args: argparse.Namespace, moto: subproces
         time.sleep(0.01)
     if stopped:
         os.kill(moto.pid, signal.SIGCONT)
+        outage[1] = time.time()
     exp.finish()
     c.wait_until(lambda: _finished_rows(expman, run_uri, "loss") == step, 300, step=0.1)
     writes, _ = _writes(moto_log, offset)
     stop.touch()
-    lags = sorted(json.loads(reader.communicate(timeout=120)[0] or "[]"))
+    seen = json.loads(reader.communicate(timeout=120)[0] or "[]")
+    # Points logged and seen with the bucket up, apart from those the outage held back.
+    up_lags = sorted(t - v for v, t in seen if t < outage[0] or v > outage[1] or not args.down)
+    held_lags = sorted(t - v for v, t in seen if not (t < outage[0] or v > outage[1] or not args.down))
     rows = _finished_rows(expman, run_uri, "loss")
     minutes = (time.monotonic() - began) / 60
     results["live"] = {
         "seconds": args.seconds, "points": step, "down_s": args.down,
-        "lag_s": {"n": len(lags), "p50": round(lags[len(lags) // 2], 2) if lags else None,
-                  "p99": round(lags[min(len(lags) - 1, int(0.99 * len(lags)))], 2) if lags else None,
-                  "max": round(lags[-1], 2) if lags else None},
+        "lag_s": _quantiles(up_lags), "lag_held_by_outage_s": _quantiles(held_lags),
         "write_requests": writes, "write_requests_per_minute": round(writes / minutes, 1),
         "log_metric_up": c.percentiles(list(up)), "log_metric_down": c.percentiles(list(down)) if down else None,
     }
@@ -203,15 +206,22 @@ def _live(expman, sock: str, uri: str, args: argparse.Namespace, moto: subproces
     return True
 
 
+def _quantiles(lags: list[float]) -> dict:
+    if not lags:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    return {"n": len(lags), "p50": round(lags[len(lags) // 2], 2), "p99": round(lags[min(len(lags) - 1, int(0.99 * len(lags)))], 2),
+            "max": round(lags[-1], 2)}
+
+
 def _report(r: dict) -> None:
     print(r["machine"])
     b, live = r["burst"], r["live"]
     print(f"end to end into the bucket: {b['points']:,} points in {b['seconds']} s = {b['points_per_s']:,} points/s "
           f"(first log_metric to finished and readable in the bucket)")
-    lag = live["lag_s"]
+    lag, held = live["lag_s"], live["lag_held_by_outage_s"]
     print(f"upload lag (point logged -> visible in the bucket), --upload-interval {r['upload_interval_s']:g} s: "
-          f"p50 {lag['p50']} s, p99 {lag['p99']} s, max {lag['max']} s ({lag['n']} probes, {live['down_s']:g} s of them "
-          "with the bucket stopped)")
+          f"p50 {lag['p50']} s, p99 {lag['p99']} s, max {lag['max']} s ({lag['n']} probes); points the {live['down_s']:g} s "
+          f"outage held back: p50 {held['p50']} s, max {held['max']} s ({held['n']} probes)")
     print(f"write requests (PUT/POST/DELETE) for one live run: {live['write_requests']} in {live['seconds']:g} s "
           f"= {live['write_requests_per_minute']} per minute")
     rows = []

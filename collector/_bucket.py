@@ -155,6 +155,7 @@ class BucketMirror:
         self._fs: Any = None
         self._base = ""
         self._runs: dict[Path, _RunState] = {}
+        self._failed_last: Path | None = None
         self._backoff = 0.0
         self._retry_at = 0.0
         self._stop = threading.Event()
@@ -190,10 +191,14 @@ class BucketMirror:
     def _pass(self, force: bool) -> bool:
         """Visit every staged run; True when all went up (or had nothing new)."""
         self.pending = 0
+        run_dir = None
         try:
             if self._fs is None:
                 self._fs, self._base = open_bucket(self.uri)
-            for run_dir in self._staged():
+            staged = self._staged()
+            if self._failed_last in staged:  # a run that fails on its own does not hold the others back
+                staged.append(staged.pop(staged.index(self._failed_last)))
+            for run_dir in staged:
                 state = self._runs.get(run_dir)
                 if state is None:
                     rel = run_dir.relative_to(self.staging).as_posix()
@@ -201,15 +206,17 @@ class BucketMirror:
                 self._visit(state, force)
         except Exception as exc:  # the store is unreachable or refuses: keep the staging copy, retry later
             self.failures += 1
+            self._failed_last = run_dir
+            report = log.warning if not self._backoff else log.debug  # once an outage, and when it ends
             self._backoff = min(MAX_BACKOFF_S, max(0.5, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
-            report = log.warning if self.failures == 1 or self._backoff < MAX_BACKOFF_S else log.debug
             report("bucket %s: upload failed (%s); retrying in %.1f s", shown(self.uri),
-                   " ".join(str(exc).split())[:200] or type(exc).__name__, self._backoff)
+                   " ".join(str(exc).split())[:300] or type(exc).__name__, self._backoff)
             return False
         if self._backoff:
-            log.info("bucket %s: uploads resumed", shown(self.uri))
+            log.warning("bucket %s: uploads resumed", shown(self.uri))
         self._backoff = 0.0
+        self._failed_last = None
         return not self.pending
 
     def _staged(self) -> list[Path]:
