@@ -46,6 +46,7 @@ from expman._storage.layout import (
     LOGS_DIR,
     MANIFEST,
     METRICS_DIR,
+    OBJECTS_DIR,
     OWNER_FILE,
     RUN_LOG,
     RUN_YAML,
@@ -71,6 +72,7 @@ RETIRE_AT_EXIT_S = 2.0  # the same at exit, short: a local-mode collector has se
 BIG_LOG_BYTES = 1 << 20  # logs past this go up at most every interval x (size / BIG_LOG_BYTES): bounded bandwidth
 _CHUNK = 1 << 20  # uploads stream in 1 MiB chunks: no file is ever held whole in memory
 _PART_DIRS = (METRICS_DIR, HARDWARE_DIR)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def open_bucket(uri: str) -> tuple[Any, str]:
@@ -112,8 +114,10 @@ def covered_parts(names: list[str]) -> list[str]:
 def _ended(data: bytes) -> tuple[frozenset[Any], bool]:
     """The ranks a run.yaml or hosts/<writer>.yaml says have ended, and whether the run has."""
     try:
-        info = yaml.safe_load(data) or {}
+        info = yaml.load(data, Loader=_LOADER)
     except yaml.YAMLError:
+        return frozenset(), False
+    if not isinstance(info, dict):
         return frozenset(), False
     ranks = info.get("ranks") or {}
     done = frozenset(r for r, v in ranks.items() if isinstance(v, dict) and v.get("status") not in (None, "running"))
@@ -131,7 +135,8 @@ class _RunState:
     ended: dict[str, tuple[frozenset[Any], bool]] = field(default_factory=dict)  # what the uploaded yaml said
     fetched: dict[str, tuple[int, float]] = field(default_factory=dict)  # others' hosts/*.yaml downloaded
     covered_since: dict[str, float] = field(default_factory=dict)  # parts in the bucket a wider one covers
-    owner: bool = False
+    owner: bool = False  # rank 0 is ours: run.yaml, config.yaml, run.log go up
+    other_owner: bool = False  # another writer has rank 0: our run.log goes up as logs/<writer>.log
     snapshot: tuple[Any, ...] = ()  # the local files as of the last complete pass
     passed_at: float = float("-inf")
     listed_at: float = float("-inf")
@@ -244,7 +249,7 @@ class BucketMirror:
         """(name, size, mtime) of every file to mirror, and the bytes of sealed files not yet up."""
         items = []
         new_bytes = 0
-        for rel, path in self._local_files(state.dir):
+        for rel, path in self._local_files(state.dir, objects=False):  # a new object comes with a manifest line
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -261,13 +266,15 @@ class BucketMirror:
             return False
         return _ended(data)[1] and not self._wal_busy(state.dir)
 
-    def _local_files(self, run_dir: Path) -> list[tuple[str, Path]]:
-        """Relative name and path of each file to mirror: hidden entries (.wal, .delivery,
-        .incoming, temp files), the local owner file and other writers' hosts files stay here."""
+    def _local_files(self, run_dir: Path, objects: bool = True) -> list[tuple[str, Path]]:
+        """Relative name and path of each file to mirror (`objects`: artifact objects too):
+        hidden entries (.wal, .delivery, .incoming, temp files), the local owner file and
+        other writers' hosts files stay here."""
         out = []
         for folder, dirs, names in os.walk(run_dir):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel_folder = Path(folder).relative_to(run_dir).as_posix()
+            skip = () if objects else (f"{ARTIFACTS_DIR}/{OBJECTS_DIR}",)
+            dirs[:] = [d for d in dirs if not d.startswith(".") and f"{rel_folder}/{d}".removeprefix("./") not in skip]
             for name in names:
                 rel = name if rel_folder == "." else f"{rel_folder}/{name}"
                 if name.startswith(".") or rel == OWNER_FILE or (rel_folder == HOSTS_DIR and name != f"{self.writer}.yaml"):
@@ -290,8 +297,7 @@ class BucketMirror:
         them; False if a file had to wait for a later pass."""
         if state.uploaded is None:
             state.uploaded = self._list_remote(state.remote)
-        mine = state.dir / HOSTS_DIR / f"{self.writer}.yaml"
-        state.owner = state.owner or 0 in (yaml.safe_load(mine.read_bytes()) or {}).get("ranks", {})
+        self._decide_owner(state)
         wal_busy = self._wal_busy(state.dir)
         complete = True
         while True:  # a part merged away mid-pass: its wider part is new, list again
@@ -332,7 +338,7 @@ class BucketMirror:
                 if time.monotonic() - state.passed_at < self.interval * st.st_size / BIG_LOG_BYTES:
                     complete = False
                     continue
-            if rel.endswith(".yaml") and rel != CONFIG_YAML:
+            if rel in (RUN_YAML, f"{HOSTS_DIR}/{self.writer}.yaml"):
                 data = path.read_bytes()
                 ended = _ended(data)
                 if wal_busy and ended != state.ended.get(target, (frozenset(), False)):
@@ -348,11 +354,29 @@ class BucketMirror:
             state.sent[OWNER_FILE] = (0, 0)
         return complete
 
+    def _decide_owner(self, state: _RunState) -> None:
+        """Owner: rank 0 is ours. Not: another writer's hosts file has it. Until one of them
+        is known (or the run has ended), run.log and the manifest wait, so they never go up
+        under the wrong name."""
+        if state.owner or state.other_owner:
+            return
+        for path in (state.dir / HOSTS_DIR).glob("*.yaml"):
+            try:
+                ranks = (yaml.load(path.read_bytes(), Loader=_LOADER) or {}).get("ranks") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if 0 in ranks:
+                state.owner = path.stem == self.writer
+                state.other_owner = not state.owner
+                return
+
     def _mutable_targets(self, state: _RunState) -> list[tuple[str, str]]:
         """(local file, object name) of the files rewritten while a run lives, in upload order:
         run.yaml last, so a reader that sees a status sees what it stands for."""
         manifest = f"{ARTIFACTS_DIR}/{MANIFEST}"
         hosts = f"{HOSTS_DIR}/{self.writer}.yaml"
+        if not (state.owner or state.other_owner or self._locally_final(state)):
+            return [(hosts, hosts)]  # whose run.log this is, is not known yet
         if state.owner:
             return [(RUN_LOG, RUN_LOG), (manifest, manifest), (hosts, hosts), (CONFIG_YAML, CONFIG_YAML), (RUN_YAML, RUN_YAML)]
         return [(RUN_LOG, f"{LOGS_DIR}/{self.writer}.log"), (manifest, f"{ARTIFACTS_DIR}/{manifest_name(self.writer)}"),
@@ -375,7 +399,7 @@ class BucketMirror:
                 data = src.read()
             self.requests["bytes_down"] += len(data)
             try:
-                parsed = yaml.safe_load(data)
+                parsed = yaml.load(data, Loader=_LOADER)
             except yaml.YAMLError:
                 continue
             if isinstance(parsed, dict):

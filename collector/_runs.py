@@ -263,7 +263,9 @@ class Run:
                 if rank >= 0:
                     values.setdefault(key, {})[rank] = value
         conflicts = {key: seen for key, seen in values.items() if any(v != merged[key] for v in seen.values())}
-        for key in sorted(set(conflicts) - self._reported_conflicts):
+        # In a bucket every writer folds the run; rank 0's collector, the owner there, reports.
+        report = not self.shares_hosts or 0 in self.local_ranks
+        for key in sorted(set(conflicts) - self._reported_conflicts) if report else ():
             self._reported_conflicts.add(key)
             shown = ", ".join(f"rank {r}: {v!r}" for r, v in sorted(conflicts[key].items()))
             self._write_log_line(f"{iso(time.time())} [collector] WARNING parameter {key!r} differs across ranks "

@@ -18,7 +18,10 @@ import pytest
 import yaml
 
 import expman
+from expman.collector._bucket import covered_parts
 from _helpers import wait_for
+from expman._storage.crypto import create_key_file
+from expman._wire.frames import ARTIFACT_CHUNK_BYTES
 
 POINTS = 2000
 WORLD = 4
@@ -88,8 +91,11 @@ RANK_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import expman
     gate = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    with expman.start_experiment("bucket", "job", code_dir=False) as exp:
+    encrypt = bool(os.environ.get("TEST_ENCRYPT"))
+    with expman.start_experiment("bucket", "job", code_dir=False, encrypt_artifacts=encrypt) as exp:
         exp.log_parameters({"lr": 0.1, "seed": exp.rank})
+        blob = Path(os.environ["TEST_BLOBS"]) / f"rank{exp.rank}.bin"
+        exp.log_artifact(blob, name=f"weights/rank{exp.rank}.bin")
         for step in range(POINTS):
             if gate is not None and step == POINTS // 2:
                 (gate.parent / f"half-{exp.rank}").touch()
@@ -104,13 +110,21 @@ def launch_ranks(tmp_path: Path, endpoint_of_rank: dict[int, str], host_of_rank:
                  gate: Path | None = None) -> list[subprocess.Popen]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir(exist_ok=True)
     ranks = []
     for rank in range(WORLD):
-        env = {**os.environ, "EXPMAN_RUN_ID": "bucket-job", "EXPMAN_RANK": str(rank), "EXPMAN_WORLD_SIZE": str(WORLD),
+        (blobs / f"rank{rank}.bin").write_bytes(blob(rank))
+        env = {**os.environ, "TEST_BLOBS": str(blobs), "EXPMAN_RUN_ID": "bucket-job", "EXPMAN_RANK": str(rank), "EXPMAN_WORLD_SIZE": str(WORLD),
                "EXPMAN_COLLECTOR": endpoint_of_rank[rank], "EXPMAN_HOST": host_of_rank[rank]}
         args = [sys.executable, str(script)] + ([str(gate)] if gate else [])
         ranks.append(subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True))
     return ranks
+
+
+def blob(rank: int) -> bytes:
+    """Rank's artifact: two and a bit transfer chunks, different per rank."""
+    return bytes([rank]) * (2 * ARTIFACT_CHUNK_BYTES + 7 + rank)
 
 
 def wait_ranks(ranks: list[subprocess.Popen]) -> None:
@@ -147,6 +161,9 @@ def assert_every_point_once(run: expman.Run) -> None:
     assert sorted(info["param_conflicts"]["seed"]) == list(range(WORLD))
     text = run.log_text()
     assert all(text.count(f"rank {r} says hi") == 1 for r in range(WORLD)), text
+    assert sorted(a.name for a in run.artifacts()) == [f"weights/rank{r}.bin" for r in range(WORLD)]
+    for r in range(WORLD):
+        assert run.read_artifact(f"weights/rank{r}.bin") == blob(r)
 
 
 def bucket_files(uri: str) -> list[str]:
@@ -160,7 +177,11 @@ def two_hosts(hosts: Hosts) -> tuple[dict[int, str], dict[int, str]]:
     return {r: a if r % 2 == 0 else b for r in range(WORLD)}, {r: "node-a" if r % 2 == 0 else "node-b" for r in range(WORLD)}
 
 
-def test_two_collectors_write_one_run_into_a_bucket_with_every_point_once(hosts, bucket, tmp_path):
+def test_two_collectors_write_one_run_into_a_bucket_with_every_point_once(hosts, bucket, tmp_path, monkeypatch):
+    """Artifacts encrypted here (the others are plain): each host uploads its own objects and manifest."""
+    create_key_file(tmp_path / "master.key")
+    monkeypatch.setenv("EXPMAN_KEY_FILE", str(tmp_path / "master.key"))  # collectors and the reader
+    monkeypatch.setenv("TEST_ENCRYPT", "1")
     endpoints, host_names = two_hosts(hosts)
     wait_ranks(launch_ranks(tmp_path, endpoints, host_names))
     run = finished_run(bucket, hosts)
@@ -169,6 +190,9 @@ def test_two_collectors_write_one_run_into_a_bucket_with_every_point_once(hosts,
     names = bucket_files(bucket)
     assert {n.split("/", 2)[2] for n in names if "/hosts/" in n} == {"hosts/node-a.yaml", "hosts/node-b.yaml"}
     assert any(n.endswith("/logs/node-b.log") for n in names) and not any(n.endswith("/logs/node-a.log") for n in names)
+    manifests = sorted(n.rsplit("/", 1)[1] for n in names if "/artifacts/manifest" in n)
+    assert manifests == ["manifest.node-b.yaml", "manifest.yaml"]
+    assert sum("/artifacts/objects/" in n and n.endswith(".expa") for n in names) == WORLD
     assert not any("/.wal/" in n or "/.delivery/" in n for n in names), "nothing private goes up"
     owner = [n for n in names if n.endswith("/owner")]
     assert len(owner) == 1 and run._files.read_text(run.path / "owner").strip() == "node-a"  # rank 0's collector
@@ -251,6 +275,12 @@ def test_duckdb_and_polars_read_a_run_from_the_bucket(hosts, bucket, tmp_path):
     points = ds.dataset(parts, filesystem=files.filesystem, format="parquet")
     rows = duckdb.sql("select rank, count(*), count(distinct step), max(step) from points group by rank order by rank").fetchall()
     assert rows == [(r, POINTS, POINTS, POINTS - 1) for r in range(WORLD)]
+
+
+def test_covered_parts_are_those_inside_a_wider_part_of_the_same_writer():
+    names = ["part-0-00000000-00000000.a.parquet", "part-0-00000001-00000001.a.parquet",
+             "part-1-00000000-00000001.a.parquet", "part-0-00000000-00000000.b.parquet", "notes.txt"]
+    assert covered_parts(names) == names[:2]
 
 
 def test_start_experiment_in_local_mode_logs_into_the_bucket(bucket, tmp_path, run_script):
