@@ -298,3 +298,16 @@ def test_start_experiment_in_local_mode_logs_into_the_bucket(bucket, tmp_path, r
     (run,) = expman.list_runs(bucket)
     assert run.status == "finished" and run.params == {"lr": 0.5} and run.info["name"] == "solo"
     assert run.metrics("loss")["step"].to_pylist() == list(range(300))
+
+
+def test_the_bucket_settings_read_from_a_config_file_are_checked(tmp_path):
+    from expman.collector._daemon import load_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("root: s3://bucket/prefix\nstaging_dir: /var/lib/expman/staging\nupload_interval: 2.5\n"
+                    "upload_batch_bytes: 1048576\n")
+    assert load_config(str(good))["upload_interval"] == 2.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upload_interval: -1\n")
+    with pytest.raises(SystemExit, match="upload_interval"):
+        load_config(str(bad))
