@@ -70,6 +70,7 @@ CLOSE_TIMEOUT_S = 30.0  # at exit, how long the last pass may take before pendin
 RETIRE_AFTER_S = 30.0
 RETIRE_AT_EXIT_S = 2.0  # the same at exit, short: a local-mode collector has seconds to leave
 BIG_LOG_BYTES = 1 << 20  # logs past this go up at most every interval x (size / BIG_LOG_BYTES): bounded bandwidth
+IDLE_CHECK_INTERVALS = 6  # an ended run that is all up is looked at every 6 intervals (late frames)
 _CHUNK = 1 << 20  # uploads stream in 1 MiB chunks: no file is ever held whole in memory
 _PART_DIRS = (METRICS_DIR, HARDWARE_DIR)
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -141,6 +142,7 @@ class _RunState:
     passed_at: float = float("-inf")
     listed_at: float = float("-inf")
     final: bool = False
+    checked_at: float = float("-inf")
 
 
 class BucketMirror:
@@ -231,6 +233,9 @@ class BucketMirror:
     # --- one run ----------------------------------------------------------------------
     def _visit(self, state: _RunState, force: bool) -> None:
         now = time.monotonic()
+        if state.final and state.snapshot and not force and now - state.checked_at < IDLE_CHECK_INTERVALS * self.interval:
+            return  # an ended run all up: only late frames could change it, looked at now and then
+        state.checked_at = now
         snapshot, new_bytes = self._snapshot(state)
         changed = snapshot != state.snapshot
         final = self._locally_final(state)
@@ -326,7 +331,9 @@ class BucketMirror:
                 self._delete(f"{state.remote}/{rel}")
                 del state.uploaded[rel]
                 del state.covered_since[rel]
-        for rel, target in self._mutable_targets(state):
+        targets = self._mutable_targets(state)
+        complete = complete and len(targets) > 1  # run.log and the manifest wait for the owner to be known
+        for rel, target in targets:
             path = state.dir / rel
             try:
                 st = path.stat()
