@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = _staging_dir(args, config, bucket_uri) if bucket_uri else resolve_root(args.root or config.get("root"))
         root.mkdir(parents=True, exist_ok=True)
-    except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
+    except ExpmanError as exc:  # a file:// URI: give the folder as a path
         raise SystemExit(f"expman-collector: {exc}") from None
     except OSError as exc:
         fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)

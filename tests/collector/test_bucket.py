@@ -212,6 +212,13 @@ def test_a_bucket_outage_mid_run_loses_and_doubles_nothing(hosts, bucket, tmp_pa
     ranks = launch_ranks(tmp_path, endpoints, host_names, gate)
     wait_for(lambda: all((tmp_path / f"half-{r}").exists() for r in range(WORLD)), 60, "every rank at half way")
     wait_for(lambda: any("/metrics/part-" in n for n in bucket_files(bucket)), 30, "the first parts in the bucket")
+    wait_for(lambda: expman.list_runs(bucket), 30, "run.yaml in the bucket")
+    live = expman.open_run(expman.list_runs(bucket)[0].location)  # a live run, read up to its last upload
+    assert live.status == "running"
+    table = live.metrics("loss")
+    for rank in range(WORLD):
+        steps = table.filter(table["rank"].to_numpy() == rank)["step"].to_pylist()
+        assert len(steps) == len(set(steps)) and set(steps) <= set(range(POINTS // 2)), rank
     os.kill(s3_server.proc.pid, signal.SIGSTOP)
     try:
         gate.touch()
@@ -286,10 +293,12 @@ def test_covered_parts_are_those_inside_a_wider_part_of_the_same_writer():
 def test_start_experiment_in_local_mode_logs_into_the_bucket(bucket, tmp_path, run_script):
     result = run_script(f"""
         import expman
-        with expman.start_experiment("local", "solo", root={bucket!r}) as exp:
+        import time
+        with expman.start_experiment("local", "solo", root={bucket!r}, log_hardware=True, hardware_interval=0.1) as exp:
             exp.log_parameters({{"lr": 0.5}})
             for step in range(300):
                 exp.log_metric("loss", 1.0 / (step + 1), step=step)
+            time.sleep(0.5)  # a few hardware samples
             print(exp.run_dir)
     """, env={"XDG_STATE_HOME": str(tmp_path / "state")})
     assert result.returncode == 0, result.stderr
@@ -298,6 +307,7 @@ def test_start_experiment_in_local_mode_logs_into_the_bucket(bucket, tmp_path, r
     (run,) = expman.list_runs(bucket)
     assert run.status == "finished" and run.params == {"lr": 0.5} and run.info["name"] == "solo"
     assert run.metrics("loss")["step"].to_pylist() == list(range(300))
+    assert run.hardware().num_rows > 0 and any("/hardware/part-" in n for n in bucket_files(bucket))
 
 
 def test_the_bucket_settings_read_from_a_config_file_are_checked(tmp_path):
