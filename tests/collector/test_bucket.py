@@ -279,7 +279,7 @@ def test_duckdb_and_polars_read_a_run_from_the_bucket(hosts, bucket, tmp_path):
     assert by_rank.rows() == [(r, POINTS, POINTS) for r in range(WORLD)]
     files, path = expman._storage.files.locate(run.location)  # type: ignore[attr-defined]
     parts = [f"{path}/metrics/{n}" for n in files.names(path / "metrics") if n.endswith(".parquet")]
-    points = ds.dataset(parts, filesystem=files.filesystem, format="parquet")
+    points = ds.dataset(parts, filesystem=files.filesystem, format="parquet")  # noqa: F841 - DuckDB finds it by name
     rows = duckdb.sql("select rank, count(*), count(distinct step), max(step) from points group by rank order by rank").fetchall()
     assert rows == [(r, POINTS, POINTS, POINTS - 1) for r in range(WORLD)]
 
