@@ -179,7 +179,7 @@ class BucketMirror:
         self.retire_after = min(self.retire_after, RETIRE_AT_EXIT_S)
         deadline = time.monotonic() + timeout
         while True:
-            if self._pass(force=True):
+            if self.upload_pass(force=True):
                 return True
             wait = max(self._backoff, 0.2)
             if time.monotonic() + wait > deadline:
@@ -193,10 +193,11 @@ class BucketMirror:
         tick = min(1.0, self.interval / 2)
         while not self._stop.wait(tick):
             if time.monotonic() >= self._retry_at:
-                self._pass(force=False)
+                self.upload_pass(force=False)
 
-    def _pass(self, force: bool) -> bool:
-        """Visit every staged run; True when all went up (or had nothing new)."""
+    def upload_pass(self, force: bool) -> bool:
+        """Visit every staged run (`force`: upload what changed now, whatever the interval);
+        True when all went up (or had nothing new). The thread calls it; so can a test."""
         self.pending = 0
         run_dir = None
         try:

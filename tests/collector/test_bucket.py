@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import expman
-from expman.collector._bucket import covered_parts
+from expman.collector._bucket import BucketMirror, covered_parts
 from _helpers import wait_for
 from expman._storage.crypto import create_key_file
 from expman._wire.frames import ARTIFACT_CHUNK_BYTES
@@ -321,3 +321,45 @@ def test_the_bucket_settings_read_from_a_config_file_are_checked(tmp_path):
     bad.write_text("upload_interval: -1\n")
     with pytest.raises(SystemExit, match="upload_interval"):
         load_config(str(bad))
+
+
+def test_the_commit_rule_ends_a_rank_after_its_parts_and_retires_parts_after_their_wider_one(bucket, tmp_path):
+    """The mirror alone, on a hand-made staged run: the hosts file that says a rank ended waits
+    while the write-ahead log holds rows; a covered part leaves the bucket only after the grace."""
+    from expman._storage.layout import part_name, write_yaml_atomic
+
+    staging = tmp_path / "staging"
+    run = staging / "e" / "r-1"
+    hosts = run / "hosts" / "w.yaml"
+    write_yaml_atomic(hosts, {"writer": "w", "ranks": {0: {"status": "running"}}})
+    (run / "metrics").mkdir(parents=True)
+    (run / "metrics" / part_name(0, 0, 0, "w")).write_bytes(b"first")
+    wal = run / ".wal" / "w" / "00000001.wal"
+    wal.parent.mkdir(parents=True)
+    wal.write_bytes(b"rows not in a part yet")
+    mirror = BucketMirror(bucket, staging, "w")
+    files, root = expman._storage.files.locate(f"{bucket}/e/r-1")  # type: ignore[attr-defined]
+
+    def remote_status() -> str:
+        return yaml.safe_load(files.read_text(root / "hosts" / "w.yaml"))["ranks"][0]["status"]
+
+    assert mirror.upload_pass(force=True)
+    assert remote_status() == "running"
+    assert bucket_files(bucket) == ["e/r-1/hosts/w.yaml", "e/r-1/metrics/part-0-00000000-00000000.w.parquet", "e/r-1/owner"]
+    write_yaml_atomic(hosts, {"writer": "w", "ranks": {0: {"status": "finished"}}})
+    assert not mirror.upload_pass(force=True)  # the rank's last rows are still in the WAL
+    assert remote_status() == "running"
+    (run / "metrics" / part_name(0, 1, 1, "w")).write_bytes(b"second")  # the collector's flush: a part, the WAL emptied
+    wal.unlink()
+    assert mirror.upload_pass(force=True)
+    assert remote_status() == "finished"
+
+    (run / "metrics" / part_name(1, 0, 1, "w")).write_bytes(b"merged")  # a merge: the wider part, then the inputs go
+    for first in (0, 1):
+        (run / "metrics" / part_name(0, first, first, "w")).unlink()
+    assert not mirror.upload_pass(force=True)  # the inputs stay for readers that listed them
+    assert len([n for n in bucket_files(bucket) if "/metrics/" in n]) == 3
+    mirror.retire_after = 0.0
+    assert mirror.upload_pass(force=True)
+    assert [n for n in bucket_files(bucket) if "/metrics/" in n] == ["e/r-1/metrics/part-1-00000000-00000001.w.parquet"]
+    assert mirror.requests["delete"] == 2 and not mirror.failures
