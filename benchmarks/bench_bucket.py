@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         import expman
 
         ok &= _burst(expman, sock, uri, args.points, results)
+        ok &= _burst(expman, None, str(work / "local"), args.points, results, key="burst_local")
         ok &= _live(expman, sock, uri, args, moto, moto_log, work / "reader.stop", results)
         results["collector_peak_rss_mb"] = round(c.hwm_bytes(collector.pid) / 2**20, 1)
     finally:
@@ -132,7 +133,8 @@ def _finished_rows(expman, run_uri: str, key: str) -> int:  # noqa: ANN001
         return -1
 
 
-def _burst(expman, sock: str, uri: str, points: int, results: dict) -> bool:  # noqa: ANN001
+def _burst(expman, sock: str | None, uri: str, points: int, results: dict, key: str = "burst") -> bool:  # noqa: ANN001
+    """`sock` None: the same burst into a local root (a private collector), the baseline."""
     exp = expman.start_experiment("bench", "burst", root=uri, collector=sock, code_dir=False, finish_timeout=600)
     started = time.perf_counter()
     log = exp.log_metric
@@ -143,7 +145,7 @@ def _burst(expman, sock: str, uri: str, points: int, results: dict) -> bool:  # 
     c.wait_until(lambda: _finished_rows(expman, run_uri, "loss") == points, 600, step=0.1)
     elapsed = time.perf_counter() - started
     rows = _finished_rows(expman, run_uri, "loss")
-    results["burst"] = {"points": points, "seconds": round(elapsed, 2), "points_per_s": round(points / elapsed)}
+    results[key] = {"points": points, "seconds": round(elapsed, 2), "points_per_s": round(points / elapsed)}
     if rows != points:
         print(f"DATA CHECK FAILED: the burst run has {rows} of {points} points in the bucket")
         return False
@@ -218,6 +220,8 @@ def _report(r: dict) -> None:
     b, live = r["burst"], r["live"]
     print(f"end to end into the bucket: {b['points']:,} points in {b['seconds']} s = {b['points_per_s']:,} points/s "
           f"(first log_metric to finished and readable in the bucket)")
+    local = r["burst_local"]
+    print(f"the same into a local root (private collector): {local['seconds']} s = {local['points_per_s']:,} points/s")
     lag, held = live["lag_s"], live["lag_held_by_outage_s"]
     print(f"upload lag (point logged -> visible in the bucket), --upload-interval {r['upload_interval_s']:g} s: "
           f"p50 {lag['p50']} s, p99 {lag['p99']} s, max {lag['max']} s ({lag['n']} probes); points the {live['down_s']:g} s "
