@@ -133,6 +133,7 @@ class _RunState:
     remote: str
     uploaded: dict[str, int] | None = None  # immutable objects in the bucket: relative name -> size
     sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # mutable file -> (size, mtime_ns) uploaded
+    sent_at: dict[str, float] = field(default_factory=dict)  # ... and when (big logs go up less often)
     ended: dict[str, tuple[frozenset[Any], bool]] = field(default_factory=dict)  # what the uploaded yaml said
     fetched: dict[str, tuple[int, float]] = field(default_factory=dict)  # others' hosts/*.yaml downloaded
     covered_since: dict[str, float] = field(default_factory=dict)  # parts in the bucket a wider one covers
@@ -343,7 +344,7 @@ class BucketMirror:
             if state.sent.get(target) == (st.st_size, st.st_mtime_ns):
                 continue
             if rel.endswith(".log") and st.st_size > BIG_LOG_BYTES and target in state.sent and not self._locally_final(state):
-                if time.monotonic() - state.passed_at < self.interval * st.st_size / BIG_LOG_BYTES:
+                if time.monotonic() - state.sent_at.get(target, 0.0) < self.interval * st.st_size / BIG_LOG_BYTES:
                     complete = False
                     continue
             if rel in (RUN_YAML, f"{HOSTS_DIR}/{self.writer}.yaml"):
@@ -357,6 +358,7 @@ class BucketMirror:
             else:
                 self._put_file(path, f"{state.remote}/{target}")
             state.sent[target] = (st.st_size, st.st_mtime_ns)
+            state.sent_at[target] = time.monotonic()
         if state.owner and OWNER_FILE not in state.sent:
             self._put_bytes(f"{self.writer}\n".encode(), f"{state.remote}/{OWNER_FILE}")
             state.sent[OWNER_FILE] = (0, 0)

@@ -363,3 +363,24 @@ def test_the_commit_rule_ends_a_rank_after_its_parts_and_retires_parts_after_the
     assert mirror.upload_pass(force=True)
     assert [n for n in bucket_files(bucket) if "/metrics/" in n] == ["e/r-1/metrics/part-1-00000000-00000001.w.parquet"]
     assert mirror.requests["delete"] == 2 and not mirror.failures
+
+
+def test_a_big_log_is_rewritten_in_the_bucket_less_often_than_it_grows(bucket, tmp_path):
+    """A run.log past 1 MiB goes up at most every interval x (size / 1 MiB): bounded bandwidth."""
+    from expman._storage.layout import write_yaml_atomic
+
+    staging = tmp_path / "staging"
+    run = staging / "e" / "r-1"
+    write_yaml_atomic(run / "hosts" / "w.yaml", {"writer": "w", "ranks": {0: {"status": "running"}}})
+    log = run / "run.log"
+    log.write_bytes(b"line\n" * (1 << 19))  # 2.5 MiB
+    mirror = BucketMirror(bucket, staging, "w", interval=60.0)
+    files, root = expman._storage.files.locate(f"{bucket}/e/r-1")  # type: ignore[attr-defined]
+    assert mirror.upload_pass(force=True) and len(files.read_bytes(root / "run.log")) == log.stat().st_size
+    with open(log, "ab") as fh:
+        fh.write(b"one more line\n")
+    assert not mirror.upload_pass(force=True)  # it waits: at most every 60 s x 2.5 here
+    assert len(files.read_bytes(root / "run.log")) == log.stat().st_size - 14
+    mirror.interval = 0.0
+    assert mirror.upload_pass(force=True)
+    assert files.read_bytes(root / "run.log").endswith(b"one more line\n")
