@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 CORE = ("bench_log_metric.py", "bench_end_to_end.py", "bench_memory.py", "bench_distributed.py")
 OTHERS = {  # short settings, so the whole run stays in minutes; each script's --help has the full ones
     "bench_artifacts.py": ["--format-mb", "32", "--big-mb", "32", "--repeats", "50", "--calls", "50000"],
+    "bench_bucket.py": ["--seconds", "20", "--down", "5", "--points", "200000", "--upload-interval", "2"],
     "bench_collector_down.py": ["--down", "3"],
     "bench_hardware.py": ["--seconds", "5"],
     "bench_tui.py": ["--points", "1000000", "--trials", "2", "--app-trials", "1", "--live-seconds", "4"],

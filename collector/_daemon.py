@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +15,7 @@ from typing import Any, Callable
 import yaml
 import zmq
 
-from expman._storage.files import resolve_root
+from expman._storage.files import bucket_root, resolve_root, shown
 from expman._storage.layout import write_yaml_atomic
 
 from expman._wire.curve_keys import CurveKeyError, client_keys
@@ -24,6 +26,7 @@ from expman._version import __version__
 
 from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._auth import CurveServer
+from ._bucket import UPLOAD_BATCH_BYTES, UPLOAD_INTERVAL_S, BucketMirror
 from ._sdnotify import Notifier, ServiceStatus
 from ._server import Collector
 
@@ -31,7 +34,8 @@ log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
                 "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
-                "forward_server_key", "forward_client_key", "group_readable"}
+                "forward_server_key", "forward_client_key", "group_readable", "staging_dir", "upload_interval",
+                "upload_batch_bytes"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,11 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     need = p.add_argument_group("required (on the command line, or as bind: in --config)")
     need.add_argument("--bind", action="append", type=endpoint, metavar="ENDPOINT",
                       help="endpoint to listen on: ipc://PATH or tcp://HOST:PORT (repeatable; port 0 picks one)")
-    p.add_argument("--root", help="where run directories go (default: $EXPMAN_ROOT, else ./experiments)")
+    p.add_argument("--root", help="where run directories go: a folder, or object storage such as s3://bucket/prefix "
+                                  "(default: $EXPMAN_ROOT, else ./experiments)")
+    p.add_argument("--staging-dir", metavar="DIR",
+                   help="with a URI root: the local folder where runs (write-ahead log included) are staged before "
+                        "they go up (default: $XDG_STATE_HOME/expman/staging/<name>-<hash of the root>)")
+    p.add_argument("--upload-interval", type=positive_seconds, metavar="SECONDS",
+                   help=f"with a URI root: upload a run's changes at most this often (default: {UPLOAD_INTERVAL_S:g}; "
+                        "at once when a run ends or past --upload-batch-bytes)")
+    p.add_argument("--upload-batch-bytes", type=number(int, low=1), metavar="BYTES",
+                   help=f"with a URI root: upload at once when this many sealed bytes wait (default: {UPLOAD_BATCH_BYTES})")
     p.add_argument("--config", metavar="FILE", type=config_file,
                    help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
                         "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
-                        "curve_allow, forward_server_key, forward_client_key (the command line wins)")
+                        "curve_allow, forward_server_key, forward_client_key, staging_dir, upload_interval, upload_batch_bytes "
+                        "(the command line wins)")
     p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="SECONDS",
                    help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
     p.add_argument("--hardware-interval", type=positive_seconds, metavar="SECONDS",
@@ -137,7 +151,8 @@ def _socket_mode_option(text: Any) -> int:
 
 _CONFIG_TYPES: dict[str, Callable[[Any], Any]] = {
     "bind": endpoint, "forward": endpoint, "log_level": log_level, "heartbeat_timeout": positive_seconds,
-    "hardware_interval": positive_seconds, "socket_mode": _socket_mode_option,
+    "hardware_interval": positive_seconds, "socket_mode": _socket_mode_option, "upload_interval": positive_seconds,
+    "upload_batch_bytes": number(int, low=1),
 }
 
 
@@ -181,24 +196,46 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(group_readable, bool):
         fail(parser.prog, f"group_readable must be true or false, got {group_readable!r}")
     os.umask(0o027 if group_readable else 0o077)  # run folders, WAL, parts, logs, artifacts: private by default
+    bucket_uri = bucket_root(args.root or config.get("root"))
     try:
-        root = resolve_root(args.root or config.get("root"))
+        root = _staging_dir(args, config, bucket_uri) if bucket_uri else resolve_root(args.root or config.get("root"))
         root.mkdir(parents=True, exist_ok=True)
-    except ExpmanError as exc:  # a URI: the collector writes to a local or shared folder
+    except ExpmanError as exc:  # a file:// URI: give the folder as a path
         raise SystemExit(f"expman-collector: {exc}") from None
     except OSError as exc:
         fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)
     socket_mode = args.socket_mode if args.socket_mode is not None else config.get("socket_mode")
     mode = _socket_mode_option(socket_mode) if isinstance(socket_mode, str) else socket_mode
-    collector = _collector(parser, args, config, root, list(binds))
+    collector = _collector(parser, args, config, root, list(binds), shares_hosts=bucket_uri is not None)
     if mode is not None:
         apply_socket_mode(collector.endpoints, mode)
-    _serve(collector, args, root)
+    mirror = None
+    if bucket_uri:
+        mirror = BucketMirror(bucket_uri, root, collector.name,
+                              interval=float(args.upload_interval or config.get("upload_interval") or UPLOAD_INTERVAL_S),
+                              batch_bytes=int(args.upload_batch_bytes or config.get("upload_batch_bytes") or UPLOAD_BATCH_BYTES))
+        mirror.start()  # first: runs a previous collector staged but did not upload go up now
+    try:
+        _serve(collector, args, bucket_uri or root)
+    finally:
+        if mirror is not None:
+            mirror.close()
     return 0
 
 
+def _staging_dir(args: argparse.Namespace, config: dict[str, Any], uri: str) -> Path:
+    """Where a URI root's runs are staged: the option, else a folder under the state folder
+    named for this collector and root, so a restarted collector finds what it left."""
+    chosen = args.staging_dir or config.get("staging_dir")
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    name = args.name or config.get("name") or socket.gethostname()
+    return (state / "expman" / "staging" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}").resolve()
+
+
 def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any], root: Path,
-               binds: list[str]) -> Collector:
+               binds: list[str], shares_hosts: bool = False) -> Collector:
     """The Collector the options and config ask for, bound; a bad key file or setting is one line."""
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
@@ -221,7 +258,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
-                              hardware_interval=float(hardware_interval))
+                              hardware_interval=float(hardware_interval), shares_hosts=shares_hosts)
     except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
         parser.error(str(exc))
     except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable
@@ -229,7 +266,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
     return collector
 
 
-def _serve(collector: Collector, args: argparse.Namespace, root: Path) -> None:
+def _serve(collector: Collector, args: argparse.Namespace, root: Path | str) -> None:
     """Run until stopped, with the signals, the ready file and sd_notify around it."""
     # sd_notify (systemd Type=notify): a no-op without $NOTIFY_SOCKET. A private local-mode
     # collector (--parent-pid) is never a unit's main process, so it keeps quiet.
@@ -243,10 +280,15 @@ def _serve(collector: Collector, args: argparse.Namespace, root: Path) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    target = f"relaying to {collector.relay.head}" if collector.relay else f"writing under {root}"
+    target = f"relaying to {collector.relay.head}" if collector.relay else f"writing under {shown(str(root))}"
+    if isinstance(root, str):
+        target += f" (staged in {collector.root})"
     log.info("listening on %s, %s", ", ".join(collector.endpoints), target)
     if args.ready_file:
-        write_yaml_atomic(Path(args.ready_file), {"pid": os.getpid(), "endpoints": collector.endpoints, "root": str(root)})
+        ready: dict[str, Any] = {"pid": os.getpid(), "endpoints": collector.endpoints, "root": shown(str(root))}
+        if isinstance(root, str):
+            ready["staging"] = str(collector.root)
+        write_yaml_atomic(Path(args.ready_file), ready)
     notifier.ready(f"listening on {', '.join(collector.endpoints)}")
     try:
         collector.serve()

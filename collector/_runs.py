@@ -140,6 +140,9 @@ class Run:
         self.rank_seen: dict[int, float] = {r: time.monotonic() for r in self.running_ranks()}
         self.heartbeat_interval: dict[int, float] = {}  # seconds, as each rank said in its hello
         self.finished_at_seq: dict[str, int] = {}  # sender -> seq of its finish frame
+        # Runs in a bucket (collector/_bucket.py): the staged copy is ours alone, but its hosts
+        # file goes up too, so the run's owner in the bucket can fold our ranks in.
+        self.shares_hosts = False
         self.write_info(force=True)
 
     @classmethod
@@ -263,7 +266,9 @@ class Run:
                 if rank >= 0:
                     values.setdefault(key, {})[rank] = value
         conflicts = {key: seen for key, seen in values.items() if any(v != merged[key] for v in seen.values())}
-        for key in sorted(set(conflicts) - self._reported_conflicts):
+        # In a bucket every writer folds the run; rank 0's collector, the owner there, reports.
+        report = not self.shares_hosts or 0 in self.local_ranks
+        for key in sorted(set(conflicts) - self._reported_conflicts) if report else ():
             self._reported_conflicts.add(key)
             shown = ", ".join(f"rank {r}: {v!r}" for r, v in sorted(conflicts[key].items()))
             self._write_log_line(f"{iso(time.time())} [collector] WARNING parameter {key!r} differs across ranks "
@@ -397,7 +402,7 @@ class Run:
         if self._info_dirty and (force or now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S):
             if self.owner:
                 write_yaml_atomic(self.dir / RUN_YAML, self.info)
-            else:
+            if not self.owner or self.shares_hosts:
                 local = {r: self.info["ranks"][r] for r in sorted(self.local_ranks) if r in self.info["ranks"]}
                 write_yaml_atomic(self.dir / HOSTS_DIR / f"{self.writer}.yaml", {
                     "writer": self.writer,

@@ -94,8 +94,10 @@ class Collector:
         artifacts: ArtifactSettings | None = None,
         curve: CurveServer | None = None,
         forward_keys: ClientKeys | None = None,
+        shares_hosts: bool = False,
     ) -> None:
         self.root = root
+        self.shares_hosts = shares_hosts  # every run writes hosts/<name>.yaml (runs in a bucket)
         self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
         self.hardware = HardwareMonitor(root, interval=hardware_interval, writer=self.name,  # samples on its own thread
                                         local_only=all(b.startswith("ipc://") for b in binds))
@@ -474,6 +476,9 @@ class Collector:
         run = self.runs.get(frame.run)
         if run is None:
             run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name, self.background)
+            if self.shares_hosts:  # a bucket root: collector/_bucket.py uploads the hosts file
+                run.shares_hosts = True
+                run.touch(force=True)
             log.info("run %s started in %s", frame.run, run.dir)
             self.senders.seed(run.store.stored_frames if run.store else {}, run.delivered)
             parent = frame.body.get("parent")

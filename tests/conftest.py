@@ -191,7 +191,7 @@ E2E = {
     "test_integrations_lightning", "test_integrations_transformers",
     "test_tui_tmux", "test_tui_serve", "test_tui_media", "test_notebook", "test_objstore", "test_lifecycle", "test_deploy",
     "test_kill_drain",
-    "test_tui_bucket",
+    "test_tui_bucket", "test_bucket",
 }
 
 

@@ -85,7 +85,7 @@ class LocalCollector:
     it exits on its own once the job's runs have ended. Nobody waits for it to be ready.
     """
 
-    def __init__(self, root: Path, key: str | None = None) -> None:
+    def __init__(self, root: Path | str, key: str | None = None) -> None:  # str: an object storage URI
         self.root = root
         self.key = key
         if key is None:

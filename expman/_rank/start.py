@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expman._errors import RunNotFoundError
+from expman._errors import ExpmanError, RunNotFoundError
 from expman._rank import console
 from expman._rank.channel import RunChannel
 from expman._rank.experiment import DEFAULT_FINISH_TIMEOUT, Experiment, describe_exception
 from expman._env import COLLECTOR_ENV, hostname, software_info
-from expman._storage.files import resolve_root
+from expman._storage.files import bucket_root, resolve_root
 from expman._rank.launcher import Identity, resolve_identity
 from expman._rank.local_collector import LocalCollector
 from expman._storage.layout import RUN_YAML, read_yaml, run_dir_name
@@ -80,11 +80,15 @@ def start_experiment(
     kept in memory until the collector confirms them; past it they spill to a spool file
     of at most `max_spool_bytes` (default $EXPMAN_MAX_SPOOL_BYTES, else 1 GiB) under
     $EXPMAN_SPOOL_DIR (default $XDG_STATE_HOME/expman/spool); see docs/reliability.md.
+    `root` may be object storage (`s3://bucket/prefix`, docs/storage.md, "Runs in a bucket"):
+    the collector stages the run on local disk and uploads it; `run_dir` is then that
+    staging folder, and the run is read back with `expman.open_run` from the URI.
     `capture_console` (default on, unless $EXPMAN_CONSOLE=off) copies what the process
     prints to stdout and stderr into the run's run.log, each line with its rank and stream
     (`Run.console()`); prints still reach the terminal as before and never wait.
     """
-    root_path = resolve_root(root)
+    # Object storage (s3://...): the collector stages the run on local disk and uploads it.
+    root_path: Path | str = bucket_root(root) or resolve_root(root)
     endpoint = collector or os.environ.get(COLLECTOR_ENV) or None
     if _parent is not None and run_id is None:
         run_id = _parent.child_run_id(name)  # every rank derives the same child id
@@ -104,7 +108,9 @@ def start_experiment(
     hello = _hello(names, root_path, _parent, tag_list, identity, heartbeat, hardware)
     # A private collector writes under our own root, so the folder is known now; a separate
     # one names it in its answer to the hello (Experiment.run_dir).
-    known_dir = root_path / names.experiment / run_dir_name(names.run, names.uid) if local is not None else None
+    known_dir = None
+    if local is not None and isinstance(root_path, Path):
+        known_dir = root_path / names.experiment / run_dir_name(names.run, names.uid)
     channel = RunChannel(uid=names.uid, host=hostname(), rank=identity.rank, root=root_path, hello=hello,
                          heartbeat_interval=heartbeat, run_dir=known_dir)
     channel.artifacts.encrypt = bool(encrypt_artifacts)
@@ -125,7 +131,7 @@ def start_experiment(
     return exp
 
 
-def _hello(names: _RunNames, root: Path, parent: Experiment | None, tags: list[str], identity: Identity,
+def _hello(names: _RunNames, root: Path | str, parent: Experiment | None, tags: list[str], identity: Identity,
            heartbeat: float, hardware: dict[str, Any]) -> dict[str, Any]:
     """The hello frame's body: everything the collector needs to open (or reopen) the run
     for this rank; sent first and again after a collector restart (docs/protocol.md)."""
@@ -155,12 +161,14 @@ class _RunNames:
     reopen: bool
 
 
-def _name_run(root: Path, identity: Identity, space: str | None, name: str | None, experiment_uid: str | None,
+def _name_run(root: Path | str, identity: Identity, space: str | None, name: str | None, experiment_uid: str | None,
               must_exist: bool) -> _RunNames:
     """The run's experiment, name and id: a reopened run's own, else the arguments', else
     ones every rank of the job derives alike."""
     reopen = experiment_uid is not None
     if reopen:
+        if isinstance(root, str):
+            raise ExpmanError("reopening a run (experiment_uid=) is not supported yet when the root is object storage")
         space, name = _find_existing(root, str(experiment_uid), space, name, must_exist=must_exist)
         uid = str(experiment_uid)
     else:
@@ -171,7 +179,7 @@ def _name_run(root: Path, identity: Identity, space: str | None, name: str | Non
     return _RunNames(experiment, check_name("run", name), uid, reopen)
 
 
-def _local_for(root: Path, identity: Identity, uid: str, encrypt_artifacts: bool) -> LocalCollector:
+def _local_for(root: Path | str, identity: Identity, uid: str, encrypt_artifacts: bool) -> LocalCollector:
     """The private collector for this root: one per process, or one per job, host and root
     when the job's ranks share a run."""
     if encrypt_artifacts:  # the local collector reads the same key file: say now if there is none
@@ -228,7 +236,7 @@ def _find_existing(root: Path, uid: str, space: str | None, name: str | None, mu
     return space or DEFAULT_EXPERIMENT, name or uid
 
 
-def _local_collector(root: Path, shared_key: str | None) -> LocalCollector:
+def _local_collector(root: Path | str, shared_key: str | None) -> LocalCollector:
     with _lock:
         local = _local_collectors.get((root, shared_key))
         if local is None:

@@ -4,8 +4,8 @@ The reader, the schema's list/read helpers and the artifact reader reach files o
 through a `Files` object, so reading runs from object storage (s3://, gs://, hdfs://)
 needs no branches in them. `LOCAL` is the plain os calls the reader always made, so
 local reads cost nothing extra (the TUI polls them); `ArrowFiles` wraps a
-`pyarrow.fs.FileSystem`. Reading only: the collector writes to a local or shared
-filesystem, and finished runs are copied to object storage afterwards.
+`pyarrow.fs.FileSystem`. Reading only: a collector whose root is a URI (`bucket_root`)
+stages runs on local disk and uploads them itself (collector/_bucket.py).
 """
 
 from __future__ import annotations
@@ -216,15 +216,23 @@ def _inside(where: str | os.PathLike[str], type_name: str) -> str:
     return parts.path
 
 
+def bucket_root(root: str | os.PathLike[str] | None) -> str | None:
+    """The chosen root (`chosen_root`) when it is object storage: any URI but file://."""
+    chosen = chosen_root(root)
+    if is_uri(chosen) and urlsplit(str(chosen)).scheme.lower() != "file":
+        return str(chosen)
+    return None
+
+
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """The local root folder (`chosen_root`), always absolute. A URI is refused: runs are
-    written to a local or shared filesystem, only readers open object storage."""
+    """The local root folder (`chosen_root`), always absolute. A URI is refused: writers
+    check `bucket_root` first (object storage), and a file:// root is given as a path."""
     chosen = chosen_root(root)
     if is_uri(chosen):
         where = "the root" if root is not None else f"${ROOT_ENV}"
         raise ExpmanError(
-            f"{where} {shown(str(chosen))!r} is a URI: runs are written to a local or shared folder "
-            "(copy finished runs to object storage afterwards); readers such as open_run, list_runs and "
-            "`expman ls/show/export` accept URIs"
+            f"{where} {shown(str(chosen))!r} is a URI, and a local folder is needed here; readers such as open_run, "
+            "list_runs and `expman ls/show/export` accept URIs, and runs are written to object storage by "
+            "start_experiment(root=...) and `expman-collector --root`"
         )
     return Path(chosen).expanduser().resolve()
