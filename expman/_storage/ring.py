@@ -141,8 +141,9 @@ class PointRing:
         self._fd = fd
         self._table_at, self._names_at, records_at, _size = _layout(capacity)
         self._head = mmap.mmap(fd, records_at)
-        # populated now: a first touch of each page would cost the hot path a page fault (~1 µs)
-        self.mm = mmap.mmap(fd, self.span, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=records_at)
+        # Not MAP_POPULATE: it made start_experiment 5-70 ms slower and log_metric's p99 no
+        # better (benchmarks/bench_log_metric.py); the first lap's page faults are ~1 in 100 calls.
+        self.mm = mmap.mmap(fd, self.span, offset=records_at)
         self.put_fast: Callable[..., None] = FAST.pack_into
         self._frames = 0
         self._names_used = 0
