@@ -130,6 +130,20 @@ def _no_record(*_args: Any) -> None:
     """Stands in for the ring's write where there is none (off, failed, or the run finished)."""
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+
+
+def _map_writable(mm: mmap.mmap) -> None:
+    """Fault every page of the records in, writable, now: a shared mapping starts with
+    no page mapped for writing (MAP_POPULATE maps them read-only), so the first lap's
+    first write to each page took a ~10 µs fault, one log_metric call in a hundred.
+    Older kernels refuse the advice: their faults stay."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError):
+        pass
+
+
 class PointRing:
     """The writer's side: one run of this process. The hot path uses `mm`, `span` and
     `put_fast` directly (expman/_rank/experiment.py); the rest is for rarer calls."""
@@ -141,9 +155,8 @@ class PointRing:
         self._fd = fd
         self._table_at, self._names_at, records_at, _size = _layout(capacity)
         self._head = mmap.mmap(fd, records_at)
-        # Not MAP_POPULATE: it made start_experiment 5-70 ms slower and log_metric's p99 no
-        # better (benchmarks/bench_log_metric.py); the first lap's page faults are ~1 in 100 calls.
         self.mm = mmap.mmap(fd, self.span, offset=records_at)
+        _map_writable(self.mm)
         self.put_fast: Callable[..., None] = FAST.pack_into
         self._frames = 0
         self._names_used = 0
