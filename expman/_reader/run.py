@@ -377,13 +377,12 @@ def runs_with_yaml(
     """`list_runs`, each run with the text of the run.yaml it was sorted by: a caller that
     shows a table of runs (`expman ls`) reads each file once (one GET per run on a bucket)."""
     files, base = _root(root, filesystem)
+    run_dirs = list(_run_dirs(files, base, experiment=experiment))
     runs = []
-    for run_dir in _run_dirs(files, base, experiment=experiment):
-        path = run_dir / RUN_YAML
-        try:
-            text = files.read_text(path)
-        except FileNotFoundError:
+    for run_dir, text in zip(run_dirs, _read_texts(files, [d / RUN_YAML for d in run_dirs])):
+        if text is None:
             continue
+        path = run_dir / RUN_YAML
         try:
             started = _started_at(files, path, text)
         except ExpmanError as exc:
@@ -393,6 +392,26 @@ def runs_with_yaml(
             runs.append((started, Run._found(files, run_dir), text))
     runs.sort(key=lambda item: item[0], reverse=True)
     return [(run, text) for _, run, text in runs]
+
+
+_PARALLEL_READS = 16  # on object storage each read is a round trip: this many in flight at once
+
+
+def _read_texts(files: Files, paths: list[PurePath]) -> list[str | None]:
+    """Each file's text, None where it is missing; on object storage several requests at
+    once (10,000 run.yaml files one after another would take minutes)."""
+    def read(path: PurePath) -> str | None:
+        try:
+            return files.read_text(path)
+        except FileNotFoundError:
+            return None
+
+    if files is LOCAL or len(paths) < 2:
+        return [read(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(_PARALLEL_READS, len(paths)), thread_name_prefix="expman-read") as pool:
+        return list(pool.map(read, paths))
 
 
 # The collector writes run.yaml with yaml.safe_dump: a top-level key starts a line, and a
