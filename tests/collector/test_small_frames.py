@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from collector._metrics_store import _pending_table, _small
+from expman.collector._metrics_store import _pending_table, _small
 from expman._errors import ProtocolError
 from expman._storage.rows import frame_table
 from expman._wire import frames as proto
