@@ -137,9 +137,11 @@ def finished_run(uri: str, hosts: Hosts) -> expman.Run:
     def status() -> str | None:
         try:
             (run,) = expman.list_runs(uri)
+            return run.status if run.status == "finished" else None
         except ValueError:
             return None
-        return run.status if run.status == "finished" else None
+        except expman.ExpmanError:  # moto, resumed after SIGSTOP, once served a run.yaml cut short
+            return None             # while it was being replaced; the wait reads it again
 
     try:
         wait_for(status, 60, "the run to be finished in the bucket")
