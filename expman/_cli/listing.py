@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from expman._errors import ExpmanError
+from expman._storage.layout import parse_yaml_mapping
 
 FIELDS = ("id", "name", "experiment", "status", "started_at", "ended_at", "duration_s", "world_size")
 # Patterns start with a newline, not `^`: Python's re then jumps from newline to newline
@@ -31,7 +31,6 @@ _WRAPPED_STATUS = re.compile(r"\n    status:[^\n]*\n     ")
 # something else), or null: taken as it stands. Anything fancier goes to the full parse.
 _PLAIN = re.compile(r"[\w.+\-/@]+(?: [\w.+\-/@]+)*$")
 _NULLS = frozenset({"null", "~", "Null", "NULL"})
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _RESOLVER = yaml.resolver.Resolver()
 _STR = "tag:yaml.org,2002:str"
 
@@ -48,15 +47,7 @@ def summary_fields(text: str, where: str) -> dict[str, Any]:
             return _scan(text)
         except _Unsure:
             pass
-    try:
-        data = yaml.load(text, Loader=_LOADER)
-    except yaml.YAMLError as exc:
-        raise ExpmanError(f"{where} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ExpmanError(f"{where} holds a {type(data).__name__}, not a mapping")
-    return data
+    return parse_yaml_mapping(text, where)
 
 
 def _scan(text: str) -> dict[str, Any]:

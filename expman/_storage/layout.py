@@ -133,15 +133,22 @@ def read_yaml_if_present(path: PurePath, files: Files = LOCAL) -> dict[str, Any]
     """The mapping in a YAML file, None if the file is missing (one request on object
     storage, where a separate existence check would cost another)."""
     try:
-        data = yaml.load(files.read_text(path), Loader=_LOADER)  # libyaml's safe loader: ~10x the pure-Python one
+        text = files.read_text(path)
     except FileNotFoundError:
         return None
+    return parse_yaml_mapping(text, files.uri(path))
+
+
+def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """The mapping in YAML text ({} if empty); ExpmanError naming `where` if it is not one."""
+    try:
+        data = yaml.load(text, Loader=_LOADER)  # libyaml's safe loader: ~10x the pure-Python one
     except yaml.YAMLError as exc:
-        raise ExpmanError(f"{files.uri(path)} is not valid YAML: {exc}") from None
+        raise ExpmanError(f"{where} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ExpmanError(f"{files.uri(path)} holds a {type(data).__name__}, not a mapping")
+        raise ExpmanError(f"{where} holds a {type(data).__name__}, not a mapping")
     return data
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import expman
-from _helpers import wait_for
+from _helpers import process_gone, wait_for
 
 RANK = """
 import json, os, sys, time
@@ -65,14 +65,6 @@ def _start_rank(script: Path, status: Path, env: dict[str, str] | None = None) -
     return proc, run_dir, int(collector_pid)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in (b"Z", b"X")
-
-
 def _kill_while_collector_paused(proc: subprocess.Popen, status: Path, collector_pid: int, reap: bool = False) -> int:
     """Pause the collector, let the rank send ~300 more points, kill -9 the rank (left
     unreaped unless `reap`), let the collector go. Returns the points the rank had sent a
@@ -108,8 +100,8 @@ def test_kill_9_in_local_mode_stores_what_was_sent_and_crashes_the_run(root, tmp
     try:
         sent = _kill_while_collector_paused(proc, status, collector_pid, reap)
         wait_for(lambda: expman.open_run(run_dir).status == "crashed", 30, "the run to be marked crashed")
-        assert reap or _gone(proc.pid)  # a zombie: not reaped (poll() would reap it) until the run is crashed
-        wait_for(lambda: _gone(collector_pid), 30, "the private collector to exit")
+        assert reap or process_gone(proc.pid)  # a zombie: not reaped (poll() would reap it) until the run is crashed
+        wait_for(lambda: process_gone(collector_pid), 30, "the private collector to exit")
     finally:
         proc.kill()
         proc.wait()
@@ -153,4 +145,4 @@ def test_shared_local_collector_marks_each_killed_rank_at_once(root, tmp_path):
             proc.wait()
         if procs:
             os.kill(procs[0][2], signal.SIGTERM)  # the job's collector would leave by itself 30 s after its runs
-            wait_for(lambda: _gone(procs[0][2]), 30, "the shared collector to exit")
+            wait_for(lambda: process_gone(procs[0][2]), 30, "the shared collector to exit")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import expman
-from _helpers import wait_for
+from _helpers import process_gone, wait_for
 from expman._storage.ring import PointRing, read_ring
 from conftest import start_collector
 
@@ -61,14 +61,6 @@ def ring_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in (b"Z", b"X")
-
-
 def _kill_self(tmp_path: Path, root: Path, endpoint: str = "", heartbeat: float = 60.0, mode: str = "now") -> tuple[Path, int]:
     """Run the rank to its own SIGKILL; its run folder and private collector pid (0: none)."""
     script = tmp_path / "rank.py"
@@ -102,7 +94,7 @@ def _check_every_point(run_dir: Path) -> None:
 
 def test_local_mode_kill_right_after_the_last_call_loses_nothing(tmp_path: Path, root: Path, ring_dir: Path) -> None:
     run_dir, collector_pid = _kill_self(tmp_path, root)
-    wait_for(lambda: _gone(collector_pid), 120, "the private collector to store the ring and exit")
+    wait_for(lambda: process_gone(collector_pid), 120, "the private collector to store the ring and exit")
     assert _crashed(run_dir)
     _check_every_point(run_dir)
     assert list(ring_dir.glob("*.ring")) == []  # stored, then deleted
@@ -122,7 +114,7 @@ def test_service_collector_stores_a_dead_ranks_ring(tmp_path: Path, root: Path, 
 
 def test_a_ring_whose_points_were_all_stored_adds_nothing(tmp_path: Path, root: Path, ring_dir: Path) -> None:
     run_dir, collector_pid = _kill_self(tmp_path, root, mode="acked")
-    wait_for(lambda: _gone(collector_pid), 120, "the private collector to exit")
+    wait_for(lambda: process_gone(collector_pid), 120, "the private collector to exit")
     assert _crashed(run_dir)
     _check_every_point(run_dir)
 
