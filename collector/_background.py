@@ -108,6 +108,10 @@ class Background:
                 del self._retry_at[owner]
                 self._start(owner)
 
+    def active(self) -> bool:
+        """Whether any job is queued or running."""
+        return bool(self._running or self._queues)
+
     def busy(self, owner: Hashable) -> bool:
         """Whether the owner has work queued, running or waiting to retry."""
         with self._lock:

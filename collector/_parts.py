@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from expman._storage import key_index as _key_index
 from expman._storage import summary as _summary
-from expman._storage.layout import Part, part_name
+from expman._storage.layout import KEY, Part, part_name
 
 from ._background import Stopped
 
@@ -125,23 +125,39 @@ def _merge_into(writer: pq.ParquetWriter, files: list[pq.ParquetFile], summarize
     return rows, summary
 
 
+def _key_runs(file: pq.ParquetFile) -> tuple[pa.Array, np.ndarray] | None:
+    """A key-sorted part's keys in order and each one's rows, from its `key` column; None
+    when the part has no key index (so is not sorted by key). Read this way rather than
+    from the index's JSON: parsing that for a million keys holds the GIL for seconds."""
+    if _key_index.KEY_INDEX not in (file.metadata.metadata or {}):
+        return None
+    column = file.read(columns=[KEY]).column(KEY)
+    if column.num_chunks == 0 or len(column) == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    keys = column.unify_dictionaries().combine_chunks() if pa.types.is_dictionary(column.type) else \
+        column.combine_chunks().dictionary_encode()
+    codes = keys.indices.to_numpy(zero_copy_only=False)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(codes)) + 1))
+    counts = np.diff(np.append(starts, len(codes)))
+    return keys.dictionary.take(pa.array(codes[starts])), counts
+
+
 class _KeyPlan:
     """Where each key's rows lie in every input of a by-key merge, as arrays over the
     union of their keys in key order: no Python loop per key."""
 
-    def __init__(self, indexes: list[_key_index.KeyIndex]) -> None:
+    def __init__(self, runs: list[tuple[pa.Array, np.ndarray]]) -> None:
         # Sorted and matched in Arrow, which lets go of the GIL: sorting a million names
         # in Python would hold it for seconds, and the receive loop with it.
-        given = [pa.array(list(index), pa.string()) for index in indexes]
+        given = [names.cast(pa.string()) for names, _ in runs]
         union = pc.unique(pa.concat_arrays(given)) if given else pa.array([], pa.string())
         table = union.take(pc.array_sort_indices(union))
         self.names: list[str] = table.to_pylist()
         self.total = np.zeros(len(self.names), np.int64)
         self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names` (rising)
         self.before: list[np.ndarray] = []  # per input: its rows of the keys before each key (len(names) + 1)
-        for names, index in zip(given, indexes):
+        for names, (_, counts) in zip(given, runs):
             pos = pc.index_in(names, value_set=table).to_numpy(zero_copy_only=False).astype(np.int64)
-            counts = np.fromiter((r for _, r in index.values()), np.int64, len(index))
             self.total[pos] += counts
             cum = np.zeros(len(self.names) + 1, np.int64)
             cum[pos + 1] = counts
@@ -178,7 +194,7 @@ class _KeyPlan:
         return dict(zip(self.names, zip(first.tolist(), self.total.tolist())))
 
 
-def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes: list[_key_index.KeyIndex],
+def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: list[tuple[pa.Array, np.ndarray]],
                   summarize: bool, stop: threading.Event | None) -> tuple[int, _summary.Summary, _key_index.KeyIndex]:
     """Merge parts sorted by key into one sorted by key: for each key, each input's rows of
     it in input order (so each key keeps its arrival order). Every input is one stream read
@@ -188,7 +204,7 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes
     number of keys. Summaries: inputs that carry one lend it, the others are summarized
     group by group; none is computed where it could not be kept (as many keys as points).
     """
-    plan = _KeyPlan(indexes)
+    plan = _KeyPlan(runs)
     total_rows = int(plan.total.sum())
     if summarize and len(plan.names) * _summary.KEEP_RATIO > total_rows:
         summarize = False  # at least a bucket per key: never worth keeping
@@ -257,9 +273,9 @@ def write_part(
                 rows = source.num_rows
             else:
                 files = [pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 16) for part in source]
-                indexes = [_key_index.read_index(file) for file in files] if by_key else []
-                if by_key and all(i is not None for i in indexes):
-                    rows, summary, index = _merge_by_key(writer, files, indexes, summarize, stop)  # type: ignore[arg-type]
+                runs = [_key_runs(file) for file in files] if by_key else []
+                if by_key and all(r is not None for r in runs):
+                    rows, summary, index = _merge_by_key(writer, files, runs, summarize, stop)  # type: ignore[arg-type]
                 else:  # inputs from before the index: concatenated, as they were
                     rows, summary = _merge_into(writer, files, summarize, stop)
                 if summarize and _summary.worth_keeping(summary, rows):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -43,7 +44,8 @@ log = logging.getLogger("expman.collector")
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
 COMMIT_INTERVAL_S = 0.01  # after a turn of small frames, the next at most this often: frames gather meanwhile
 PACE_BELOW_BYTES = 1 << 20  # a turn that took this much data or more is followed at once
-RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
+RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
+# a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
 FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
 FLUSH_ROWS = 262_144  # ... or once this many wait
 FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
@@ -59,6 +61,7 @@ DRAIN_QUIET_S = 0.3
 DRAIN_MAX_S = 10.0
 DRAIN_BUSY_S = 1.0
 GONE_WHY = "the training process exited without finishing"
+SWITCH_INTERVAL_S = 0.0005
 STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (parts are written whatever):
 # a local collector is killed 10 s after SIGTERM (expman/_rank/local_collector.py)
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
@@ -139,8 +142,11 @@ class Collector:
         self.on_periodic: Callable[[float], None] | None = None
         self._touched: set[Run] = set()  # runs that took a frame since the last tick
         self._next_sweep = 0.0
-        self.commit = GroupCommit(root)
         self.background = Background(on_error=self._background_failed)  # parts and merges, beside this loop
+        # The loop gives up the GIL at every socket call and write; with a background thread
+        # busy, taking it back waits out the switch interval (5 ms by default) each time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self.commit = GroupCommit(root, self.background.active)
         # A finish is answered once its rank's points are in a part: (sender, seq) -> set then.
         self._finish_written: dict[tuple[str, int], threading.Event] = {}
         self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
