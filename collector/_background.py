@@ -6,9 +6,9 @@ hands such work here instead and keeps answering: the rows are already durable i
 write-ahead log, so nothing waits on it but the Parquet copy. pyarrow and numpy release
 the GIL for the bulk of it, so the loop keeps its core.
 
-Each owner (a run's metrics store) gets its jobs run one at a time and in order (a part
-must be on disk before it is merged), on a few threads shared by every owner, so one
-wide run finishing never holds up another run's parts. A job that fails (a full disk)
+Each owner (a run's metrics store has two: its part writes, its merges) gets its jobs
+run one at a time and in order (parts are written in segment order), on a few threads
+shared by every owner, so one wide run finishing never holds up another run's parts. A job that fails (a full disk)
 stays at the head of its owner's queue and is tried again after RETRY_S; the ones behind
 it wait, because a later part must never cover the segments of one not yet written.
 """

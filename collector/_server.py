@@ -605,7 +605,8 @@ class Collector:
 
     def _background_failed(self, owner: Any, exc: BaseException) -> None:
         """A background write failed (it is tried again): said like any failing write."""
-        where = str(getattr(owner, "metrics_dir", owner))
+        store = owner[0] if isinstance(owner, tuple) else owner  # (a run's metrics store, its queue)
+        where = str(getattr(store, "metrics_dir", store))
         if isinstance(exc, OSError):
             self.write_failures.failed(exc, where)
         else:
