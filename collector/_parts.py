@@ -216,30 +216,36 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: l
     for a, b in plan.groups():
         _check(stop)
         out.key_boundary()
-        pieces: list[tuple[int, list[pa.RecordBatch]]] = []
-        for source, stream in enumerate(streams):
-            n = plan.rows(source, a, b)
-            if n:
-                pieces.append((source, stream.take(n)))
-        if b - a == 1:  # one key: its rows are already in order, input after input
-            for _, batches in pieces:
-                out.add(batches)
-        elif len(pieces) == 1:
-            out.add(pieces[0][1])
-        else:
-            order = np.argsort(np.concatenate([plan.key_of_rows(source, a, b) for source, _ in pieces]), kind="stable")
-            table = pa.Table.from_batches([batch for _, piece in pieces for batch in piece])
-            out.add(table.take(pa.array(order)).to_batches())
-        if summarize:
-            names = plan.names[a:b]
-            parts = []
-            for source, batches in pieces:
-                known = lent[source]
-                if known is not None:
-                    parts.append({k: known[k] for k in names if k in known})
-                else:
-                    parts.append(_summary.summarize(pa.Table.from_batches(batches), width=width))
-            per_key.update(_summary.merge(parts) if len(parts) > 1 else parts[0])
+        names = plan.names[a:b]
+        summaries: list[_summary.Summary] = []  # of this group, in input order
+        if b - a == 1:  # one key, maybe millions of rows: streamed input after input, a batch at a time
+            for source, stream in enumerate(streams):
+                left = plan.rows(source, a, b)
+                if left and lent[source] is not None:
+                    summaries.append({k: lent[source][k] for k in names if k in lent[source]})
+                while left:
+                    _check(stop)
+                    batches = stream.take(min(left, STREAM_BATCH))
+                    left -= sum(batch.num_rows for batch in batches)
+                    out.add(batches)
+                    if summarize and lent[source] is None:
+                        summaries.append(_summary.summarize(pa.Table.from_batches(batches), width=width))
+        else:  # whole keys of at most CHUNK_ROWS rows together: one stable sort puts them in key order
+            pieces = [(source, stream.take(n)) for source, stream in enumerate(streams) if (n := plan.rows(source, a, b))]
+            if len(pieces) == 1:
+                out.add(pieces[0][1])
+            else:
+                order = np.argsort(np.concatenate([plan.key_of_rows(source, a, b) for source, _ in pieces]),
+                                   kind="stable")
+                table = pa.Table.from_batches([batch for _, piece in pieces for batch in piece])
+                out.add(table.take(pa.array(order)).to_batches())
+            if summarize:
+                for source, batches in pieces:
+                    known = lent[source]
+                    summaries.append({k: known[k] for k in names if k in known} if known is not None
+                                     else _summary.summarize(pa.Table.from_batches(batches), width=width))
+        if summaries:
+            per_key.update(_summary.merge(summaries) if len(summaries) > 1 else summaries[0])
     out.flush()
     summary = _summary.merge([per_key]) if per_key else {}
     return out.rows, summary, plan.index()
