@@ -44,6 +44,7 @@ log = logging.getLogger("expman.collector")
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
 COMMIT_INTERVAL_S = 0.01  # after a turn of small frames, the next at most this often: frames gather meanwhile
 PACE_BELOW_BYTES = 1 << 20  # a turn that took this much data or more is followed at once
+RECV_HWM = 16  # frames ZeroMQ holds per sender for the loop; past that they wait in the sender, not here
 RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
 # a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
 FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
@@ -121,7 +122,7 @@ class Collector:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
-        self._router.setsockopt(zmq.RCVHWM, 10000)
+        self._router.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.zap: ZapHandler | None = None
         # Local mode: who is connected, watched from before the first connection can arrive
         # (the ZAP handler owns the monitor where CURVE is on; local collectors are ipc only).
