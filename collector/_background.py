@@ -15,6 +15,7 @@ it wait, because a later part must never cover the segments of one not yet writt
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -35,6 +36,24 @@ Job = Callable[[], None]
 class Stopped(Exception):
     """A job gave up part way because the collector is stopping (`Background.stopping`);
     it left nothing half done, and is dropped rather than tried again."""
+
+
+def _trim() -> Callable[[], object]:
+    """glibc's malloc_trim: numpy's and Python's freed buffers go back to the OS (each thread
+    has its own malloc arena, which keeps them otherwise); a no-op elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda *_: None
+
+
+_MALLOC_TRIM = _trim()
+
+
+def _give_back_memory() -> None:
+    """After each job: Arrow's pool and malloc's arenas return what a part or merge used."""
+    pa.default_memory_pool().release_unused()
+    _MALLOC_TRIM(0)
 
 
 class Background:
@@ -94,7 +113,7 @@ class Background:
                     log.error("background work for %s failed (%r); trying again in %.0f s", owner, exc, RETRY_S)
                 return
             finally:
-                pa.default_memory_pool().release_unused()  # a merge's buffers go back to the OS
+                _give_back_memory()
             with self._lock:
                 queue.popleft()
 
