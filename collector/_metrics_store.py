@@ -129,6 +129,17 @@ def _small(frame: Frame) -> tuple[_Small | pa.Table, int | None]:
     return rows, int(steps.max()) if len(steps) else None
 
 
+_GIL_CHUNK = 50_000  # Python objects converted per call: each call holds the GIL, the receive loop waits
+
+
+def _strings(names: list[str]) -> pa.Array:
+    """`names` as an Arrow string array, converted in pieces (a million names in one call
+    would hold the GIL for ~0.4 s; background threads run beside the receive loop)."""
+    if len(names) <= _GIL_CHUNK:
+        return pa.array(names, pa.string())
+    return pa.concat_arrays([pa.array(names[i:i + _GIL_CHUNK], pa.string()) for i in range(0, len(names), _GIL_CHUNK)])
+
+
 def _small_table(items: list[_Small]) -> pa.Table:
     """One table for many small frames, built with numpy."""
     codes: dict[str, int] = {}
@@ -140,7 +151,7 @@ def _small_table(items: list[_Small]) -> pa.Table:
     counts = np.fromiter((len(i.ids) for i in items), np.int64, len(items))
     n = int(counts.sum())
     return pa.Table.from_arrays([
-        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), pa.array(list(codes), pa.string())),
+        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), _strings(list(codes))),
         pa.array(np.frombuffer(b"".join(i.values for i in items), np.float64)),
         pa.nulls(n, pa.string()),
         pa.array(np.frombuffer(b"".join(i.steps for i in items), np.int64)),

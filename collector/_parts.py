@@ -24,6 +24,7 @@ STREAM_BATCH = 16_384  # rows a by-key merge holds per input while it streams
 CHUNK_ROWS = MIN_GROUP  # a by-key merge gathers whole small keys up to this many rows and orders them at once
 MERGE_FANIN = 8  # parts of one level merged into one of the next
 SETTLED_ROWS = 1 << 20  # a merged part this large is not merged again before finish
+GIL_CHUNK = 50_000  # Python objects made per call: each call holds the GIL, and the receive loop waits for it
 
 
 def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> tuple[list[Part], int] | None:
@@ -152,7 +153,8 @@ class _KeyPlan:
         given = [names.cast(pa.string()) for names, _ in runs]
         union = pc.unique(pa.concat_arrays(given)) if given else pa.array([], pa.string())
         table = union.take(pc.array_sort_indices(union))
-        self.names: list[str] = table.to_pylist()
+        self.names: list[str] = [name for i in range(0, len(table), GIL_CHUNK)  # in pieces: each call holds the GIL
+                                 for name in table.slice(i, GIL_CHUNK).to_pylist()]
         self.total = np.zeros(len(self.names), np.int64)
         self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names` (rising)
         self.before: list[np.ndarray] = []  # per input: its rows of the keys before each key (len(names) + 1)
@@ -190,8 +192,12 @@ class _KeyPlan:
         return np.repeat(keys, counts)
 
     def index(self) -> _key_index.KeyIndex:
-        first = np.concatenate(([0], np.cumsum(self.total)[:-1]))
-        return dict(zip(self.names, zip(first.tolist(), self.total.tolist())))
+        first = np.concatenate(([0], np.cumsum(self.total)[:-1])).tolist()
+        total = self.total.tolist()
+        index: _key_index.KeyIndex = {}
+        for i in range(0, len(total), GIL_CHUNK):  # in pieces: one dict() of a million pairs holds the GIL
+            index.update(zip(self.names[i:i + GIL_CHUNK], zip(first[i:i + GIL_CHUNK], total[i:i + GIL_CHUNK])))
+        return index
 
 
 def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: list[tuple[pa.Array, np.ndarray]],
