@@ -44,7 +44,8 @@ log = logging.getLogger("expman.collector")
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
 COMMIT_INTERVAL_S = 0.01  # after a turn of small frames, the next at most this often: frames gather meanwhile
 PACE_BELOW_BYTES = 1 << 20  # a turn that took this much data or more is followed at once
-RECV_HWM = 16  # frames ZeroMQ holds per sender for the loop; past that they wait in the sender, not here
+RECV_HWM = 10000  # frames ZeroMQ takes in per sender ahead of the loop: a frame a rank sent is out of its
+# process at once, so a kill -9 of the rank right after cannot lose it (tests/rank/test_kill_drain.py)
 RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
 # a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
 FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
