@@ -231,7 +231,7 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: l
                     summaries.append({k: lent[source][k] for k in names if k in lent[source]})
                 while left:
                     _check(stop)
-                    batches = stream.take(min(left, STREAM_BATCH))
+                    batches = stream.take(min(left, ROW_GROUP))
                     left -= sum(batch.num_rows for batch in batches)
                     out.add(batches)
                     if summarize and lent[source] is None:
