@@ -42,6 +42,8 @@ OTHERS = {  # short settings, so the whole run stays in minutes; each script's -
     "bench_media.py": ["--seconds", "2"],
     "bench_console.py": ["--prints", "20000"],
     "bench_tensorboard.py": ["--points", "200000"],
+    "bench_wide_run.py": ["--keys", "100000"],
+    "bench_collector_stages.py": ["--points", "524288"],
 }
 
 

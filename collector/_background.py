@@ -6,15 +6,16 @@ hands such work here instead and keeps answering: the rows are already durable i
 write-ahead log, so nothing waits on it but the Parquet copy. pyarrow and numpy release
 the GIL for the bulk of it, so the loop keeps its core.
 
-Each owner (a run's metrics store) gets its jobs run one at a time and in order (a part
-must be on disk before it is merged), on a few threads shared by every owner, so one
-wide run finishing never holds up another run's parts. A job that fails (a full disk)
+Each owner (a run's metrics store has two: its part writes, its merges) gets its jobs
+run one at a time and in order (parts are written in segment order), on a few threads
+shared by every owner, so one wide run finishing never holds up another run's parts. A job that fails (a full disk)
 stays at the head of its owner's queue and is tried again after RETRY_S; the ones behind
 it wait, because a later part must never cover the segments of one not yet written.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -35,6 +36,24 @@ Job = Callable[[], None]
 class Stopped(Exception):
     """A job gave up part way because the collector is stopping (`Background.stopping`);
     it left nothing half done, and is dropped rather than tried again."""
+
+
+def _trim() -> Callable[[], object]:
+    """glibc's malloc_trim: numpy's and Python's freed buffers go back to the OS (each thread
+    has its own malloc arena, which keeps them otherwise); a no-op elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda *_: None
+
+
+_MALLOC_TRIM = _trim()
+
+
+def _give_back_memory() -> None:
+    """After each job: Arrow's pool and malloc's arenas return what a part or merge used."""
+    pa.default_memory_pool().release_unused()
+    _MALLOC_TRIM(0)
 
 
 class Background:
@@ -94,7 +113,7 @@ class Background:
                     log.error("background work for %s failed (%r); trying again in %.0f s", owner, exc, RETRY_S)
                 return
             finally:
-                pa.default_memory_pool().release_unused()  # a merge's buffers go back to the OS
+                _give_back_memory()
             with self._lock:
                 queue.popleft()
 
@@ -107,6 +126,10 @@ class Background:
             for owner in [o for o, at in self._retry_at.items() if at <= now]:
                 del self._retry_at[owner]
                 self._start(owner)
+
+    def active(self) -> bool:
+        """Whether any job is queued or running."""
+        return bool(self._running or self._queues)
 
     def busy(self, owner: Hashable) -> bool:
         """Whether the owner has work queued, running or waiting to retry."""

@@ -3,8 +3,9 @@
 A collector holding hundreds of live runs would otherwise fsync each touched run's WAL
 every turn, and the cost of a turn would grow with the number of runs instead of the
 number of points. Each run's WAL is written, then one syncfs(2) commits the filesystem
-they share (Linux); where there is no syncfs the runs' fsyncs go out side by side on a
-few threads, which the filesystem's journal commits together.
+they share (Linux); where there is no syncfs, or while parts are being written in the
+background (syncfs would flush those too, and the acks would wait for them), the runs'
+fsyncs go out side by side on a few threads, which the filesystem's journal commits together.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from expman._storage.wal import SegmentWriter
 
@@ -22,15 +23,18 @@ SYNC_THREADS = 8  # without syncfs: fsyncs in flight at once
 class GroupCommit:
     """Makes runs (anything with `sync(fsync)` and `committed(ok)`: collector/_runs.py) durable."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writing: Callable[[], bool] | None = None) -> None:
         self.root = root
+        # While parts are being written beside the loop (collector/_background.py), syncfs
+        # would wait for their megabytes too: the runs' own fsyncs go out instead.
+        self.writing = writing or (lambda: False)
         self._root_fd: int | None = None  # a handle on the root's filesystem, for syncfs
         self._pool: ThreadPoolExecutor | None = None
 
     def sync(self, runs: set[Any]) -> list[tuple[Any, OSError]]:
         """Make what the runs appended durable; returns the runs that failed, with why."""
         commit = SegmentWriter.sync_filesystem
-        if len(runs) <= 1 or commit is None:
+        if len(runs) <= 1 or commit is None or self.writing():
             return self._each(runs)
         failed: list[tuple[Any, OSError]] = []
         written = []

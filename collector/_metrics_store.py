@@ -129,6 +129,17 @@ def _small(frame: Frame) -> tuple[_Small | pa.Table, int | None]:
     return rows, int(steps.max()) if len(steps) else None
 
 
+_GIL_CHUNK = 50_000  # Python objects converted per call: each call holds the GIL, the receive loop waits
+
+
+def _strings(names: list[str]) -> pa.Array:
+    """`names` as an Arrow string array, converted in pieces (a million names in one call
+    would hold the GIL for ~0.4 s; background threads run beside the receive loop)."""
+    if len(names) <= _GIL_CHUNK:
+        return pa.array(names, pa.string())
+    return pa.concat_arrays([pa.array(names[i:i + _GIL_CHUNK], pa.string()) for i in range(0, len(names), _GIL_CHUNK)])
+
+
 def _small_table(items: list[_Small]) -> pa.Table:
     """One table for many small frames, built with numpy."""
     codes: dict[str, int] = {}
@@ -140,7 +151,7 @@ def _small_table(items: list[_Small]) -> pa.Table:
     counts = np.fromiter((len(i.ids) for i in items), np.int64, len(items))
     n = int(counts.sum())
     return pa.Table.from_arrays([
-        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), pa.array(list(codes), pa.string())),
+        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), _strings(list(codes))),
         pa.array(np.frombuffer(b"".join(i.values for i in items), np.float64)),
         pa.nulls(n, pa.string()),
         pa.array(np.frombuffer(b"".join(i.steps for i in items), np.int64)),
@@ -196,6 +207,10 @@ class MetricsStore:
         self.rows_written = 0  # by the background: rows put in fresh parts
         self.rows_merged = 0  # ... and rewritten by merges before finish (amplification: 1 + merged / written)
         self._part_rows: dict[Path, int] = {}  # rows of the parts this store wrote (next_merge asks)
+        # Two queues in the background: parts written in order (a finish waits for these
+        # only), and merges, which never hold a write up; one merge at a time.
+        self._writes, self._merges = (self, "writes"), (self, "merges")
+        self._merging = threading.Lock()
         self.compacted = False  # every part merged into one since the last frame (finish)
         # Every frame this writer has stored for the run, so a restarted collector does not
         # store a resend twice (also ones whose ack a kill lost after they reached a part).
@@ -302,16 +317,17 @@ class MetricsStore:
             self._synced_tables = 0
             self.pending_rows = 0
             self._pending_from = self.wal.number
-            self.background.submit(self, lambda: self._write_batch(batch))
+            self.background.submit(self._writes, lambda: self._write_batch(batch))
         if written is not None:
-            self.background.submit(self, written.set)
+            self.background.submit(self._writes, written.set)
         if batch is not None:
-            self.background.submit(self, self._merge_due)  # apart: a failed merge is retried without rewriting the part
+            self.background.submit(self._merges, self._merge_due)
 
     def _merge_due(self) -> None:
         """Merge what is due (collector/_parts.py next_merge)."""
-        while (plan := next_merge(list_parts(self.metrics_dir, self.writer), self._rows_of)) is not None:
-            self.rows_merged += self._merge(*plan)
+        with self._merging:
+            while (plan := next_merge(list_parts(self.metrics_dir, self.writer), self._rows_of)) is not None:
+                self.rows_merged += self._merge(*plan)
 
     def _write_batch(self, batch: _Batch) -> None:
         """Background: the batch as a part, then its segments deleted."""
@@ -342,22 +358,26 @@ class MetricsStore:
     @property
     def busy(self) -> bool:
         """Parts still being written or merged in the background."""
-        return self.background.busy(self)
+        return self.background.busy(self._writes) or self.background.busy(self._merges)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the background has written and merged what was handed to it; False on timeout."""
-        return self.background.wait(self, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.background.wait(self._writes, timeout):
+            return False
+        return self.background.wait(self._merges, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish), in the background."""
         self.flush()
         self.compacted = True
-        self.background.submit(self, self._merge_all)
+        self.background.submit(self._writes, self._merge_all)  # after every write handed over so far
 
     def _merge_all(self) -> None:
-        parts = list_parts(self.metrics_dir, self.writer)
-        if len(parts) > 1:
-            self._merge(parts, max(p.level for p in parts) + 1)
+        with self._merging:
+            parts = list_parts(self.metrics_dir, self.writer)
+            if len(parts) > 1:
+                self._merge(parts, max(p.level for p in parts) + 1)
 
     def close(self) -> None:
         self.wal.close()

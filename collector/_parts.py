@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from expman._storage import key_index as _key_index
 from expman._storage import summary as _summary
-from expman._storage.layout import Part, part_name
+from expman._storage.layout import KEY, Part, part_name
 
 from ._background import Stopped
 
@@ -24,6 +24,7 @@ STREAM_BATCH = 16_384  # rows a by-key merge holds per input while it streams
 CHUNK_ROWS = MIN_GROUP  # a by-key merge gathers whole small keys up to this many rows and orders them at once
 MERGE_FANIN = 8  # parts of one level merged into one of the next
 SETTLED_ROWS = 1 << 20  # a merged part this large is not merged again before finish
+GIL_CHUNK = 50_000  # Python objects made per call: each call holds the GIL, and the receive loop waits for it
 
 
 def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> tuple[list[Part], int] | None:
@@ -125,23 +126,40 @@ def _merge_into(writer: pq.ParquetWriter, files: list[pq.ParquetFile], summarize
     return rows, summary
 
 
+def _key_runs(file: pq.ParquetFile) -> tuple[pa.Array, np.ndarray] | None:
+    """A key-sorted part's keys in order and each one's rows, from its `key` column; None
+    when the part has no key index (so is not sorted by key). Read this way rather than
+    from the index's JSON: parsing that for a million keys holds the GIL for seconds."""
+    if _key_index.KEY_INDEX not in (file.metadata.metadata or {}):
+        return None
+    column = file.read(columns=[KEY]).column(KEY)
+    if column.num_chunks == 0 or len(column) == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    keys = column.unify_dictionaries().combine_chunks() if pa.types.is_dictionary(column.type) else \
+        column.combine_chunks().dictionary_encode()
+    codes = keys.indices.to_numpy(zero_copy_only=False)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(codes)) + 1))
+    counts = np.diff(np.append(starts, len(codes)))
+    return keys.dictionary.take(pa.array(codes[starts])), counts
+
+
 class _KeyPlan:
     """Where each key's rows lie in every input of a by-key merge, as arrays over the
     union of their keys in key order: no Python loop per key."""
 
-    def __init__(self, indexes: list[_key_index.KeyIndex]) -> None:
+    def __init__(self, runs: list[tuple[pa.Array, np.ndarray]]) -> None:
         # Sorted and matched in Arrow, which lets go of the GIL: sorting a million names
         # in Python would hold it for seconds, and the receive loop with it.
-        given = [pa.array(list(index), pa.string()) for index in indexes]
+        given = [names.cast(pa.string()) for names, _ in runs]
         union = pc.unique(pa.concat_arrays(given)) if given else pa.array([], pa.string())
         table = union.take(pc.array_sort_indices(union))
-        self.names: list[str] = table.to_pylist()
+        self.names: list[str] = [name for i in range(0, len(table), GIL_CHUNK)  # in pieces: each call holds the GIL
+                                 for name in table.slice(i, GIL_CHUNK).to_pylist()]
         self.total = np.zeros(len(self.names), np.int64)
         self.positions: list[np.ndarray] = []  # per input: where its keys sit in `names` (rising)
         self.before: list[np.ndarray] = []  # per input: its rows of the keys before each key (len(names) + 1)
-        for names, index in zip(given, indexes):
+        for names, (_, counts) in zip(given, runs):
             pos = pc.index_in(names, value_set=table).to_numpy(zero_copy_only=False).astype(np.int64)
-            counts = np.fromiter((r for _, r in index.values()), np.int64, len(index))
             self.total[pos] += counts
             cum = np.zeros(len(self.names) + 1, np.int64)
             cum[pos + 1] = counts
@@ -174,11 +192,15 @@ class _KeyPlan:
         return np.repeat(keys, counts)
 
     def index(self) -> _key_index.KeyIndex:
-        first = np.concatenate(([0], np.cumsum(self.total)[:-1]))
-        return dict(zip(self.names, zip(first.tolist(), self.total.tolist())))
+        first = np.concatenate(([0], np.cumsum(self.total)[:-1])).tolist()
+        total = self.total.tolist()
+        index: _key_index.KeyIndex = {}
+        for i in range(0, len(total), GIL_CHUNK):  # in pieces: one dict() of a million pairs holds the GIL
+            index.update(zip(self.names[i:i + GIL_CHUNK], zip(first[i:i + GIL_CHUNK], total[i:i + GIL_CHUNK])))
+        return index
 
 
-def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes: list[_key_index.KeyIndex],
+def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: list[tuple[pa.Array, np.ndarray]],
                   summarize: bool, stop: threading.Event | None) -> tuple[int, _summary.Summary, _key_index.KeyIndex]:
     """Merge parts sorted by key into one sorted by key: for each key, each input's rows of
     it in input order (so each key keeps its arrival order). Every input is one stream read
@@ -188,7 +210,7 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes
     number of keys. Summaries: inputs that carry one lend it, the others are summarized
     group by group; none is computed where it could not be kept (as many keys as points).
     """
-    plan = _KeyPlan(indexes)
+    plan = _KeyPlan(runs)
     total_rows = int(plan.total.sum())
     if summarize and len(plan.names) * _summary.KEEP_RATIO > total_rows:
         summarize = False  # at least a bucket per key: never worth keeping
@@ -200,30 +222,36 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], indexes
     for a, b in plan.groups():
         _check(stop)
         out.key_boundary()
-        pieces: list[tuple[int, list[pa.RecordBatch]]] = []
-        for source, stream in enumerate(streams):
-            n = plan.rows(source, a, b)
-            if n:
-                pieces.append((source, stream.take(n)))
-        if b - a == 1:  # one key: its rows are already in order, input after input
-            for _, batches in pieces:
-                out.add(batches)
-        elif len(pieces) == 1:
-            out.add(pieces[0][1])
-        else:
-            order = np.argsort(np.concatenate([plan.key_of_rows(source, a, b) for source, _ in pieces]), kind="stable")
-            table = pa.Table.from_batches([batch for _, piece in pieces for batch in piece])
-            out.add(table.take(pa.array(order)).to_batches())
-        if summarize:
-            names = plan.names[a:b]
-            parts = []
-            for source, batches in pieces:
-                known = lent[source]
-                if known is not None:
-                    parts.append({k: known[k] for k in names if k in known})
-                else:
-                    parts.append(_summary.summarize(pa.Table.from_batches(batches), width=width))
-            per_key.update(_summary.merge(parts) if len(parts) > 1 else parts[0])
+        names = plan.names[a:b]
+        summaries: list[_summary.Summary] = []  # of this group, in input order
+        if b - a == 1:  # one key, maybe millions of rows: streamed input after input, a batch at a time
+            for source, stream in enumerate(streams):
+                left = plan.rows(source, a, b)
+                if left and lent[source] is not None:
+                    summaries.append({k: lent[source][k] for k in names if k in lent[source]})
+                while left:
+                    _check(stop)
+                    batches = stream.take(min(left, ROW_GROUP))
+                    left -= sum(batch.num_rows for batch in batches)
+                    out.add(batches)
+                    if summarize and lent[source] is None:
+                        summaries.append(_summary.summarize(pa.Table.from_batches(batches), width=width))
+        else:  # whole keys of at most CHUNK_ROWS rows together: one stable sort puts them in key order
+            pieces = [(source, stream.take(n)) for source, stream in enumerate(streams) if (n := plan.rows(source, a, b))]
+            if len(pieces) == 1:
+                out.add(pieces[0][1])
+            else:
+                order = np.argsort(np.concatenate([plan.key_of_rows(source, a, b) for source, _ in pieces]),
+                                   kind="stable")
+                table = pa.Table.from_batches([batch for _, piece in pieces for batch in piece])
+                out.add(table.take(pa.array(order)).to_batches())
+            if summarize:
+                for source, batches in pieces:
+                    known = lent[source]
+                    summaries.append({k: known[k] for k in names if k in known} if known is not None
+                                     else _summary.summarize(pa.Table.from_batches(batches), width=width))
+        if summaries:
+            per_key.update(_summary.merge(summaries) if len(summaries) > 1 else summaries[0])
     out.flush()
     summary = _summary.merge([per_key]) if per_key else {}
     return out.rows, summary, plan.index()
@@ -257,9 +285,9 @@ def write_part(
                 rows = source.num_rows
             else:
                 files = [pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 16) for part in source]
-                indexes = [_key_index.read_index(file) for file in files] if by_key else []
-                if by_key and all(i is not None for i in indexes):
-                    rows, summary, index = _merge_by_key(writer, files, indexes, summarize, stop)  # type: ignore[arg-type]
+                runs = [_key_runs(file) for file in files] if by_key else []
+                if by_key and all(r is not None for r in runs):
+                    rows, summary, index = _merge_by_key(writer, files, runs, summarize, stop)  # type: ignore[arg-type]
                 else:  # inputs from before the index: concatenated, as they were
                     rows, summary = _merge_into(writer, files, summarize, stop)
                 if summarize and _summary.worth_keeping(summary, rows):

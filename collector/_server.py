@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -44,7 +45,10 @@ log = logging.getLogger("expman.collector")
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
 COMMIT_INTERVAL_S = 0.01  # after a turn of small frames, the next at most this often: frames gather meanwhile
 PACE_BELOW_BYTES = 1 << 20  # a turn that took this much data or more is followed at once
-RECV_BATCH_BYTES = 64 * 1024 * 1024  # artifact chunks are up to 1 MiB: bound a turn's memory
+RECV_HWM = 10000  # frames ZeroMQ takes in per sender ahead of the loop: a frame a rank sent is out of its
+# process at once, so a kill -9 of the rank right after cannot lose it (tests/rank/test_kill_drain.py)
+RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
+# a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
 FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
 FLUSH_ROWS = 262_144  # ... or once this many wait
 FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
@@ -60,6 +64,7 @@ DRAIN_QUIET_S = 0.3
 DRAIN_MAX_S = 10.0
 DRAIN_BUSY_S = 1.0
 GONE_WHY = "the training process exited without finishing"
+SWITCH_INTERVAL_S = 0.0005
 STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (parts are written whatever):
 # a local collector is killed 10 s after SIGTERM (expman/_rank/local_collector.py)
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
@@ -123,7 +128,7 @@ class Collector:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + 1024)
-        self._router.setsockopt(zmq.RCVHWM, 10000)
+        self._router.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.zap: ZapHandler | None = None
         # Local mode: who is connected, watched from before the first connection can arrive
         # (the ZAP handler owns the monitor where CURVE is on; local collectors are ipc only).
@@ -144,8 +149,11 @@ class Collector:
         self.on_periodic: Callable[[float], None] | None = None
         self._touched: set[Run] = set()  # runs that took a frame since the last tick
         self._next_sweep = 0.0
-        self.commit = GroupCommit(root)
         self.background = Background(on_error=self._background_failed)  # parts and merges, beside this loop
+        # The loop gives up the GIL at every socket call and write; with a background thread
+        # busy, taking it back waits out the switch interval (5 ms by default) each time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self.commit = GroupCommit(root, self.background.active)
         # A finish is answered once its rank's points are in a part: (sender, seq) -> set then.
         self._finish_written: dict[tuple[str, int], threading.Event] = {}
         self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
@@ -615,7 +623,8 @@ class Collector:
 
     def _background_failed(self, owner: Any, exc: BaseException) -> None:
         """A background write failed (it is tried again): said like any failing write."""
-        where = str(getattr(owner, "metrics_dir", owner))
+        store = owner[0] if isinstance(owner, tuple) else owner  # (a run's metrics store, its queue)
+        where = str(getattr(store, "metrics_dir", store))
         if isinstance(exc, OSError):
             self.write_failures.failed(exc, where)
         else:

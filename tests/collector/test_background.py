@@ -86,3 +86,23 @@ def test_kill_9_while_parts_are_written_or_merged_loses_and_doubles_nothing(root
         assert not list((exp.run_dir / "metrics").glob(".*.tmp"))
     finally:
         assert c.stop() == 0
+
+
+def test_merges_take_neighbours_and_leave_settled_parts_until_finish():
+    """Amplification: a merged part of SETTLED_ROWS or more is not merged again before finish,
+    and only neighbouring parts merge (a merged part's name covers its inputs' segments)."""
+    from expman._storage.layout import Part
+    from expman.collector._parts import MERGE_FANIN, SETTLED_ROWS, next_merge
+
+    def part(level: int, first: int, last: int) -> Part:
+        return Part("w", first, last, level, Path(f"p-{level}-{first}-{last}"))
+
+    fresh = [part(0, i, i) for i in range(8, 8 + MERGE_FANIN)]
+    assert next_merge(fresh) == (fresh, 1)
+    big = [part(1, i * 8, i * 8 + 7) for i in range(MERGE_FANIN)]
+    rows = {p.path: SETTLED_ROWS for p in big}
+    assert next_merge(big, lambda p: rows[p.path]) is None  # settled: left for finish
+    rows = {p.path: 10 for p in big}
+    assert next_merge(big, lambda p: rows[p.path]) == (big, 2)  # small: folded together
+    rows[big[3].path] = SETTLED_ROWS  # a settled part in the middle: its neighbours may not merge across it
+    assert next_merge(big, lambda p: rows[p.path]) is None
