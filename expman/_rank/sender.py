@@ -19,6 +19,7 @@ PUSH socket it polls (`wake`, `stop`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -236,7 +237,8 @@ class Sender:
         next_tick = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(max(next_tick - time.monotonic(), 0.0) * 1000))
+                # whole ms, rounded up: pyzmq truncates, and a 0 ms poll until the tick would spin
+                events = dict(poller.poll(math.ceil(max(next_tick - time.monotonic(), 0.0) * 1000)))
                 woken = wake in events
                 if woken:
                     msgs = [wake.recv()]
