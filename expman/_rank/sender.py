@@ -2,9 +2,10 @@
 
 Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
 frames (a slow run's few points wait up to a send window to share one frame: the
-SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and keeps it in its Outbox until the collector
-acknowledges it; when to send and resend is the Outbox's rule (expman/_wire/delivery.py),
-so a collector that starts late, restarts or loses a connection costs nothing but time.
+SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and
+keeps it in its Outbox until the collector acknowledges it; when to send and resend is
+the Outbox's rule (expman/_wire/delivery.py), so a collector that starts late, restarts
+or loses a connection costs nothing but time.
 Memory is bounded: past `max_pending_bytes` further frames are spilled to a spool file
 (expman/_rank/overflow.py) and read back in order as acks free memory; only when the
 spool is full too are metric frames dropped, counted and reported (and the count goes to
@@ -63,8 +64,9 @@ def lower_switch_interval() -> None:
     thread waiting for the GIL asks for it only after the switch interval. At 5 ms the
     sender finds ~10k points waiting and holds the GIL ~1.5 ms packing them, which the
     training thread feels as one slow log call; at 0.5 ms the training thread is back
-    within 0.5 ms plus the sender's longest C call (a frame: ~160 µs). Only ever lowers the interval;
-    EXPMAN_SWITCH_INTERVAL=keep leaves it alone, a number of seconds sets the target.
+    within 0.5 ms plus the sender's longest C call (~180 µs). Only ever lowers the
+    interval; EXPMAN_SWITCH_INTERVAL=keep leaves it alone, a number of seconds sets the
+    target.
     """
     setting = os.environ.get("EXPMAN_SWITCH_INTERVAL", "").strip()
     if setting == "keep":
@@ -347,7 +349,8 @@ class Sender:
             self._enqueue(run, proto.HELLO, run.hello)
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
-        if run.held or run.device_batches:
+        if run.held or run.device_batches:  # device values are never held back: they wait for their copy
+            self._held_since.pop(id(run), None)
             self._drain_device_points(run)
         elif run.points or run.texts:
             waiting = len(run.points) // columns.POINT_STRIDE + len(run.texts)
