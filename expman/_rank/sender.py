@@ -2,9 +2,10 @@
 
 Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
 frames (a slow run's few points wait up to a send window to share one frame: the
-SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and keeps it in its Outbox until the collector
-acknowledges it; when to send and resend is the Outbox's rule (expman/_wire/delivery.py),
-so a collector that starts late, restarts or loses a connection costs nothing but time.
+SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and
+keeps it in its Outbox until the collector acknowledges it; when to send and resend is
+the Outbox's rule (expman/_wire/delivery.py), so a collector that starts late, restarts
+or loses a connection costs nothing but time.
 Memory is bounded: past `max_pending_bytes` further frames are spilled to a spool file
 (expman/_rank/overflow.py) and read back in order as acks free memory; only when the
 spool is full too are metric frames dropped, counted and reported (and the count goes to
@@ -19,6 +20,7 @@ PUSH socket it polls (`wake`, `stop`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -43,10 +45,10 @@ from expman._rank.spool import max_spool_bytes as spool_budget
 log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
-SWITCH_INTERVAL_S = 0.001
+SWITCH_INTERVAL_S = 0.0005
 IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
-MAX_POINTS_PER_FRAME = 16384
+MAX_POINTS_PER_FRAME = 16384  # its longest C call (one struct.pack) ~180 µs: the GIL switches between them
 MAX_CONSOLE_LINES_PER_FRAME = 4096
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
@@ -55,13 +57,16 @@ DROP_LOG_EVERY_S = 10.0
 
 
 def lower_switch_interval() -> None:
-    """Let the sender thread in every 1 ms instead of Python's default 5 ms.
+    """Switch threads every 0.5 ms instead of Python's default 5 ms.
 
     While the training thread runs pure Python, this thread only gets the GIL when the
-    interpreter forces a switch. At 5 ms it finds ~10k points waiting and holds the GIL
-    ~1.5 ms packing them, which the training thread feels as one slow log call; at 1 ms
-    the batches, and the stall, are five times smaller. Only ever lowers the interval;
-    EXPMAN_SWITCH_INTERVAL=keep leaves it alone, a number of seconds sets the target.
+    interpreter forces a switch, and the training thread gets it back the same way: a
+    thread waiting for the GIL asks for it only after the switch interval. At 5 ms the
+    sender finds ~10k points waiting and holds the GIL ~1.5 ms packing them, which the
+    training thread feels as one slow log call; at 0.5 ms the training thread is back
+    within 0.5 ms plus the sender's longest C call (~180 µs). Only ever lowers the
+    interval; EXPMAN_SWITCH_INTERVAL=keep leaves it alone, a number of seconds sets the
+    target.
     """
     setting = os.environ.get("EXPMAN_SWITCH_INTERVAL", "").strip()
     if setting == "keep":
@@ -234,7 +239,8 @@ class Sender:
         next_tick = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(max(next_tick - time.monotonic(), 0.0) * 1000))
+                # whole ms, rounded up: pyzmq truncates, and a 0 ms poll until the tick would spin
+                events = dict(poller.poll(math.ceil(max(next_tick - time.monotonic(), 0.0) * 1000)))
                 woken = wake in events
                 if woken:
                     msgs = [wake.recv()]
@@ -345,7 +351,8 @@ class Sender:
             self._enqueue(run, proto.HELLO, run.hello)
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
-        if run.held or run.device_batches:
+        if run.held or run.device_batches:  # device values are never held back: they wait for their copy
+            self._held_since.pop(id(run), None)
             self._drain_device_points(run)
         elif run.points or run.texts:
             waiting = len(run.points) // columns.POINT_STRIDE + len(run.texts)
@@ -431,7 +438,12 @@ class Sender:
                 self._counters[id(run)].dropped += points
                 log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
             run.framed(seq if self._next_seq > seq else None, min(n - start, step_width) // columns.POINT_STRIDE)
-        del buf[:n]
+        # Off the list, a frame's worth at a time from the back of what was taken: each del
+        # moves only what the hot path appended meanwhile, and frees at most one frame's
+        # items, so no single C call holds the GIL long (between them the training thread
+        # can take it: the switch interval).
+        for stop in range(n, 0, -step_width):
+            del buf[max(0, stop - step_width):stop]
 
     def _send_heartbeat(self, run: RunChannel) -> None:
         data = proto.encode_frame(

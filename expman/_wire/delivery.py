@@ -5,7 +5,10 @@ A rule, not a socket. The rank's sender loop (expman/_rank/sender.py) and `expma
 to send now, and tell it what went out and what the collector acknowledged; the sockets
 stay theirs. The collector drops duplicates, so sending a frame twice is always safe,
 only wasteful: a frame is sent again only once it has waited well past the usual ack
-latency, and each resend of it doubles its wait.
+latency, and each resend of it doubles its wait; and only when it looks lost, not merely
+queued: the collector acknowledged a frame sent after it (one connection delivers in
+order, so this one was skipped), or it has acknowledged nothing for as long (it is gone
+or restarted). A collector that is alive but behind is never buried in duplicates.
 
 `SendWindow` is the rule for when a run's logged points become a frame at all: the
 collector pays per frame (~35-65 µs) far more than per point (~3 µs), so a slow run's
@@ -38,6 +41,7 @@ class Entry:
     sent_at: float | None = None  # None: not sent yet, or due again
     first_sent_at: float | None = None
     resends: int = 0
+    sent_order: int = -1  # the Outbox's count of sends when this one last went out
 
 
 class SendWindow:
@@ -86,6 +90,9 @@ class Outbox:
         self.ack_latency = 0.0  # seconds, moving average of first sends
         self._unsent: deque[int] = deque()  # seqs to send, in order
         self._low_heap: list[int] = []  # seqs of entries, lazily cleaned: the oldest unacked
+        self._sends = 0
+        self._acked_order = -1  # the latest send (sent_order) acknowledged
+        self._last_ack_at: float | None = None  # monotonic time of the last ack of anything
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -116,6 +123,8 @@ class Outbox:
         if self._unsent and self._unsent[0] == entry.seq:
             self._unsent.popleft()
         entry.sent_at = now
+        entry.sent_order = self._sends
+        self._sends += 1
         if entry.first_sent_at is None:
             entry.first_sent_at = now
 
@@ -126,11 +135,15 @@ class Outbox:
         return min(max(self.min_resend_after, 4 * self.ack_latency), MAX_RESEND_AFTER_S)
 
     def expire(self, now: float) -> list[Entry]:
-        """Mark entries that waited too long for their ack as due again; return them."""
+        """Mark entries that waited too long for their ack, and look lost, as due again;
+        return them."""
         base = self.resend_after
+        silent = self._last_ack_at is None or now - self._last_ack_at > base
+        skipped_below = self._acked_order  # sent before a frame that was acknowledged
         stale = []
         for entry in self.entries.values():
-            if entry.sent_at is not None and now - entry.sent_at > base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS):
+            if (entry.sent_at is not None and (silent or entry.sent_order < skipped_below)
+                    and now - entry.sent_at > base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS)):
                 stale.append(entry)
         for entry in stale:
             self.resend_now(entry)
@@ -149,10 +162,12 @@ class Outbox:
 
     def acked(self, seq: int, now: float) -> Entry | None:
         """Forget an acknowledged entry and return it; None for an ack of nothing we hold."""
+        self._last_ack_at = now  # any answer says the collector is there
         entry = self.entries.pop(seq, None)
         if entry is None:
             return None  # a duplicate ack after a resend
         self.bytes -= entry.size
+        self._acked_order = max(self._acked_order, entry.sent_order)
         if entry.first_sent_at is not None and entry.resends == 0:
             self.ack_latency += 0.2 * (now - entry.first_sent_at - self.ack_latency)
         return entry

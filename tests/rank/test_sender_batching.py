@@ -1,4 +1,5 @@
-"""A slow run's points wait to share a frame (the SendWindow rule); nothing is lost or reordered.
+"""When the sender sends: a slow run's points wait to share a frame (the SendWindow rule), nothing
+is lost or reordered; and a frame is resent only when it looks lost, not merely queued.
 
 The collector pays per frame far more than per point, so the sender holds a run's few
 waiting points until the send window ends or enough gather (expman/_wire/delivery.py).
@@ -17,7 +18,7 @@ import expman
 from _helpers import wait_for
 from expman._rank.sender import Sender
 from expman._wire import frames as proto
-from expman._wire.delivery import BATCH_POINTS, SendWindow
+from expman._wire.delivery import BATCH_POINTS, Entry, Outbox, SendWindow
 
 HOUR = "3600"
 
@@ -109,3 +110,25 @@ def test_held_points_go_when_the_window_ends(collector, monkeypatch, metrics_fra
     assert sum(metrics_frames) == 3
     steps = expman.open_run(exp.run_dir).metrics().column("step").to_pylist()
     assert sorted(steps) == [0, 1, 2]
+
+
+def _outbox_with_three_sent() -> Outbox:
+    box = Outbox(resend_after=1.0)
+    for seq in range(3):
+        box.add(Entry(seq, b"x", 1))
+    for entry in box.due():  # sent() moves it along
+        box.sent(entry, now=0.0)
+    return box
+
+
+def test_a_frame_queued_behind_a_busy_collector_is_not_resent():
+    box = _outbox_with_three_sent()
+    box.acked(0, now=0.5)  # the collector answers, in order, slowly
+    assert box.expire(now=1.2) == [], "not lost, only queued: no duplicate"
+    assert [e.seq for e in box.expire(now=2.0)] == [1, 2], "silence for a whole resend wait: sent again"
+
+
+def test_a_frame_skipped_by_the_collector_is_resent():
+    box = _outbox_with_three_sent()
+    box.acked(2, now=0.5)  # a later frame answered: seq 1 was skipped (one connection keeps order)
+    assert [e.seq for e in box.expire(now=1.2)] == [0, 1]
