@@ -205,7 +205,6 @@ class MetricsStore:
         self.pending_rows = 0
         self.pending_since = 0.0  # monotonic time of the oldest row not yet in a part
         self.rows_written = 0  # by the background: rows put in fresh parts
-        self.rows_merged = 0  # ... and rewritten by merges before finish (amplification: 1 + merged / written)
         self._part_rows: dict[Path, int] = {}  # rows of the parts this store wrote (next_merge asks)
         # Two queues in the background: parts written in order (a finish waits for these
         # only), and merges, which never hold a write up; one merge at a time.
@@ -327,7 +326,7 @@ class MetricsStore:
         """Merge what is due (collector/_parts.py next_merge)."""
         with self._merging:
             while (plan := next_merge(list_parts(self.metrics_dir, self.writer), self._rows_of)) is not None:
-                self.rows_merged += self._merge(*plan)
+                self._merge(*plan)
 
     def _write_batch(self, batch: _Batch) -> None:
         """Background: the batch as a part, then its segments deleted."""
