@@ -18,6 +18,9 @@ docs/storage.md ("Runs in a bucket") explains:
   staged run (as on a shared filesystem), so each host sees the run's status.
 - A yaml that says a rank ended goes up only once this writer's write-ahead log is empty:
   a reader that sees a run finished sees all its points.
+- Once the collector has closed a finished run and a pass found all of it in the bucket,
+  its staging folder goes (`release`); a tombstone `<experiment>/<run folder>.uploaded`
+  says where it went and which frames it took, so late frames are answered, never stored.
 
 The thread never touches the collector's loop: an unreachable bucket only delays uploads
 (retried with backoff) while the staging folder grows on local disk.
@@ -25,8 +28,10 @@ The thread never touches the collector's loop: an unreachable bucket only delays
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -40,6 +45,7 @@ from expman._storage.files import Files, locate, shown
 from expman._storage.layout import (
     ARTIFACTS_DIR,
     CONFIG_YAML,
+    DELIVERY_DIR,
     FINAL_STATUSES,
     HARDWARE_DIR,
     HOSTS_DIR,
@@ -74,6 +80,8 @@ IDLE_CHECK_INTERVALS = 6  # an ended run that is all up is looked at every 6 int
 _CHUNK = 1 << 20  # uploads stream in 1 MiB chunks: no file is ever held whole in memory
 _PART_DIRS = (METRICS_DIR, HARDWARE_DIR)
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+UPLOADED = ".uploaded"  # <experiment>/<run folder>.uploaded: the tombstone of a staged run all in the bucket
+_TRASH = ".removing"  # a released run folder is moved here first (one rename), then deleted
 
 
 def open_bucket(uri: str) -> tuple[Any, str]:
@@ -94,6 +102,23 @@ def open_bucket(uri: str) -> tuple[Any, str]:
                               # one PUT per object below the multipart size, not create + part + complete
                               "allow_delayed_open": True})
     return filesystem, str(path).rstrip("/")
+
+
+def tombstone(run_dir: Path) -> Path:
+    """Where a released run's tombstone lies: beside its folder, `<run folder>.uploaded`."""
+    return run_dir.with_name(run_dir.name + UPLOADED)
+
+
+def remove_released(staging: Path, run_dir: Path) -> None:
+    """Delete a released run's staging folder: renamed out of the staging tree first, then removed."""
+    trash = staging / _TRASH
+    shutil.rmtree(trash, ignore_errors=True)  # what a kill left there
+    trash.mkdir()
+    try:
+        os.rename(run_dir, trash / run_dir.name)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 class _Names(Files):
@@ -229,8 +254,70 @@ class BucketMirror:
         return not self.pending
 
     def _staged(self) -> list[Path]:
-        """Run folders in the staging root: <experiment>/<run>/ with this writer's hosts file."""
-        return sorted(p.parent.parent for p in self.staging.glob(f"*/*/{HOSTS_DIR}/{self.writer}.yaml"))
+        """Run folders in the staging root: <experiment>/<run>/ with this writer's hosts file
+        (a released run's leftovers, if a kill interrupted its removal, are not one)."""
+        runs = (p.parent.parent for p in self.staging.glob(f"*/*/{HOSTS_DIR}/{self.writer}.yaml"))
+        return sorted(r for r in runs if not tombstone(r).exists())
+
+    # --- staged runs all in the bucket ------------------------------------------------
+    def all_up(self, run_dir: Path) -> bool:
+        """True when the run has ended and the last complete pass over it uploaded what its
+        staging folder holds now (retired parts deleted, no yaml waiting)."""
+        state = self._runs.get(run_dir)
+        if state is None or not state.final or not state.snapshot:
+            return False
+        if self._snapshot(state)[0] == state.snapshot:
+            return True
+        state.checked_at = float("-inf")  # it changed after that pass: the next pass looks at it
+        return False
+
+    def release(self, run_dir: Path) -> dict[str, Any] | None:
+        """Replace the staging folder of a run the collector has closed by its tombstone, if
+        all of it is in the bucket; returns the tombstone's record (None: not yet). The bucket
+        is not touched. Called on the collector's thread: the folder leaves by one rename, so
+        a pass of the mirror's thread sees all of it or none."""
+        if not self.all_up(run_dir):
+            return None
+        info = yaml.load((run_dir / RUN_YAML).read_bytes(), Loader=_LOADER)
+        try:  # which frames the run took (the collector wrote it as it closed the run): resends are duplicates
+            windows = json.loads((run_dir / DELIVERY_DIR / f"{self.writer}.json").read_text()).get("windows", {})
+        except (OSError, ValueError):
+            windows = {}
+        uid = info["id"]
+        record = {"id": uid, "location": f"{shown(self.uri).rstrip('/')}/{run_dir.relative_to(self.staging).as_posix()}",
+                  "windows": windows}
+        write_yaml_atomic(tombstone(run_dir), record)  # first: a kill from here on leaves a run that is not staged
+        self._runs.pop(run_dir, None)
+        remove_released(self.staging, run_dir)
+        log.info("run %s is all in the bucket (%s); its staging folder is removed", uid, record["location"])
+        return record
+
+    def ended(self) -> dict[str, Path]:
+        """Staged runs that have ended (a collector closed them before it stopped): run id -> folder."""
+        out = {}
+        for run_dir in self._staged():
+            try:
+                info = yaml.load((run_dir / RUN_YAML).read_bytes(), Loader=_LOADER)
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(info, dict) and info.get("status") in FINAL_STATUSES and isinstance(info.get("id"), str):
+                out[info["id"]] = run_dir
+        return out
+
+    def released(self) -> list[dict[str, Any]]:
+        """The tombstones' records (the collector answers late frames of those runs from
+        them), after finishing any removal a kill interrupted."""
+        records = []
+        for path in sorted(self.staging.glob(f"*/*{UPLOADED}")):
+            try:
+                record = yaml.load(path.read_bytes(), Loader=_LOADER) if path.is_file() else None
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                records.append(record)
+                remove_released(self.staging, path.with_name(path.name[:-len(UPLOADED)]))
+        shutil.rmtree(self.staging / _TRASH, ignore_errors=True)
+        return records
 
     # --- one run ----------------------------------------------------------------------
     def _visit(self, state: _RunState, force: bool) -> None:

@@ -28,14 +28,14 @@ from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._auth import CurveServer
 from ._bucket import UPLOAD_BATCH_BYTES, UPLOAD_INTERVAL_S, BucketMirror
 from ._sdnotify import Notifier, ServiceStatus
-from ._server import Collector
+from ._server import FORGET_FINISHED_AFTER_S, FORGET_UPLOADED_AFTER_S, Collector
 
 log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
                 "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
                 "forward_server_key", "forward_client_key", "group_readable", "staging_dir", "upload_interval",
-                "upload_batch_bytes"}
+                "upload_batch_bytes", "forget_after"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +55,14 @@ def _parser() -> argparse.ArgumentParser:
                         "at once when a run ends or past --upload-batch-bytes)")
     p.add_argument("--upload-batch-bytes", type=number(int, low=1), metavar="BYTES",
                    help=f"with a URI root: upload at once when this many sealed bytes wait (default: {UPLOAD_BATCH_BYTES})")
+    p.add_argument("--forget-after", type=positive_seconds, metavar="SECONDS",
+                   help="close a finished run this long after it ended (late frames reopen it until then); with a "
+                        "bucket root its staging folder is then removed once all of it is in the bucket "
+                        f"(default: {FORGET_FINISHED_AFTER_S:.0f}, {FORGET_UPLOADED_AFTER_S:.0f} with a bucket root)")
     p.add_argument("--config", metavar="FILE", type=config_file,
                    help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
                         "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
-                        "curve_allow, forward_server_key, forward_client_key, staging_dir, upload_interval, upload_batch_bytes "
+                        "curve_allow, forward_server_key, forward_client_key, staging_dir, upload_interval, upload_batch_bytes, forget_after "
                         "(the command line wins)")
     p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="SECONDS",
                    help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
@@ -152,7 +156,7 @@ def _socket_mode_option(text: Any) -> int:
 _CONFIG_TYPES: dict[str, Callable[[Any], Any]] = {
     "bind": endpoint, "forward": endpoint, "log_level": log_level, "heartbeat_timeout": positive_seconds,
     "hardware_interval": positive_seconds, "socket_mode": _socket_mode_option, "upload_interval": positive_seconds,
-    "upload_batch_bytes": number(int, low=1),
+    "upload_batch_bytes": number(int, low=1), "forget_after": positive_seconds,
 }
 
 
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         mirror = BucketMirror(bucket_uri, root, collector.name,
                               interval=float(args.upload_interval or config.get("upload_interval") or UPLOAD_INTERVAL_S),
                               batch_bytes=int(args.upload_batch_bytes or config.get("upload_batch_bytes") or UPLOAD_BATCH_BYTES))
+        collector.attach_mirror(mirror)  # before the mirror starts: a kill mid-removal is finished first
         mirror.start()  # first: runs a previous collector staged but did not upload go up now
     try:
         _serve(collector, args, bucket_uri or root)
@@ -239,6 +244,8 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
     """The Collector the options and config ask for, bound; a bad key file or setting is one line."""
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
+    forget_after = args.forget_after or config.get("forget_after") or (
+        FORGET_UPLOADED_AFTER_S if shares_hosts else FORGET_FINISHED_AFTER_S)
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -258,7 +265,8 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
-                              hardware_interval=float(hardware_interval), shares_hosts=shares_hosts)
+                              hardware_interval=float(hardware_interval), shares_hosts=shares_hosts,
+                              forget_after=float(forget_after))
     except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
         parser.error(str(exc))
     except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -40,6 +40,9 @@ from ._write_failures import WriteFailures
 from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
 from ._runs import Run, add_child_on_disk
 
+if TYPE_CHECKING:
+    from ._bucket import BucketMirror
+
 log = logging.getLogger("expman.collector")
 
 RECV_BATCH = 2048  # frames per turn: bounds the rows decoded before the next commit
@@ -54,7 +57,8 @@ FLUSH_ROWS = 262_144  # ... or once this many wait
 FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
-FORGET_FINISHED_AFTER_S = 600.0
+FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
+FORGET_UPLOADED_AFTER_S = 60.0  # ... with a bucket root (then its staging folder goes once all of it is up)
 IDLE_GRACE_S = 3.0
 # Local mode, after a watched process exited: its frames are all in once no connection is
 # open and no frame waits (the parent of a private collector), else once none of it came for
@@ -100,9 +104,16 @@ class Collector:
         curve: CurveServer | None = None,
         forward_keys: ClientKeys | None = None,
         shares_hosts: bool = False,
+        forget_after: float = FORGET_FINISHED_AFTER_S,
     ) -> None:
         self.root = root
         self.shares_hosts = shares_hosts  # every run writes hosts/<name>.yaml (runs in a bucket)
+        self.forget_after = forget_after
+        # A bucket root (attach_mirror): runs closed here whose staging folder goes once they are
+        # all in the bucket (run id -> folder), and those already gone (run id -> bucket location).
+        self.mirror: BucketMirror | None = None
+        self._releasing: dict[str, Path] = {}
+        self._released: dict[str, str] = {}
         self.name = check_name("collector", name or socket.gethostname())  # the writer of its parts
         self.hardware = HardwareMonitor(root, interval=hardware_interval, writer=self.name,  # samples on its own thread
                                         local_only=all(b.startswith("ipc://") for b in binds))
@@ -159,6 +170,33 @@ class Collector:
         self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
         self._last_turn = 0.0
         self._last_turn_bytes = 0
+
+    def attach_mirror(self, mirror: BucketMirror) -> None:
+        """A bucket root: runs this collector closes leave the staging folder once all of them
+        is in the bucket; late frames of runs already gone are answered from their tombstones
+        (a known (sender, seq) as a duplicate, anything else refused), never stored."""
+        self.mirror = mirror
+        for record in mirror.released():
+            self._forget_released(record)
+        self._releasing.update(mirror.ended())  # closed by a collector before this one
+
+    def _forget_released(self, record: dict[str, Any]) -> None:
+        self._released[record["id"]] = str(record.get("location"))
+        windows = record.get("windows") or {}
+        self.senders.seed({}, {str(s): (int(floor), ranges) for s, (floor, ranges) in windows.items()})
+
+    def _release_uploaded(self) -> None:
+        """Closed runs all in the bucket: their staging folders go (the mirror checks, removes)."""
+        assert self.mirror is not None
+        for uid, run_dir in list(self._releasing.items()):
+            record = self.mirror.release(run_dir)
+            if record is not None:
+                del self._releasing[uid]
+                self._forget_released(record)
+
+    def _uploaded_refusal(self, uid: str) -> ProtocolError:
+        return ProtocolError("run-uploaded", f"run {uid} is finished and uploaded to {self._released[uid]}; its "
+                                             "staging copy is gone, so this collector stores nothing more for it")
 
     def _bind_all(self, binds: list[str], curve: CurveServer | None) -> list[str]:
         """ipc endpoints first, plain; then, with `curve`, the ZAP handler and the CURVE
@@ -444,6 +482,8 @@ class Collector:
             return self._hello(frame)
         run = self.runs.get(frame.run)
         if run is None:
+            if frame.run in self._released:
+                raise self._uploaded_refusal(frame.run)
             self.counters["waiting-for-hello"] += 1
             return None, None
         if frame.rank >= run.info["world_size"]:
@@ -483,6 +523,9 @@ class Collector:
     def _hello(self, frame: proto.Frame) -> tuple[dict[str, Any], Run]:
         run = self.runs.get(frame.run)
         if run is None:
+            if frame.run in self._released:  # reopening it would overwrite the bucket's run with an empty one
+                raise self._uploaded_refusal(frame.run)
+            self._releasing.pop(frame.run, None)  # closed, still staged: reopened (released when closed again)
             run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name, self.background)
             if self.shares_hosts:  # a bucket root: collector/_bucket.py uploads the hosts file
                 run.shares_hosts = True
@@ -554,6 +597,8 @@ class Collector:
             except Exception:
                 self._internal_error(f"in the periodic work of run {uid}")
         try:
+            if sweep and self._releasing:
+                self._release_uploaded()
             self._periodic_rest(now, parent_gone)
         except Exception:
             self._internal_error("in the periodic work")
@@ -585,11 +630,13 @@ class Collector:
             run.merged_at = now
             run.merge_remote()  # other hosts' collectors share this run folder
         run.write_info()
-        if run.final_since is not None and now - run.final_since > FORGET_FINISHED_AFTER_S:
+        if run.final_since is not None and now - run.final_since > self.forget_after:
             self.artifacts.close_run(uid, final=True)
             run.save_delivery(self.senders.snapshot(run.senders))
             run.close()
             del self.runs[uid]
+            if self.mirror is not None:
+                self._releasing[uid] = run.dir
 
     def _periodic_rest(self, now: float, parent_gone: bool) -> None:
         if parent_gone:

@@ -20,6 +20,8 @@ import yaml
 import expman
 from expman.collector._bucket import BucketMirror, covered_parts
 from _helpers import wait_for
+from _peer import Peer, metrics_body
+from expman._wire import frames as proto
 from expman._storage.crypto import create_key_file
 from expman._wire.frames import ARTIFACT_CHUNK_BYTES
 
@@ -35,12 +37,12 @@ class Hosts:
         self.procs: dict[str, subprocess.Popen] = {}
         self.endpoints: dict[str, str] = {}
 
-    def start(self, name: str) -> str:
+    def start(self, name: str, *extra: str) -> str:
         ready = self.tmp_path / f"{name}.ready"
         ready.unlink(missing_ok=True)
         args = [sys.executable, "-m", "expman.collector", "--root", self.uri, "--name", name,
                 "--staging-dir", str(self.tmp_path / f"state-{name}" / "staging"), "--upload-interval", "0.3",
-                "--bind", f"ipc://{self.short_dir}/{name}.sock", "--ready-file", str(ready), "--log-level", "DEBUG"]
+                "--bind", f"ipc://{self.short_dir}/{name}.sock", "--ready-file", str(ready), "--log-level", "DEBUG", *extra]
         log = open(self.tmp_path / f"{name}.log", "ab")
         proc = subprocess.Popen(args, stderr=log, stdout=subprocess.DEVNULL)
         log.close()
@@ -386,3 +388,91 @@ def test_a_big_log_is_rewritten_in_the_bucket_less_often_than_it_grows(bucket, t
     mirror.interval = 0.0
     assert mirror.upload_pass(force=True)
     assert files.read_bytes(root / "run.log").endswith(b"one more line\n")
+
+
+def bucket_state(uri: str) -> dict[str, tuple[int, float]]:
+    """Every object under the root: size and last-modified time (a rewrite of the same bytes shows)."""
+    files, path = expman._storage.files.locate(uri)  # type: ignore[attr-defined]
+    infos = files.filesystem.get_file_info(pafs.FileSelector(str(path), recursive=True, allow_not_found=True))
+    return {i.path: (i.size, i.mtime.timestamp()) for i in infos if i.type == pafs.FileType.File}
+
+
+def test_a_finished_run_all_in_the_bucket_leaves_staging_and_late_frames_change_nothing(hosts, bucket, tmp_path):
+    """The staging folder goes once the run is finished, closed (--forget-after) and all up; a
+    late resend is a duplicate, a late hello or new frame is refused, before and after a
+    restart; the bucket's run stays whole and untouched."""
+    endpoint = hosts.start("node-a", "--forget-after", "0.5")
+    staging = tmp_path / "state-node-a" / "staging"
+    peer = Peer(endpoint, run="late-1", host="node-a")
+    try:
+        hello = peer.hello(name="late")
+        points = [peer.send(proto.METRICS, metrics_body(list(range(i, i + 100)))) for i in range(0, 1000, 100)]
+        finish = peer.send(proto.FINISH, {"status": "finished", "ended_at": time.time(), "last_step": 999})
+        assert not any("rejected" in a for a in peer.wait([hello, *points, finish], 60).values())
+        wait_for(lambda: list(staging.glob("e/*.uploaded")), 120, "the staging folder to be replaced by its tombstone")
+        assert [p.name for p in staging.iterdir() if not p.name.startswith(".")] == ["e"]
+        (tomb,) = (staging / "e").iterdir()
+        assert tomb.is_file() and not list(staging.glob("*/*/")), "no run folder left in staging"
+        (run,) = expman.list_runs(bucket)
+        assert run.status == "finished" and yaml.safe_load(tomb.read_text())["location"] == run.location
+        assert sorted(run.metrics("loss")["step"].to_pylist()) == list(range(1000))  # every point once
+        uploaded = bucket_state(bucket)
+
+        def late(p: Peer) -> None:
+            peer.answers.clear()
+            resent = p.send(proto.METRICS, metrics_body([0]), seq=points[3])
+            again = p.hello(name="late")
+            more = p.send(proto.METRICS, metrics_body([5000]))
+            answers = p.wait([resent, again, more], 60)
+            assert answers[resent] == {}, answers  # known (sender, seq): answered as a duplicate
+            assert f"run late-1 is finished and uploaded to {run.location}" in answers[again]["rejected"], answers
+            assert "is finished and uploaded" in answers[more]["rejected"], answers
+            assert sorted(p.name for p in (staging / "e").iterdir()) == [tomb.name], "no run recreated in staging"
+
+        late(peer)
+        assert hosts.stop("node-a") == 0, hosts.log("node-a")
+        peer.close()
+        peer = Peer(hosts.start("node-a", "--forget-after", "0.5"), sender=peer.sender, run="late-1", host="node-a")
+        peer.next_seq = finish + 10
+        late(peer)
+        assert hosts.stop("node-a") == 0, hosts.log("node-a")
+    finally:
+        peer.close()
+    assert bucket_state(bucket) == uploaded, "the bucket is as the mirror left it: nothing re-uploaded or deleted"
+    (run,) = expman.list_runs(bucket)
+    assert run.status == "finished" and sorted(run.metrics("loss")["step"].to_pylist()) == list(range(1000))
+    assert "Traceback" not in hosts.log("node-a")
+
+
+def test_a_released_run_is_not_staged_again_even_after_a_kill_mid_removal(bucket, tmp_path):
+    """The mirror alone: release() needs the run ended and all up; a folder left beside its
+    tombstone (a kill between the two) is removed at the next start, and nothing goes up."""
+    from expman._storage.layout import part_name, write_yaml_atomic
+
+    staging = tmp_path / "staging"
+    run = staging / "e" / "r-1"
+
+    def stage() -> None:
+        write_yaml_atomic(run / "hosts" / "w.yaml", {"writer": "w", "ranks": {0: {"status": "finished"}}})
+        write_yaml_atomic(run / "run.yaml", {"id": "r1", "status": "running", "ranks": {0: {"status": "finished"}}})
+        (run / "metrics").mkdir(parents=True, exist_ok=True)
+        (run / "metrics" / part_name(0, 0, 0, "w")).write_bytes(b"points")
+
+    stage()
+    mirror = BucketMirror(bucket, staging, "w")
+    assert mirror.upload_pass(force=True)
+    assert mirror.release(run) is None and run.exists()  # not ended
+    write_yaml_atomic(run / "run.yaml", {"id": "r1", "status": "finished", "ranks": {0: {"status": "finished"}}})
+    assert mirror.release(run) is None and run.exists()  # ended, but that run.yaml is not up yet
+    assert mirror.upload_pass(force=True)
+    uploaded = bucket_state(bucket)
+    record = mirror.release(run)
+    assert record is not None and record["id"] == "r1" and record["location"] == f"{bucket}/e/r-1"
+    assert not run.exists() and (staging / "e" / "r-1.uploaded").is_file() and bucket_state(bucket) == uploaded
+    assert mirror.upload_pass(force=True) and bucket_state(bucket) == uploaded
+
+    stage()  # as if a kill came after the tombstone and before the folder went
+    again = BucketMirror(bucket, staging, "w")
+    assert [r["id"] for r in again.released()] == ["r1"] and not run.exists()
+    assert again.ended() == {} and again.upload_pass(force=True)
+    assert again.requests["put"] == 0 and bucket_state(bucket) == uploaded
