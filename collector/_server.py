@@ -189,7 +189,12 @@ class Collector:
         """Closed runs all in the bucket: their staging folders go (the mirror checks, removes)."""
         assert self.mirror is not None
         for uid, run_dir in list(self._releasing.items()):
-            record = self.mirror.release(run_dir)
+            try:
+                record = self.mirror.release(run_dir)
+            except Exception as exc:  # an unreadable run.yaml, a folder that will not go: it stays staged
+                del self._releasing[uid]
+                log.warning("run %s: its staging folder %s stays (%s)", uid, run_dir, exc)
+                continue
             if record is not None:
                 del self._releasing[uid]
                 self._forget_released(record)

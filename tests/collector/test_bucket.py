@@ -413,6 +413,7 @@ def test_a_finished_run_all_in_the_bucket_leaves_staging_and_late_frames_change_
         assert [p.name for p in staging.iterdir() if not p.name.startswith(".")] == ["e"]
         (tomb,) = (staging / "e").iterdir()
         assert tomb.is_file() and not list(staging.glob("*/*/")), "no run folder left in staging"
+        assert tomb.stat().st_size < 1024, tomb.read_text()  # a tombstone, not a copy
         (run,) = expman.list_runs(bucket)
         assert run.status == "finished" and yaml.safe_load(tomb.read_text())["location"] == run.location
         assert sorted(run.metrics("loss")["step"].to_pylist()) == list(range(1000))  # every point once
