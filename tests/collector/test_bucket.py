@@ -477,3 +477,25 @@ def test_a_released_run_is_not_staged_again_even_after_a_kill_mid_removal(bucket
     assert [r["id"] for r in again.released()] == ["r1"] and not run.exists()
     assert again.ended() == {} and again.upload_pass(force=True)
     assert again.requests["put"] == 0 and bucket_state(bucket) == uploaded
+
+
+def test_a_run_closed_by_a_stopped_collector_leaves_staging_after_the_next_start(hosts, bucket, tmp_path):
+    """The collector stops before it forgets the run (default delay): the folder stays; the
+    next collector on that staging folder removes it once all of it is up."""
+    peer = Peer(hosts.start("node-a"), run="stop-1", host="node-a")
+    staging = tmp_path / "state-node-a" / "staging"
+    try:
+        seqs = [peer.hello(name="stop"), peer.send(proto.METRICS, metrics_body(list(range(500)))),
+                peer.send(proto.FINISH, {"status": "finished", "ended_at": time.time(), "last_step": 499})]
+        assert not any("rejected" in a for a in peer.wait(seqs, 60).values())
+        finished_run(bucket, hosts)
+        assert hosts.stop("node-a") == 0, hosts.log("node-a")
+        (staged,) = staging.glob("e/*/")
+        assert (staged / "run.yaml").exists(), "stopped before the run was forgotten: still staged"
+        hosts.start("node-a")
+        wait_for(lambda: not staged.exists(), 120, "the staging folder to go after the restart")
+        assert (staging / "e" / f"{staged.name}.uploaded").is_file()
+    finally:
+        peer.close()
+    (run,) = expman.list_runs(bucket)
+    assert run.status == "finished" and sorted(run.metrics("loss")["step"].to_pylist()) == list(range(500))
