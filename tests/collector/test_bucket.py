@@ -409,7 +409,7 @@ def test_a_finished_run_all_in_the_bucket_leaves_staging_and_late_frames_change_
         points = [peer.send(proto.METRICS, metrics_body(list(range(i, i + 100)))) for i in range(0, 1000, 100)]
         finish = peer.send(proto.FINISH, {"status": "finished", "ended_at": time.time(), "last_step": 999})
         assert not any("rejected" in a for a in peer.wait([hello, *points, finish], 60).values())
-        wait_for(lambda: list(staging.glob("e/*.uploaded")), 120, "the staging folder to be replaced by its tombstone")
+        wait_for(lambda: list(staging.glob("e/*.uploaded")), 60, "the staging folder to be replaced by its tombstone")
         assert [p.name for p in staging.iterdir() if not p.name.startswith(".")] == ["e"]
         (tomb,) = (staging / "e").iterdir()
         assert tomb.is_file() and not list(staging.glob("*/*/")), "no run folder left in staging"
@@ -493,7 +493,7 @@ def test_a_run_closed_by_a_stopped_collector_leaves_staging_after_the_next_start
         (staged,) = staging.glob("e/*/")
         assert (staged / "run.yaml").exists(), "stopped before the run was forgotten: still staged"
         hosts.start("node-a")
-        wait_for(lambda: not staged.exists(), 120, "the staging folder to go after the restart")
+        wait_for(lambda: not staged.exists(), 60, "the staging folder to go after the restart")
         assert (staging / "e" / f"{staged.name}.uploaded").is_file()
     finally:
         peer.close()
