@@ -182,8 +182,12 @@ class Collector:
 
     def _forget_released(self, record: dict[str, Any]) -> None:
         self._released[record["id"]] = str(record.get("location"))
-        windows = record.get("windows") or {}
-        self.senders.seed({}, {str(s): (int(floor), ranges) for s, (floor, ranges) in windows.items()})
+        try:
+            windows = {str(s): (int(floor), [[int(lo), int(hi)] for lo, hi in ranges])
+                       for s, (floor, ranges) in (record.get("windows") or {}).items()}
+        except (TypeError, ValueError, AttributeError):  # a damaged tombstone: resends are refused, not acked
+            return
+        self.senders.seed({}, windows)
 
     def _release_uploaded(self) -> None:
         """Closed runs all in the bucket: their staging folders go (the mirror checks, removes)."""
