@@ -149,23 +149,22 @@ async def test_expman_tui_follows_a_run_that_a_bucket_collector_writes(s3_server
         wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the collector")
         endpoint = yaml.safe_load(ready.read_text())["endpoints"][0]
         exp = expman.start_experiment("mnist", "bucketed", collector=endpoint, code_dir=False)
-        for step in range(PART_ROWS):
-            exp.log_metric("loss", 1.0 / (step + 1), step=step)
+
+        def log(steps: range) -> None:
+            for step in steps:
+                exp.log_metric("loss", 1.0 / (step + 1), step=step)
+
         app = ExpmanApp("s3://collected/team", poll_interval=0.1)
         async with app.run_test(size=(140, 40)) as pilot:
             await until(pilot, lambda: isinstance(app.screen, RunsScreen) and rows(app), 60, "the run in the bucket")
             assert rows(app)[0][3] == "running"
             await pilot.press("enter")
             await until(pilot, lambda: isinstance(app.screen, RunScreen), 30, "the run screen")
-            screen = app.screen
+            screen = app.screen  # open before the run has a key: it must take up "loss" when its first part lands
+            await asyncio.to_thread(log, range(PART_ROWS))
             await until(pilot, lambda: "loss" in screen.series and screen.series["loss"].points == PART_ROWS,
                         60, "the first part's points")
-
-            def more() -> None:
-                for step in range(PART_ROWS, 2 * PART_ROWS):
-                    exp.log_metric("loss", 1.0 / (step + 1), step=step)
-
-            await asyncio.to_thread(more)
+            await asyncio.to_thread(log, range(PART_ROWS, 2 * PART_ROWS))
             await until(pilot, lambda: screen.series["loss"].points == 2 * PART_ROWS, 60, "the second part's points")
             assert screen.series["loss"].last_x == 2 * PART_ROWS - 1
         assert exp.finish()

@@ -273,9 +273,10 @@ class RunScreen(ChartTools, Screen):
             self._slow_final = True
         self.info = snap.info or self.info
         if self.chosen is None:
-            self.chosen = list(snap.request[0])
-            self.query_one(KeyPicker).set_keys(snap.keys or [], self.chosen)
-            self._sync_charts()
+            if snap.request[0] or snap.keys:  # a run with no key yet (its first point not stored) chooses when one comes
+                self.chosen = list(snap.request[0])
+                self.query_one(KeyPicker).set_keys(snap.keys or [], self.chosen)
+                self._sync_charts()
         elif snap.keys is not None:
             self.query_one(KeyPicker).set_keys(snap.keys)
         if snap.series is not None:
