@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(parser.prog, f"cannot create the root {args.root or config.get('root')}: {exc.strerror}", 1)
     socket_mode = args.socket_mode if args.socket_mode is not None else config.get("socket_mode")
     mode = _socket_mode_option(socket_mode) if isinstance(socket_mode, str) else socket_mode
-    collector = _collector(parser, args, config, root, list(binds), shares_hosts=bucket_uri is not None)
+    collector = _collector(parser, args, config, root, list(binds), bucket=bucket_uri is not None)
     if mode is not None:
         apply_socket_mode(collector.endpoints, mode)
     mirror = None
@@ -240,12 +240,12 @@ def _staging_dir(args: argparse.Namespace, config: dict[str, Any], uri: str) -> 
 
 
 def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any], root: Path,
-               binds: list[str], shares_hosts: bool = False) -> Collector:
+               binds: list[str], bucket: bool = False) -> Collector:
     """The Collector the options and config ask for, bound; a bad key file or setting is one line."""
     timeout = args.heartbeat_timeout or config.get("heartbeat_timeout")
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     forget_after = args.forget_after or config.get("forget_after") or (
-        FORGET_UPLOADED_AFTER_S if shares_hosts else FORGET_FINISHED_AFTER_S)
+        FORGET_UPLOADED_AFTER_S if bucket else FORGET_FINISHED_AFTER_S)
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -265,7 +265,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
                               heartbeat_timeout=float(timeout) if timeout else None,
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
-                              hardware_interval=float(hardware_interval), shares_hosts=shares_hosts,
+                              hardware_interval=float(hardware_interval),
                               forget_after=float(forget_after))
     except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
         parser.error(str(exc))

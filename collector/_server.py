@@ -103,11 +103,9 @@ class Collector:
         artifacts: ArtifactSettings | None = None,
         curve: CurveServer | None = None,
         forward_keys: ClientKeys | None = None,
-        shares_hosts: bool = False,
         forget_after: float = FORGET_FINISHED_AFTER_S,
     ) -> None:
         self.root = root
-        self.shares_hosts = shares_hosts  # every run writes hosts/<name>.yaml (runs in a bucket)
         self.forget_after = forget_after
         # A bucket root (attach_mirror): runs closed here whose staging folder goes once they are
         # all in the bucket (run id -> folder), and those already gone (run id -> bucket location).
@@ -536,7 +534,7 @@ class Collector:
                 raise self._uploaded_refusal(frame.run)
             self._releasing.pop(frame.run, None)  # closed, still staged: reopened (released when closed again)
             run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name, self.background)
-            if self.shares_hosts:  # a bucket root: collector/_bucket.py uploads the hosts file
+            if self.mirror is not None:  # a bucket root: collector/_bucket.py uploads the hosts file
                 run.shares_hosts = True
                 run.touch(force=True)
             log.info("run %s started in %s", frame.run, run.dir)

@@ -12,13 +12,17 @@ from typing import Any, Callable
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     """Poll until condition() is truthy; fail the test with `what` after the deadline."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    while not (result := _check(condition, deadline, timeout, what)):
         time.sleep(0.02)
+    return result
+
+
+def _check(condition: Callable[[], object], deadline: float, timeout: float, what: str) -> object:
+    """condition()'s result; AssertionError naming `what` once it is still falsy past the deadline."""
+    result = condition()
+    if not result and time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return result
 
 
 def process_gone(pid: int) -> bool:
@@ -44,20 +48,6 @@ async def until(pilot: Any, condition: Callable[[], object], timeout: float = 10
     """Let a Textual app under the pilot run until condition() is truthy; fail after the
     deadline (a hang, not a speed)."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    while not (result := _check(condition, deadline, timeout, what)):
         await pilot.pause(0.05)
-
-
-def collector_writes_buckets() -> bool:
-    """Whether this checkout's collector takes a bucket root (`--staging-dir` comes with it):
-    tests of what reads such runs skip until it does (issue 17)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "expman.collector", "--help"], capture_output=True, text=True, timeout=60)
-    return "--staging-dir" in out.stdout
+    return result

@@ -21,6 +21,17 @@ from _helpers import wait_for
 
 
 @pytest.fixture
+def key_file(tmp_path, monkeypatch) -> Path:
+    """An artifact master key in a temp folder, named by EXPMAN_KEY_FILE."""
+    from expman._storage.crypto import create_key_file
+
+    path = tmp_path / "keys" / "master.key"
+    create_key_file(path)
+    monkeypatch.setenv("EXPMAN_KEY_FILE", str(path))
+    return path
+
+
+@pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A short temp path: ipc:// socket paths must stay under ~100 characters."""
     path = Path(tempfile.mkdtemp(prefix="em-", dir="/tmp"))

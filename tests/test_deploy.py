@@ -16,7 +16,7 @@ import yaml
 import expman
 from expman.collector._daemon import load_config, parse_socket_mode
 import _launchers
-from _helpers import collector_writes_buckets, wait_for
+from _helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -163,10 +163,6 @@ def test_training_pods_reach_the_bucket_collector_as_they_reach_the_other():
     assert collector["securityContext"]["runAsGroup"] in spec["securityContext"]["supplementalGroups"]
 
 
-needs_bucket_collector = pytest.mark.skipif(not collector_writes_buckets(),
-                                            reason="this collector does not write to buckets yet (issue 17)")
-
-
 def _bucket(s3_server, name: str) -> str:
     fs = s3_server.filesystem()
     if fs.get_file_info(name).type == pafs.FileType.NotFound:
@@ -174,7 +170,6 @@ def _bucket(s3_server, name: str) -> str:
     return name
 
 
-@needs_bucket_collector
 def test_bucket_daemonset_arguments_run_a_collector_that_lands_a_run_in_the_bucket(s3_server, tmp_path, short_dir):
     """The DaemonSet's own arguments (paths moved into temp folders, the bucket moto's),
     on a real collector: a rank pushes to its socket, SIGTERM, and the run is in the bucket."""
@@ -204,7 +199,6 @@ def test_bucket_daemonset_arguments_run_a_collector_that_lands_a_run_in_the_buck
     assert parts and all(p.base_name.endswith(".node-a.parquet") for p in parts), "written under the node's name"
 
 
-@needs_bucket_collector
 def test_slurm_script_with_a_bucket_root_lands_every_rank_in_the_bucket(s3_server, tmp_path, short_dir):
     bucket = _bucket(s3_server, "slurm")
     bin_dir = _launchers.install(tmp_path / "bin", "srun")

@@ -23,14 +23,6 @@ from conftest import start_collector
 CH = proto.ARTIFACT_CHUNK_BYTES
 
 
-@pytest.fixture
-def key_file(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "keys" / "master.key"
-    create_key_file(path)
-    monkeypatch.setenv("EXPMAN_KEY_FILE", str(path))
-    return path
-
-
 def _object_files(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "artifacts" / "objects").rglob("*") if p.is_file())
 

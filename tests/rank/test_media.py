@@ -15,7 +15,6 @@ import pyarrow as pa
 import pytest
 
 import expman
-from expman._storage.crypto import create_key_file
 from _helpers import wait_for
 from conftest import start_collector
 
@@ -67,14 +66,6 @@ def _expected(rank: int) -> dict[str, list]:
         images.append(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
         values.append(rng.normal(size=1000))
     return {"images": images, "values": values}
-
-
-@pytest.fixture
-def key_file(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "keys" / "master.key"
-    create_key_file(path)
-    monkeypatch.setenv("EXPMAN_KEY_FILE", str(path))
-    return path
 
 
 @pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])

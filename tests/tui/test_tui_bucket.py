@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _helpers import collector_writes_buckets, run_async, until, wait_for
+from _helpers import run_async, until, wait_for
 from _tui_runs import private_tui_state  # noqa: F401 (autouse)
 
 import expman
@@ -134,7 +134,6 @@ async def test_expman_tui_opens_a_run_in_a_bucket_and_shows_parts_as_they_arrive
                     30, "the chart's title to follow")
 
 
-@pytest.mark.skipif(not collector_writes_buckets(), reason="this collector does not write to buckets yet (issue 17)")
 @run_async
 async def test_expman_tui_follows_a_run_that_a_bucket_collector_writes(s3_server, tmp_path, short_dir):
     """No copying by hand: `expman-collector --root s3://...` uploads the run, and the app follows it."""
