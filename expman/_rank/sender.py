@@ -426,7 +426,8 @@ class Sender:
 
         for start in range(0, max(n, 1), step_width):
             used_texts, texts = texts, []
-            points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
+            numbers = min(n - start, step_width) // columns.POINT_STRIDE
+            points = numbers + len(used_texts)
             seq = self._next_seq  # the frame's, unless it is dropped
             try:
                 body, _count, last_step = columns.pack(buf, start, min(n, start + step_width), run.key_names,
@@ -437,7 +438,7 @@ class Sender:
             except Exception:  # a bug must cost this batch, loudly, never the thread
                 self._counters[id(run)].dropped += points
                 log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
-            run.framed(seq if self._next_seq > seq else None, min(n - start, step_width) // columns.POINT_STRIDE)
+            run.framed(seq if self._next_seq > seq else None, numbers)
         # Off the list, a frame's worth at a time from the back of what was taken: each del
         # moves only what the hot path appended meanwhile, and frees at most one frame's
         # items, so no single C call holds the GIL long (between them the training thread
