@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from expman._storage.key_index import KeyIndex, Span, read_index, spans
+from expman._storage.key_index import KeyIndex, read_index, spans
 from expman._storage.layout import HOST, KEY, METRIC_COLUMNS, RANK, STEP, TEXT, VALUE, metrics_schema
 
 if TYPE_CHECKING:
@@ -184,18 +184,21 @@ class Scan:
 
     # --- parts with a key index -------------------------------------------------------------
     def _indexed(self, file: pq.ParquetFile, index: KeyIndex) -> Iterator[pa.RecordBatch]:
+        """One batch per row group: a group is decoded once however many keys it holds, and a
+        run of 100,000 keys is 13 batches, not 100,000 (each would hold the dictionary so far)."""
         wanted = index if self.query.keys is None else {k: index[k] for k in self.query.keys if k in index}
-        ranges = sorted((first, rows, key) for key, (first, rows) in wanted.items())
-        last: tuple[int, pa.Table, dict] | None = None  # a row group shared by two keys is decoded once
-        for first, rows, key in ranges:
-            for span in spans(file.metadata, [(first, rows)]):
-                if not self._may_match(file.metadata.row_group(span.group)):
-                    continue
-                if last is None or last[0] != span.group:
-                    fixed = _constant_columns(file.metadata.row_group(span.group), self._read)
-                    columns = [c for c in self._read if c not in fixed]
-                    last = (span.group, file.read_row_group(span.group, columns=columns, use_threads=True), fixed)
-                yield from self._finish(_slice(last[1], span), key, last[2])
+        ranges = sorted((first, rows, key) for key, (first, rows) in wanted.items() if rows > 0)
+        for group, pieces in _pieces_by_group(file.metadata, ranges):
+            meta = file.metadata.row_group(group)
+            if not self._may_match(meta):
+                continue
+            fixed = _constant_columns(meta, self._read)
+            table = file.read_row_group(group, columns=[c for c in self._read if c not in fixed], use_threads=True)
+            if len(pieces) == 1:
+                start, stop, key = pieces[0]
+                yield from self._finish(_slice(table, start, stop), key, fixed)
+            else:
+                yield from self._finish(_with_keys(table, pieces), None, fixed, keys_checked=True)
 
     # --- parts without one, and the write-ahead tail -------------------------------------------
     def _unindexed(self, file: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
@@ -226,15 +229,16 @@ class Scan:
         return True
 
     def _finish(self, table: pa.Table | pa.RecordBatch, key: str | None,
-                fixed: dict[str, str | None] | None = None) -> Iterator[pa.RecordBatch]:
+                fixed: dict[str, str | None] | None = None, keys_checked: bool = False) -> Iterator[pa.RecordBatch]:
         """Filter rows, re-code dictionaries, put columns in order: one output batch. `key`:
-        the rows' one key (not read); `fixed`: columns with one value in these rows (not read)."""
+        the rows' one key (not read); `fixed`: columns with one value in these rows (not read);
+        `keys_checked`: the rows are of asked keys only (found through the key index)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         query = self.query
         masks = []
-        if key is None and query.keys is not None:
+        if key is None and query.keys is not None and not keys_checked:
             masks.append(pc.is_in(table.column(KEY), pa.array(query.keys, pa.string())))
         if query.ranks is not None:
             masks.append(pc.is_in(table.column(RANK), pa.array(query.ranks, pa.int32())))
@@ -274,13 +278,53 @@ class Scan:
         yield pa.RecordBatch.from_arrays(out, schema=self.schema)
 
 
-def _slice(table: pa.Table, span: Span) -> pa.Table:
-    """The span's rows; copied out when they are a small share of the group, so the rest of
+def _pieces_by_group(metadata: pq.FileMetaData,
+                     ranges: list[tuple[int, int, str]]) -> Iterator[tuple[int, list[tuple[int, int, str]]]]:
+    """Sorted (first row, rows, key) ranges cut at row-group bounds: each group in file order
+    with its (start, stop, key) pieces, positions within the group."""
+    bounds = np.cumsum([0] + [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]).tolist()
+    current, pieces = -1, []
+    group = 0
+    for first, rows, key in ranges:
+        stop = first + rows
+        while bounds[group + 1] <= first:
+            group += 1
+        at = group
+        while at < metadata.num_row_groups and bounds[at] < stop:
+            if at != current:
+                if pieces:
+                    yield current, pieces
+                current, pieces = at, []
+            pieces.append((max(first, bounds[at]) - bounds[at], min(stop, bounds[at + 1]) - bounds[at], key))
+            at += 1
+    if pieces:
+        yield current, pieces
+
+
+def _slice(table: pa.Table, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop); copied out when they are a small share of the group, so the rest of
     the decoded group can be freed."""
-    piece = table.slice(span.start, span.stop - span.start)
+    piece = table.slice(start, stop - start)
     if piece.num_rows < _COMPACT * table.num_rows:
         piece = piece.take(np.arange(piece.num_rows))
     return piece
+
+
+def _with_keys(table: pa.Table, pieces: list[tuple[int, int, str]]) -> pa.Table:
+    """The pieces' rows of a row group holding several keys, with their `key` column made from
+    the key index (the column itself is not decoded)."""
+    import pyarrow as pa
+
+    starts = np.array([p[0] for p in pieces])
+    stops = np.array([p[1] for p in pieces])
+    lengths = stops - starts
+    keys = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(pieces), dtype=np.int32), lengths)),
+                                          pa.array([p[2] for p in pieces], pa.string()))
+    if (starts[1:] != stops[:-1]).any():  # some keys between them were not asked for
+        table = table.take(np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]))
+    else:
+        table = _slice(table, int(starts[0]), int(stops[-1]))
+    return table.append_column(KEY, keys)
 
 
 def _constant_columns(group: pq.RowGroupMetaData, columns: list[str]) -> dict[str, str | None]:

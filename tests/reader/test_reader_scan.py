@@ -204,3 +204,34 @@ def test_parts_from_before_the_key_index_still_read(tmp_path):
                    pc.is_in(full["rank"], pa.array([0, 2], pa.int32())))
     mask = pc.and_(mask, pc.and_(pc.greater_equal(full["step"], 5), pc.less_equal(full["step"], 44)))
     assert plain(got) == plain(full.filter(mask)) and got.num_rows > 0
+
+
+def test_a_run_of_many_keys_reads_whole_row_groups(tmp_path):
+    """20,000 keys, each a few rows: row groups hold thousands of keys. Every point comes back
+    once with its key, a scattered subset of keys equals the full read filtered, and the
+    lazy form gives a batch per row group, not one per key (each batch holds the key
+    dictionary so far, so a batch per key took memory quadratic in the keys)."""
+    run_dir = tmp_path / "exp" / "wide"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.yaml").write_text("id: w\nname: wide\nstatus: running\n")
+    names = {i: f"layer{i:05d}/norm" for i in range(20_000)}
+    store = MetricsStore(run_dir, "node1")
+    for seq, step in enumerate(range(3)):
+        ids = array("i", names)
+        body = columns.metrics_body(names, ids.tobytes(), array("d", (i + step / 10 for i in names)).tobytes(),
+                                    array("q", [step] * len(names)).tobytes(), None, None)
+        raw = proto.encode_frame("metrics", run="w", host="h0", rank=0, sender="s0", seq=seq,
+                                 sent_at=1_700_000_000.0 + seq, body=body)
+        decoded = proto.decode_frame(raw)
+        store.add(raw, frame_table(decoded), decoded.sender, decoded.seq)
+        store.sync()
+        store.flush()
+    run = expman.open_run(run_dir)
+    full = run.metrics()
+    got = sorted(zip(full["key"].cast(pa.string()).to_pylist(), full["step"].to_pylist(), full["value"].to_pylist()))
+    assert got == sorted((names[i], step, i + step / 10) for i in names for step in range(3))
+    wanted = [names[i] for i in (3, 4, 777, 12_345, 19_999)]
+    subset = run.metrics(wanted)
+    assert plain(subset) == plain(full.filter(pc.is_in(full["key"].cast(pa.string()), pa.array(wanted))))
+    groups = sum(pq.ParquetFile(p.path).metadata.num_row_groups for p in list_parts(run_dir / "metrics"))
+    assert 1 < groups < 100 and len(list(run.iter_metrics())) <= groups
