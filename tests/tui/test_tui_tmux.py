@@ -41,30 +41,30 @@ def test_expman_tui_in_tmux(tmp_path, session):
     def screen() -> str:
         return tmux("capture-pane", "-p", "-t", session)
 
-    wait_for(lambda: "baseline-aaaa0001" in screen(), 30, "the runs list in tmux")
+    wait_for(lambda: "baseline-aaaa0001" in screen(), 60, "the runs list in tmux")
     assert "wide-aaaa0002" in screen() and "running" in screen()
     tmux("send-keys", "-t", session, "Down", "Enter")
-    wait_for(lambda: "1 Charts" in screen() and "last" in screen(), 20, "the run screen with a chart")
+    wait_for(lambda: "1 Charts" in screen() and "last" in screen(), 60, "the run screen with a chart")
     assert "mnist/baseline-aaaa0001" in screen() and "┤" in screen()
     tmux("send-keys", "-t", session, "?")
-    wait_for(lambda: "closes this" in screen(), 10, "the help screen")
+    wait_for(lambda: "closes this" in screen(), 60, "the help screen")
     tmux("send-keys", "-t", session, "Escape")
-    wait_for(lambda: "closes this" not in screen(), 10, "help closed")
+    wait_for(lambda: "closes this" not in screen(), 60, "help closed")
     # Chart tools in a real terminal: s and l are remembered for the experiment, + zooms x to its second half.
     state = tmp_path / "state" / "expman" / "tui.yaml"
     tmux("send-keys", "-t", session, "s", "l", "+")
     wait_for(lambda: state.exists() and "log_y: true" in state.read_text() and "smoothing: 0.6" in state.read_text(),
-             10, "smoothing and log y remembered")
+             60, "smoothing and log y remembered")
     wait_for(lambda: any(line.split()[-3:] == ["50", "100", "149"] for line in screen().splitlines() if line.strip()),
-             10, "the x axis zoomed to steps 50-149")
+             60, "the x axis zoomed to steps 50-149")
     tmux("send-keys", "-t", session, "0")
     wait_for(lambda: any(line.split()[-3:] == ["0", "100", "199"] for line in screen().splitlines() if line.strip()),
-             10, "zoom reset")
+             60, "zoom reset")
     # A failed run: its exception under the header.
     tmux("send-keys", "-t", session, "Escape", "Down", "Enter")
-    wait_for(lambda: "ZeroDivisionError: division by zero" in screen(), 20, "the failed run's exception")
+    wait_for(lambda: "ZeroDivisionError: division by zero" in screen(), 60, "the failed run's exception")
     tmux("send-keys", "-t", session, "Escape")
-    wait_for(lambda: "baseline-aaaa0001" in screen(), 10, "back on the runs list")
+    wait_for(lambda: "baseline-aaaa0001" in screen(), 60, "back on the runs list")
     started = time.monotonic()
     tmux("send-keys", "-t", session, "q")
     wait_for(done.exists, 30, "expman-tui to exit")
