@@ -300,6 +300,40 @@ finally:
     prof.disable()
     prof.dump_stats(out)
 """
+TRACE_DIR: Path | None = None  # --trace-collectors: a collector's memory and backlog every 10 ms, to a CSV
+_TRACED_COLLECTOR = """
+import gc, runpy, sys, threading, time, weakref
+import pyarrow as pa
+from expman.collector import _background, _metrics_store
+out, sys.argv = sys.argv[1], ["expman.collector", *sys.argv[2:]]
+pools, stores = weakref.WeakSet(), weakref.WeakSet()
+init_pool, init_store = _background.Background.__init__, _metrics_store.MetricsStore.__init__
+def pool(self, *a, **k):
+    init_pool(self, *a, **k)
+    pools.add(self)
+def store(self, *a, **k):
+    init_store(self, *a, **k)
+    stores.add(self)
+_background.Background.__init__, _metrics_store.MetricsStore.__init__ = pool, store
+def sample():
+    with open(out, "w") as fh:
+        fh.write("t_s,rss_mb,arrow_mb,queued_jobs,pending_rows,pending_frames\\n")
+        start = time.monotonic()
+        while True:
+            with open("/proc/self/statm") as st:
+                rss = int(st.read().split()[1]) * 4096 / 1e6
+            jobs = sum(len(q) for b in list(pools) for q in list(b._queues.values()))
+            rows = sum(s.pending_rows for s in list(stores))
+            frames = sum(s.pending_frames for s in list(stores))
+            fh.write(f"{time.monotonic() - start:.3f},{rss:.1f},{pa.total_allocated_bytes() / 1e6:.1f},{jobs},{rows},{frames}\\n")
+            fh.flush()
+            time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+try:
+    runpy.run_module("expman.collector", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+"""
 
 
 def start_collector(role: str, host: Host, args: list[str], work: Path, procs: list[Any], tag: str = "") -> Collector:
@@ -307,7 +341,8 @@ def start_collector(role: str, host: Host, args: list[str], work: Path, procs: l
 
     ready, log = work / f"{role}.ready", work / f"{role}.log"
     # Under --profile-collectors: cProfile with a CPU-time clock (waiting for a core is not counted).
-    run = ["-c", _PROFILED_COLLECTOR, str(PROFILE_DIR / f"{tag}{role}.prof")] if PROFILE_DIR else ["-m", "expman.collector"]
+    run = ["-c", _PROFILED_COLLECTOR, str(PROFILE_DIR / f"{tag}{role}.prof")] if PROFILE_DIR else \
+        ["-c", _TRACED_COLLECTOR, str(TRACE_DIR / f"{tag}{role}.csv")] if TRACE_DIR else ["-m", "expman.collector"]
     proc = subprocess.Popen([*host.prefix, c.PYTHON, *run, "--ready-file", str(ready),
                              "--log-level", "INFO", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -674,8 +709,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", type=int, default=500_000, help="points per rank (default 500000)")
     p.add_argument("--profile-collectors", metavar="DIR",
                    help="run the collectors under cProfile, write DIR/<setup>-<loop>-<role>.prof, print the top functions")
+    p.add_argument("--trace-collectors", metavar="DIR",
+                   help="sample each collector's RSS, Arrow memory and backlog every 10 ms into DIR/<setup>-<loop>-<role>.csv")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.trace_collectors:
+        global TRACE_DIR
+        TRACE_DIR = Path(args.trace_collectors).resolve()
+        TRACE_DIR.mkdir(parents=True, exist_ok=True)
     if args.profile_collectors:
         global PROFILE_DIR
         PROFILE_DIR = Path(args.profile_collectors).resolve()
