@@ -302,31 +302,44 @@ finally:
 """
 TRACE_DIR: Path | None = None  # --trace-collectors: a collector's memory and backlog every 10 ms, to a CSV
 _TRACED_COLLECTOR = """
-import gc, runpy, sys, threading, time, weakref
+import runpy, sys, threading, time, weakref
 import pyarrow as pa
-from expman.collector import _background, _metrics_store
+from expman.collector import _background, _metrics_store, _server
 out, sys.argv = sys.argv[1], ["expman.collector", *sys.argv[2:]]
-pools, stores = weakref.WeakSet(), weakref.WeakSet()
+pools, stores, turns = weakref.WeakSet(), weakref.WeakSet(), []
 init_pool, init_store = _background.Background.__init__, _metrics_store.MetricsStore.__init__
+turn, durable = _server.Collector._turn, _server.Collector._make_durable
 def pool(self, *a, **k):
     init_pool(self, *a, **k)
     pools.add(self)
 def store(self, *a, **k):
     init_store(self, *a, **k)
     stores.add(self)
+def timed_turn(self):
+    start = time.monotonic()
+    turn(self)
+    turns.append((start, time.monotonic() - start, self._last_turn_bytes, self._durable_s))
+def timed_durable(self, t):
+    start = time.monotonic()
+    durable(self, t)
+    self._durable_s = time.monotonic() - start
 _background.Background.__init__, _metrics_store.MetricsStore.__init__ = pool, store
+_server.Collector._turn, _server.Collector._make_durable = timed_turn, timed_durable
+begin = time.monotonic()
 def sample():
     with open(out, "w") as fh:
         fh.write("t_s,rss_mb,arrow_mb,queued_jobs,pending_rows,pending_frames\\n")
-        start = time.monotonic()
         while True:
             with open("/proc/self/statm") as st:
                 rss = int(st.read().split()[1]) * 4096 / 1e6
             jobs = sum(len(q) for b in list(pools) for q in list(b._queues.values()))
             rows = sum(s.pending_rows for s in list(stores))
             frames = sum(s.pending_frames for s in list(stores))
-            fh.write(f"{time.monotonic() - start:.3f},{rss:.1f},{pa.total_allocated_bytes() / 1e6:.1f},{jobs},{rows},{frames}\\n")
+            fh.write(f"{time.monotonic() - begin:.3f},{rss:.1f},{pa.total_allocated_bytes() / 1e6:.1f},{jobs},{rows},{frames}\\n")
             fh.flush()
+            with open(out + ".turns", "w") as tf:
+                tf.write("start_s,turn_s,bytes,durable_s\\n")
+                tf.writelines(f"{s - begin:.3f},{d:.4f},{b},{c:.4f}\\n" for s, d, b, c in list(turns) if b)
             time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
 try:
