@@ -288,9 +288,22 @@ class Collector:
 
 PROFILE_DIR: Path | None = None  # --profile-collectors: run the collectors under cProfile
 _PROFILED_COLLECTOR = """
-import cProfile, runpy, sys, time
+import cProfile, pstats, runpy, sys, threading, time
+from expman.collector import _background
 out, sys.argv = sys.argv[1], ["expman.collector", *sys.argv[2:]]
-prof = cProfile.Profile(time.process_time)
+# Each thread's own CPU clock: the receive loop's profile, and one for the background
+# threads' jobs (parts, merges), so neither is charged for the other's work.
+jobs, drain = [], _background.Background._drain
+def profiled_drain(self, owner):
+    prof = cProfile.Profile(time.thread_time)
+    jobs.append(prof)
+    prof.enable()
+    try:
+        drain(self, owner)
+    finally:
+        prof.disable()
+_background.Background._drain = profiled_drain
+prof = cProfile.Profile(time.thread_time)
 prof.enable()
 try:
     runpy.run_module("expman.collector", run_name="__main__", alter_sys=True)
@@ -299,6 +312,8 @@ except SystemExit:
 finally:
     prof.disable()
     prof.dump_stats(out)
+    if jobs:
+        pstats.Stats(*jobs).dump_stats(out[:-len(".prof")] + ".background.prof")
 """
 TRACE_DIR: Path | None = None  # --trace-collectors: a collector's memory and backlog every 10 ms, to a CSV
 _TRACED_COLLECTOR = """
@@ -682,7 +697,9 @@ def print_profiles(setup: str, mode: str) -> None:
     import pstats
 
     for prof in sorted(PROFILE_DIR.glob(f"{setup}-{mode}-*.prof")):
-        print(f"   -- {prof.name}: top functions by own CPU time (the collector's whole life, start-up and final merge included)")
+        what = "background jobs (parts, merges)" if prof.name.endswith(".background.prof") else "receive loop thread"
+        print(f"   -- {prof.name}: {what}, top functions by own CPU time (the collector's whole life, start-up and final "
+              f"merge included)")
         stats = pstats.Stats(str(prof))
         stats.sort_stats("tottime")
         _, items = stats.get_print_list([14])

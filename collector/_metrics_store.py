@@ -290,7 +290,7 @@ class MetricsStore:
         self.rows_written = 0  # by the background: rows put in fresh parts
         self._part_rows: dict[Path, int] = {}  # rows of the parts this store wrote (next_merge asks)
         # Two queues in the background: parts written in order (a finish waits for these
-        # only), and merges, which never hold a write up; one merge at a time.
+        # only), and merges (low priority), which never hold a write up; one merge at a time.
         self._writes, self._merges = (self, "writes"), (self, "merges")
         self._merging = threading.Lock()
         self.compacted = False  # every part merged into one since the last frame (finish)
@@ -406,7 +406,7 @@ class MetricsStore:
         if written is not None:
             self.background.submit(self._writes, written.set)
         if batch is not None:
-            self.background.submit(self._merges, self._merge_due)
+            self.background.submit(self._merges, self._merge_due, low_priority=True)
 
     def _merge_due(self) -> None:
         """Merge what is due (collector/_parts.py next_merge)."""
@@ -460,7 +460,9 @@ class MetricsStore:
         """Flush, then merge every part into one (at finish), in the background."""
         self.flush()
         self.compacted = True
-        self.background.submit(self._writes, self._merge_all)  # after every write handed over so far
+        # After every write handed over so far, as a merge (low priority: nothing waits for it).
+        self.background.submit(self._writes, lambda: self.background.submit(self._merges, self._merge_all,
+                                                                              low_priority=True))
 
     def _merge_all(self) -> None:
         with self._merging:

@@ -106,3 +106,27 @@ def test_merges_take_neighbours_and_leave_settled_parts_until_finish():
     assert next_merge(big, lambda p: rows[p.path]) == (big, 2)  # small: folded together
     rows[big[3].path] = SETTLED_ROWS  # a settled part in the middle: its neighbours may not merge across it
     assert next_merge(big, lambda p: rows[p.path]) is None
+
+
+def test_merges_run_at_a_lower_cpu_priority_than_part_writes():
+    """Low-priority owners (a store's merges) run on threads with a higher nice value, in order."""
+    import os
+    import threading
+
+    from expman.collector._background import LOW_NICE, Background
+
+    nice: dict[str, list[int]] = {"writes": [], "merges": []}
+
+    def job(kind: str):  # noqa: ANN202
+        return lambda: nice[kind].append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    background = Background()
+    try:
+        for _ in range(3):
+            background.submit("writes", job("writes"))
+            background.submit("merges", job("merges"), low_priority=True)
+        assert background.wait("writes", 30) and background.wait("merges", 30)
+    finally:
+        background.close()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice == {"writes": [base] * 3, "merges": [min(base + LOW_NICE, 19)] * 3}
