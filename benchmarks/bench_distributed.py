@@ -555,6 +555,11 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         out["run_hosts"] = sorted(run.info.get("hosts") or [])
         out["run_ranks_finished"] = sum(1 for v in (run.info.get("ranks") or {}).values() if v.get("status") == "finished")
 
+        # The run's parts merged into one (its WAL folder goes only then): the collector's
+        # peak with that final merge, which runs after the last finish() is answered.
+        out["merged_at_end"] = c.wait_until(lambda: not (Path(run_dir) / ".wal").exists(), 120, 0.05)
+        for col in collectors:
+            col.counters["hwm_end_mb"] = c.hwm_bytes(col.pid) / 2**20
         for col in reversed(collectors):  # relay first, so it does not resend into a stopped head
             code = c.stop_process(col.proc)
             col.counters.update(collector_counters(col.log), exit_code=code)
@@ -662,7 +667,9 @@ def print_case(r: dict[str, Any]) -> None:
         if f.get("frames") is not None:
             extra = (f"; frames {f.get('frames', 0):,}, points {f.get('points', 0):,}, duplicates {f.get('duplicates', 0)}, "
                      f"relay-busy {f.get('relay-busy', 0)}, rejected {sum((f.get('rejected') or {}).values())}")
-        print(f"   {collector_label(role)}: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB), peak sampled "
+        print(f"   {collector_label(role)}: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB; "
+              f"{f.get('hwm_end_mb', 0):.0f} MB once the run was merged into one part"
+              f"{'' if r.get('merged_at_end') else ', not done in 120 s'}), peak sampled "
               f"{f['peak_sampled_mb']:.0f} MB ({f['samples']} samples, peak at +{f['peak_at_s']:.1f} s; last finish at "
               f"+{r['last_finish_s']:.1f} s), CPU {f['cpu_s']:.2f} s{extra}; exit {f.get('exit_code')}")
     busy = r["ranks_cpu_s"] + r["collectors_cpu_s"]

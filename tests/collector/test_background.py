@@ -130,3 +130,19 @@ def test_merges_run_at_a_lower_cpu_priority_than_part_writes():
         background.close()
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert nice == {"writes": [base] * 3, "merges": [min(base + LOW_NICE, 19)] * 3}
+
+
+def test_the_collector_allocates_arrow_memory_from_the_c_heap():
+    """Its freed pages go back to the OS after each background job (malloc_trim); an explicit
+    ARROW_DEFAULT_MEMORY_POOL still wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import expman.collector, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip() == "system"
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip() == "mimalloc"
