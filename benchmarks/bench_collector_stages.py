@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("Parquet", part_points, write_parts)
         cpu["Arrow"] = arrow_s / part_points * 1e9
         cpu["Parquet"] -= cpu["Arrow"]
-        tables = [pa.concat_tables(_keyed_rows(list(g)).groups) for g in groups]
+        tables = [pa.concat_tables(_keyed_rows(list(g)).groups).combine_chunks() for g in groups]  # as a merge reads them
         timed("summary", part_points, lambda: [summary.summarize(t) for t in tables])
         timed("merge", part_points, lambda: merge_parts(parts, 1, _SCHEMA, summarize=True, by_key=True, **_ENCODING))
         pa.default_memory_pool().release_unused()
