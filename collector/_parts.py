@@ -62,21 +62,29 @@ def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> 
 
 
 class _Stream:
-    """One input of a by-key merge, read front to back in small batches."""
+    """One input of a by-key merge, read front to back in small batches; its reader is let
+    go once its last row is taken (a merge of many parts would otherwise keep every
+    finished input's buffers until it ends: ~5 MB each)."""
 
     def __init__(self, file: pq.ParquetFile) -> None:
-        self._batches = file.iter_batches(batch_size=STREAM_BATCH)
+        self._batches: Iterator[pa.RecordBatch] | None = file.iter_batches(batch_size=STREAM_BATCH)
         self._head: pa.RecordBatch | None = None
+        self._left = file.metadata.num_rows
 
     def take(self, rows: int) -> list[pa.RecordBatch]:
         out = []
         while rows > 0:
             if self._head is None or self._head.num_rows == 0:
+                assert self._batches is not None
                 self._head = next(self._batches)
             piece = self._head.slice(0, rows)
             self._head = self._head.slice(piece.num_rows)
             out.append(piece)
             rows -= piece.num_rows
+            self._left -= piece.num_rows
+        if self._left <= 0 and self._batches is not None:
+            self._batches.close()  # type: ignore[attr-defined]
+            self._batches = self._head = None
         return out
 
 

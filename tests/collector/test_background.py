@@ -146,3 +146,19 @@ def test_the_collector_allocates_arrow_memory_from_the_c_heap():
     env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True, timeout=60).stdout.strip() == "mimalloc"
+
+
+def test_a_merge_lets_each_input_go_once_its_rows_are_taken(tmp_path):
+    """A merge of many parts holds the readers of the inputs it is still reading only."""
+    import pyarrow as pa
+
+    from expman.collector._parts import STREAM_BATCH, _Stream
+
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"x": list(range(STREAM_BATCH + 5))}), path)
+    stream = _Stream(pq.ParquetFile(path))
+    got = stream.take(STREAM_BATCH)
+    assert stream._batches is not None  # rows left: still reading
+    got += stream.take(5)
+    assert stream._batches is None and stream._head is None
+    assert pa.Table.from_batches(got).column("x").to_pylist() == list(range(STREAM_BATCH + 5))
