@@ -288,9 +288,22 @@ class Collector:
 
 PROFILE_DIR: Path | None = None  # --profile-collectors: run the collectors under cProfile
 _PROFILED_COLLECTOR = """
-import cProfile, runpy, sys, time
+import cProfile, pstats, runpy, sys, threading, time
+from expman.collector import _background
 out, sys.argv = sys.argv[1], ["expman.collector", *sys.argv[2:]]
-prof = cProfile.Profile(time.process_time)
+# Each thread's own CPU clock: the receive loop's profile, and one for the background
+# threads' jobs (parts, merges), so neither is charged for the other's work.
+jobs, drain = [], _background.Background._drain
+def profiled_drain(self, owner):
+    prof = cProfile.Profile(time.thread_time)
+    jobs.append(prof)
+    prof.enable()
+    try:
+        drain(self, owner)
+    finally:
+        prof.disable()
+_background.Background._drain = profiled_drain
+prof = cProfile.Profile(time.thread_time)
 prof.enable()
 try:
     runpy.run_module("expman.collector", run_name="__main__", alter_sys=True)
@@ -299,6 +312,55 @@ except SystemExit:
 finally:
     prof.disable()
     prof.dump_stats(out)
+    if jobs:
+        pstats.Stats(*jobs).dump_stats(out[:-len(".prof")] + ".background.prof")
+"""
+TRACE_DIR: Path | None = None  # --trace-collectors: a collector's memory and backlog every 10 ms, to a CSV
+_TRACED_COLLECTOR = """
+import runpy, sys, threading, time, weakref
+import pyarrow as pa
+from expman.collector import _background, _metrics_store, _server
+out, sys.argv = sys.argv[1], ["expman.collector", *sys.argv[2:]]
+pools, stores, turns = weakref.WeakSet(), weakref.WeakSet(), []
+init_pool, init_store = _background.Background.__init__, _metrics_store.MetricsStore.__init__
+turn, durable = _server.Collector._turn, _server.Collector._make_durable
+def pool(self, *a, **k):
+    init_pool(self, *a, **k)
+    pools.add(self)
+def store(self, *a, **k):
+    init_store(self, *a, **k)
+    stores.add(self)
+def timed_turn(self):
+    start = time.monotonic()
+    turn(self)
+    turns.append((start, time.monotonic() - start, self._last_turn_bytes, self._durable_s))
+def timed_durable(self, t):
+    start = time.monotonic()
+    durable(self, t)
+    self._durable_s = time.monotonic() - start
+_background.Background.__init__, _metrics_store.MetricsStore.__init__ = pool, store
+_server.Collector._turn, _server.Collector._make_durable = timed_turn, timed_durable
+begin = time.monotonic()
+def sample():
+    with open(out, "w") as fh:
+        fh.write("t_s,rss_mb,arrow_mb,queued_jobs,pending_rows,pending_frames\\n")
+        while True:
+            with open("/proc/self/statm") as st:
+                rss = int(st.read().split()[1]) * 4096 / 1e6
+            jobs = sum(len(q) for b in list(pools) for q in list(b._queues.values()))
+            rows = sum(s.pending_rows for s in list(stores))
+            frames = sum(s.pending_frames for s in list(stores))
+            fh.write(f"{time.monotonic() - begin:.3f},{rss:.1f},{pa.total_allocated_bytes() / 1e6:.1f},{jobs},{rows},{frames}\\n")
+            fh.flush()
+            with open(out + ".turns", "w") as tf:
+                tf.write("start_s,turn_s,bytes,durable_s\\n")
+                tf.writelines(f"{s - begin:.3f},{d:.4f},{b},{c:.4f}\\n" for s, d, b, c in list(turns) if b)
+            time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+try:
+    runpy.run_module("expman.collector", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
 """
 
 
@@ -307,7 +369,8 @@ def start_collector(role: str, host: Host, args: list[str], work: Path, procs: l
 
     ready, log = work / f"{role}.ready", work / f"{role}.log"
     # Under --profile-collectors: cProfile with a CPU-time clock (waiting for a core is not counted).
-    run = ["-c", _PROFILED_COLLECTOR, str(PROFILE_DIR / f"{tag}{role}.prof")] if PROFILE_DIR else ["-m", "expman.collector"]
+    run = ["-c", _PROFILED_COLLECTOR, str(PROFILE_DIR / f"{tag}{role}.prof")] if PROFILE_DIR else \
+        ["-c", _TRACED_COLLECTOR, str(TRACE_DIR / f"{tag}{role}.csv")] if TRACE_DIR else ["-m", "expman.collector"]
     proc = subprocess.Popen([*host.prefix, c.PYTHON, *run, "--ready-file", str(ready),
                              "--log-level", "INFO", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -492,6 +555,11 @@ def run_case(setup: str, mode: str, ranks: int, points: int, cleanup: list[Any])
         out["run_hosts"] = sorted(run.info.get("hosts") or [])
         out["run_ranks_finished"] = sum(1 for v in (run.info.get("ranks") or {}).values() if v.get("status") == "finished")
 
+        # The run's parts merged into one (its WAL folder goes only then): the collector's
+        # peak with that final merge, which runs after the last finish() is answered.
+        out["merged_at_end"] = c.wait_until(lambda: not (Path(run_dir) / ".wal").exists(), 120, 0.05)
+        for col in collectors:
+            col.counters["hwm_end_mb"] = c.hwm_bytes(col.pid) / 2**20
         for col in reversed(collectors):  # relay first, so it does not resend into a stopped head
             code = c.stop_process(col.proc)
             col.counters.update(collector_counters(col.log), exit_code=code)
@@ -599,7 +667,9 @@ def print_case(r: dict[str, Any]) -> None:
         if f.get("frames") is not None:
             extra = (f"; frames {f.get('frames', 0):,}, points {f.get('points', 0):,}, duplicates {f.get('duplicates', 0)}, "
                      f"relay-busy {f.get('relay-busy', 0)}, rejected {sum((f.get('rejected') or {}).values())}")
-        print(f"   {collector_label(role)}: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB), peak sampled "
+        print(f"   {collector_label(role)}: VmHWM {f['hwm_mb']:.0f} MB (idle {f['hwm_idle_mb']:.0f} MB; "
+              f"{f.get('hwm_end_mb', 0):.0f} MB once the run was merged into one part"
+              f"{'' if r.get('merged_at_end') else ', not done in 120 s'}), peak sampled "
               f"{f['peak_sampled_mb']:.0f} MB ({f['samples']} samples, peak at +{f['peak_at_s']:.1f} s; last finish at "
               f"+{r['last_finish_s']:.1f} s), CPU {f['cpu_s']:.2f} s{extra}; exit {f.get('exit_code')}")
     busy = r["ranks_cpu_s"] + r["collectors_cpu_s"]
@@ -634,7 +704,9 @@ def print_profiles(setup: str, mode: str) -> None:
     import pstats
 
     for prof in sorted(PROFILE_DIR.glob(f"{setup}-{mode}-*.prof")):
-        print(f"   -- {prof.name}: top functions by own CPU time (the collector's whole life, start-up and final merge included)")
+        what = "background jobs (parts, merges)" if prof.name.endswith(".background.prof") else "receive loop thread"
+        print(f"   -- {prof.name}: {what}, top functions by own CPU time (the collector's whole life, start-up and final "
+              f"merge included)")
         stats = pstats.Stats(str(prof))
         stats.sort_stats("tottime")
         _, items = stats.get_print_list([14])
@@ -674,8 +746,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", type=int, default=500_000, help="points per rank (default 500000)")
     p.add_argument("--profile-collectors", metavar="DIR",
                    help="run the collectors under cProfile, write DIR/<setup>-<loop>-<role>.prof, print the top functions")
+    p.add_argument("--trace-collectors", metavar="DIR",
+                   help="sample each collector's RSS, Arrow memory and backlog every 10 ms into DIR/<setup>-<loop>-<role>.csv")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.trace_collectors:
+        global TRACE_DIR
+        TRACE_DIR = Path(args.trace_collectors).resolve()
+        TRACE_DIR.mkdir(parents=True, exist_ok=True)
     if args.profile_collectors:
         global PROFILE_DIR
         PROFILE_DIR = Path(args.profile_collectors).resolve()

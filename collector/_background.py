@@ -8,7 +8,10 @@ the GIL for the bulk of it, so the loop keeps its core.
 
 Each owner (a run's metrics store has two: its part writes, its merges) gets its jobs
 run one at a time and in order (parts are written in segment order), on a few threads
-shared by every owner, so one wide run finishing never holds up another run's parts. A job that fails (a full disk)
+shared by every owner, so one wide run finishing never holds up another run's parts.
+Owners that can wait (merges: nothing is answered after them) run on threads of their
+own at a lower CPU priority (LOW_NICE): while training processes and the receive loop
+want the cores, merges take what is left, and catch up when logging slows. A job that fails (a full disk)
 stays at the head of its owner's queue and is tried again after RETRY_S; the ones behind
 it wait, because a later part must never cover the segments of one not yet written.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -29,6 +33,7 @@ log = logging.getLogger("expman.collector")
 
 THREADS = 2
 RETRY_S = 5.0
+LOW_NICE = 10  # added to the nice value of the threads that run low-priority owners (merges)
 
 Job = Callable[[], None]
 
@@ -50,6 +55,14 @@ def _trim() -> Callable[[], object]:
 _MALLOC_TRIM = _trim()
 
 
+def _lower_priority() -> None:
+    """The calling thread yields the CPU to normal work (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + LOW_NICE)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the same priority as the rest
+
+
 def _give_back_memory() -> None:
     """After each job: Arrow's pool and malloc's arenas return what a part or merge used."""
     pa.default_memory_pool().release_unused()
@@ -57,10 +70,14 @@ def _give_back_memory() -> None:
 
 
 class Background:
-    """Runs each owner's jobs in order on a small shared pool; `None` threads runs them inline."""
+    """Runs each owner's jobs in order on a small shared pool (low-priority owners on one of
+    their own); `None` threads runs them inline."""
 
     def __init__(self, threads: int | None = THREADS, on_error: Callable[[Hashable, BaseException], None] | None = None) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="expman-parts") if threads else None
+        self._low_pool = ThreadPoolExecutor(threads, thread_name_prefix="expman-merges",
+                                            initializer=_lower_priority) if threads else None
+        self._low: set[Hashable] = set()  # owners whose jobs run on the low-priority pool
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._queues: dict[Hashable, deque[Job]] = {}
@@ -70,12 +87,15 @@ class Background:
         self.failures = 0
         self.stopping = threading.Event()  # set when the collector must exit: long merges give up
 
-    def submit(self, owner: Hashable, job: Job) -> None:
-        """Queue `job` behind the owner's earlier ones."""
+    def submit(self, owner: Hashable, job: Job, low_priority: bool = False) -> None:
+        """Queue `job` behind the owner's earlier ones; an owner is low-priority while a job
+        submitted so waits (its jobs stay in order on one pool)."""
         if self._pool is None:
             job()
             return
         with self._lock:
+            if low_priority:
+                self._low.add(owner)
             self._queues.setdefault(owner, deque()).append(job)
             self._start(owner)
 
@@ -84,8 +104,9 @@ class Background:
         if owner in self._running or owner in self._retry_at or not self._queues.get(owner):
             return
         self._running.add(owner)
-        assert self._pool is not None
-        self._pool.submit(self._drain, owner)
+        pool = self._low_pool if owner in self._low else self._pool
+        assert pool is not None
+        pool.submit(self._drain, owner)
 
     def _drain(self, owner: Hashable) -> None:
         while True:
@@ -93,6 +114,7 @@ class Background:
                 queue = self._queues.get(owner)
                 if not queue:
                     self._queues.pop(owner, None)
+                    self._low.discard(owner)
                     self._running.discard(owner)
                     self._idle.notify_all()
                     return
@@ -152,5 +174,6 @@ class Background:
         return True
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._low_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)

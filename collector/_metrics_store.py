@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,7 @@ from expman._storage.layout import METRICS_DIR, WAL_DIR, Part, list_parts, metri
 from expman._storage.wal import SegmentWriter, list_segments, read_records, segment_path
 
 from ._background import Background
-from ._parts import merge_parts, next_merge, write_part
+from ._parts import FRESH_COMPRESSION, ROW_GROUP, KeyedRows, merge_parts, next_merge, write_part
 
 log = logging.getLogger("expman.collector")
 
@@ -85,6 +86,7 @@ def _frames_metadata(ranges: Ranges) -> dict[str, str]:
 
 
 _TIME_TYPE = _SCHEMA.field("time").type
+PART_ROWS = 262_144  # rows waiting that make a part as soon as they are durable: bounds a part's memory
 _SMALL_MAX_KEY_ID = 1 << 20  # key ids past this (or below 0) take the general path: no huge lookup table
 
 
@@ -163,6 +165,87 @@ def _small_table(items: list[_Small]) -> pa.Table:
     ], schema=_SCHEMA)
 
 
+def _keyed_rows(items: list[_Small]) -> KeyedRows:
+    """Small frames' rows in key order (a stable order: each key keeps its arrival order),
+    made a row group at a time. The order comes from ranking the few key names; rows that
+    arrive in key order already (a log_metric loop, or each key in its own frames) are
+    written straight from the frames' buffers, and only interleaved keys are gathered from
+    joined columns (20 bytes a row). Never a table of the whole part, nor a sorted copy.
+    `items` is emptied: the rows belong to the row groups now."""
+    frames = list(items)
+    items.clear()
+    codes: dict[str, int] = {}
+    hosts: dict[str, int] = {}
+    ids = []
+    for item in frames:
+        mapping = np.array([codes.setdefault(name, len(codes)) for name in item.names], np.int32)
+        ids.append(mapping[item.ids] if len(mapping) else item.ids)
+    counts = np.fromiter((len(i.ids) for i in frames), np.int64, len(frames))
+    starts = np.cumsum(counts) - counts
+    n = int(counts.sum())
+    ranks = np.fromiter((i.rank for i in frames), np.int32, len(frames))
+    host_of = np.fromiter((hosts.setdefault(i.host, len(hosts)) for i in frames), np.int32, len(frames))
+    times = np.fromiter((i.time_us for i in frames), np.int64, len(frames))
+    # Sorted in Arrow, without the GIL (UTF-8 byte order is str order): a key's position
+    # among the sorted names is the dictionary code its rows are written with.
+    names = _strings(list(codes))
+    order_of_name = pc.array_sort_indices(names).to_numpy()
+    position = np.empty(len(codes), np.int32)
+    position[order_of_name] = np.arange(len(codes), dtype=np.int32)
+    key = position[np.concatenate(ids)] if len(codes) > 1 else np.zeros(n, np.int32)
+    del ids
+    per_key = np.bincount(key, minlength=len(codes)) if len(codes) > 1 else np.array([n] * len(codes), np.int64)
+    in_order = len(codes) <= 1 or bool((np.diff(key) >= 0).all())
+    dictionary = names.take(pa.array(order_of_name))
+    host_names = pa.array(list(hosts), pa.string())
+
+    def table(rows: np.ndarray | slice, frame: np.ndarray, values: pa.Array | pa.ChunkedArray,
+              steps: pa.Array | pa.ChunkedArray) -> pa.Table:
+        m = len(frame)
+        return pa.Table.from_arrays([
+            pa.DictionaryArray.from_arrays(pa.array(key[rows]), dictionary), values, pa.nulls(m, pa.string()), steps,
+            pa.array(ranks[frame]), pa.DictionaryArray.from_arrays(pa.array(host_of[frame]), host_names),
+            pa.Array.from_buffers(_TIME_TYPE, m, [None, pa.py_buffer(times[frame])]),
+        ], schema=_SCHEMA)
+
+    def in_arrival_order() -> Iterator[pa.Table]:
+        for start in range(0, n, ROW_GROUP):
+            stop = min(n, start + ROW_GROUP)
+            first, last = np.searchsorted(starts, [start, stop], side="right") - 1
+            values, steps, taken, lengths = [], [], [], []
+            for i in range(first, min(last + 1, len(frames))):
+                a, b = max(start - starts[i], 0), min(stop - starts[i], counts[i])
+                if b > a:
+                    values.append(pa.array(np.frombuffer(frames[i].values, np.float64)[a:b]))
+                    steps.append(pa.array(np.frombuffer(frames[i].steps, np.int64)[a:b]))
+                    taken.append(i)
+                    lengths.append(b - a)
+                if starts[i] + counts[i] <= stop:
+                    frames[i] = None  # type: ignore[call-overload]  # written: let it go
+            frame = np.repeat(np.array(taken, np.int64), lengths)
+            yield table(slice(start, stop), frame, pa.chunked_array(values, pa.float64()),
+                        pa.chunked_array(steps, pa.int64()))
+
+    def gathered() -> Iterator[pa.Table]:
+        order = np.argsort(key, kind="stable")
+        frame_of = np.repeat(np.arange(len(frames), dtype=np.int32), counts)
+        values = np.frombuffer(b"".join(i.values for i in frames), np.float64)
+        steps = np.frombuffer(b"".join(i.steps for i in frames), np.int64)
+        frames.clear()
+        for start in range(0, n, ROW_GROUP):
+            rows = order[start:start + ROW_GROUP]
+            yield table(rows, frame_of[rows], pa.array(values[rows]), pa.array(steps[rows]))
+
+    present = np.flatnonzero(per_key)
+    first = (np.cumsum(per_key) - per_key)[present].tolist()
+    rows_of = per_key[present].tolist()
+    index: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(present), _GIL_CHUNK):  # in pieces: each call holds the GIL
+        chunk = dictionary.take(pa.array(present[i:i + _GIL_CHUNK])).to_pylist()
+        index.update(zip(chunk, zip(first[i:i + _GIL_CHUNK], rows_of[i:i + _GIL_CHUNK])))
+    return KeyedRows(in_arrival_order() if in_order else gathered(), index)
+
+
 def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
     """The rows of pending frames in arrival order (runs of small frames built together)."""
     tables: list[pa.Table] = []
@@ -207,7 +290,7 @@ class MetricsStore:
         self.rows_written = 0  # by the background: rows put in fresh parts
         self._part_rows: dict[Path, int] = {}  # rows of the parts this store wrote (next_merge asks)
         # Two queues in the background: parts written in order (a finish waits for these
-        # only), and merges, which never hold a write up; one merge at a time.
+        # only), and merges (low priority), which never hold a write up; one merge at a time.
         self._writes, self._merges = (self, "writes"), (self, "merges")
         self._merging = threading.Lock()
         self.compacted = False  # every part merged into one since the last frame (finish)
@@ -287,9 +370,12 @@ class MetricsStore:
             self._written_from = start
 
     def committed(self) -> None:
-        """The frames written so far are durable."""
+        """The frames written so far are durable; PART_ROWS of them waiting become a part at
+        once (the receive loop's look at its runs may come late when it is behind)."""
         self._synced_tables = len(self._tables)
         self._written_from = None
+        if self.pending_rows >= PART_ROWS:
+            self.flush()
 
     def commit_failed(self) -> None:
         """The group commit failed: cut the WAL back to what was durable, forget the rest."""
@@ -320,7 +406,7 @@ class MetricsStore:
         if written is not None:
             self.background.submit(self._writes, written.set)
         if batch is not None:
-            self.background.submit(self._merges, self._merge_due)
+            self.background.submit(self._merges, self._merge_due, low_priority=True)
 
     def _merge_due(self) -> None:
         """Merge what is due (collector/_parts.py next_merge)."""
@@ -330,14 +416,18 @@ class MetricsStore:
 
     def _write_batch(self, batch: _Batch) -> None:
         """Background: the batch as a part, then its segments deleted."""
-        table = _pending_table(batch.items)
-        write_part(table, self.metrics_dir / part_name(0, batch.first, batch.last, self.writer), _SCHEMA,
-                   _frames_metadata(batch.frames), by_key=True, **_ENCODING)
+        path = self.metrics_dir / part_name(0, batch.first, batch.last, self.writer)
+        if all(isinstance(item, _Small) for item in batch.items):
+            source: pa.Table | KeyedRows = _keyed_rows(batch.items)  # type: ignore[arg-type]
+        else:  # frames of the general path among them (texts, times)
+            source = _pending_table(batch.items)
+        rows = write_part(source, path, _SCHEMA, _frames_metadata(batch.frames), by_key=True,
+                          compression=FRESH_COMPRESSION, **_ENCODING)
         batch.items.clear()  # the rows live in the part now: free them before merging
         for number in range(batch.first, batch.last + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
-        self.rows_written += table.num_rows
-        self._part_rows[self.metrics_dir / part_name(0, batch.first, batch.last, self.writer)] = table.num_rows
+        self.rows_written += rows
+        self._part_rows[path] = rows
 
     def _rows_of(self, part: Part) -> int:
         rows = self._part_rows.get(part.path)
@@ -370,7 +460,9 @@ class MetricsStore:
         """Flush, then merge every part into one (at finish), in the background."""
         self.flush()
         self.compacted = True
-        self.background.submit(self._writes, self._merge_all)  # after every write handed over so far
+        # After every write handed over so far, as a merge (low priority: nothing waits for it).
+        self.background.submit(self._writes, lambda: self.background.submit(self._merges, self._merge_all,
+                                                                              low_priority=True))
 
     def _merge_all(self) -> None:
         with self._merging:

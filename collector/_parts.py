@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,16 @@ CHUNK_ROWS = MIN_GROUP  # a by-key merge gathers whole small keys up to this man
 MERGE_FANIN = 8  # parts of one level merged into one of the next
 SETTLED_ROWS = 1 << 20  # a merged part this large is not merged again before finish
 GIL_CHUNK = 50_000  # Python objects made per call: each call holds the GIL, and the receive loop waits for it
+FRESH_COMPRESSION = "lz4"  # fresh parts: read once more by their merge, which writes zstd (a third of the CPU, ~15% larger)
+
+
+@dataclass
+class KeyedRows:
+    """A part's rows already in key order, made a row group at a time as they are written:
+    the part is never one table in memory, nor sorted as a copy of one."""
+
+    groups: Iterator[pa.Table]  # row groups of at most ROW_GROUP rows, in key order
+    index: _key_index.KeyIndex  # where each key's rows lie (what sort_by_key would say)
 
 
 def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> tuple[list[Part], int] | None:
@@ -51,21 +62,29 @@ def next_merge(parts: list[Part], rows: Callable[[Part], int] | None = None) -> 
 
 
 class _Stream:
-    """One input of a by-key merge, read front to back in small batches."""
+    """One input of a by-key merge, read front to back in small batches; its reader is let
+    go once its last row is taken (a merge of many parts would otherwise keep every
+    finished input's buffers until it ends: ~5 MB each)."""
 
     def __init__(self, file: pq.ParquetFile) -> None:
-        self._batches = file.iter_batches(batch_size=STREAM_BATCH)
+        self._batches: Iterator[pa.RecordBatch] | None = file.iter_batches(batch_size=STREAM_BATCH)
         self._head: pa.RecordBatch | None = None
+        self._left = file.metadata.num_rows
 
     def take(self, rows: int) -> list[pa.RecordBatch]:
         out = []
         while rows > 0:
             if self._head is None or self._head.num_rows == 0:
+                assert self._batches is not None
                 self._head = next(self._batches)
             piece = self._head.slice(0, rows)
             self._head = self._head.slice(piece.num_rows)
             out.append(piece)
             rows -= piece.num_rows
+            self._left -= piece.num_rows
+        if self._left <= 0 and self._batches is not None:
+            self._batches.close()  # type: ignore[attr-defined]
+            self._batches = self._head = None
         return out
 
 
@@ -258,12 +277,14 @@ def _merge_by_key(writer: pq.ParquetWriter, files: list[pq.ParquetFile], runs: l
 
 
 def write_part(
-    source: pa.Table | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None,
-    summarize: bool = False, by_key: bool = False, stop: threading.Event | None = None, **options: Any,
+    source: pa.Table | KeyedRows | list[Part], target: Path, schema: pa.Schema, metadata: dict[str, str] | None = None,
+    summarize: bool = False, by_key: bool = False, stop: threading.Event | None = None, compression: str = "zstd",
+    **options: Any,
 ) -> int:
     """Temp file beside the target, fsync, rename: a part is whole or absent. Returns its rows.
 
-    `source` is a table, or parts to merge; merges stream row groups of ROW_GROUP rows, so
+    `source` is a table, rows already in key order, or parts to merge; merges stream row
+    groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
     ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
     `summarize` (merges of metrics parts) puts a chart summary in the footer
@@ -276,9 +297,15 @@ def write_part(
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", **options) as writer:
+        with pq.ParquetWriter(tmp, schema, compression=compression, **options) as writer:
             index: _key_index.KeyIndex | None = None
-            if isinstance(source, pa.Table):
+            if isinstance(source, KeyedRows):
+                rows = 0
+                for table in source.groups:
+                    writer.write_table(table, row_group_size=ROW_GROUP)
+                    rows += table.num_rows
+                index = source.index
+            elif isinstance(source, pa.Table):
                 if by_key:
                     source, index = _key_index.sort_by_key(source)
                 writer.write_table(source, row_group_size=ROW_GROUP)

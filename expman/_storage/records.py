@@ -15,9 +15,14 @@ HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 OVERHEAD = HEADER.size  # bytes a record takes beyond its payload
 
 
+def record_header(payload: bytes) -> bytes:
+    """What goes before `payload` to make it a record (a writer may write the two apart)."""
+    return HEADER.pack(len(payload), zlib.crc32(payload))
+
+
 def frame_record(payload: bytes) -> bytes:
     """`payload` as one record."""
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return record_header(payload) + payload
 
 
 def iter_records(data: bytes, start: int = 0) -> Iterator[bytes]:

@@ -13,9 +13,10 @@ from pathlib import Path, PurePath
 from typing import Callable, Iterator
 
 from expman._storage.files import LOCAL, Files
-from expman._storage.records import OVERHEAD, frame_record, iter_records
+from expman._storage.records import OVERHEAD, iter_records, record_header
 
 _SUFFIX = ".wal"
+_IOV_MAX = 1024  # pieces per writev (Linux's limit)
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
@@ -68,7 +69,8 @@ def read_records(path: PurePath, files: Files = LOCAL, start: int = 0) -> Iterat
 class SegmentWriter:
     """Appends records to the current segment of one folder; `rotate()` seals it.
 
-    Appends are buffered in memory and written by `sync()`. A failed sync (a full disk,
+    Appends are kept in memory as they came (a record header beside each payload, no
+    copy) and written by `sync()` in one writev per IOV_MAX pieces. A failed sync (a full disk,
     an I/O error) truncates the segment back to the last synced record and discards the
     buffer, so the segment holds only whole records the caller was told were durable.
     `sync_file` is the seam a test replaces to play a full disk (tests/_enospc_collector.py).
@@ -85,7 +87,8 @@ class SegmentWriter:
         self.number = number
         self._fd = self._open()
         self.records = 0
-        self._buffer = bytearray()
+        self._pieces: list[bytes] = []  # record headers and payloads, not yet written
+        self._size = 0
 
     def _open(self) -> int:
         fd = os.open(segment_path(self.folder, self.number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -93,29 +96,40 @@ class SegmentWriter:
         return fd
 
     def append(self, payload: bytes) -> None:
-        self._buffer += frame_record(payload)
+        header = record_header(payload)
+        self._pieces += (header, payload)
+        self._size += len(header) + len(payload)
         self.records += 1
+
+    def _write_pieces(self) -> None:
+        pieces, at = self._pieces, 0
+        while at < len(pieces):
+            batch = pieces[at:at + _IOV_MAX]
+            written = os.writev(self._fd, batch)
+            for piece in batch:  # a short write (rare, regular files): go on from where it stopped
+                if written < len(piece):
+                    pieces[at] = memoryview(piece)[written:]
+                    break
+                written -= len(piece)
+                at += 1
 
     def sync(self, fsync: bool = True) -> None:
         """Make appended records durable (called once per receive batch, not per record);
         `fsync=False` only writes them, for a group commit (`sync_filesystem`) to follow.
 
         On failure nothing of this batch stays in the segment, and the error is raised."""
-        if not self._buffer:
+        if not self._pieces:
             return
         try:
-            data = bytes(self._buffer)
-            written = 0
-            while written < len(data):
-                written += os.write(self._fd, data[written:] if written else data)
+            self._write_pieces()
             if fsync:
                 self.sync_file(self._fd)
         except OSError:
-            self._buffer.clear()
+            self._pieces, self._size = [], 0
             self.truncate(self._committed)
             raise
-        self._committed += len(self._buffer)
-        self._buffer.clear()
+        self._committed += self._size
+        self._pieces, self._size = [], 0
 
     @property
     def fd(self) -> int:

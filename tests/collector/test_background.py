@@ -106,3 +106,59 @@ def test_merges_take_neighbours_and_leave_settled_parts_until_finish():
     assert next_merge(big, lambda p: rows[p.path]) == (big, 2)  # small: folded together
     rows[big[3].path] = SETTLED_ROWS  # a settled part in the middle: its neighbours may not merge across it
     assert next_merge(big, lambda p: rows[p.path]) is None
+
+
+def test_merges_run_at_a_lower_cpu_priority_than_part_writes():
+    """Low-priority owners (a store's merges) run on threads with a higher nice value, in order."""
+    import os
+    import threading
+
+    from expman.collector._background import LOW_NICE, Background
+
+    nice: dict[str, list[int]] = {"writes": [], "merges": []}
+
+    def job(kind: str):  # noqa: ANN202
+        return lambda: nice[kind].append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    background = Background()
+    try:
+        for _ in range(3):
+            background.submit("writes", job("writes"))
+            background.submit("merges", job("merges"), low_priority=True)
+        assert background.wait("writes", 30) and background.wait("merges", 30)
+    finally:
+        background.close()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice == {"writes": [base] * 3, "merges": [min(base + LOW_NICE, 19)] * 3}
+
+
+def test_the_collector_allocates_arrow_memory_from_the_c_heap():
+    """Its freed pages go back to the OS after each background job (malloc_trim); an explicit
+    ARROW_DEFAULT_MEMORY_POOL still wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import expman.collector, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip() == "system"
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip() == "mimalloc"
+
+
+def test_a_merge_lets_each_input_go_once_its_rows_are_taken(tmp_path):
+    """A merge of many parts holds the readers of the inputs it is still reading only."""
+    import pyarrow as pa
+
+    from expman.collector._parts import STREAM_BATCH, _Stream
+
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"x": list(range(STREAM_BATCH + 5))}), path)
+    stream = _Stream(pq.ParquetFile(path))
+    got = stream.take(STREAM_BATCH)
+    assert stream._batches is not None  # rows left: still reading
+    got += stream.take(5)
+    assert stream._batches is None and stream._head is None
+    assert pa.Table.from_batches(got).column("x").to_pylist() == list(range(STREAM_BATCH + 5))
