@@ -21,7 +21,7 @@ import yaml
 
 import expman
 from _helpers import process_gone, wait_for
-from expman._storage.ring import PointRing, read_ring
+from expman._storage.ring import HAS_STEP, HAS_TIME, WRITTEN, PointRing, read_ring
 from conftest import start_collector
 
 N = 20_000
@@ -130,8 +130,13 @@ def _ring(monkeypatch: pytest.MonkeyPatch, capacity: int) -> PointRing:
 
 
 def _write(ring: PointRing, first: int, last: int) -> None:
-    for n in range(first, last):  # as the hot path does
-        ring.put_fast(ring.mm, n * 40 % ring.span, 0, 9, n * 0.5, n, n)
+    for n in range(first, last):  # as the hot path does: value, step, then the key id; then the count
+        assert ring.n == n < ring.limit
+        i = n & ring.mask
+        ring.values[i] = n * 0.5
+        ring.steps[i] = n
+        ring.keys[i] = 0
+        ring.n = n + 1
 
 
 def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,23 +151,42 @@ def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.Monk
     assert found.frames[0][1] == 101.0 and found.lost == 0
 
 
-def test_points_the_ring_overwrote_are_counted_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slot_is_written_again_only_once_its_point_is_settled(monkeypatch: pytest.MonkeyPatch) -> None:
     ring = _ring(monkeypatch, 16)
-    _write(ring, 0, 40)
-    ring.framed(1, 30, 0.0)  # never stored: points 0..29, of which 0..23 are overwritten
-    found = read_ring(ring.path, lambda sender, seq: False)
+    _write(ring, 0, 16)
+    assert not ring.put(0, 1.0, None, None) and ring.n == 16  # full: the caller keeps the point in its list
+    ring.framed(1, 8, 0.0)
+    ring.framed(2, 16, 0.0)
+    ring.settle(8)  # frame 1 stored: its slots are free
+    ring.limit = ring.settled + ring.capacity  # as the sender reopens it (RunChannel.open_ring)
+    _write(ring, 16, 24)
+    assert not ring.put(0, 1.0, None, None)
+    found = read_ring(ring.path, lambda sender, seq: seq == 1)
     ring.remove()
-    steps = [p[3] for _seq, _t, points in found.frames for p in points]
-    assert steps == list(range(24, 40)) and found.lost == 24
+    assert [(seq, [p[3] for p in points]) for seq, _t, points in found.frames] == [(2, list(range(8, 16))),
+                                                                                   (None, list(range(16, 24)))]
+    assert found.end == 24 and found.lost == 0
 
 
-def test_a_record_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ring = _ring(monkeypatch, 16)
-    _write(ring, 0, 5)
-    ring.mm[4 * 40 : 5 * 40] = bytes(40)  # pack_into zeroes the record before it fills it: cut there
+    _write(ring, 0, 4)
+    ring.values[4] = 2.0  # point 4's value and step, but not yet its key id: the call never returned
+    ring.steps[4] = 4
     found = read_ring(ring.path, lambda sender, seq: False)
     ring.remove()
     assert [p[3] for p in found.frames[0][2]] == [0, 1, 2, 3] and found.end == 4
+
+
+def test_points_of_the_general_write_keep_their_missing_step_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    assert ring.put(0, 1.5, None, None) and ring.put(0, 10**400, 3, 1700000000.25)
+    ids, values, steps, times = ring.columns(0, 2)
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.remove()
+    assert steps == [None, 3] and times == [None, 1700000000.25] and len(ids) == 8
+    assert [p[1:] for p in found.frames[0][2]] == [(WRITTEN, 1.5, 0, 0.0),
+                                                   (WRITTEN | HAS_STEP | HAS_TIME, float("inf"), 3, 1700000000.25)]
 
 
 def test_a_process_that_exits_with_points_unconfirmed_leaves_them_in_the_spool_not_a_ring(
