@@ -118,7 +118,8 @@ class RunChannel:
         ring = self.ring
         if ring is not None and self.finish_request is None and not self.points and not self.held \
                 and not self.device_batches:
-            ring.limit = ring.settled + ring.capacity  # no call since the checks: the hot path cannot append between
+            room = ring.settled + ring.capacity - ring.base  # no call since the checks: no append between
+            ring.stop = ring.capacity if room > ring.capacity else room
 
     def forget_ring(self) -> None:
         """Delete the run's ring once nothing in it needs recovery: every point stored

@@ -11,7 +11,7 @@ A plain point (a float or int value, an int step, no time) goes into the run's p
 ring in shared memory instead (expman/_storage/ring.py): three memoryview stores, the
 key id last, so what a call accepted survives the process's kill -9 and the host's
 collector stores it; the sender reads the ring back as a frame's columns. The point's
-number is `ring.n`, read and bumped with only attribute operations and stores between:
+slot is `ring.slot`, read and bumped with only attribute operations and stores between:
 CPython checks for a thread switch only at calls and backward jumps, so none falls
 between them, and threads logging into one run never share a number. Points the plain
 record does not fit (no step, a time, a huge int) take `PointRing.put`; device tensors,
@@ -128,9 +128,8 @@ class Experiment:
             self._log_point(kid, key, value, step, timestamp if timestamp is not None else created_at)
             return
         ring = self._ring
-        n = ring.n
-        if n < ring.limit:  # from here to the bump of ring.n no call: no thread switch (module docstring)
-            i = n & ring.mask
+        i = ring.slot
+        if i < ring.stop:  # from here to the bump of ring.slot no call: no thread switch (module docstring)
             try:
                 ring.values[i] = value
                 ring.steps[i] = step
@@ -138,10 +137,12 @@ class Experiment:
                 self._log_point(kid, key, value, step, None)
                 return
             ring.keys[i] = kid
-            ring.n = n + 1
+            ring.slot = i + 1
+            return
+        if i == ring.capacity and ring.put(kid, value, step, None):  # a lap's end: put() starts the next
             return
         self._buf.extend((kid, value, step, None))
-        ring.limit = -1  # closed until the sender has framed the list (no-op without a ring)
+        ring.stop = -1  # closed until the sender has framed the list (no-op without a ring)
 
     def _log_point(self, kid: int, key: str, value: Any, step: Any, when: Any) -> None:
         """log_metric's other cases: values to coerce (text goes its own way; a device
@@ -164,7 +165,7 @@ class Experiment:
         else:
             self._channel.held += 1
         self._buf.extend((kid, value, step, when))
-        ring.limit = -1
+        ring.stop = -1
 
     def _warn_extremes(self, key: str, value: Any, step: Any) -> None:
         """What the list's packer says of such points (expman/_wire/columns.py), said for the ring's."""
@@ -211,9 +212,8 @@ class Experiment:
                 flat += (kid, value, step, timestamp)
                 continue
             if plain:
-                n = ring.n
-                if n < ring.limit:  # as in log_metric: no call until ring.n is bumped
-                    i = n & ring.mask
+                i = ring.slot
+                if i < ring.stop:  # as in log_metric: no call until ring.slot is bumped
                     try:
                         ring.values[i] = value
                         ring.steps[i] = step
@@ -221,13 +221,13 @@ class Experiment:
                         pass  # put() stores it
                     else:
                         ring.keys[i] = kid
-                        ring.n = n + 1
+                        ring.slot = i + 1
                         continue
             if not ring.put(kid, value, step, timestamp):
                 flat += (kid, value, step, timestamp)
         if flat:
             self._buf.extend(flat)
-            ring.limit = -1
+            ring.stop = -1
 
     def log_eval_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record evaluation metrics (OPSML's verb): points whose keys carry the `eval/`

@@ -22,9 +22,11 @@ step and then key id (three memoryview stores, the key id last: a slot whose key
 columns (slices, no per-point Python work). A slot is written again only once the sender
 has settled the point it held (acknowledged by the collector, spilled to the spool or
 dropped) and cleared its key id, so every live slot at or above `settled` holds the point
-its position names: no per-slot number is needed. When no slot is free the hot path puts
-the point in the run's Python list instead and closes the ring (`limit` -1) until the
-sender has framed that list, which keeps the points in order (expman/_rank/sender.py).
+its position names: no per-slot number is needed. The hot path counts in slots of the
+current lap (`slot`, below `stop`; `put` starts the next lap), so point n is
+`base + slot` and a write needs no modulo. When no slot is free the hot path puts the
+point in the run's Python list instead and closes the ring (`stop` -1) until the sender
+has framed that list, which keeps the points in order (expman/_rank/sender.py).
 
 The live process holds a POSIX record lock (`lockf`) on the file for its whole life: the
 kernel drops it when the process dies, kill -9 included, and a forked child does not
@@ -181,11 +183,12 @@ class NoRing:
     """The hot path's ring where there is none (off, a remote collector, a finished run,
     a forked child): no slot is ever free, so every point takes the list."""
 
-    __slots__ = ("n", "limit")
+    __slots__ = ("slot", "stop", "capacity")
 
     def __init__(self) -> None:
-        self.n = 0
-        self.limit = -1
+        self.slot = 0
+        self.stop = -1
+        self.capacity = -1
 
     def put(self, kid: int, value: float, step: int | None, when: float | None) -> bool:
         return False
@@ -193,18 +196,20 @@ class NoRing:
 
 class PointRing:
     """The writer's side: one run of this process. The hot path (expman/_rank/experiment.py)
-    reads `n`, `limit`, `mask` and stores into `values`, `steps`, `keys` itself; `put` is
-    for the points the plain record does not fit. The sender thread calls the rest."""
+    reads `slot` and `stop` and stores into `values`, `steps`, `keys` itself; `put` is
+    for the points the plain record does not fit, and starts each lap. The sender thread
+    calls the rest."""
 
-    __slots__ = ("n", "limit", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity", "settled",
-                 "_fd", "_layout", "_head", "_mm", "_frames", "_names_used")
+    __slots__ = ("slot", "stop", "base", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity",
+                 "settled", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used")
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
         self.mask = capacity - 1
-        self.n = 0  # points written (the hot path's count; the next point's number)
-        self.limit = capacity  # the hot path writes point n only while n < limit (-1: closed)
+        self.base = 0  # the number of this lap's slot 0
+        self.slot = 0  # the next point's slot in this lap: it is point base + slot
+        self.stop = capacity  # the hot path writes a slot only below this (-1: closed)
         self.settled = 0  # every point below this is stored, spooled or dropped: its slot is free
         self._fd = fd
         self._layout = lay = _Layout(capacity)
@@ -277,17 +282,25 @@ class PointRing:
             flags, step = NO_STEP, 0
         if when is not None:
             flags |= TIMED
-        n = self.n  # from here to the count's bump no call: no other thread can take n (see experiment.py)
-        if n >= self.limit:
+        i = self.slot  # from here to the count's bump no call: no other thread can take the slot (experiment.py)
+        if i == self.capacity and self.stop >= 0 and self.settled > self.base:  # the lap is over: the next one
+            self.base += self.capacity
+            i = self.slot = 0
+            self.stop = self.settled + self.capacity - self.base
+        if i >= self.stop:
             return False
-        i = n & self.mask
         self.flags[i] = flags
         self.times[i] = 0.0 if when is None else when
         self.values[i] = value
         self.steps[i] = step
         self.keys[i] = kid
-        self.n = n + 1
+        self.slot = i + 1
         return True
+
+    @property
+    def n(self) -> int:
+        """The points written: the next point's number."""
+        return self.base + self.slot
 
     def name(self, kid: int, key: str) -> None:
         """Record a key's name (the caller interns under a lock); past the names area the
@@ -357,7 +370,7 @@ class PointRing:
     def remove(self) -> None:
         """Delete the file: its points are stored, or in the spool. The mapping stays valid
         until nothing refers to it, so a call racing with this never meets a closed buffer."""
-        self.limit = -1
+        self.stop = -1
         try:
             os.unlink(self.path)
         except OSError:

@@ -131,12 +131,15 @@ def _ring(monkeypatch: pytest.MonkeyPatch, capacity: int) -> PointRing:
 
 def _write(ring: PointRing, first: int, last: int) -> None:
     for n in range(first, last):  # as the hot path does: value, step, then the key id; then the count
-        assert ring.n == n < ring.limit
-        i = n & ring.mask
-        ring.values[i] = n * 0.5
-        ring.steps[i] = n
-        ring.keys[i] = 0
-        ring.n = n + 1
+        assert ring.n == n
+        i = ring.slot
+        if i < ring.stop:
+            ring.values[i] = n * 0.5
+            ring.steps[i] = n
+            ring.keys[i] = 0
+            ring.slot = i + 1
+        else:  # a lap's end
+            assert ring.put(0, n * 0.5, n, None)
 
 
 def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +161,7 @@ def test_a_slot_is_written_again_only_once_its_point_is_settled(monkeypatch: pyt
     ring.framed(1, 8, 0.0)
     ring.framed(2, 16, 0.0)
     ring.settle(8)  # frame 1 stored: its slots are free
-    ring.limit = ring.settled + ring.capacity  # as the sender reopens it (RunChannel.open_ring)
+    ring.stop = ring.capacity  # as the sender reopens it (RunChannel.open_ring)
     _write(ring, 16, 24)
     assert not ring.put(0, 1.0, None, None)
     found = read_ring(ring.path, lambda sender, seq: seq == 1)
@@ -215,3 +218,29 @@ def test_a_ring_goes_to_the_next_folder_when_the_first_lacks_room(tmp_path: Path
     ring = PointRing.create("s" * 32, "run1", 0, "host")
     assert ring is not None and ring.path.parent == second
     ring.remove()
+
+
+def test_a_small_ring_laps_and_spills_into_the_list_without_losing_or_reordering(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")  # laps every 16 points, and is often full
+    logged = 0
+    with expman.start_experiment("e", "laps", root=root) as exp:
+        for step in range(3000):
+            exp.log_metric("loss", step * 0.5, step=step)
+            logged += 1
+            if step % 7 == 0:
+                exp.log_metrics({"a": step, "b": step + 0.5}, step=step)
+                logged += 2
+            if step % 101 == 0:
+                exp.log_metric("nostep", float(step))
+                logged += 1
+            if step % 100 == 99:  # let the collector store them: the ring's slots come free and it opens again
+                wait_for(lambda: exp.stats()["acked"] >= logged, 60, "the points so far to be stored")
+        assert exp._channel.ring.base > 0  # it went round
+    run = expman.open_run(exp.run_dir)
+    table = run.metrics().to_pylist()
+    loss = [r["step"] for r in table if r["key"] == "loss"]
+    assert sorted(loss) == list(range(3000)) and len(loss) == 3000
+    assert sorted(r["step"] for r in table if r["key"] == "a") == list(range(0, 3000, 7))
+    assert sorted(r["value"] for r in table if r["key"] == "nostep") == [float(s) for s in range(0, 3000, 101)]
+    assert all(r["step"] is None for r in table if r["key"] == "nostep")
