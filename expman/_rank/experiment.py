@@ -193,6 +193,7 @@ class Experiment:
             timestamp = coerce_time("<timestamp>", timestamp)
         ids = self._key_ids
         ring = self._ring
+        values, steps, keys = ring.values, ring.steps, ring.keys
         plain = step.__class__ is int and timestamp is None  # what the ring's three stores hold
         flat: list[Any] = []  # points for the list: once one goes there, the rest follow (order)
         for key, value in metrics.items():
@@ -215,12 +216,12 @@ class Experiment:
                 i = ring.slot
                 if i < ring.stop:  # as in log_metric: no call until ring.slot is bumped
                     try:
-                        ring.values[i] = value
-                        ring.steps[i] = step
+                        values[i] = value
+                        steps[i] = step
                     except (OverflowError, ValueError):
                         pass  # put() stores it
                     else:
-                        ring.keys[i] = kid
+                        keys[i] = kid
                         ring.slot = i + 1
                         continue
             if not ring.put(kid, value, step, timestamp):

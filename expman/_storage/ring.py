@@ -183,12 +183,13 @@ class NoRing:
     """The hot path's ring where there is none (off, a remote collector, a finished run,
     a forked child): no slot is ever free, so every point takes the list."""
 
-    __slots__ = ("slot", "stop", "capacity")
+    __slots__ = ("slot", "stop", "capacity", "values", "steps", "keys")
 
     def __init__(self) -> None:
         self.slot = 0
         self.stop = -1
         self.capacity = -1
+        self.values = self.steps = self.keys = None  # never written: no slot is below `stop`
 
     def put(self, kid: int, value: float, step: int | None, when: float | None) -> bool:
         return False
