@@ -1,8 +1,10 @@
 """The background thread that moves a process's logged data to its collector.
 
 Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
-frames (a slow run's few points wait up to a send window to share one frame: the
-SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and
+frames: first the run's point ring (its columns sliced into a frame's; a frame's slots
+are freed once it is acknowledged, spooled or dropped), then the run's list (a slow run's
+few points wait up to a send window to share one frame: the SendWindow rule in
+expman/_wire/delivery.py), gives each frame a sequence number and
 keeps it in its Outbox until the collector acknowledges it; when to send and resend is
 the Outbox's rule (expman/_wire/delivery.py), so a collector that starts late, restarts
 or loses a connection costs nothing but time.
@@ -484,9 +486,7 @@ class Sender:
 
         for start in range(0, max(n, 1), step_width):
             used_texts, texts = texts, []
-            numbers = min(n - start, step_width) // columns.POINT_STRIDE
-            points = numbers + len(used_texts)
-            seq = self._next_seq  # the frame's, unless it is dropped
+            points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
             try:
                 body, _count, last_step = columns.pack(buf, start, min(n, start + step_width), run.key_names,
                                                        used_texts, warn)
