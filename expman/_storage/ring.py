@@ -90,13 +90,31 @@ def ring_dirs() -> list[Path]:
 
 
 def _roomy(folder: Path, size: int, last: bool) -> bool:
+    """Whether a ring of `size` bytes may go to `folder`: the last one always (its
+    `posix_fallocate` says whether it fits); a memory folder only while it, and the
+    machine's memory, keep SHM_SPARE_BYTES free beside it (a tmpfs as large as the RAM
+    would otherwise let many runs' rings take the memory training needs)."""
     if last:
-        return True  # posix_fallocate says whether it fits
+        return True
     try:
         st = os.statvfs(folder)
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize >= size + SHM_SPARE_BYTES
+    available = _memory_available()
+    return st.f_bavail * st.f_frsize >= size + SHM_SPARE_BYTES and (
+        available is None or available >= size + SHM_SPARE_BYTES)
+
+
+def _memory_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (bytes), None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def near(endpoint: str, here: str) -> bool:

@@ -244,3 +244,16 @@ def test_a_small_ring_laps_and_spills_into_the_list_without_losing_or_reordering
     assert sorted(r["step"] for r in table if r["key"] == "a") == list(range(0, 3000, 7))
     assert sorted(r["value"] for r in table if r["key"] == "nostep") == [float(s) for s in range(0, 3000, 101)]
     assert all(r["step"] is None for r in table if r["key"] == "nostep")
+
+
+def test_a_ring_leaves_shared_memory_when_the_machine_is_short_of_memory(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    first, second = tmp_path / "shm", tmp_path / "disk"
+    monkeypatch.setattr(ring_module, "ring_dirs", lambda: [first, second])
+    monkeypatch.setattr(ring_module, "_memory_available", lambda: 64 << 20)  # the folder has room, the RAM not
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None and ring.path.parent == second
+    ring.remove()
