@@ -49,6 +49,7 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.0005
+YIELD_S = 0.00005  # between two frames of one drain the sender sleeps this long: the training thread runs
 IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384  # its longest C call (one struct.pack) ~180 µs: the GIL switches between them
@@ -451,6 +452,8 @@ class Sender:
             texts = run.texts[:m]
             del run.texts[:m]
         for a in range(start, end, self.max_points_per_frame):
+            if a > start:
+                time.sleep(YIELD_S)  # the training thread takes the GIL between frames (docs/architecture.md)
             b = min(end, a + self.max_points_per_frame)
             used_texts, texts = texts, []
             points = b - a + len(used_texts)
@@ -485,6 +488,8 @@ class Sender:
             log.error("expman: run %s: %s", run.uid, message)
 
         for start in range(0, max(n, 1), step_width):
+            if start:
+                time.sleep(YIELD_S)
             used_texts, texts = texts, []
             points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
             try:
