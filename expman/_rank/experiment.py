@@ -1,22 +1,22 @@
 """The Experiment a training rank logs into: the user's verbs and the hot path.
 
-The `log_*` calls only append to the run's channel (expman/_rank/channel.py); the
-process's sender thread drains it every few milliseconds, packs frames and ships them to
-a collector. The metric hot path is one dict lookup, two class checks and one
-`list.extend` of a 4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic
-under the GIL, so other threads and the sender's drain never see half a point, and the
-temporary tuple dies at once, so the garbage collector never sees it pile up.
+The `log_*` calls only hand their data to the run's channel (expman/_rank/channel.py);
+the process's sender thread drains it every few milliseconds, packs frames and ships
+them to a collector.
 
 A plain point (a float or int value, an int step, no time) goes into the run's point
-ring in shared memory instead (expman/_storage/ring.py): three memoryview stores, the
-key id last, so what a call accepted survives the process's kill -9 and the host's
-collector stores it; the sender reads the ring back as a frame's columns. The point's
-slot is `ring.slot`, read and bumped with only attribute operations and stores between:
-CPython checks for a thread switch only at calls and backward jumps, so none falls
-between them, and threads logging into one run never share a number. Points the plain
-record does not fit (no step, a time, a huge int) take `PointRing.put`; device tensors,
-and every point while the ring has no free slot, take the list (which closes the ring
-until the sender has framed the list, keeping the points in order).
+ring in shared memory (expman/_storage/ring.py): one dict lookup, a few class checks and
+three memoryview stores, the key id last, so what a call accepted survives the process's
+kill -9 and the host's collector stores it; the sender reads the ring back as a frame's
+columns. The point's slot is `ring.slot`, read and bumped with only attribute operations
+and stores between: CPython checks for a thread switch only at calls and backward jumps,
+so none falls between them, and threads logging into one run never share a slot. Points
+the plain record does not fit (no step, a time, a huge int) take `PointRing.put`.
+
+Device tensors, runs without a ring, and every point while the ring has no free slot
+take the channel's list instead: one `list.extend` of a 4-tuple (key id, value, step,
+timestamp), atomic under the GIL, its temporary tuple dead at once. A point put there
+closes the ring until the sender has framed the list, which keeps the points in order.
 """
 
 from __future__ import annotations
