@@ -257,3 +257,28 @@ def test_a_ring_leaves_shared_memory_when_the_machine_is_short_of_memory(tmp_pat
     ring = PointRing.create("s" * 32, "run1", 0, "host")
     assert ring is not None and ring.path.parent == second
     ring.remove()
+
+
+def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "1024")  # laps and fills: the list and the ring both in play
+    per_thread = 20_000
+    with expman.start_experiment("e", "threads", root=root) as exp:
+        def log(key: str) -> None:
+            for step in range(per_thread):
+                exp.log_metric(key, float(step), step=step)
+                if step % 1000 == 0:
+                    exp.log_metrics({f"{key}.a": step, f"{key}.b": float(step)}, step=step)
+
+        threads = [threading.Thread(target=log, args=(f"t{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    table = expman.open_run(exp.run_dir).metrics().to_pylist()
+    for i in range(4):
+        steps = sorted(r["step"] for r in table if r["key"] == f"t{i}")
+        assert steps == list(range(per_thread)), f"thread {i}: {len(steps)} points"
+        assert all(r["value"] == float(r["step"]) for r in table if r["key"] == f"t{i}")
+        assert sorted(r["step"] for r in table if r["key"] == f"t{i}.a") == list(range(0, per_thread, 1000))
