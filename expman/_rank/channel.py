@@ -97,16 +97,18 @@ class RunChannel:
         if ring is not None:
             ring.framed(-1 if seq is None else seq, end, time.time())
 
-    def settle_ring(self) -> None:
+    def settle_ring(self, sent_before: float | None = None) -> None:
         """Free the ring's slots of the oldest frames the collector stored (or that went to
-        the spool, or were dropped), and open the ring again if the list that closed it is
-        framed (sender thread)."""
+        the spool, or were dropped), and with `sent_before` (monotonic) also of those handed
+        to ZeroMQ before then; open the ring again if the list that closed it is framed
+        (sender thread)."""
         ring = self.ring
         if ring is None:
             return
         upto = None
         frames = self.ring_frames
-        while frames and frames[0].settled:
+        while frames and (frames[0].settled or sent_before is not None and frames[0].sent_at is not None
+                          and frames[0].sent_at <= sent_before):
             upto = frames.popleft().ring_end
         if upto is not None:
             ring.settle(upto)

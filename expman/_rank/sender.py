@@ -50,6 +50,7 @@ log = logging.getLogger("expman")
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.0005
 YIELD_S = 0.00005  # between two frames of one drain the sender sleeps this long: the training thread runs
+RING_SENT_GRACE_S = 0.05  # a ring more than half full frees the slots of frames handed to ZeroMQ this long ago
 IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384  # its longest C call (one struct.pack) ~180 µs: the GIL switches between them
@@ -114,6 +115,7 @@ class _Frame:
     token: Any = None  # artifact chunks: told of the ack (expman/_rank/artifacts.py)
     ring_end: int = -1  # a frame of the ring's points: the end of its range
     settled: bool = False  # stored, spooled or dropped: its ring slots may be reused
+    sent_at: float | None = None  # monotonic: when it was first handed to ZeroMQ
 
 
 @dataclass(slots=True)
@@ -372,6 +374,11 @@ class Sender:
             self._enqueue(run, proto.HELLO, run.hello)
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
+        ring = run.ring
+        if ring is not None and ring.n - ring.settled > ring.capacity // 2:
+            # Acks lag (a busy collector): free the slots of frames handed to ZeroMQ a while ago
+            # rather than let the ring fill and the newest points wait in the list.
+            run.settle_ring(sent_before=now - RING_SENT_GRACE_S)
         if run.held or run.device_batches:  # device values are never held back: they wait for their copy
             self._held_since.pop(id(run), None)
             self._drain_ring(run)  # the ring's points come before the list's
@@ -520,9 +527,12 @@ class Sender:
             pass  # heartbeats are not kept: the next one says the same
 
     def _send_pending(self, dealer: zmq.Socket) -> None:
-        for entry in send_due(dealer, self._outbox, time.monotonic()):
+        now = time.monotonic()
+        for entry in send_due(dealer, self._outbox, now):
             if entry.tag.kind == proto.METRICS:
                 self._counters[id(entry.tag.run)].sent += entry.tag.points
+                if entry.tag.sent_at is None:
+                    entry.tag.sent_at = now
 
     def _expire(self, now: float) -> None:
         for entry in self._outbox.expire(now):
