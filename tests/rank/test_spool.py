@@ -49,7 +49,7 @@ def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, s
         stats = exp.stats()
         assert stats["dropped"] == 0 and stats["acked"] == 1
         if ring_points is not None:
-            assert exp._channel.ring.base > 0  # spilled frames freed its slots: it went round
+            assert exp._channel.ring.settled > 16  # its slots were freed (spilled, or long sent) with no ack
         os.kill(c.proc.pid, signal.SIGCONT)
         t1 = time.perf_counter()
         assert exp.finish(timeout=30) is True
