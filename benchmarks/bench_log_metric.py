@@ -171,15 +171,25 @@ def _timed_stats(fn: Any, loop: Any, n: int, args: list[Any], spans: Spans | Non
     gc.collect()
     before = _collections()
     if spans is None:
-        stats = c.percentiles(loop(fn, n, args))
+        samples = loop(fn, n, args)
+        stats = c.percentiles(samples)
     else:
         spans.clear()
         starts, samples = _timed(fn, n, args)
         explained = spans.explain(starts, samples, slow_ns)  # first: percentiles() sorts the samples
         stats = c.percentiles(samples)
         stats["explain"] = explained
+    stats["tail"] = _tail(samples)
     stats["gc_collections"] = [b - a for a, b in zip(before, _collections())]
     return stats
+
+
+TAIL_US = (100, 500, 1000)
+
+
+def _tail(sorted_ns: list[int]) -> list[int]:
+    """How many calls took longer than each of TAIL_US (the samples are sorted)."""
+    return [len(sorted_ns) - bisect.bisect_right(sorted_ns, us * 1000) for us in TAIL_US]
 
 
 def _measure(exp: Any, calls: int, dict_calls: int, values: list[float], dicts: list[dict],
@@ -298,6 +308,9 @@ def print_case(r: dict[str, Any]) -> None:
           f"({many['over_1ms']} over 1 ms; floor max {c.fmt_ns(r['floor_log_metrics']['max'])}); "
           f"per point {c.fmt_ns(many['ns_per_point'])} untimed ({many['points_per_s'] / 1e6:.2f} M points/s), "
           f"floor per call p50 {c.fmt_ns(r['floor_log_metrics']['p50'])}")
+    print(f"   tail (calls over {' / '.join(f'{us} µs' for us in TAIL_US)}, max): log_metric "
+          f"{' / '.join(map(str, lm['tail']))}, {c.fmt_ns(lm['max'])}; log_metrics {' / '.join(map(str, many['tail']))}, "
+          f"{c.fmt_ns(many['max'])}; floor max {c.fmt_ns(f['max'])} and {c.fmt_ns(r['floor_log_metrics']['max'])}")
     print(f"   load average while measuring: {' '.join(f'{x:.2f}' for x in r['loadavg'])}; garbage collections "
           f"(gen0, 1, 2) in the timed loops: log_metric {lm['gc_collections']}, log_metrics {many['gc_collections']}")
     for name, s in (("log_metric", lm), ("log_metrics", many)):

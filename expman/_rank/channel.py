@@ -5,8 +5,10 @@ for the finish; the sender thread (expman/_rank/sender.py) and the artifact pump
 (expman/_rank/artifacts.py) drain them and report back through `finished`, `run_dir` and
 the counters. This object is all the two sides share, so neither reaches into the other.
 
-`points` is the flat hot-path buffer: (key id, value, step, time) per point, four items
-each (expman/_wire/columns.py packs it).
+Plain points go into the run's point ring (`ring`, expman/_storage/ring.py), which the
+sender reads as frame columns; `points` is the flat Python list for the rest: (key id,
+value, step, time) per point, four items each (expman/_wire/columns.py packs it), used
+for device tensors, when the run has no ring, and while the ring has no free slot.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class RunChannel:
         self.inherited_by_fork = False  # this process is a fork of the one that started the run
         self.artifacts = ArtifactState()
         self.ring: PointRing | None = None  # the points in shared memory (set by the Experiment; None: none)
-        self.ring_framed = 0  # points of `points` the sender has put in frames (their ring numbers: 0 ..)
+        self.ring_framed = 0  # the ring's points the sender has put in frames (0 .. ring.n)
+        self.ring_frames: deque[Any] = deque()  # the sender's ring frames not yet settled, oldest first
         # written by the sender thread
         self.hello_sent = False
         self.finish_sent = False
@@ -81,20 +84,51 @@ class RunChannel:
         self.control.append((kind, payload))
         return True
 
-    def framed(self, seq: int | None, count: int) -> None:
-        """The sender made a metrics frame `seq` (None: dropped) of the next `count` points:
-        said in the ring before the frame can reach the collector (sender thread)."""
-        self.ring_framed += count
+    def unframed(self) -> int:
+        """Points in the ring the sender has not put in a frame yet."""
         ring = self.ring
-        if ring is not None and count:
-            ring.framed(-1 if seq is None else seq, self.ring_framed, time.time())
+        return 0 if ring is None else ring.n - self.ring_framed
+
+    def framed(self, seq: int | None, end: int) -> None:
+        """The sender made a metrics frame `seq` (None: dropped) of the ring's points up to
+        `end`: said in the ring before the frame can reach the collector (sender thread)."""
+        self.ring_framed = end
+        ring = self.ring
+        if ring is not None:
+            ring.framed(-1 if seq is None else seq, end, time.time())
+
+    def settle_ring(self, sent_before: float | None = None) -> None:
+        """Free the ring's slots of the oldest frames the collector stored (or that went to
+        the spool, or were dropped), and with `sent_before` (monotonic) also of those handed
+        to ZeroMQ before then; open the ring again if the list that closed it is framed
+        (sender thread)."""
+        ring = self.ring
+        if ring is None:
+            return
+        upto = None
+        frames = self.ring_frames
+        while frames and (frames[0].settled or sent_before is not None and frames[0].sent_at is not None
+                          and frames[0].sent_at <= sent_before):
+            upto = frames.popleft().ring_end
+        if upto is not None:
+            ring.settle(upto)
+        self.open_ring()
+
+    def open_ring(self) -> None:
+        """Let the hot path write into the ring again once nothing waits in the list: the
+        list's points would otherwise be framed after later ones (sender thread)."""
+        ring = self.ring
+        if ring is not None and self.finish_request is None and not self.points and not self.held \
+                and not self.device_batches:
+            room = ring.settled + ring.capacity - ring.base  # no call since the checks: no append between
+            ring.stop = ring.capacity if room > ring.capacity else room
 
     def forget_ring(self) -> None:
         """Delete the run's ring once nothing in it needs recovery: every point stored
         (finish), or every point framed and what is unacknowledged in the spool (the
         sender's exit)."""
         ring = self.ring
-        if ring is not None and not self.points and not self.device_batches:
+        if ring is not None and not self.points and not self.device_batches and not self.unframed():
             self.ring = None
             ring.remove()
 

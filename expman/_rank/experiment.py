@@ -1,21 +1,22 @@
 """The Experiment a training rank logs into: the user's verbs and the hot path.
 
-The `log_*` calls only append to the run's channel (expman/_rank/channel.py); the
-process's sender thread drains it every few milliseconds, packs frames and ships them to
-a collector. The metric hot path is one dict lookup, two class checks and one
-`list.extend` of a 4-tuple (key id, value, step, timestamp). `extend` of a tuple is atomic
-under the GIL, so other threads and the sender's drain never see half a point, and the
-temporary tuple dies at once, so the garbage collector never sees it pile up.
+The `log_*` calls only hand their data to the run's channel (expman/_rank/channel.py);
+the process's sender thread drains it every few milliseconds, packs frames and ships
+them to a collector.
 
-Each point also goes, first, into the run's point ring in shared memory
-(expman/_storage/ring.py): one `struct.pack_into` of a fixed record, so what a call
-accepted survives the process's kill -9 and the host's collector stores it. Points the
-fixed record does not fit (no step, a time, a huge int, a device tensor) take `_ring_put`.
-A point's ring number is `_ring_n`, read and bumped by two plain attribute operations:
-CPython checks for a thread switch only at calls and backward jumps, so none falls
-between them, and threads logging into one run never share a number (cheaper than an
-`itertools.count` call). With several such threads the list's order and the numbers may
-differ by the points in flight at once; the ring then misnames at most those.
+A plain point (a float or int value, an int step, no time) goes into the run's point
+ring in shared memory (expman/_storage/ring.py): one dict lookup, a few class checks and
+three memoryview stores, the key id last, so what a call accepted survives the process's
+kill -9 and the host's collector stores it; the sender reads the ring back as a frame's
+columns. The point's slot is `ring.slot`, read and bumped with only attribute operations
+and stores between: CPython checks for a thread switch only at calls and backward jumps,
+so none falls between them, and threads logging into one run never share a slot. Points
+the plain record does not fit (no step, a time, a huge int) take `PointRing.put`.
+
+Device tensors, runs without a ring, and every point while the ring has no free slot
+take the channel's list instead: one `list.extend` of a 4-tuple (key id, value, step,
+timestamp), atomic under the GIL, its temporary tuple dead at once. A point put there
+closes the ring until the sender has framed the list, which keeps the points in order.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
 import threading
 import time
 import traceback
@@ -35,7 +35,8 @@ from expman._rank import console
 from expman._rank.channel import RunChannel
 from expman._rank.values import Metric, check_key, check_log_text, eval_key, check_params, coerce_number, coerce_step, coerce_time
 from expman._storage.layout import FINAL_STATUSES
-from expman._storage.ring import PointRing, near
+from expman._storage.ring import NoRing, PointRing, near
+from expman._wire.columns import fits_int64
 from expman._wire.curve_keys import curve_refusal_hint
 
 if TYPE_CHECKING:
@@ -104,11 +105,7 @@ class Experiment:
         self._intern_lock = threading.Lock()
         ring = channel.ring = PointRing.create(sender.sender_id, channel.uid, channel.rank, channel.host) \
             if near(sender.endpoint, channel.host) else None
-        self._ring_n = 0  # the next point's number in the ring (and in the channel's list)
-        self._ring_mm: Any = ring.mm if ring is not None else None
-        self._ring_span = ring.span if ring is not None else 1
-        self._ring_fast: Any = ring.put_fast if ring is not None else _no_ring
-        self._ring_put: Any = ring.put if ring is not None else _no_ring
+        self._ring: PointRing | NoRing = ring if ring is not None else NoRing()
         self._children: list[Experiment] = []
         self._child_names: dict[str | None, int] = {}
         sender.register(channel)
@@ -126,41 +123,56 @@ class Experiment:
         kid = self._key_ids.get(key)
         if kid is None:
             kid = self._intern(key)
-        if (value.__class__ is not float and value.__class__ is not int) or timestamp is not None or created_at is not None:
+        if (value.__class__ is not float and value.__class__ is not int) or step.__class__ is not int \
+                or timestamp is not None or created_at is not None:
             self._log_point(kid, key, value, step, timestamp if timestamp is not None else created_at)
             return
-        if step is not None and step.__class__ is not int:
-            step = coerce_step(key, step)
-        if self._ring_mm is not None:
-            n = self._ring_n
-            self._ring_n = n + 1  # no thread switch falls between these two lines (module docstring)
+        ring = self._ring
+        i = ring.slot
+        if i < ring.stop:  # from here to the bump of ring.slot no call: no thread switch (module docstring)
             try:
-                self._ring_fast(self._ring_mm, n * 40 % self._ring_span, kid, 9, value, step, n)
-            except (struct.error, OverflowError):  # no step, or an int beyond float64
-                self._ring_put(kid, n, value, step, None)
+                ring.values[i] = value
+                ring.steps[i] = step
+            except (OverflowError, ValueError):  # an int beyond float64, a step beyond int64
+                self._log_point(kid, key, value, step, None)
+                return
+            ring.keys[i] = kid
+            ring.slot = i + 1
+            return
+        if i == ring.capacity and ring.stop >= 0 and ring.put(kid, value, step, None):  # put() starts the next lap
+            return
         self._buf.extend((kid, value, step, None))
-
-    def _take_n(self) -> int:
-        n = self._ring_n
-        self._ring_n = n + 1
-        return n
+        ring.stop = -1  # closed until the sender has framed the list (no-op without a ring)
 
     def _log_point(self, kid: int, key: str, value: Any, step: Any, when: Any) -> None:
         """log_metric's other cases: values to coerce (text goes its own way; a device
-        tensor is kept as is, no sync here), and a caller's timestamp."""
+        tensor is kept as is, no sync here), no step, a caller's timestamp."""
         if value.__class__ is not float and value.__class__ is not int:
             value = coerce_number(key, value)
             if value.__class__ is str:
                 self._log_text(kid, key, value, step, when, None)
                 return
-            if value.__class__ is not float:
-                self._channel.held += 1
         if step is not None and step.__class__ is not int:
             step = coerce_step(key, step)
         if when is not None:
             when = coerce_time(key, when)
-        self._ring_put(kid, self._take_n(), value, step, when)
+        ring = self._ring
+        if value.__class__ is float or value.__class__ is int:
+            if ring.put(kid, value, step, when):
+                if value.__class__ is int or step is not None and step.__class__ is int:
+                    self._warn_extremes(key, value, step)
+                return
+        else:
+            self._channel.held += 1
         self._buf.extend((kid, value, step, when))
+        ring.stop = -1
+
+    def _warn_extremes(self, key: str, value: Any, step: Any) -> None:
+        """What the list's packer says of such points (expman/_wire/columns.py), said for the ring's."""
+        if value.__class__ is int and not fits_float64(value):
+            log.error("expman: run %s: metric %r: a metric value is too large for float64; stored as inf", self.uid, key)
+        if step is not None and not fits_int64(step):
+            log.error("expman: run %s: metric %r: a step outside the int64 range is stored as no step", self.uid, key)
 
     def log_metrics(
         self,
@@ -180,9 +192,10 @@ class Experiment:
         if timestamp is not None:
             timestamp = coerce_time("<timestamp>", timestamp)
         ids = self._key_ids
-        timed = timestamp is not None
-        ring, fast, span = self._ring_mm, self._ring_fast, self._ring_span
-        flat: list[Any] = []
+        ring = self._ring
+        values, steps, keys = ring.values, ring.steps, ring.keys
+        plain = step.__class__ is int and timestamp is None  # what the ring's three stores hold
+        flat: list[Any] = []  # points for the list: once one goes there, the rest follow (order)
         for key, value in metrics.items():
             kid = ids.get(key)
             if kid is None:
@@ -194,21 +207,28 @@ class Experiment:
                     continue
                 if value.__class__ is not float:  # a device tensor, kept as is: no sync here
                     self._channel.held += 1
-                    self._ring_put(kid, self._take_n(), value, step, timestamp)
                     flat += (kid, value, step, timestamp)
                     continue
-            if ring is not None:  # one record per key: one pack_into of all keys costs more (building its arguments)
-                n = self._ring_n
-                self._ring_n = n + 1
-                if timed:  # the fixed record has no time
-                    self._ring_put(kid, n, value, step, timestamp)
-                else:
+            if flat:
+                flat += (kid, value, step, timestamp)
+                continue
+            if plain:
+                i = ring.slot
+                if i < ring.stop:  # as in log_metric: no call until ring.slot is bumped
                     try:
-                        fast(ring, n * 40 % span, kid, 9, value, step, n)
-                    except (struct.error, OverflowError):  # no step, or an int beyond float64
-                        self._ring_put(kid, n, value, step, None)
-            flat += (kid, value, step, timestamp)
-        self._buf.extend(flat)
+                        values[i] = value
+                        steps[i] = step
+                    except (OverflowError, ValueError):
+                        pass  # put() stores it
+                    else:
+                        keys[i] = kid
+                        ring.slot = i + 1
+                        continue
+            if not ring.put(kid, value, step, timestamp):
+                flat += (kid, value, step, timestamp)
+        if flat:
+            self._buf.extend(flat)
+            ring.stop = -1
 
     def log_eval_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record evaluation metrics (OPSML's verb): points whose keys carry the `eval/`
@@ -392,7 +412,7 @@ class Experiment:
                     child.finish(status, timeout)
             console.detach(channel)
             self._buf = _ClosedBuffer(channel)
-            self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring
+            self._ring = NoRing()
             self.status = status
             channel.finish_request = {"status": status, "ended_at": time.time(), "error": error}
             self._sender.wake()
@@ -418,7 +438,7 @@ class Experiment:
         False at once (expman/_rank/start.py registers this at fork)."""
         self._channel.inherited_by_fork = True
         self._buf = _ClosedBuffer(self._channel)
-        self._ring_mm, self._ring_fast, self._ring_put = None, _no_ring, _no_ring  # the parent's mapping: never write it
+        self._ring = NoRing()  # the parent's mapping: never write it
         self._channel.ring = None
 
     @property
@@ -452,8 +472,12 @@ class Experiment:
         return f"<expman.Experiment {self.experiment}/{self.name} uid={self.uid} rank={self.rank} status={self.status}>"
 
 
-def _no_ring(*_args: Any) -> None:
-    """The ring's writes where there is no ring (off, a remote collector) or no more points."""
+def fits_float64(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """The background thread that moves a process's logged data to its collector.
 
 Every few milliseconds it drains each run's channel (expman/_rank/channel.py) into
-frames (a slow run's few points wait up to a send window to share one frame: the
-SendWindow rule in expman/_wire/delivery.py), gives each frame a sequence number and
+frames: first the run's point ring (its columns sliced into a frame's; a frame's slots
+are freed once it is acknowledged, spooled or dropped), then the run's list (a slow run's
+few points wait up to a send window to share one frame: the SendWindow rule in
+expman/_wire/delivery.py), gives each frame a sequence number and
 keeps it in its Outbox until the collector acknowledges it; when to send and resend is
 the Outbox's rule (expman/_wire/delivery.py), so a collector that starts late, restarts
 or loses a connection costs nothing but time.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import sys
 import threading
 import time
@@ -46,6 +49,8 @@ log = logging.getLogger("expman")
 
 FLUSH_INTERVAL_S = 0.002
 SWITCH_INTERVAL_S = 0.0005
+YIELD_S = 0.00005  # between two frames of one drain the sender sleeps this long: the training thread runs
+RING_SENT_GRACE_S = 0.05  # a ring more than half full frees the slots of frames handed to ZeroMQ this long ago
 IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
 ACK_WAIT_POLL_MAX_S = 0.500  # ... and to this once every run sent its finish and only acks are awaited
 MAX_POINTS_PER_FRAME = 16384  # its longest C call (one struct.pack) ~180 µs: the GIL switches between them
@@ -54,6 +59,16 @@ MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_BUFFER_ENV = "EXPMAN_MAX_BUFFER_BYTES"
 SEND_WINDOW_ENV = "EXPMAN_SEND_WINDOW"
 DROP_LOG_EVERY_S = 10.0
+
+
+_STEP = struct.Struct("<q")
+
+
+def _key_table(key_names: list[str], ids: bytes, texts: list[list[Any]]) -> dict[int, str]:
+    """A frame's key table: every key while there are few, else the frame's own."""
+    if len(key_names) <= columns.FULL_KEY_TABLE:
+        return dict(enumerate(key_names[:]))
+    return {i: key_names[i] for i in set(memoryview(ids).cast("i")).union(t[0] for t in texts)}
 
 
 def lower_switch_interval() -> None:
@@ -98,6 +113,9 @@ class _Frame:
     kind: str
     points: int
     token: Any = None  # artifact chunks: told of the ack (expman/_rank/artifacts.py)
+    ring_end: int = -1  # a frame of the ring's points: the end of its range
+    settled: bool = False  # stored, spooled or dropped: its ring slots may be reused
+    sent_at: float | None = None  # monotonic: when it was first handed to ZeroMQ
 
 
 @dataclass(slots=True)
@@ -183,7 +201,7 @@ class Sender:
     def stats_for(self, run: RunChannel) -> dict[str, int]:
         c = self._counters.get(id(run)) or _Counters()
         waiting = sum(len(batch.points) for batch in list(run.device_batches))  # a copy: the sender appends
-        in_buffer = (len(run.points) + waiting) // 4 + len(run.texts)
+        in_buffer = (len(run.points) + waiting) // 4 + len(run.texts) + run.unframed()
         return {
             "sent": c.sent,
             "acked": c.acked,
@@ -297,17 +315,22 @@ class Sender:
             dealer.close(0)
             wake.close(0)
 
-    def _enqueue(self, run: RunChannel, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
+    def _enqueue(self, run: RunChannel, kind: str, body: dict[str, Any], points: int = 0, token: Any = None,
+                 ring_end: int = -1) -> None:
         c = self._counters[id(run)]
         seq = self._next_seq
         data = proto.encode_frame(
             kind, run=run.uid, host=run.host, rank=run.rank, sender=self.sender_id,
             seq=seq, sent_at=time.time(), body=body, low=self._low(seq),
         )
-        item = Entry(seq, data, len(data), tag=_Frame(run, kind, points, token))
+        frame = _Frame(run, kind, points, token, ring_end)
+        if ring_end >= 0:
+            run.ring_frames.append(frame)
+        item = Entry(seq, data, len(data), tag=frame)
         # Past the memory budget (or while older frames wait in the spool: order) frames
         # go to the spool; only when it is full too are metrics dropped.
         if self._overflow or (self._outbox and self._outbox.bytes + len(data) > self.max_pending_bytes):
+            frame.settled = True  # in the spool (`expman sync` has it) or dropped: the ring need not keep it
             if self._overflow.spill(item, kind != proto.METRICS, self.max_spool_bytes, self._outbox.bytes):
                 self._next_seq += 1
                 c.spilled += points
@@ -351,18 +374,27 @@ class Sender:
             self._enqueue(run, proto.HELLO, run.hello)
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
+        ring = run.ring
+        if ring is not None and ring.n - ring.settled > ring.capacity // 2:
+            # Acks lag (a busy collector): free the slots of frames handed to ZeroMQ a while ago
+            # rather than let the ring fill and the newest points wait in the list.
+            run.settle_ring(sent_before=now - RING_SENT_GRACE_S)
         if run.held or run.device_batches:  # device values are never held back: they wait for their copy
             self._held_since.pop(id(run), None)
+            self._drain_ring(run)  # the ring's points come before the list's
             self._drain_device_points(run)
-        elif run.points or run.texts:
-            waiting = len(run.points) // columns.POINT_STRIDE + len(run.texts)
+        elif run.points or run.texts or run.unframed():
+            waiting = run.unframed() + len(run.points) // columns.POINT_STRIDE + len(run.texts)
             since = self._held_since.get(id(run))
             if request is None and self._window.holds(waiting, since, now):
                 if since is None:
                     self._held_since[id(run)] = now
             else:
                 self._held_since.pop(id(run), None)
-                self._drain_points(run, run.points)
+                self._drain_ring(run)
+                if run.points or run.texts:
+                    self._drain_points(run, run.points)
+                run.open_ring()
         if run.console:
             self._drain_console(run)
         while run.control:
@@ -376,7 +408,8 @@ class Sender:
                 while run.control and run.control[0][0] == "log":
                     lines.append(run.control.popleft()[1])
                 self._enqueue(run, proto.LOG, {"lines": lines})
-        if request is not None and not run.finish_sent and artifacts_idle and not run.device_batches:
+        if request is not None and not run.finish_sent and artifacts_idle and not run.device_batches \
+                and not run.unframed():
             run.finish_sent = True
             dropped = self._counters[id(run)].dropped + run.late
             self._enqueue(run, proto.FINISH, {**request, "last_step": run.last_step, "dropped_points": dropped})
@@ -409,6 +442,43 @@ class Sender:
             batch = run.device_batches.popleft()
             self._counters[id(run)].dropped += batch.failed
             self._drain_points(run, batch.points)
+        run.open_ring()
+
+    def _drain_ring(self, run: RunChannel) -> None:
+        """Turn the ring's unframed points into metrics frames: each frame's columns are
+        slices of the ring's (expman/_storage/ring.py), so no C call holds the GIL for
+        long; the ring's table names each frame before it can leave."""
+        ring = run.ring
+        if ring is None or ring.n <= run.ring_framed:
+            return
+        self._busy = True
+        start, end = run.ring_framed, ring.n
+        texts: list[list[Any]] = []
+        if run.texts:
+            m = len(run.texts)
+            texts = run.texts[:m]
+            del run.texts[:m]
+        for a in range(start, end, self.max_points_per_frame):
+            if a > start:
+                time.sleep(YIELD_S)  # the training thread takes the GIL between frames (docs/architecture.md)
+            b = min(end, a + self.max_points_per_frame)
+            used_texts, texts = texts, []
+            points = b - a + len(used_texts)
+            seq = self._next_seq  # the frame's, unless it is dropped
+            try:
+                ids, values, steps, times = ring.columns(a, b)
+                body = columns.metrics_body(_key_table(run.key_names, ids, used_texts), ids, values, steps, times,
+                                            used_texts)
+                last = steps[-1] if isinstance(steps, list) else _STEP.unpack_from(steps, len(steps) - _STEP.size)[0]
+                if last is not None:
+                    run.last_step = last
+                self._enqueue(run, proto.METRICS, body, points=points, ring_end=b)
+            except Exception:  # a bug must cost this batch, loudly, never the thread
+                self._counters[id(run)].dropped += points
+                run.ring_frames.append(_Frame(run, proto.METRICS, points, ring_end=b, settled=True))
+                log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
+            run.framed(seq if self._next_seq > seq else None, b)
+        run.settle_ring()  # frames that went to the spool
 
     def _drain_points(self, run: RunChannel, buf: list[Any]) -> None:
         """Turn buffered points into metrics frames (expman/_wire/columns.py packs them)."""
@@ -425,10 +495,10 @@ class Sender:
             log.error("expman: run %s: %s", run.uid, message)
 
         for start in range(0, max(n, 1), step_width):
+            if start:
+                time.sleep(YIELD_S)
             used_texts, texts = texts, []
-            numbers = min(n - start, step_width) // columns.POINT_STRIDE
-            points = numbers + len(used_texts)
-            seq = self._next_seq  # the frame's, unless it is dropped
+            points = min(n - start, step_width) // columns.POINT_STRIDE + len(used_texts)
             try:
                 body, _count, last_step = columns.pack(buf, start, min(n, start + step_width), run.key_names,
                                                        used_texts, warn)
@@ -438,7 +508,6 @@ class Sender:
             except Exception:  # a bug must cost this batch, loudly, never the thread
                 self._counters[id(run)].dropped += points
                 log.exception("expman: run %s: could not pack %d points; DROPPED", run.uid, points)
-            run.framed(seq if self._next_seq > seq else None, numbers)
         # Off the list, a frame's worth at a time from the back of what was taken: each del
         # moves only what the hot path appended meanwhile, and frees at most one frame's
         # items, so no single C call holds the GIL long (between them the training thread
@@ -458,9 +527,12 @@ class Sender:
             pass  # heartbeats are not kept: the next one says the same
 
     def _send_pending(self, dealer: zmq.Socket) -> None:
-        for entry in send_due(dealer, self._outbox, time.monotonic()):
+        now = time.monotonic()
+        for entry in send_due(dealer, self._outbox, now):
             if entry.tag.kind == proto.METRICS:
                 self._counters[id(entry.tag.run)].sent += entry.tag.points
+                if entry.tag.sent_at is None:
+                    entry.tag.sent_at = now
 
     def _expire(self, now: float) -> None:
         for entry in self._outbox.expire(now):
@@ -484,6 +556,9 @@ class Sender:
         c = self._counters[id(frame.run)]
         c.pending -= frame.points
         c.unacked_frames -= 1
+        if frame.ring_end >= 0 and not frame.settled:
+            frame.settled = True
+            frame.run.settle_ring()
         if frame.kind == proto.METRICS:
             c.acked += frame.points
             if entry.sent_at is None:  # acked while waiting for a resend

@@ -7,21 +7,31 @@ reads after the rank's death), so it lives below both. One file per run and proc
 first of `ring_dirs()` with room; the collector looks in all of them):
 
     header   4 KiB   static identity (magic, sizes, sender, run, rank, host, pid), then
-                     the sender's counters: frames written to the table, name bytes, time
-    table    frames  one entry per metrics frame the sender made: (seq or -1 when the
-                     frame was dropped, end point number, sent_at); entry k covers points
-                     [end of k-1, end of k)
+                     the sender's counters: frames written to the table, name bytes, time,
+                     and `settled`: every point below it is stored or in the spool
+    table    frames  one entry per metrics frame the sender made of ring points: (seq or
+                     -1 when the frame was dropped, end point number, sent_at); entry k
+                     covers points [end of k-1, end of k)
     names    bytes   (key id u32, length u16, UTF-8 name), appended when a key is interned
-    records  points  40 bytes each, point n in slot n % capacity: key id i32, flags i32,
-                     value f64, step i64, time f64, n i64 (last, so a record cut by the
-                     kill is told by its n)
+    columns  points  capacity (a power of two) slots each, point n in slot n % capacity:
+                     values f64, steps i64, times f64, key ids i32, flags u8
 
-Point n of the ring is point n of the run's hot-path list (the same thread writes both,
-ring first), so the sender names each frame's points by their ring numbers without
-touching the records. The live process holds a POSIX record lock (`lockf`) on the file
-for its whole life: the kernel drops it when the process dies, kill -9 included, and a
-forked child does not inherit it, so "the lock is free" means "the writer is gone".
-The file is made under a temporary name, locked, and only then renamed into place.
+The ring is the rank's one buffer of plain points: the hot path writes point n's value,
+step and then key id (three memoryview stores, the key id last: a slot whose key id is
+-1 holds nothing), and the sender thread reads the columns back as a frame's binary
+columns (slices, no per-point Python work). A slot is written again only once the sender
+has settled the point it held (acknowledged by the collector, spilled to the spool or
+dropped) and cleared its key id, so every live slot at or above `settled` holds the point
+its position names: no per-slot number is needed. The hot path counts in slots of the
+current lap (`slot`, below `stop`; `put` starts the next lap), so point n is
+`base + slot` and a write needs no modulo. When no slot is free the hot path puts the
+point in the run's Python list instead and closes the ring (`stop` -1) until the sender
+has framed that list, which keeps the points in order (expman/_rank/sender.py).
+
+The live process holds a POSIX record lock (`lockf`) on the file for its whole life: the
+kernel drops it when the process dies, kill -9 included, and a forked child does not
+inherit it, so "the lock is free" means "the writer is gone". The file is made under a
+temporary name, locked, and only then renamed into place.
 """
 
 from __future__ import annotations
@@ -42,27 +52,26 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger("expman")
 
-MAGIC = b"EXPRING1"
-VERSION = 1
+MAGIC = b"EXPRING2"
+VERSION = 2
 RING_DIR_ENV = "EXPMAN_RING_DIR"
-RING_POINTS_ENV = "EXPMAN_RING_POINTS"  # records per run; 0 turns the ring off
-DEFAULT_POINTS = 1 << 18  # 10 MiB of records per run
+RING_POINTS_ENV = "EXPMAN_RING_POINTS"  # slots per run (rounded up to a power of two); 0 turns the ring off
+DEFAULT_POINTS = 1 << 18  # 7.25 MiB of columns per run
 TABLE_ENTRIES = 8192
 NAMES_BYTES = 1 << 20
 HEADER_BYTES = 4096
+SLOT_BYTES = 8 + 8 + 8 + 4 + 1  # value, step, time, key id, flags
 
-HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # record flags; NO_VALUE: a device tensor, read only by the sender
-FAST_FLAGS = WRITTEN | HAS_STEP  # the hot path passes it as the literal 9
-RECORD = struct.Struct("<iidqdq")  # key id, flags, value, step, time, n
-FAST = struct.Struct("<iidq8xq")  # the hot path's record (no time); its offset is the literal n * 40 % span
-assert RECORD.size == FAST.size == 40 and FAST_FLAGS == 9
-_STATIC = struct.Struct("<8sIIQII128s128s256sQ")  # magic, version, record size, capacity, table, names, sender, run, host, pid
+HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # the flags of a recovered point (Recovered.frames)
+NO_STEP, TIMED = 1, 2  # a slot's flags column: 0 for the hot path's points (a step, no time)
+_STATIC = struct.Struct("<8sIIQII128s128s256sQ")  # magic, version, slot bytes, capacity, table, names, sender, run, host, pid
 _RANK = struct.Struct("<q")
-_COUNTERS = struct.Struct("<QQd")  # frames in the table, name bytes used, updated at
+_COUNTERS = struct.Struct("<QQdq")  # frames in the table, name bytes used, updated at, settled
 _COUNTERS_AT = 1024
 _RANK_AT = 1016
 _ENTRY = struct.Struct("<qqd")  # frame seq (-1: dropped), end point number, sent_at
 _NAME = struct.Struct("<IH")
+_EMPTY_KEY = struct.pack("<i", -1)
 
 
 SHM_SPARE_BYTES = 256 << 20  # /dev/shm is used only while this much more stays free
@@ -81,13 +90,31 @@ def ring_dirs() -> list[Path]:
 
 
 def _roomy(folder: Path, size: int, last: bool) -> bool:
+    """Whether a ring of `size` bytes may go to `folder`: the last one always (its
+    `posix_fallocate` says whether it fits); a memory folder only while it, and the
+    machine's memory, keep SHM_SPARE_BYTES free beside it (a tmpfs as large as the RAM
+    would otherwise let many runs' rings take the memory training needs)."""
     if last:
-        return True  # posix_fallocate says whether it fits
+        return True
     try:
         st = os.statvfs(folder)
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize >= size + SHM_SPARE_BYTES
+    available = _memory_available()
+    return st.f_bavail * st.f_frsize >= size + SHM_SPARE_BYTES and (
+        available is None or available >= size + SHM_SPARE_BYTES)
+
+
+def _memory_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (bytes), None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def near(endpoint: str, here: str) -> bool:
@@ -118,23 +145,49 @@ def private_folder(folder: Path, make: bool = True) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0
 
 
-def _layout(capacity: int) -> tuple[int, int, int, int]:
-    """Offsets of the table, the names and the records, and the file size."""
-    table_at = HEADER_BYTES
-    names_at = table_at + TABLE_ENTRIES * _ENTRY.size
-    records_at = -(-(names_at + NAMES_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
-    return table_at, names_at, records_at, records_at + capacity * RECORD.size
+def _capacity(requested: int) -> int:
+    """Slots for `requested` points: a power of two, so a slot is `n & mask`."""
+    return 1 << max(requested - 1, 1).bit_length()
 
 
-def _no_record(*_args: Any) -> None:
-    """Stands in for the ring's write where there is none (off, failed, or the run finished)."""
+@dataclass(frozen=True)
+class _Layout:
+    """Offsets in the file: the table, the names, each column (page-aligned), and the size."""
+
+    capacity: int
+    table: int = HEADER_BYTES
+    names: int = HEADER_BYTES + TABLE_ENTRIES * _ENTRY.size
+
+    @property
+    def values(self) -> int:
+        return -(-(self.names + NAMES_BYTES) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    @property
+    def steps(self) -> int:
+        return self.values + 8 * self.capacity
+
+    @property
+    def times(self) -> int:
+        return self.steps + 8 * self.capacity
+
+    @property
+    def keys(self) -> int:
+        return self.times + 8 * self.capacity
+
+    @property
+    def flags(self) -> int:
+        return self.keys + 4 * self.capacity
+
+    @property
+    def size(self) -> int:
+        return self.flags + self.capacity
 
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 
 
 def _map_writable(mm: mmap.mmap) -> None:
-    """Fault every page of the records in, writable, now: a shared mapping starts with
+    """Fault every page of the columns in, writable, now: a shared mapping starts with
     no page mapped for writing (MAP_POPULATE maps them read-only), so the first lap's
     first write to each page took a ~10 µs fault, one log_metric call in a hundred.
     Older kernels refuse the advice: their faults stay."""
@@ -144,20 +197,52 @@ def _map_writable(mm: mmap.mmap) -> None:
         pass
 
 
+class NoRing:
+    """The hot path's ring where there is none (off, a remote collector, a finished run,
+    a forked child): no slot is ever free, so every point takes the list."""
+
+    __slots__ = ("slot", "stop", "capacity", "values", "steps", "keys")
+
+    def __init__(self) -> None:
+        self.slot = 0
+        self.stop = -1
+        self.capacity = -1
+        self.values = self.steps = self.keys = None  # never written: no slot is below `stop`
+
+    def put(self, kid: int, value: float, step: int | None, when: float | None) -> bool:
+        return False
+
+
 class PointRing:
-    """The writer's side: one run of this process. The hot path uses `mm`, `span` and
-    `put_fast` directly (expman/_rank/experiment.py); the rest is for rarer calls."""
+    """The writer's side: one run of this process. The hot path (expman/_rank/experiment.py)
+    reads `slot` and `stop` and stores into `values`, `steps`, `keys` itself; `put` is
+    for the points the plain record does not fit, and starts each lap. The sender thread
+    calls the rest."""
+
+    __slots__ = ("slot", "stop", "base", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity",
+                 "settled", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used")
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
         self.path = path
         self.capacity = capacity
-        self.span = capacity * RECORD.size
+        self.mask = capacity - 1
+        self.base = 0  # the number of this lap's slot 0
+        self.slot = 0  # the next point's slot in this lap: it is point base + slot
+        self.stop = capacity  # the hot path writes a slot only below this (-1: closed)
+        self.settled = 0  # every point below this is stored, spooled or dropped: its slot is free
         self._fd = fd
-        self._table_at, self._names_at, records_at, _size = _layout(capacity)
-        self._head = mmap.mmap(fd, records_at)
-        self.mm = mmap.mmap(fd, self.span, offset=records_at)
-        _map_writable(self.mm)
-        self.put_fast: Callable[..., None] = FAST.pack_into
+        self._layout = lay = _Layout(capacity)
+        self._head = mmap.mmap(fd, lay.values)
+        self._mm = mmap.mmap(fd, lay.size - lay.values, offset=lay.values)
+        _map_writable(self._mm)
+        view = memoryview(self._mm)
+        at = lambda offset: offset - lay.values  # noqa: E731 - column offsets within the mapping
+        self.values = view[at(lay.values) : at(lay.steps)].cast("d")
+        self.steps = view[at(lay.steps) : at(lay.times)].cast("q")
+        self.times = view[at(lay.times) : at(lay.keys)].cast("d")
+        self.keys = view[at(lay.keys) : at(lay.flags)].cast("i")
+        self.flags = view[at(lay.flags) :]
+        self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
         self._frames = 0
         self._names_used = 0
 
@@ -165,12 +250,13 @@ class PointRing:
     def create(cls, sender: str, run: str, rank: int, host: str) -> PointRing | None:
         """A new ring for this process's `run`, or None (ring off, or no room: logged once)."""
         try:
-            capacity = int(os.environ.get(RING_POINTS_ENV) or DEFAULT_POINTS)
+            requested = int(os.environ.get(RING_POINTS_ENV) or DEFAULT_POINTS)
         except ValueError:
-            capacity = DEFAULT_POINTS
-        if capacity <= 0:
+            requested = DEFAULT_POINTS
+        if requested <= 0:
             return None
-        size = _layout(capacity)[3]
+        capacity = _capacity(requested)
+        size = _Layout(capacity).size
         folders = ring_dirs()
         folder = next((f for i, f in enumerate(folders) if private_folder(f) and _roomy(f, size, i == len(folders) - 1)),
                       None)
@@ -186,7 +272,7 @@ class PointRing:
             os.posix_fallocate(fd, 0, size)  # all of it now: a full tmpfs is an error here, never a SIGBUS later
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             ring = cls(path, fd, capacity)
-            _STATIC.pack_into(ring._head, 0, MAGIC, VERSION, RECORD.size, capacity, TABLE_ENTRIES, NAMES_BYTES,
+            _STATIC.pack_into(ring._head, 0, MAGIC, VERSION, SLOT_BYTES, capacity, TABLE_ENTRIES, NAMES_BYTES,
                               sender.encode()[:128], run.encode()[:128], host.encode()[:256], os.getpid())
             _RANK.pack_into(ring._head, _RANK_AT, rank)
             ring._counters()
@@ -203,26 +289,37 @@ class PointRing:
                         folder, exc)
             return None
 
-    def put(self, kid: int, n: int, value: Any, step: Any, when: float | None) -> None:
-        """Any point the hot path's fixed record does not fit: no step, a time, a huge int,
-        a device tensor (value not read here: reading it would wait for the device)."""
-        flags = WRITTEN
-        if value.__class__ is float or value.__class__ is int:
-            try:
-                value = float(value)
-            except OverflowError:
-                value = math.inf if value > 0 else -math.inf
-        else:
-            flags |= NO_VALUE
-            value = math.nan
-        if step is not None and -(2**63) <= step < 2**63:
-            flags |= HAS_STEP
-        else:
-            step = 0
+    def put(self, kid: int, value: float, step: int | None, when: float | None) -> bool:
+        """Write a point the hot path's plain record does not fit (no step, a time, an int
+        beyond float64 or a step beyond int64); False when no slot is free."""
+        flags = 0
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf if value > 0 else -math.inf
+        if step is None or not -(2**63) <= step < 2**63:
+            flags, step = NO_STEP, 0
         if when is not None:
-            flags |= HAS_TIME
-        RECORD.pack_into(self.mm, n % self.capacity * RECORD.size, kid, flags, value, step,
-                         0.0 if when is None else when, n)
+            flags |= TIMED
+        i = self.slot  # from here to the count's bump no call: no other thread can take the slot (experiment.py)
+        if i == self.capacity and self.stop >= 0 and self.settled > self.base:  # the lap is over: the next one
+            self.base += self.capacity
+            i = self.slot = 0
+            self.stop = self.settled + self.capacity - self.base
+        if i >= self.stop:
+            return False
+        self.flags[i] = flags
+        self.times[i] = 0.0 if when is None else when
+        self.values[i] = value
+        self.steps[i] = step
+        self.keys[i] = kid
+        self.slot = i + 1
+        return True
+
+    @property
+    def n(self) -> int:
+        """The points written: the next point's number."""
+        return self.base + self.slot
 
     def name(self, kid: int, key: str) -> None:
         """Record a key's name (the caller interns under a lock); past the names area the
@@ -231,27 +328,68 @@ class PointRing:
         end = self._names_used + _NAME.size + len(data)
         if end > NAMES_BYTES:
             return
-        at = self._names_at + self._names_used
+        at = self._layout.names + self._names_used
         self._head[at + _NAME.size : at + _NAME.size + len(data)] = data
         _NAME.pack_into(self._head, at, kid, len(data))
         self._names_used = end
         self._counters()
 
+    # --- the sender thread's side -------------------------------------------------------
+    def columns(self, start: int, stop: int) -> tuple[bytes, bytes, bytes | list[int | None], list[float | None] | None]:
+        """Points [start, stop) as a metrics frame's columns: key ids (int32), values
+        (float64), steps (int64, or a list with None where a point has none) and times
+        (None when no point has one). C-level copies; a per-point loop only for a
+        slice with points of the general write."""
+        a = start & self.mask
+        b = a + stop - start
+        pieces = [(a, b)] if b <= self.capacity else [(a, self.capacity), (0, b - self.capacity)]
+
+        def take(column: memoryview) -> bytes:
+            return b"".join(column[x:y].tobytes() for x, y in pieces)
+
+        ids, values, steps, flags = take(self.keys), take(self.values), take(self.steps), take(self.flags)
+        if flags.count(0) == len(flags):
+            return ids, values, steps, None
+        step_list: list[int | None] = list(memoryview(steps).cast("q"))
+        when = list(memoryview(take(self.times)).cast("d"))
+        times: list[float | None] = [None] * len(flags)
+        for j, f in enumerate(flags):
+            if f & NO_STEP:
+                step_list[j] = None
+            if f & TIMED:
+                times[j] = when[j]
+        has_times = any(t is not None for t in times)
+        return ids, values, step_list if None in step_list else steps, times if has_times else None
+
     def framed(self, seq: int, end: int, sent_at: float) -> None:
         """The sender made a metrics frame (seq; -1 when it was dropped) of the points up
         to `end`: the collector recovers a frame's points only if it never stored that seq."""
         k = self._frames
-        _ENTRY.pack_into(self._head, self._table_at + (k % TABLE_ENTRIES) * _ENTRY.size, seq, end, sent_at)
+        _ENTRY.pack_into(self._head, self._layout.table + (k % TABLE_ENTRIES) * _ENTRY.size, seq, end, sent_at)
         self._frames = k + 1
         self._counters()
 
+    def settle(self, upto: int) -> None:
+        """Points below `upto` are stored, spooled or dropped: free their slots (key ids
+        first, then the count the collector starts reading at)."""
+        start = self.settled
+        if upto <= start:
+            return
+        a = start & self.mask
+        b = a + upto - start
+        for x, y in ([(a, b)] if b <= self.capacity else [(a, self.capacity), (0, b - self.capacity)]):
+            self.keys[x:y] = memoryview(_EMPTY_KEY * (y - x)).cast("i")
+            self.flags[x:y] = bytes(y - x)
+        self.settled = upto
+        self._counters()
+
     def _counters(self) -> None:
-        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time())
+        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled)
 
     def remove(self) -> None:
         """Delete the file: its points are stored, or in the spool. The mapping stays valid
         until nothing refers to it, so a call racing with this never meets a closed buffer."""
-        self.put_fast = _no_record
+        self.stop = -1
         try:
             os.unlink(self.path)
         except OSError:
@@ -275,8 +413,8 @@ class Recovered:
     frames: list[tuple[int | None, float, list[tuple[int, int, float, int, float]]]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
     end: int = 0  # one past the last point the ring holds
-    lost: int = 0  # points the ring had already overwritten, or logged with unknown keys
-    device: int = 0  # device tensors: their values were never in the ring
+    lost: int = 0  # points logged with unknown keys, or whose write the kill cut short
+    device: int = 0  # device tensors: their values are never in the ring (always 0 in this version)
 
 
 def is_abandoned(path: Path) -> bool | None:
@@ -322,29 +460,29 @@ def read_ring(path: Path, stored: Callable[[str, int], bool]) -> Recovered | Non
         return None
     if len(data) < HEADER_BYTES or data[:8] != MAGIC:
         return None
-    magic, version, rsize, capacity, tcap, ncap, sender, run, host, _pid = _STATIC.unpack_from(data, 0)
-    if version != VERSION or rsize != RECORD.size or tcap != TABLE_ENTRIES or ncap != NAMES_BYTES or capacity <= 0:
+    magic, version, slot, capacity, tcap, ncap, sender, run, host, _pid = _STATIC.unpack_from(data, 0)
+    if (version != VERSION or slot != SLOT_BYTES or tcap != TABLE_ENTRIES or ncap != NAMES_BYTES or capacity <= 0
+            or capacity & (capacity - 1)):
         return None
-    table_at, names_at, records_at, size = _layout(capacity)
-    if len(data) < size:
+    lay = _Layout(capacity)
+    if len(data) < lay.size:
         return None
-    frames_made, names_used, touched = _COUNTERS.unpack_from(data, _COUNTERS_AT)
+    frames_made, names_used, touched, settled = _COUNTERS.unpack_from(data, _COUNTERS_AT)
     out = Recovered(sender.rstrip(b"\0").decode(errors="replace"), run.rstrip(b"\0").decode(errors="replace"),
                     _RANK.unpack_from(data, _RANK_AT)[0], host.rstrip(b"\0").decode(errors="replace"))
-    out.names = dict(_names(data, names_at, min(names_used, NAMES_BYTES)))
-    records = _Records(data, records_at, capacity)
-    out.end = records.end()
-    lowest = out.end - capacity  # points below this were overwritten
-    entries = [_ENTRY.unpack_from(data, table_at + (k % TABLE_ENTRIES) * _ENTRY.size)
+    out.names = dict(_names(data, lay.names, min(names_used, NAMES_BYTES)))
+    slots = _Slots(data, lay, settled)
+    out.end = slots.end()
+    entries = [_ENTRY.unpack_from(data, lay.table + (k % TABLE_ENTRIES) * _ENTRY.size)
                for k in range(max(0, frames_made - TABLE_ENTRIES), frames_made)]
     start = 0 if frames_made <= TABLE_ENTRIES else None  # the start of the oldest entry kept
     for seq, end, sent_at in entries:
         if start is not None and seq >= 0 and not stored(out.sender, seq):
-            out.frames.append((seq, sent_at, _take(records, start, end, lowest, out)))
+            out.frames.append((seq, sent_at, _take(slots, start, end, out)))
         start = end
     if start is None:  # every entry was overwritten: only the unframed tail is known
         start = out.end
-    out.frames.append((None, touched, _take(records, start, out.end, lowest, out)))
+    out.frames.append((None, touched, _take(slots, start, out.end, out)))
     out.frames = [f for f in out.frames if f[2]]
     return out
 
@@ -358,39 +496,51 @@ def _names(data: bytes, at: int, used: int) -> Iterator[tuple[int, str]]:
         pos += length
 
 
-class _Records:
-    """The ring's records, read one by one where needed (a collector reads only the points
-    it lacks, not all of a 10 MiB ring, while other runs wait for their acks)."""
+class _Slots:
+    """The ring's columns, read point by point where needed (a collector reads only the
+    points it lacks, not all of a ring, while other runs wait for their acks). Point n
+    is live in slot n % capacity when settled <= n < settled + capacity and the slot's
+    key id is set: the writer never wrote past a lap beyond `settled`, and cleared every
+    slot below it."""
 
-    def __init__(self, data: bytes, at: int, capacity: int) -> None:
-        self._data, self._at, self._capacity = data, at, capacity
-        self._region = memoryview(data)[at : at + capacity * RECORD.size]
+    def __init__(self, data: bytes, lay: _Layout, settled: int) -> None:
+        view = memoryview(data)
+        self._mask = lay.capacity - 1
+        self.settled = settled
+        self._capacity = lay.capacity
+        self._values = view[lay.values : lay.steps].cast("d")
+        self._steps = view[lay.steps : lay.times].cast("q")
+        self._times = view[lay.times : lay.keys].cast("d")
+        self._keys = view[lay.keys : lay.flags].cast("i")
+        self._flags = view[lay.flags : lay.size]
 
     def end(self) -> int:
-        """One past the newest point. Numbers only grow, and a record cut by the kill holds
-        zeros or a prefix of its number (pack_into zeroes it, then writes n last), so the
-        largest n in any slot is the newest whole record, if that slot says so."""
-        top = max(self._region.cast("q")[4 :: 5])
-        return top + 1 if self.get(top) is not None else top
+        """One past the newest point (`settled` when none is live)."""
+        for n in range(self.settled + self._capacity - 1, self.settled - 1, -1):
+            if self._keys[n & self._mask] >= 0:
+                return n + 1
+        return self.settled
 
     def get(self, n: int) -> tuple[int, int, float, int, float] | None:
-        """Point n's record, or None where its slot holds another point or none."""
-        kid, flags, value, step, when, number = RECORD.unpack_from(self._data, self._at + n % self._capacity * RECORD.size)
-        return (kid, flags, value, step, when) if flags & WRITTEN and number == n else None
+        """Point n as (key id, recovered flags, value, step, time), or None where its slot
+        holds none (settled, or a write the kill cut short)."""
+        if not self.settled <= n < self.settled + self._capacity:
+            return None
+        i = n & self._mask
+        kid = self._keys[i]
+        if kid < 0:
+            return None
+        f = self._flags[i]
+        flags = WRITTEN | (0 if f & NO_STEP else HAS_STEP) | (HAS_TIME if f & TIMED else 0)
+        return kid, flags, self._values[i], self._steps[i] if flags & HAS_STEP else 0, self._times[i] if f & TIMED else 0.0
 
 
-def _take(records: _Records, start: int, end: int, lowest: int,
-          out: Recovered) -> list[tuple[int, int, float, int, float]]:
+def _take(slots: _Slots, start: int, end: int, out: Recovered) -> list[tuple[int, int, float, int, float]]:
     points = []
-    if start < lowest:  # overwritten before the collector stored them
-        out.lost += min(end, lowest) - start
-        start = lowest
-    for n in range(max(start, 0), end):
-        record = records.get(n)
+    for n in range(max(start, slots.settled), end):  # below `settled`: stored, spooled or dropped
+        record = slots.get(n)
         if record is None or record[0] not in out.names:
             out.lost += 1
-        elif record[1] & NO_VALUE:
-            out.device += 1
         else:
             points.append(record)
     return points

@@ -21,7 +21,7 @@ import yaml
 
 import expman
 from _helpers import process_gone, wait_for
-from expman._storage.ring import PointRing, read_ring
+from expman._storage.ring import HAS_STEP, HAS_TIME, WRITTEN, PointRing, read_ring
 from conftest import start_collector
 
 N = 20_000
@@ -130,8 +130,16 @@ def _ring(monkeypatch: pytest.MonkeyPatch, capacity: int) -> PointRing:
 
 
 def _write(ring: PointRing, first: int, last: int) -> None:
-    for n in range(first, last):  # as the hot path does
-        ring.put_fast(ring.mm, n * 40 % ring.span, 0, 9, n * 0.5, n, n)
+    for n in range(first, last):  # as the hot path does: value, step, then the key id; then the count
+        assert ring.n == n
+        i = ring.slot
+        if i < ring.stop:
+            ring.values[i] = n * 0.5
+            ring.steps[i] = n
+            ring.keys[i] = 0
+            ring.slot = i + 1
+        else:  # a lap's end
+            assert ring.put(0, n * 0.5, n, None)
 
 
 def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,23 +154,42 @@ def test_the_ring_gives_back_what_no_stored_frame_holds(monkeypatch: pytest.Monk
     assert found.frames[0][1] == 101.0 and found.lost == 0
 
 
-def test_points_the_ring_overwrote_are_counted_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slot_is_written_again_only_once_its_point_is_settled(monkeypatch: pytest.MonkeyPatch) -> None:
     ring = _ring(monkeypatch, 16)
-    _write(ring, 0, 40)
-    ring.framed(1, 30, 0.0)  # never stored: points 0..29, of which 0..23 are overwritten
-    found = read_ring(ring.path, lambda sender, seq: False)
+    _write(ring, 0, 16)
+    assert not ring.put(0, 1.0, None, None) and ring.n == 16  # full: the caller keeps the point in its list
+    ring.framed(1, 8, 0.0)
+    ring.framed(2, 16, 0.0)
+    ring.settle(8)  # frame 1 stored: its slots are free
+    ring.stop = ring.capacity  # as the sender reopens it (RunChannel.open_ring)
+    _write(ring, 16, 24)
+    assert not ring.put(0, 1.0, None, None)
+    found = read_ring(ring.path, lambda sender, seq: seq == 1)
     ring.remove()
-    steps = [p[3] for _seq, _t, points in found.frames for p in points]
-    assert steps == list(range(24, 40)) and found.lost == 24
+    assert [(seq, [p[3] for p in points]) for seq, _t, points in found.frames] == [(2, list(range(8, 16))),
+                                                                                   (None, list(range(16, 24)))]
+    assert found.end == 24 and found.lost == 0
 
 
-def test_a_record_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_write_cut_by_the_kill_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ring = _ring(monkeypatch, 16)
-    _write(ring, 0, 5)
-    ring.mm[4 * 40 : 5 * 40] = bytes(40)  # pack_into zeroes the record before it fills it: cut there
+    _write(ring, 0, 4)
+    ring.values[4] = 2.0  # point 4's value and step, but not yet its key id: the call never returned
+    ring.steps[4] = 4
     found = read_ring(ring.path, lambda sender, seq: False)
     ring.remove()
     assert [p[3] for p in found.frames[0][2]] == [0, 1, 2, 3] and found.end == 4
+
+
+def test_points_of_the_general_write_keep_their_missing_step_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 16)
+    assert ring.put(0, 1.5, None, None) and ring.put(0, 10**400, 3, 1700000000.25)
+    ids, values, steps, times = ring.columns(0, 2)
+    found = read_ring(ring.path, lambda sender, seq: False)
+    ring.remove()
+    assert steps == [None, 3] and times == [None, 1700000000.25] and len(ids) == 8
+    assert [p[1:] for p in found.frames[0][2]] == [(WRITTEN, 1.5, 0, 0.0),
+                                                   (WRITTEN | HAS_STEP | HAS_TIME, float("inf"), 3, 1700000000.25)]
 
 
 def test_a_process_that_exits_with_points_unconfirmed_leaves_them_in_the_spool_not_a_ring(
@@ -191,3 +218,94 @@ def test_a_ring_goes_to_the_next_folder_when_the_first_lacks_room(tmp_path: Path
     ring = PointRing.create("s" * 32, "run1", 0, "host")
     assert ring is not None and ring.path.parent == second
     ring.remove()
+
+
+def test_a_small_ring_laps_and_spills_into_the_list_without_losing_or_reordering(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")  # laps every 16 points, and is often full
+    logged = 0
+    with expman.start_experiment("e", "laps", root=root) as exp:
+        for step in range(3000):
+            exp.log_metric("loss", step * 0.5, step=step)
+            logged += 1
+            if step % 7 == 0:
+                exp.log_metrics({"a": step, "b": step + 0.5}, step=step)
+                logged += 2
+            if step % 101 == 0:
+                exp.log_metric("nostep", float(step))
+                logged += 1
+            if step % 100 == 99:  # let the collector store them: the ring's slots come free and it opens again
+                wait_for(lambda: exp.stats()["acked"] >= logged, 60, "the points so far to be stored")
+        assert exp._channel.ring.settled > 160  # its 16 slots were freed and written again and again
+    run = expman.open_run(exp.run_dir)
+    table = run.metrics().to_pylist()
+    loss = [r["step"] for r in table if r["key"] == "loss"]
+    assert sorted(loss) == list(range(3000)) and len(loss) == 3000
+    assert sorted(r["step"] for r in table if r["key"] == "a") == list(range(0, 3000, 7))
+    assert sorted(r["value"] for r in table if r["key"] == "nostep") == [float(s) for s in range(0, 3000, 101)]
+    assert all(r["step"] is None for r in table if r["key"] == "nostep")
+
+
+def test_a_ring_leaves_shared_memory_when_the_machine_is_short_of_memory(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    first, second = tmp_path / "shm", tmp_path / "disk"
+    monkeypatch.setattr(ring_module, "ring_dirs", lambda: [first, second])
+    monkeypatch.setattr(ring_module, "_memory_available", lambda: 64 << 20)  # the folder has room, the RAM not
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "16")
+    ring = PointRing.create("s" * 32, "run1", 0, "host")
+    assert ring is not None and ring.path.parent == second
+    ring.remove()
+
+
+def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "1024")  # laps and fills: the list and the ring both in play
+    per_thread = 20_000
+    with expman.start_experiment("e", "threads", root=root) as exp:
+        def log(key: str) -> None:
+            for step in range(per_thread):
+                exp.log_metric(key, float(step), step=step)
+                if step % 1000 == 0:
+                    exp.log_metrics({f"{key}.a": step, f"{key}.b": float(step)}, step=step)
+
+        threads = [threading.Thread(target=log, args=(f"t{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    table = expman.open_run(exp.run_dir).metrics().to_pylist()
+    for i in range(4):
+        steps = sorted(r["step"] for r in table if r["key"] == f"t{i}")
+        assert steps == list(range(per_thread)), f"thread {i}: {len(steps)} points"
+        assert all(r["value"] == float(r["step"]) for r in table if r["key"] == f"t{i}")
+        assert sorted(r["step"] for r in table if r["key"] == f"t{i}.a") == list(range(0, per_thread, 1000))
+
+
+def test_a_ring_whose_acks_lag_frees_the_slots_of_frames_long_sent(root: Path, short_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal as signals
+    import time
+
+    monkeypatch.setenv("EXPMAN_RING_POINTS", "1024")
+    collector = start_collector(root, short_dir)
+    try:
+        exp = expman.start_experiment("e", "lagging", root=root, collector=collector.endpoint)
+        exp.log_metric("loss", 0.0, step=0)
+        wait_for(lambda: exp.stats()["acked"] == 1, 60, "the first ack")
+        os.kill(collector.proc.pid, signals.SIGSTOP)  # no acks from here on
+        try:
+            for step in range(1, 5000):
+                exp.log_metric("loss", float(step), step=step)
+                if step % 500 == 0:  # the sender frames and sends them; 50 ms later their slots may go
+                    time.sleep(0.1)
+            assert exp._channel.ring.settled > 2048  # slots freed twice over with nothing acknowledged
+        finally:
+            os.kill(collector.proc.pid, signals.SIGCONT)
+        assert exp.finish(timeout=60)
+        steps = expman.open_run(exp.run_dir).metrics(keys=["loss"], columns=["step"]).column("step").to_pylist()
+        assert sorted(steps) == list(range(5000))
+    finally:
+        assert collector.stop() == 0, collector.log()

@@ -61,10 +61,11 @@ def metrics_frames(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     enqueue = Sender._enqueue
 
-    def spy(self: Sender, run: Any, kind: str, body: dict[str, Any], points: int = 0, token: Any = None) -> None:
+    def spy(self: Sender, run: Any, kind: str, body: dict[str, Any], points: int = 0, token: Any = None,
+            **kwargs: Any) -> None:
         if kind == proto.METRICS:
             seen.append(points)
-        enqueue(self, run, kind, body, points, token)
+        enqueue(self, run, kind, body, points, token, **kwargs)
 
     monkeypatch.setattr(Sender, "_enqueue", spy)
     return seen

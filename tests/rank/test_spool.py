@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 import expman
@@ -23,7 +24,11 @@ def _steps(run_dir) -> list[int]:
     return expman.open_run(run_dir).metrics()["step"].to_pylist()
 
 
-def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, short_dir, spool_dir):
+@pytest.mark.parametrize("ring_points", [None, "16"])  # 16: a ring that fills, laps as spilled frames free it
+def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, short_dir, spool_dir, ring_points,
+                                                                        monkeypatch):
+    if ring_points is not None:
+        monkeypatch.setenv("EXPMAN_RING_POINTS", ring_points)
     c = start_collector(root, short_dir)
     try:
         exp = expman.start_experiment("e", "spill", root=root, collector=c.endpoint, max_buffer_bytes=64 * 1024,
@@ -43,6 +48,8 @@ def test_stopped_collector_spills_then_replays_every_point_once_in_order(root, s
         assert list(spool_dir.glob("*.spool")), "a spool file while the collector is stopped"
         stats = exp.stats()
         assert stats["dropped"] == 0 and stats["acked"] == 1
+        if ring_points is not None:
+            assert exp._channel.ring.settled > 16  # its slots were freed (spilled, or long sent) with no ack
         os.kill(c.proc.pid, signal.SIGCONT)
         t1 = time.perf_counter()
         assert exp.finish(timeout=30) is True
