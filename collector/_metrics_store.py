@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 import math
 import threading
 import time
@@ -52,6 +53,17 @@ Ranges = dict[str, list[list[int]]]
 def _to_ranges(frames: list[tuple[str, int]]) -> Ranges:
     """Compress (sender, seq) pairs into sorted, merged [lo, hi] ranges per sender."""
     return _union([{sender: [[seq, seq]]} for sender, seq in frames])
+
+
+def _add_seq(ranges: Ranges, sender: str, seq: int) -> None:
+    """Add one seq to `ranges` (sorted, merged): at once where it extends the last range."""
+    items = ranges.setdefault(sender, [])
+    if items and items[-1][0] <= seq <= items[-1][1] + 1:
+        items[-1][1] = max(items[-1][1], seq)
+    elif not items or seq > items[-1][1]:
+        items.append([seq, seq])
+    else:
+        ranges[sender] = _union([{sender: items}, {sender: [[seq, seq]]}])[sender]
 
 
 def _union(parts: list[Ranges]) -> Ranges:
@@ -140,34 +152,78 @@ def _strings(names: list[str]) -> pa.Array:
     return pa.concat_arrays([pa.array(names[i:i + _GIL_CHUNK], pa.string()) for i in range(0, len(names), _GIL_CHUNK)])
 
 
+class _Packed:
+    """Small frames folded into growing columns, in arrival order: ~20 bytes a point and
+    24 a frame, where a _Small each is a few Python objects (~600 bytes). A run's committed
+    frames wait for their part like this, so a thousand slow runs can each keep a whole
+    run's points until its finish (one part, no merge) in little memory."""
+
+    __slots__ = ("codes", "hosts", "ids", "values", "steps", "ranks", "host_ids", "times", "counts", "num_rows",
+                 "_names", "_mapping")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.hosts: dict[str, int] = {}
+        self.ids, self.values, self.steps = bytearray(), bytearray(), bytearray()  # int32, float64, int64
+        self.ranks, self.host_ids = array("i"), array("i")  # per frame
+        self.times, self.counts = array("q"), array("q")
+        self.num_rows = 0
+        self._names: list[str] | None = None  # the last frame's keys, and its ids' mapping (None: as they are)
+        self._mapping: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, items: list[_Small]) -> _Packed:
+        packed = cls()
+        for item in items:
+            packed.add(item)
+        return packed
+
+    def add(self, item: _Small) -> None:
+        if item.names != self._names:
+            mapping = [self.codes.setdefault(name, len(self.codes)) for name in item.names]
+            self._names = item.names
+            self._mapping = None if mapping == list(range(len(mapping))) else np.array(mapping, np.int32)
+        self.ids += (item.ids if self._mapping is None else self._mapping[item.ids]).astype(np.int32, copy=False).data
+        self.values += item.values
+        self.steps += item.steps
+        self.ranks.append(item.rank)
+        self.host_ids.append(self.hosts.setdefault(item.host, len(self.hosts)))
+        self.times.append(item.time_us)
+        self.counts.append(len(item.ids))
+        self.num_rows += len(item.ids)
+
+    @property
+    def frames(self) -> int:
+        return len(self.counts)
+
+    def table(self) -> pa.Table:
+        """The rows as a table, built with numpy."""
+        counts = np.frombuffer(self.counts, np.int64)
+        return pa.Table.from_arrays([
+            pa.DictionaryArray.from_arrays(pa.array(np.frombuffer(self.ids, np.int32), pa.int32()),
+                                           _strings(list(self.codes))),
+            pa.array(np.frombuffer(self.values, np.float64)),
+            pa.nulls(self.num_rows, pa.string()),
+            pa.array(np.frombuffer(self.steps, np.int64)),
+            pa.array(np.repeat(np.frombuffer(self.ranks, np.int32), counts)),
+            pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.frombuffer(self.host_ids, np.int32), counts)),
+                                           pa.array(list(self.hosts), pa.string())),
+            pa.array(np.repeat(np.frombuffer(self.times, np.int64), counts)).cast(_TIME_TYPE),
+        ], schema=_SCHEMA)
+
+
 def _small_table(items: list[_Small]) -> pa.Table:
     """One table for many small frames, built with numpy."""
-    codes: dict[str, int] = {}
-    hosts: dict[str, int] = {}
-    ids = []
-    for item in items:
-        mapping = np.array([codes.setdefault(name, len(codes)) for name in item.names], np.int32)
-        ids.append(mapping[item.ids] if len(mapping) else item.ids)
-    counts = np.fromiter((len(i.ids) for i in items), np.int64, len(items))
-    n = int(counts.sum())
-    return pa.Table.from_arrays([
-        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), _strings(list(codes))),
-        pa.array(np.frombuffer(b"".join(i.values for i in items), np.float64)),
-        pa.nulls(n, pa.string()),
-        pa.array(np.frombuffer(b"".join(i.steps for i in items), np.int64)),
-        pa.array(np.repeat(np.fromiter((i.rank for i in items), np.int32, len(items)), counts)),
-        pa.DictionaryArray.from_arrays(
-            pa.array(np.repeat(np.fromiter((hosts.setdefault(i.host, len(hosts)) for i in items), np.int32,
-                                           len(items)), counts)), pa.array(list(hosts), pa.string())),
-        pa.array(np.repeat(np.fromiter((i.time_us for i in items), np.int64, len(items)), counts)).cast(_TIME_TYPE),
-    ], schema=_SCHEMA)
+    return _Packed.of(items).table()
 
 
-def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
+def _pending_table(items: list[_Small | _Packed | pa.Table]) -> pa.Table:
     """The rows of pending frames in arrival order (runs of small frames built together)."""
     tables: list[pa.Table] = []
     run: list[_Small] = []
     for item in items:
+        if isinstance(item, _Packed):
+            item = item.table()
         if isinstance(item, _Small):
             run.append(item)
             continue
@@ -183,10 +239,12 @@ def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
 class _Batch:
     """Rows sealed in WAL segments [first, last], on their way to a part."""
 
-    __slots__ = ("items", "frames", "first", "last")
+    __slots__ = ("items", "frames", "first", "last", "summarize")
 
-    def __init__(self, items: list[_Small | pa.Table], frames: Ranges, first: int, last: int) -> None:
+    def __init__(self, items: list[_Small | _Packed | pa.Table], frames: Ranges, first: int, last: int,
+                 summarize: bool) -> None:
         self.items, self.frames, self.first, self.last = items, frames, first, last
+        self.summarize = summarize  # a run's last part: it may stay its only one
 
 
 _INLINE = Background(threads=None)  # stores built without a background (tests, tools) write at once
@@ -201,7 +259,12 @@ class MetricsStore:
         self.metrics_dir = run_dir / METRICS_DIR
         self.wal_dir = run_dir / WAL_DIR / writer
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
-        self._tables: list[pa.Table] = []
+        self._tables: list[_Small | pa.Table] = []  # frames added since the last commit
+        # Committed frames waiting for the next part: small ones packed, others as tables;
+        # the (sender, seq) of all of them as ranges.
+        self._held: list[_Packed | pa.Table] = []
+        self._held_frames = 0
+        self._held_ranges: Ranges = {}
         self.pending_rows = 0
         self.pending_since = 0.0  # monotonic time of the oldest row not yet in a part
         self.rows_written = 0  # by the background: rows put in fresh parts
@@ -259,7 +322,7 @@ class MetricsStore:
     def add(self, raw_frame: bytes, table: pa.Table | _Small, sender: str, seq: int | None) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
         self.wal.append(raw_frame)
-        if not self._tables:
+        if not self._tables and not self._held:
             self.pending_since = time.monotonic()
         self._tables.append(table)
         self._frames.append((sender, -1 if seq is None else seq))
@@ -268,8 +331,8 @@ class MetricsStore:
 
     @property
     def pending_frames(self) -> int:
-        """Frames whose rows wait for the next part (each holds a small table in memory)."""
-        return len(self._tables)
+        """Frames whose rows wait for the next part."""
+        return self._held_frames + len(self._tables)
 
     def sync(self, fsync: bool = True) -> None:
         """Make the frames added since the last sync durable; if that fails (disk full)
@@ -287,8 +350,20 @@ class MetricsStore:
             self._written_from = start
 
     def committed(self) -> None:
-        """The frames written so far are durable."""
-        self._synced_tables = len(self._tables)
+        """The frames written so far are durable: they join the packed ones."""
+        for item, (sender, seq) in zip(self._tables, self._frames):
+            if isinstance(item, _Small):
+                if not self._held or not isinstance(self._held[-1], _Packed):
+                    self._held.append(_Packed())
+                self._held[-1].add(item)  # type: ignore[union-attr]
+            else:
+                self._held.append(item)
+            if seq >= 0:
+                _add_seq(self._held_ranges, sender, seq)
+        self._held_frames += len(self._tables)
+        self._tables.clear()
+        self._frames.clear()
+        self._synced_tables = 0
         self._written_from = None
 
     def commit_failed(self) -> None:
@@ -299,20 +374,24 @@ class MetricsStore:
         self.rollbacks += 1
         del self._tables[self._synced_tables:]
         del self._frames[self._synced_tables:]
-        self.pending_rows = sum(t.num_rows for t in self._tables)
+        self.pending_rows = sum(t.num_rows for t in self._held) + sum(t.num_rows for t in self._tables)
 
-    def flush(self, written: threading.Event | None = None) -> None:
+    def flush(self, written: threading.Event | None = None, last: bool = False) -> None:
         """Seal the current segment; the background writes its rows as a part, then
         deletes the sealed segments and merges what is due. `written` is set once every
-        row added so far is in a part (a finish is answered then)."""
+        row added so far is in a part (a finish is answered then); `last`: the run has
+        ended, so this part may stay its only one (it gets a chart summary)."""
         batch = None
-        if self._tables:
+        if self._tables or self._held:
             sealed = self.wal.rotate()
-            frames = _to_ranges([f for f in self._frames if f[1] >= 0])
-            batch = _Batch(list(self._tables), frames, self._pending_from, sealed)
+            frames = _union([self._held_ranges, _to_ranges([f for f in self._frames if f[1] >= 0])])
+            batch = _Batch([*self._held, *self._tables], frames, self._pending_from, sealed, last)
             self.stored_frames = _union([self.stored_frames, frames])  # in sealed segments until the part is written
             self._tables.clear()
             self._frames.clear()
+            self._held = []
+            self._held_frames = 0
+            self._held_ranges = {}
             self._synced_tables = 0
             self.pending_rows = 0
             self._pending_from = self.wal.number
@@ -332,7 +411,7 @@ class MetricsStore:
         """Background: the batch as a part, then its segments deleted."""
         table = _pending_table(batch.items)
         write_part(table, self.metrics_dir / part_name(0, batch.first, batch.last, self.writer), _SCHEMA,
-                   _frames_metadata(batch.frames), by_key=True, **_ENCODING)
+                   _frames_metadata(batch.frames), summarize=batch.summarize, by_key=True, **_ENCODING)
         batch.items.clear()  # the rows live in the part now: free them before merging
         for number in range(batch.first, batch.last + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
@@ -368,7 +447,7 @@ class MetricsStore:
 
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish), in the background."""
-        self.flush()
+        self.flush(last=True)
         self.compacted = True
         self.background.submit(self._writes, self._merge_all)  # after every write handed over so far
 

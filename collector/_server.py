@@ -52,9 +52,15 @@ RECV_HWM = 10000  # frames ZeroMQ takes in per sender ahead of the loop: a frame
 # process at once, so a kill -9 of the rank right after cannot lose it (tests/rank/test_kill_drain.py)
 RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
 # a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
-FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
-FLUSH_ROWS = 262_144  # ... or once this many wait
-FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
+# A run's rows become a Parquet part once the oldest waited FLUSH_AGE_S (live readers tail the
+# WAL; a run of a few minutes makes one part, at its finish, and no merge), or once FLUSH_ROWS
+# or FLUSH_FRAMES wait, or, largest runs first, while all runs' waiting rows pass PENDING_ROWS.
+# In a bucket readers see only parts: there the age is FLUSH_AGE_BUCKET_S.
+FLUSH_AGE_S = 120.0
+FLUSH_AGE_BUCKET_S = 5.0
+FLUSH_ROWS = 262_144
+FLUSH_FRAMES = 65_536  # committed small frames are packed (~24 bytes each, collector/_metrics_store.py)
+PENDING_ROWS = 4_000_000  # ~100 MB of packed rows across all runs
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
@@ -516,7 +522,8 @@ class Collector:
         elif kind == proto.FINISH:
             # The rank's points are made durable (WAL) before the ack; their part is
             # written, and the run's parts merged into one, in the background.
-            run.sync()
+            if run.store is not None:
+                run.store.sync()
             run.finish_rank(frame)
             written = _Written(self._wake)
             run.flush_metrics(written=written)
@@ -557,6 +564,7 @@ class Collector:
         parent = self.runs.get(parent_uid)
         if parent is not None:
             parent.add_child(child_uid)
+            self._touched.add(parent)  # its run.yaml goes with the next tick's commit
             return
         add_child_on_disk(self.root, parent_uid, child_uid)
 
@@ -596,13 +604,20 @@ class Collector:
         # Frames still waiting (a loop behind its load) may hold the heartbeats a silent
         # rank sent: nobody is judged silent until they are read.
         backlog = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        due: set[Run] = set()  # runs whose run.yaml is to be written: all in one commit
         for uid, run in visit:
             try:
                 self._periodic_run(uid, run, now, parent_gone, vanished, sweep, backlog)
+                if uid in self.runs and run.info_due(now):
+                    due.add(run)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
                 self._internal_error(f"in the periodic work of run {uid}")
+        for run, exc in self.commit.sync(due):
+            self.write_failures.failed(exc, str(run.dir))
+        if sweep:
+            self._flush_largest(now)
         try:
             if sweep and self._releasing:
                 self._release_uploaded()
@@ -610,14 +625,30 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
+    def _flush_largest(self, now: float) -> None:
+        """While the rows waiting in all runs pass PENDING_ROWS, the largest become parts."""
+        waiting = [(run.store.pending_rows, uid) for uid, run in self.runs.items()
+                   if run.store is not None and run.store.pending_rows]
+        total = sum(rows for rows, _ in waiting)
+        if total <= PENDING_ROWS:
+            return
+        for rows, uid in sorted(waiting, reverse=True):
+            if total <= PENDING_ROWS // 2:
+                break
+            run = self.runs[uid]
+            run.flushed_at = now
+            run.flush_metrics(final=run.final_since is not None)
+            total -= rows
+
     def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]],
                       sweep: bool, backlog: bool) -> None:
         store = run.store
+        age = FLUSH_AGE_BUCKET_S if self.mirror is not None else FLUSH_AGE_S
         if store is not None and store.pending_rows and (
             store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
-            or (now - store.pending_since >= FLUSH_AGE_S and now - run.flushed_at >= FLUSH_AGE_S)
+            or (now - store.pending_since >= age and now - run.flushed_at >= age)
         ):
-            run.flushed_at = now  # first: a failing write (full disk) is retried after FLUSH_AGE_S, not every tick
+            run.flushed_at = now  # first: a failing write (full disk) is retried after the age, not every tick
             run.flush_metrics(final=run.final_since is not None)
         elif store is not None and run.final_since is not None:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
@@ -636,7 +667,6 @@ class Collector:
         if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
             run.merged_at = now
             run.merge_remote()  # other hosts' collectors share this run folder
-        run.write_info()
         if run.final_since is not None and now - run.final_since > self.forget_after:
             self.artifacts.close_run(uid, final=True)
             run.save_delivery(self.senders.snapshot(run.senders))
