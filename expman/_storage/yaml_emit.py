@@ -62,15 +62,35 @@ def _scalar(value: Any) -> str:
     raise _Unsure
 
 
-def _line(out: list[str], prefix: str, value: Any) -> None:
-    """`prefix` then a scalar or an empty collection, on one line."""
+def _line(out: list[str], prefix: str, value: Any, indent: int) -> None:
+    """`prefix` then a scalar or an empty collection; a long one with spaces is folded onto
+    lines indented by `indent` as libyaml folds it."""
     if type(value) is dict or type(value) is list:
         text = "{}" if type(value) is dict else "[]"
     else:
         text = _scalar(value)
         if " " in text and len(prefix) + len(text) > _WIDTH:
-            raise _Unsure  # libyaml may wrap it
+            text = _fold(text, len(prefix), indent)
     out.append(prefix + text + "\n")
+
+
+def _fold(text: str, column: int, indent: int) -> str:
+    """libyaml's folding of a plain or single-quoted scalar that starts at `column`: a single
+    space (not the quoted scalar's first or last character) past the best width becomes a
+    line break and the indent."""
+    quoted = text.startswith("'")
+    pieces: list[str] = []
+    start = 0
+    for i, char in enumerate(text):
+        if (char == " " and column > _WIDTH and text[i - 1] != " " and text[i + 1] != " "
+                and not (quoted and (i == 1 or i == len(text) - 2))):
+            pieces.append(text[start:i])
+            start = i + 1
+            column = indent
+        else:
+            column += 1
+    pieces.append(text[start:])
+    return ("\n" + " " * indent).join(pieces)
 
 
 def _mapping(out: list[str], data: dict[Any, Any], indent: int, first: str | None = None) -> None:
@@ -91,7 +111,7 @@ def _mapping(out: list[str], data: dict[Any, Any], indent: int, first: str | Non
             else:
                 _sequence(out, value, indent)  # lists in maps are not indented
         else:
-            _line(out, head + " ", value)
+            _line(out, head + " ", value, indent + 2)
 
 
 def _sequence(out: list[str], data: list[Any], indent: int) -> None:
@@ -104,7 +124,7 @@ def _sequence(out: list[str], data: list[Any], indent: int) -> None:
             _sequence(out, item, indent + 2)
             out[start] = dash + out[start][indent + 2:]
         else:
-            _line(out, dash, item)
+            _line(out, dash, item, indent + 2)
 
 
 def emit(data: dict[Any, Any]) -> str | None:
