@@ -28,7 +28,7 @@ from expman._errors import ProtocolError
 from expman._storage.layout import HOSTS_DIR
 from expman._wire.limits import check_envelope, check_name
 
-from ._background import Background
+from ._background import Background, give_back_memory
 from ._commit import GroupCommit
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
@@ -61,6 +61,9 @@ FLUSH_AGE_BUCKET_S = 5.0
 FLUSH_ROWS = 262_144
 FLUSH_FRAMES = 65_536  # committed small frames are packed (~24 bytes each, collector/_metrics_store.py)
 PENDING_ROWS = 4_000_000  # ~100 MB of packed rows across all runs
+# After this much input, a sweep with nothing waiting returns freed memory to the OS: a burst
+# (a thousand runs' hellos at once) leaves ZeroMQ's I/O thread's malloc arena at its peak.
+TRIM_AFTER_BYTES = 16 << 20
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
@@ -78,6 +81,21 @@ SWITCH_INTERVAL_S = 0.0005
 STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (parts are written whatever):
 # a local collector is killed 10 s after SIGTERM (expman/_rank/local_collector.py)
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
+
+
+def over_budget(waiting: dict[str, int], budget: int) -> list[str]:
+    """The runs whose waiting rows become parts now: none while all of them stay within
+    `budget`, else the largest first until half of it is left (so this is not every sweep)."""
+    total = sum(waiting.values())
+    if total <= budget:
+        return []
+    chosen = []
+    for uid in sorted(waiting, key=waiting.__getitem__, reverse=True):
+        if total <= budget // 2:
+            break
+        chosen.append(uid)
+        total -= waiting[uid]
+    return chosen
 
 
 class _Written(threading.Event):
@@ -110,9 +128,11 @@ class Collector:
         curve: CurveServer | None = None,
         forward_keys: ClientKeys | None = None,
         forget_after: float = FORGET_FINISHED_AFTER_S,
+        part_age: float | None = None,
     ) -> None:
         self.root = root
         self.forget_after = forget_after
+        self.part_age = part_age  # None: FLUSH_AGE_S, or FLUSH_AGE_BUCKET_S with a bucket root
         # A bucket root (attach_mirror): runs closed here whose staging folder goes once they are
         # all in the bucket (run id -> folder), and those already gone (run id -> bucket location).
         self.mirror: BucketMirror | None = None
@@ -174,6 +194,7 @@ class Collector:
         self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
         self._last_turn = 0.0
         self._last_turn_bytes = 0
+        self._bytes_since_trim = 0
 
     def attach_mirror(self, mirror: BucketMirror) -> None:
         """A bucket root: runs this collector closes leave the staging folder once all of them
@@ -305,6 +326,7 @@ class Collector:
         turn = Turn()
         messages = self._receive()
         self._last_turn_bytes = sum(len(parts[-1]) for parts in messages)
+        self._bytes_since_trim += self._last_turn_bytes
         for parts in messages:
             try:
                 self._take(parts, turn)
@@ -618,6 +640,9 @@ class Collector:
             self.write_failures.failed(exc, str(run.dir))
         if sweep:
             self._flush_largest(now)
+            if self._bytes_since_trim >= TRIM_AFTER_BYTES and not backlog:
+                self._bytes_since_trim = 0
+                give_back_memory()
         try:
             if sweep and self._releasing:
                 self._release_uploaded()
@@ -627,23 +652,16 @@ class Collector:
 
     def _flush_largest(self, now: float) -> None:
         """While the rows waiting in all runs pass PENDING_ROWS, the largest become parts."""
-        waiting = [(run.store.pending_rows, uid) for uid, run in self.runs.items()
-                   if run.store is not None and run.store.pending_rows]
-        total = sum(rows for rows, _ in waiting)
-        if total <= PENDING_ROWS:
-            return
-        for rows, uid in sorted(waiting, reverse=True):
-            if total <= PENDING_ROWS // 2:
-                break
+        waiting = {uid: run.store.pending_rows for uid, run in self.runs.items() if run.store is not None}
+        for uid in over_budget(waiting, PENDING_ROWS):
             run = self.runs[uid]
             run.flushed_at = now
             run.flush_metrics(final=run.final_since is not None)
-            total -= rows
 
     def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]],
                       sweep: bool, backlog: bool) -> None:
         store = run.store
-        age = FLUSH_AGE_BUCKET_S if self.mirror is not None else FLUSH_AGE_S
+        age = self.part_age or (FLUSH_AGE_BUCKET_S if self.mirror is not None else FLUSH_AGE_S)
         if store is not None and store.pending_rows and (
             store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
             or (now - store.pending_since >= age and now - run.flushed_at >= age)

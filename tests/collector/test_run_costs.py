@@ -22,6 +22,7 @@ from expman.collector import _runs
 from expman.collector._commit import GroupCommit
 from expman.collector._metrics_store import MetricsStore
 from expman.collector._runs import Run
+from expman.collector._server import over_budget
 
 from _helpers import wait_for
 from conftest import start_collector
@@ -151,3 +152,9 @@ def test_committed_small_frames_are_packed_and_a_failed_commit_drops_only_its_ow
     table = pq.read_table(next((tmp_path / "run" / "metrics").glob("*.parquet")))
     assert sorted(table.column("step").to_pylist()) == list(range(10))
     assert store.stored_frames == {"s": [[0, 4]]}
+
+
+def test_runs_past_the_memory_budget_flush_largest_first_down_to_half():
+    assert over_budget({"a": 10, "b": 20}, 100) == []
+    assert over_budget({"a": 10, "b": 60, "c": 40, "d": 5}, 100) == ["b", "c"]  # 115 -> 55 -> 15
+    assert over_budget({"a": 30, "b": 30, "c": 30, "d": 30}, 100) == ["a", "b", "c"]  # 120 -> 30
