@@ -63,7 +63,7 @@ FLUSH_FRAMES = 65_536  # committed small frames are packed (~24 bytes each, coll
 PENDING_ROWS = 4_000_000  # ~100 MB of packed rows across all runs
 # After this much input, a sweep with nothing waiting returns freed memory to the OS: a burst
 # (a thousand runs' hellos at once) leaves ZeroMQ's I/O thread's malloc arena at its peak.
-TRIM_AFTER_BYTES = 16 << 20
+TRIM_AFTER_BYTES = 4 << 20
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
