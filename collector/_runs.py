@@ -493,9 +493,12 @@ class Run:
             "finished": {str(r): v for r, v in self.finished_by.items()},
             "log_bytes": self._log_bytes,
         }
-        self._delivery_path.parent.mkdir(exist_ok=True)
         tmp = self._delivery_path.with_name(f".{self._delivery_path.name}.tmp")
-        tmp.write_text(json.dumps(record, separators=(",", ":")))
+        try:
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
+        except FileNotFoundError:  # the first record
+            tmp.parent.mkdir(exist_ok=True)
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
         os.replace(tmp, self._delivery_path)  # a kill leaves the old record or the new one
         self.delivered = windows
         self.delivery_dirty = False

@@ -107,8 +107,11 @@ def write_yaml_atomic(path: Path, data: dict[str, Any], fsync: bool = True) -> N
 def write_text_atomic(path: Path, text: str, fsync: bool = True) -> None:
     """`text` into a temp file beside `path`, renamed over it. `fsync=False` leaves the
     data to a commit that follows (the collector's group commit syncs the filesystem)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except FileNotFoundError:  # the folder first (not every time: a collector rewrites files often)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode any new file gets
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
