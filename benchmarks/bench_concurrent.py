@@ -10,7 +10,8 @@ runs open gives the cost of an idle run.
 Reported per N: finish() True count, runs `finished` in run.yaml, points stored (each
 run's steps exactly 0..points-1, once), collector CPU per point (from "go" to the last
 finish), collector peak RSS (VmHWM), RSS per idle run, wall time, and the rank processes'
-CPU per point while logging (their sender threads included) and while in finish().
+CPU per point while logging (their sender threads included) and while in finish(), and the
+machine's 1-minute load average at "go" and at the end (other jobs share the machine).
 
     python benchmarks/bench_concurrent.py                     # N = 10 and 100
     python benchmarks/bench_concurrent.py --runs 1000 --per-process 50
@@ -173,7 +174,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
                 raise RuntimeError(f"a rank process said {line!r}")
         time.sleep(2.0)  # let the collector settle with every run open and idle
         rss_idle = proc_kb(pid, "VmRSS")
-        cpu0, t0, machine0 = proc_cpu_s(pid), time.monotonic(), machine_cpu_s()
+        cpu0, t0, machine0, load0 = proc_cpu_s(pid), time.monotonic(), machine_cpu_s(), os.getloadavg()[0]
         ranks_cpu0 = sum(os.times()[2:4])  # children that ended: the rank processes
         for p in procs:
             p.stdin.write("go\n")
@@ -185,7 +186,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
             log_cpu += out["log_cpu_s"]
             finish_cpu += out["finish_cpu_s"]
             p.wait(60)
-        wall = time.monotonic() - t0
+        wall, load1 = time.monotonic() - t0, os.getloadavg()[0]
         ranks_cpu = sum(os.times()[2:4]) - ranks_cpu0
         cpu = proc_cpu_s(pid) - cpu0
         machine = machine_cpu_s() - machine0
@@ -205,6 +206,7 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
         "ranks_cpu_s": round(ranks_cpu, 1), "cpu_us_per_point": round(cpu / total * 1e6, 1),
         "rank_cpu_us_per_point": round(log_cpu / total * 1e6, 1), "ranks_finish_cpu_s": round(finish_cpu, 1),
         "collector_peak_rss_mb": round(hwm / 1024, 1), "idle_run_kb": round((rss_idle - rss0) / n, 1),
+        "load": [round(load0, 1), round(load1, 1)],  # 1-minute load average at "go" and at the last finish
         "_work": str(work),
     }
 

@@ -63,7 +63,7 @@ def _lower_priority() -> None:
         pass  # elsewhere: the same priority as the rest
 
 
-def _give_back_memory() -> None:
+def give_back_memory() -> None:
     """After each job: Arrow's pool and malloc's arenas return what a part or merge used."""
     pa.default_memory_pool().release_unused()
     _MALLOC_TRIM(0)
@@ -135,7 +135,7 @@ class Background:
                     log.error("background work for %s failed (%r); trying again in %.0f s", owner, exc, RETRY_S)
                 return
             finally:
-                _give_back_memory()
+                give_back_memory()
             with self._lock:
                 queue.popleft()
 

@@ -28,14 +28,14 @@ from ._artifacts import COMPRESSIONS, ArtifactSettings
 from ._auth import CurveServer
 from ._bucket import UPLOAD_BATCH_BYTES, UPLOAD_INTERVAL_S, BucketMirror
 from ._sdnotify import Notifier, ServiceStatus
-from ._server import FORGET_FINISHED_AFTER_S, FORGET_UPLOADED_AFTER_S, Collector
+from ._server import FLUSH_AGE_BUCKET_S, FLUSH_AGE_S, FORGET_FINISHED_AFTER_S, FORGET_UPLOADED_AFTER_S, Collector
 
 log = logging.getLogger("expman.collector")
 
 _CONFIG_KEYS = {"root", "bind", "heartbeat_timeout", "log_level", "forward", "name", "socket_mode", "hardware_interval",
                 "encrypt_artifacts", "key_file", "artifact_compression", "curve_secret", "curve_allow",
                 "forward_server_key", "forward_client_key", "group_readable", "staging_dir", "upload_interval",
-                "upload_batch_bytes", "forget_after"}
+                "upload_batch_bytes", "forget_after", "part_age"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +59,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="close a finished run this long after it ended (late frames reopen it until then); with a "
                         "bucket root its staging folder is then removed once all of it is in the bucket "
                         f"(default: {FORGET_FINISHED_AFTER_S:.0f}, {FORGET_UPLOADED_AFTER_S:.0f} with a bucket root)")
+    p.add_argument("--part-age", type=positive_seconds, metavar="SECONDS",
+                   help="a run's points wait in its write-ahead log at most this long before they become a Parquet part "
+                        "(live readers tail the log; a run shorter than this ends with one part) "
+                        f"(default: {FLUSH_AGE_S:.0f}, {FLUSH_AGE_BUCKET_S:.0f} with a bucket root, whose readers see only parts)")
     p.add_argument("--config", metavar="FILE", type=config_file,
                    help="YAML file with any of: root, bind (list), heartbeat_timeout, log_level, forward, name, socket_mode, "
                         "hardware_interval, encrypt_artifacts, key_file, artifact_compression, curve_secret, "
-                        "curve_allow, forward_server_key, forward_client_key, staging_dir, upload_interval, upload_batch_bytes, forget_after "
+                        "curve_allow, forward_server_key, forward_client_key, staging_dir, upload_interval, upload_batch_bytes, forget_after, part_age "
                         "(the command line wins)")
     p.add_argument("--heartbeat-timeout", type=positive_seconds, metavar="SECONDS",
                    help="seconds without a frame before a rank counts as lost (default: two of the rank's heartbeat intervals)")
@@ -156,7 +160,7 @@ def _socket_mode_option(text: Any) -> int:
 _CONFIG_TYPES: dict[str, Callable[[Any], Any]] = {
     "bind": endpoint, "forward": endpoint, "log_level": log_level, "heartbeat_timeout": positive_seconds,
     "hardware_interval": positive_seconds, "socket_mode": _socket_mode_option, "upload_interval": positive_seconds,
-    "upload_batch_bytes": number(int, low=1), "forget_after": positive_seconds,
+    "upload_batch_bytes": number(int, low=1), "forget_after": positive_seconds, "part_age": positive_seconds,
 }
 
 
@@ -246,6 +250,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
     hardware_interval = args.hardware_interval or config.get("hardware_interval") or 1.0
     forget_after = args.forget_after or config.get("forget_after") or (
         FORGET_UPLOADED_AFTER_S if bucket else FORGET_FINISHED_AFTER_S)
+    part_age = args.part_age or config.get("part_age")
     key_file = args.key_file or config.get("key_file")
     try:
         artifacts = ArtifactSettings(
@@ -266,7 +271,7 @@ def _collector(parser: argparse.ArgumentParser, args: argparse.Namespace, config
                               idle_exit=args.idle_exit, forward=forward, curve=curve, forward_keys=forward_keys,
                               name=args.name or config.get("name"), artifacts=artifacts,
                               hardware_interval=float(hardware_interval),
-                              forget_after=float(forget_after))
+                              forget_after=float(forget_after), part_age=float(part_age) if part_age else None)
     except (ArtifactError, CurveKeyError, ValueError) as exc:  # a key file or setting named by an option
         parser.error(str(exc))
     except zmq.ZMQError as exc:  # the address is taken, or not this host's; the socket file's folder is not writable

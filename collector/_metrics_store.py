@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 import math
 import threading
 import time
@@ -53,6 +54,17 @@ Ranges = dict[str, list[list[int]]]
 def _to_ranges(frames: list[tuple[str, int]]) -> Ranges:
     """Compress (sender, seq) pairs into sorted, merged [lo, hi] ranges per sender."""
     return _union([{sender: [[seq, seq]]} for sender, seq in frames])
+
+
+def _add_seq(ranges: Ranges, sender: str, seq: int) -> None:
+    """Add one seq to `ranges` (sorted, merged): at once where it extends the last range."""
+    items = ranges.setdefault(sender, [])
+    if items and items[-1][0] <= seq <= items[-1][1] + 1:
+        items[-1][1] = max(items[-1][1], seq)
+    elif not items or seq > items[-1][1]:
+        items.append([seq, seq])
+    else:
+        ranges[sender] = _union([{sender: items}, {sender: [[seq, seq]]}])[sender]
 
 
 def _union(parts: list[Ranges]) -> Ranges:
@@ -142,99 +154,141 @@ def _strings(names: list[str]) -> pa.Array:
     return pa.concat_arrays([pa.array(names[i:i + _GIL_CHUNK], pa.string()) for i in range(0, len(names), _GIL_CHUNK)])
 
 
-def _small_table(items: list[_Small]) -> pa.Table:
-    """One table for many small frames, built with numpy."""
-    codes: dict[str, int] = {}
-    hosts: dict[str, int] = {}
-    ids = []
-    for item in items:
-        mapping = np.array([codes.setdefault(name, len(codes)) for name in item.names], np.int32)
-        ids.append(mapping[item.ids] if len(mapping) else item.ids)
-    counts = np.fromiter((len(i.ids) for i in items), np.int64, len(items))
-    n = int(counts.sum())
-    return pa.Table.from_arrays([
-        pa.DictionaryArray.from_arrays(pa.array(np.concatenate(ids), pa.int32()), _strings(list(codes))),
-        pa.array(np.frombuffer(b"".join(i.values for i in items), np.float64)),
-        pa.nulls(n, pa.string()),
-        pa.array(np.frombuffer(b"".join(i.steps for i in items), np.int64)),
-        pa.array(np.repeat(np.fromiter((i.rank for i in items), np.int32, len(items)), counts)),
-        pa.DictionaryArray.from_arrays(
-            pa.array(np.repeat(np.fromiter((hosts.setdefault(i.host, len(hosts)) for i in items), np.int32,
-                                           len(items)), counts)), pa.array(list(hosts), pa.string())),
-        pa.array(np.repeat(np.fromiter((i.time_us for i in items), np.int64, len(items)), counts)).cast(_TIME_TYPE),
-    ], schema=_SCHEMA)
+class _Packed:
+    """Small frames folded into growing columns, in arrival order: ~20 bytes a point and
+    24 a frame, where a _Small each is a few Python objects (~600 bytes). A run's committed
+    frames wait for their part like this, so a thousand slow runs can each keep a whole
+    run's points until its finish (one part, no merge) in little memory."""
+
+    __slots__ = ("codes", "hosts", "ids", "values", "steps", "ranks", "host_ids", "times", "counts", "num_rows",
+                 "_names", "_mapping")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.hosts: dict[str, int] = {}
+        self.ids, self.values, self.steps = bytearray(), bytearray(), bytearray()  # int32, float64, int64
+        self.ranks, self.host_ids = array("i"), array("i")  # per frame
+        self.times, self.counts = array("q"), array("q")
+        self.num_rows = 0
+        self._names: list[str] | None = None  # the last frame's keys, and its ids' mapping (None: as they are)
+        self._mapping: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, items: list[_Small]) -> _Packed:
+        packed = cls()
+        for item in items:
+            packed.add(item)
+        return packed
+
+    def add(self, item: _Small) -> None:
+        if item.names != self._names:
+            mapping = [self.codes.setdefault(name, len(self.codes)) for name in item.names]
+            self._names = item.names
+            self._mapping = None if mapping == list(range(len(mapping))) else np.array(mapping, np.int32)
+        self.ids += (item.ids if self._mapping is None else self._mapping[item.ids]).astype(np.int32, copy=False).data
+        self.values += item.values
+        self.steps += item.steps
+        self.ranks.append(item.rank)
+        self.host_ids.append(self.hosts.setdefault(item.host, len(self.hosts)))
+        self.times.append(item.time_us)
+        self.counts.append(len(item.ids))
+        self.num_rows += len(item.ids)
+
+    @property
+    def frames(self) -> int:
+        return len(self.counts)
+
+    def extend(self, other: _Packed) -> None:
+        """Append another packed run of frames (its key and host codes mapped to ours)."""
+        keys = np.array([self.codes.setdefault(name, len(self.codes)) for name in other.codes], np.int32)
+        hosts = np.array([self.hosts.setdefault(name, len(self.hosts)) for name in other.hosts], np.int32)
+        if other.num_rows:
+            self.ids += keys[np.frombuffer(other.ids, np.int32)].data
+        self.values += other.values
+        self.steps += other.steps
+        self.ranks.extend(other.ranks)
+        self.host_ids.frombytes(hosts[np.frombuffer(other.host_ids, np.int32)].tobytes() if other.frames else b"")
+        self.times.extend(other.times)
+        self.counts.extend(other.counts)
+        self.num_rows += other.num_rows
+        self._names = None
+
+    @classmethod
+    def joined(cls, items: list[_Small | _Packed]) -> _Packed:
+        """The items' rows as one packed run (the item itself when there is one packed)."""
+        if len(items) == 1 and isinstance(items[0], _Packed):
+            return items[0]
+        packed = cls()
+        for item in items:
+            if isinstance(item, _Packed):
+                packed.extend(item)
+            else:
+                packed.add(item)
+        return packed
 
 
-def _keyed_rows(items: list[_Small]) -> KeyedRows:
-    """Small frames' rows in key order (a stable order: each key keeps its arrival order),
-    made a row group at a time. The order comes from ranking the few key names; rows that
-    arrive in key order already (a log_metric loop, or each key in its own frames) are
-    written straight from the frames' buffers, and only interleaved keys are gathered from
-    joined columns (20 bytes a row). Never a table of the whole part, nor a sorted copy.
-    `items` is emptied: the rows belong to the row groups now."""
-    frames = list(items)
-    items.clear()
-    codes: dict[str, int] = {}
-    hosts: dict[str, int] = {}
-    ids = []
-    for item in frames:
-        mapping = np.array([codes.setdefault(name, len(codes)) for name in item.names], np.int32)
-        ids.append(mapping[item.ids] if len(mapping) else item.ids)
-    counts = np.fromiter((len(i.ids) for i in frames), np.int64, len(frames))
-    starts = np.cumsum(counts) - counts
-    n = int(counts.sum())
-    ranks = np.fromiter((i.rank for i in frames), np.int32, len(frames))
-    host_of = np.fromiter((hosts.setdefault(i.host, len(hosts)) for i in frames), np.int32, len(frames))
-    times = np.fromiter((i.time_us for i in frames), np.int64, len(frames))
-    # Sorted in Arrow, without the GIL (UTF-8 byte order is str order): a key's position
-    # among the sorted names is the dictionary code its rows are written with.
-    names = _strings(list(codes))
-    order_of_name = pc.array_sort_indices(names).to_numpy()
-    position = np.empty(len(codes), np.int32)
-    position[order_of_name] = np.arange(len(codes), dtype=np.int32)
-    key = position[np.concatenate(ids)] if len(codes) > 1 else np.zeros(n, np.int32)
-    del ids
-    per_key = np.bincount(key, minlength=len(codes)) if len(codes) > 1 else np.array([n] * len(codes), np.int64)
-    in_order = len(codes) <= 1 or bool((np.diff(key) >= 0).all())
-    dictionary = names.take(pa.array(order_of_name))
-    host_names = pa.array(list(hosts), pa.string())
-
-    def table(rows: np.ndarray | slice, frame: np.ndarray, values: pa.Array | pa.ChunkedArray,
-              steps: pa.Array | pa.ChunkedArray) -> pa.Table:
-        m = len(frame)
+    def table(self) -> pa.Table:
+        """The rows as a table, built with numpy."""
+        counts = np.frombuffer(self.counts, np.int64)
         return pa.Table.from_arrays([
-            pa.DictionaryArray.from_arrays(pa.array(key[rows]), dictionary), values, pa.nulls(m, pa.string()), steps,
-            pa.array(ranks[frame]), pa.DictionaryArray.from_arrays(pa.array(host_of[frame]), host_names),
-            pa.Array.from_buffers(_TIME_TYPE, m, [None, pa.py_buffer(times[frame])]),
+            pa.DictionaryArray.from_arrays(pa.array(np.frombuffer(self.ids, np.int32), pa.int32()),
+                                           _strings(list(self.codes))),
+            pa.array(np.frombuffer(self.values, np.float64)),
+            pa.nulls(self.num_rows, pa.string()),
+            pa.array(np.frombuffer(self.steps, np.int64)),
+            pa.array(np.repeat(np.frombuffer(self.ranks, np.int32), counts)),
+            pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.frombuffer(self.host_ids, np.int32), counts)),
+                                           pa.array(list(self.hosts), pa.string())),
+            pa.array(np.repeat(np.frombuffer(self.times, np.int64), counts)).cast(_TIME_TYPE),
         ], schema=_SCHEMA)
 
-    def in_arrival_order() -> Iterator[pa.Table]:
-        for start in range(0, n, ROW_GROUP):
-            stop = min(n, start + ROW_GROUP)
-            first, last = np.searchsorted(starts, [start, stop], side="right") - 1
-            values, steps, taken, lengths = [], [], [], []
-            for i in range(first, min(last + 1, len(frames))):
-                a, b = max(start - starts[i], 0), min(stop - starts[i], counts[i])
-                if b > a:
-                    values.append(pa.array(np.frombuffer(frames[i].values, np.float64)[a:b]))
-                    steps.append(pa.array(np.frombuffer(frames[i].steps, np.int64)[a:b]))
-                    taken.append(i)
-                    lengths.append(b - a)
-                if starts[i] + counts[i] <= stop:
-                    frames[i] = None  # type: ignore[call-overload]  # written: let it go
-            frame = np.repeat(np.array(taken, np.int64), lengths)
-            yield table(slice(start, stop), frame, pa.chunked_array(values, pa.float64()),
-                        pa.chunked_array(steps, pa.int64()))
 
-    def gathered() -> Iterator[pa.Table]:
-        order = np.argsort(key, kind="stable")
-        frame_of = np.repeat(np.arange(len(frames), dtype=np.int32), counts)
-        values = np.frombuffer(b"".join(i.values for i in frames), np.float64)
-        steps = np.frombuffer(b"".join(i.steps for i in frames), np.int64)
-        frames.clear()
+def _small_table(items: list[_Small]) -> pa.Table:
+    """One table for many small frames, built with numpy."""
+    return _Packed.of(items).table()
+
+
+def _keyed_rows(items: list[_Small | _Packed]) -> KeyedRows:
+    """Small frames' rows in key order (a stable order: each key keeps its arrival order),
+    made a row group at a time from their packed columns. The order comes from ranking the
+    few key names; rows that arrive in key order already (a log_metric loop, or each key in
+    its own frames) are sliced as they are, and only interleaved keys are gathered. Never a
+    table of the whole part, nor a sorted copy. `items` is emptied: the rows belong to the
+    row groups now."""
+    packed = _Packed.joined(items)
+    items.clear()
+    n = packed.num_rows
+    counts = np.frombuffer(packed.counts, np.int64)
+    frame_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    ranks = np.frombuffer(packed.ranks, np.int32)
+    host_of = np.frombuffer(packed.host_ids, np.int32)
+    times = np.frombuffer(packed.times, np.int64)
+    values = np.frombuffer(packed.values, np.float64)
+    steps = np.frombuffer(packed.steps, np.int64)
+    # Sorted in Arrow, without the GIL (UTF-8 byte order is str order): a key's position
+    # among the sorted names is the dictionary code its rows are written with.
+    names = _strings(list(packed.codes))
+    order_of_name = pc.array_sort_indices(names).to_numpy()
+    position = np.empty(len(names), np.int32)
+    position[order_of_name] = np.arange(len(names), dtype=np.int32)
+    key = position[np.frombuffer(packed.ids, np.int32)] if len(names) > 1 else np.zeros(n, np.int32)
+    per_key = np.bincount(key, minlength=len(names)) if len(names) > 1 else np.array([n] * len(names), np.int64)
+    in_order = len(names) <= 1 or bool((np.diff(key) >= 0).all())
+    dictionary = names.take(pa.array(order_of_name))
+    host_names = pa.array(list(packed.hosts), pa.string())
+
+    def groups() -> Iterator[pa.Table]:
+        order = None if in_order else np.argsort(key, kind="stable")
         for start in range(0, n, ROW_GROUP):
-            rows = order[start:start + ROW_GROUP]
-            yield table(rows, frame_of[rows], pa.array(values[rows]), pa.array(steps[rows]))
+            rows = slice(start, min(n, start + ROW_GROUP)) if order is None else order[start:start + ROW_GROUP]
+            frame = frame_of[rows]
+            m = len(frame)
+            yield pa.Table.from_arrays([
+                pa.DictionaryArray.from_arrays(pa.array(key[rows]), dictionary), pa.array(values[rows]),
+                pa.nulls(m, pa.string()), pa.array(steps[rows]), pa.array(ranks[frame]),
+                pa.DictionaryArray.from_arrays(pa.array(host_of[frame]), host_names),
+                pa.Array.from_buffers(_TIME_TYPE, m, [None, pa.py_buffer(times[frame])]),
+            ], schema=_SCHEMA)
 
     present = np.flatnonzero(per_key)
     first = (np.cumsum(per_key) - per_key)[present].tolist()
@@ -243,14 +297,16 @@ def _keyed_rows(items: list[_Small]) -> KeyedRows:
     for i in range(0, len(present), _GIL_CHUNK):  # in pieces: each call holds the GIL
         chunk = dictionary.take(pa.array(present[i:i + _GIL_CHUNK])).to_pylist()
         index.update(zip(chunk, zip(first[i:i + _GIL_CHUNK], rows_of[i:i + _GIL_CHUNK])))
-    return KeyedRows(in_arrival_order() if in_order else gathered(), index)
+    return KeyedRows(groups(), index)
 
 
-def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
+def _pending_table(items: list[_Small | _Packed | pa.Table]) -> pa.Table:
     """The rows of pending frames in arrival order (runs of small frames built together)."""
     tables: list[pa.Table] = []
     run: list[_Small] = []
     for item in items:
+        if isinstance(item, _Packed):
+            item = item.table()
         if isinstance(item, _Small):
             run.append(item)
             continue
@@ -266,10 +322,12 @@ def _pending_table(items: list[_Small | pa.Table]) -> pa.Table:
 class _Batch:
     """Rows sealed in WAL segments [first, last], on their way to a part."""
 
-    __slots__ = ("items", "frames", "first", "last")
+    __slots__ = ("items", "frames", "first", "last", "summarize")
 
-    def __init__(self, items: list[_Small | pa.Table], frames: Ranges, first: int, last: int) -> None:
+    def __init__(self, items: list[_Small | _Packed | pa.Table], frames: Ranges, first: int, last: int,
+                 summarize: bool) -> None:
         self.items, self.frames, self.first, self.last = items, frames, first, last
+        self.summarize = summarize  # a run's last part: it may stay its only one
 
 
 _INLINE = Background(threads=None)  # stores built without a background (tests, tools) write at once
@@ -284,7 +342,12 @@ class MetricsStore:
         self.metrics_dir = run_dir / METRICS_DIR
         self.wal_dir = run_dir / WAL_DIR / writer
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
-        self._tables: list[pa.Table] = []
+        self._tables: list[_Small | pa.Table] = []  # frames added since the last commit
+        # Committed frames waiting for the next part: small ones packed, others as tables;
+        # the (sender, seq) of all of them as ranges.
+        self._held: list[_Packed | pa.Table] = []
+        self._held_frames = 0
+        self._held_ranges: Ranges = {}
         self.pending_rows = 0
         self.pending_since = 0.0  # monotonic time of the oldest row not yet in a part
         self.rows_written = 0  # by the background: rows put in fresh parts
@@ -342,7 +405,7 @@ class MetricsStore:
     def add(self, raw_frame: bytes, table: pa.Table | _Small, sender: str, seq: int | None) -> None:
         """Log the frame ahead; its rows go to Parquet at the next flush."""
         self.wal.append(raw_frame)
-        if not self._tables:
+        if not self._tables and not self._held:
             self.pending_since = time.monotonic()
         self._tables.append(table)
         self._frames.append((sender, -1 if seq is None else seq))
@@ -351,8 +414,8 @@ class MetricsStore:
 
     @property
     def pending_frames(self) -> int:
-        """Frames whose rows wait for the next part (each holds a small table in memory)."""
-        return len(self._tables)
+        """Frames whose rows wait for the next part."""
+        return self._held_frames + len(self._tables)
 
     def sync(self, fsync: bool = True) -> None:
         """Make the frames added since the last sync durable; if that fails (disk full)
@@ -370,9 +433,22 @@ class MetricsStore:
             self._written_from = start
 
     def committed(self) -> None:
-        """The frames written so far are durable; PART_ROWS of them waiting become a part at
-        once (the receive loop's look at its runs may come late when it is behind)."""
-        self._synced_tables = len(self._tables)
+        """The frames written so far are durable: they join the packed ones; PART_ROWS of
+        them waiting become a part at once (the receive loop's look at its runs may come
+        late when it is behind)."""
+        for item, (sender, seq) in zip(self._tables, self._frames):
+            if isinstance(item, _Small):
+                if not self._held or not isinstance(self._held[-1], _Packed):
+                    self._held.append(_Packed())
+                self._held[-1].add(item)  # type: ignore[union-attr]
+            else:
+                self._held.append(item)
+            if seq >= 0:
+                _add_seq(self._held_ranges, sender, seq)
+        self._held_frames += len(self._tables)
+        self._tables.clear()
+        self._frames.clear()
+        self._synced_tables = 0
         self._written_from = None
         if self.pending_rows >= PART_ROWS:
             self.flush()
@@ -385,20 +461,24 @@ class MetricsStore:
         self.rollbacks += 1
         del self._tables[self._synced_tables:]
         del self._frames[self._synced_tables:]
-        self.pending_rows = sum(t.num_rows for t in self._tables)
+        self.pending_rows = sum(t.num_rows for t in self._held) + sum(t.num_rows for t in self._tables)
 
-    def flush(self, written: threading.Event | None = None) -> None:
+    def flush(self, written: threading.Event | None = None, last: bool = False) -> None:
         """Seal the current segment; the background writes its rows as a part, then
         deletes the sealed segments and merges what is due. `written` is set once every
-        row added so far is in a part (a finish is answered then)."""
+        row added so far is in a part (a finish is answered then); `last`: the run has
+        ended, so this part may stay its only one (it gets a chart summary)."""
         batch = None
-        if self._tables:
+        if self._tables or self._held:
             sealed = self.wal.rotate()
-            frames = _to_ranges([f for f in self._frames if f[1] >= 0])
-            batch = _Batch(list(self._tables), frames, self._pending_from, sealed)
+            frames = _union([self._held_ranges, _to_ranges([f for f in self._frames if f[1] >= 0])])
+            batch = _Batch([*self._held, *self._tables], frames, self._pending_from, sealed, last)
             self.stored_frames = _union([self.stored_frames, frames])  # in sealed segments until the part is written
             self._tables.clear()
             self._frames.clear()
+            self._held = []
+            self._held_frames = 0
+            self._held_ranges = {}
             self._synced_tables = 0
             self.pending_rows = 0
             self._pending_from = self.wal.number
@@ -417,12 +497,12 @@ class MetricsStore:
     def _write_batch(self, batch: _Batch) -> None:
         """Background: the batch as a part, then its segments deleted."""
         path = self.metrics_dir / part_name(0, batch.first, batch.last, self.writer)
-        if all(isinstance(item, _Small) for item in batch.items):
+        if not batch.summarize and not any(isinstance(item, pa.Table) for item in batch.items):
             source: pa.Table | KeyedRows = _keyed_rows(batch.items)  # type: ignore[arg-type]
-        else:  # frames of the general path among them (texts, times)
+        else:  # frames of the general path among them (texts, times), or a run's last part (summarized)
             source = _pending_table(batch.items)
-        rows = write_part(source, path, _SCHEMA, _frames_metadata(batch.frames), by_key=True,
-                          compression=FRESH_COMPRESSION, **_ENCODING)
+        rows = write_part(source, path, _SCHEMA, _frames_metadata(batch.frames), summarize=batch.summarize,
+                          by_key=True, compression=FRESH_COMPRESSION, **_ENCODING)
         batch.items.clear()  # the rows live in the part now: free them before merging
         for number in range(batch.first, batch.last + 1):
             segment_path(self.wal_dir, number).unlink(missing_ok=True)
@@ -458,7 +538,7 @@ class MetricsStore:
 
     def compact(self) -> None:
         """Flush, then merge every part into one (at finish), in the background."""
-        self.flush()
+        self.flush(last=True)
         self.compacted = True
         # After every write handed over so far, as a merge (low priority: nothing waits for it).
         self.background.submit(self._writes, lambda: self.background.submit(self._merges, self._merge_all,

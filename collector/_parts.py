@@ -287,7 +287,7 @@ def write_part(
     groups of ROW_GROUP rows, so
     the collector's memory stays flat whatever the size of the run. `options` go to the
     ParquetWriter (encodings); `metadata` goes in the file's key-value metadata.
-    `summarize` (merges of metrics parts) puts a chart summary in the footer
+    `summarize` (merges of metrics parts, a run's last part) puts a chart summary in the footer
     (expman/_storage/summary.py) when it is much smaller than the part. `by_key` (metrics
     parts) sorts the rows by key and puts the key index in the footer
     (expman/_storage/key_index.py); a merge keeps that order when every input has an index.
@@ -310,6 +310,10 @@ def write_part(
                     source, index = _key_index.sort_by_key(source)
                 writer.write_table(source, row_group_size=ROW_GROUP)
                 rows = source.num_rows
+                # A run's only part (written at its finish) carries a summary as a merge's would;
+                # one of fewer rows than a summary holds would not keep it.
+                big = rows >= _summary.SUMMARY_BUCKETS * _summary.KEEP_RATIO
+                summary = _summary.summarize(source) if summarize and big else {}
             else:
                 files = [pq.ParquetFile(part.path, pre_buffer=False, buffer_size=1 << 16) for part in source]
                 runs = [_key_runs(file) for file in files] if by_key else []
@@ -317,8 +321,8 @@ def write_part(
                     rows, summary, index = _merge_by_key(writer, files, runs, summarize, stop)  # type: ignore[arg-type]
                 else:  # inputs from before the index: concatenated, as they were
                     rows, summary = _merge_into(writer, files, summarize, stop)
-                if summarize and _summary.worth_keeping(summary, rows):
-                    writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
+            if summarize and _summary.worth_keeping(summary, rows):
+                writer.add_key_value_metadata({_summary.SUMMARY_KEY: _summary.encode(summary)})
             if index is not None:
                 writer.add_key_value_metadata({_key_index.KEY_INDEX: _key_index.encode(index)})
         with open(tmp, "rb") as fh:

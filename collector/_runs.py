@@ -6,6 +6,12 @@ config.yaml and run.log; the others write their ranks and parameters to
 hosts/<writer>.yaml and their log lines to logs/<writer>.log, and the owner folds those
 into run.yaml and config.yaml every second. Metrics are per writer anyway (MetricsStore).
 run.yaml and config.yaml are rewritten atomically; logs are appended.
+
+What a run costs between its frames is kept small (a thousand runs share one collector,
+docs/architecture.md "Scaling"): run.yaml is written by the group commit of the turn that
+changed it (so a hello's or finish's ack goes out only once it is durable, with no fsync of
+its own), and only when its text changed; run.log is opened only to append a turn's lines;
+a new run's metrics store (its WAL file) is made with its first point.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from expman._storage.layout import (
     OWNER_FILE,
     RUN_LOG,
     RUN_YAML,
+    dump_yaml,
     read_yaml,
     run_dir_name,
+    write_text_atomic,
     write_yaml_atomic,
 )
 
@@ -43,7 +51,7 @@ from ._metrics_store import MetricsStore
 
 log = logging.getLogger("expman.collector")
 
-RUN_YAML_MIN_INTERVAL_S = 5.0  # unforced changes (heartbeats, last_step); a status change is written at once
+RUN_YAML_MIN_INTERVAL_S = 5.0  # unforced changes (heartbeats, last_step); a status change goes with the next commit
 # Worst first: the run's status is the worst of its ranks' final statuses; a rank that
 # vanished is "lost", and makes the run "crashed".
 _SEVERITY = (("lost", "crashed"), ("failed", "failed"), ("killed", "killed"), ("finished", "finished"))
@@ -101,10 +109,23 @@ def _parse_delivery(record: dict[str, Any], run_dir: Path) -> tuple[Windows, dic
     return windows, incarnations, finished
 
 
-class Run:
-    """A run the collector is writing (or has written, and may reopen for late frames)."""
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file or folder in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, run_dir: Path, info: dict[str, Any], writer: str, background: Background | None = None) -> None:
+
+class Run:
+    """A run the collector is writing (or has written, and may reopen for late frames).
+
+    `new_dirs`: folders the hello created (the run's, maybe its experiment's), whose
+    entries the first commit makes durable; a new run also starts with no metrics store."""
+
+    def __init__(self, run_dir: Path, info: dict[str, Any], writer: str, background: Background | None = None,
+                 new_dirs: list[Path] | None = None) -> None:
         self.dir = run_dir
         self.background = background  # where its parts are written and merged (None: at once)
         self.info = info
@@ -120,7 +141,8 @@ class Run:
         self._reported_conflicts: set[str] = set(info.get("param_conflicts") or ())
         self.local_ranks: set[int] = set()
         log_path = run_dir / RUN_LOG if self.owner else run_dir / LOGS_DIR / f"{writer}.log"
-        log_path.parent.mkdir(exist_ok=True)
+        if not self.owner:
+            log_path.parent.mkdir(exist_ok=True)
         self._delivery_path = run_dir / DELIVERY_DIR / f"{writer}.json"
         self.delivered: Windows
         self.incarnations: dict[int, list[Any]]  # rank -> [sender, started_at] of its latest hello
@@ -128,10 +150,17 @@ class Run:
         self.delivered, self.incarnations, self.finished_by = _parse_delivery(self._load_delivery(log_path), run_dir)
         self.senders: set[str] = set(self.delivered)
         self.delivery_dirty = False
-        self._log = open(log_path, "a", encoding="utf-8")
-        self._log_dirty = False
-        self.store: MetricsStore | None = MetricsStore(run_dir, writer, background)
+        # run.log: lines wait here for the commit (then appended, the file closed again)
+        self._log_path = log_path
+        self._log_lines: list[str] = []
+        with open(log_path, "ab") as fh:  # there from the start, as docs/storage.md shows a run
+            self._log_bytes = fh.tell()
+        self._new_dirs = new_dirs or []
+        # A run folder made just now holds no WAL to recover: its store waits for a first point.
+        self.store: MetricsStore | None = None if new_dirs else MetricsStore(run_dir, writer, background)
         self._info_dirty = True
+        self._info_due = True  # write run.yaml with the next commit (made so by a status change)
+        self._info_text: dict[Path, str] = {}  # what each of our yaml files says on disk
         self._info_written_at = 0.0
         self.final_since: float | None = None  # when this collector's share of the run ended
         self.flushed_at = 0.0
@@ -143,7 +172,6 @@ class Run:
         # Runs in a bucket (collector/_bucket.py): the staged copy is ours alone, but its hosts
         # file goes up too, so the run's owner in the bucket can fold our ranks in.
         self.shares_hosts = False
-        self.write_info(force=True)
 
     @classmethod
     def from_hello(cls, root: Path, frame: Frame, writer: str, background: Background | None = None) -> Run:
@@ -157,7 +185,8 @@ class Run:
             raise ProtocolError("bad-values", str(exc)) from None
         existing = find_run_dir(root, frame.run) if body.get("reopen") else None
         run_dir = existing or root / experiment / dir_name
-        info = read_yaml(run_dir / RUN_YAML)
+        new_dirs = [d for d in (run_dir.parent, run_dir) if not d.exists()]
+        info = read_yaml(run_dir / RUN_YAML) if not new_dirs else {}
         if info and info.get("id") != frame.run:
             raise ProtocolError("bad-values", f"{run_dir} belongs to run {info.get('id')!r}")
         if not info:
@@ -181,7 +210,9 @@ class Run:
                 "software": body.get("software") or {},
             }
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir, info, writer, background)
+        if new_dirs:  # the folders' entries become durable with the first commit (the hello's)
+            new_dirs.insert(0, new_dirs[0].parent)
+        return cls(run_dir, info, writer, background, new_dirs)
 
     # --- frames ----------------------------------------------------------------------
     def hello(self, frame: Frame) -> None:
@@ -295,8 +326,7 @@ class Run:
             self._write_log_line(f"{prefix} {str(text).replace(chr(10), chr(10) + '    ')}")
 
     def _write_log_line(self, line: str) -> None:
-        self._log.write(line + "\n")
-        self._log_dirty = True
+        self._log_lines.append(line + "\n")
 
     def finish_rank(self, frame: Frame) -> bool:
         """Record one rank's end; return True when the whole run has ended."""
@@ -393,27 +423,48 @@ class Run:
         return [r for r, v in self.info["ranks"].items() if v.get("status") == "running"]
 
     def touch(self, force: bool = False) -> None:
+        """run.yaml changed; `force`: a change that goes out with the next commit (status,
+        a rank's hello or end), others at most every RUN_YAML_MIN_INTERVAL_S."""
         self._info_dirty = True
         if force:
-            self.write_info(force=True)
+            self._info_due = True
 
-    def write_info(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._info_dirty and (force or now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S):
-            if self.owner:
-                write_yaml_atomic(self.dir / RUN_YAML, self.info)
-            if not self.owner or self.shares_hosts:
-                local = {r: self.info["ranks"][r] for r in sorted(self.local_ranks) if r in self.info["ranks"]}
-                write_yaml_atomic(self.dir / HOSTS_DIR / f"{self.writer}.yaml", {
-                    "writer": self.writer,
-                    "world_size": self.info["world_size"],
-                    "hosts": sorted({v.get("host") for v in local.values() if v.get("host")}),
-                    "ranks": local,
-                    "params_by_rank": {r: p for r, p in self.rank_params.items() if r >= 0},
-                    "code": self.info.get("code"),  # rank 0's code capture, when rank 0 is ours
-                })
-            self._info_dirty = False
-            self._info_written_at = now
+    def info_due(self, now: float) -> bool:
+        """Whether run.yaml is to be written at the next commit; the periodic work asks."""
+        if self._info_dirty and not self._info_due and now - self._info_written_at >= RUN_YAML_MIN_INTERVAL_S:
+            self._info_due = True
+        return self._info_due
+
+    def write_info(self, fsync: bool = True) -> None:
+        """Write run.yaml (and our hosts file) where their text changed; `fsync=False` for a
+        group commit that follows. A run folder made by the hello becomes durable too."""
+        if self.owner:
+            self._write_if_changed(self.dir / RUN_YAML, self.info, fsync)
+        if not self.owner or self.shares_hosts:
+            local = {r: self.info["ranks"][r] for r in sorted(self.local_ranks) if r in self.info["ranks"]}
+            self._write_if_changed(self.dir / HOSTS_DIR / f"{self.writer}.yaml", {
+                "writer": self.writer,
+                "world_size": self.info["world_size"],
+                "hosts": sorted({v.get("host") for v in local.values() if v.get("host")}),
+                "ranks": local,
+                "params_by_rank": {r: p for r, p in self.rank_params.items() if r >= 0},
+                "code": self.info.get("code"),  # rank 0's code capture, when rank 0 is ours
+            }, fsync)
+        if fsync:
+            for folder in self._new_dirs:
+                fsync_dir(folder)
+        self._new_dirs = []
+        self._info_dirty = self._info_due = False
+        self._info_written_at = time.monotonic()
+
+    def _write_if_changed(self, path: Path, data: dict[str, Any], fsync: bool) -> None:
+        text = dump_yaml(data)
+        if self._info_text.get(path) == text:
+            return
+        write_text_atomic(path, text, fsync)
+        if fsync:
+            fsync_dir(path.parent)  # the rename
+        self._info_text[path] = text
 
     def _load_delivery(self, log_path: Path) -> dict[str, Any]:
         """What a previous collector recorded; cut run.log back to what it had acknowledged
@@ -435,16 +486,19 @@ class Run:
         """Record, before the acks go out, which frames are applied (per sender: a floor and
         ranges), which incarnation said hello and finished each rank, and how long run.log
         is: a restarted collector applies params, log lines and finish exactly once."""
-        self._log.flush()
+        self._append_log()
         record = {
             "windows": {s: [floor, ranges] for s, (floor, ranges) in windows.items()},
             "incarnations": {str(r): v for r, v in self.incarnations.items()},
             "finished": {str(r): v for r, v in self.finished_by.items()},
-            "log_bytes": os.fstat(self._log.fileno()).st_size,
+            "log_bytes": self._log_bytes,
         }
-        self._delivery_path.parent.mkdir(exist_ok=True)
         tmp = self._delivery_path.with_name(f".{self._delivery_path.name}.tmp")
-        tmp.write_text(json.dumps(record, separators=(",", ":")))
+        try:
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
+        except FileNotFoundError:  # the first record
+            tmp.parent.mkdir(exist_ok=True)
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
         os.replace(tmp, self._delivery_path)  # a kill leaves the old record or the new one
         self.delivered = windows
         self.delivery_dirty = False
@@ -454,10 +508,27 @@ class Run:
         `fsync=False` only writes it, for the collector's group commit (then `committed`)."""
         if self.store is not None:
             self.store.sync(fsync)
-        if self._log_dirty:
-            self._log.flush()
-            self._log_dirty = False
+        if self._log_lines:
+            self._append_log()
             self.delivery_dirty = True
+        if self._info_due:
+            try:
+                self.write_info(fsync)
+            except OSError:
+                if not fsync and self.store is not None:
+                    self.store.commit_failed()  # not committed with the others: its frames are not acknowledged
+                raise
+
+    def _append_log(self) -> None:
+        """The waiting log lines onto run.log (not fsynced: the delivery record says how much
+        of it was acknowledged, and a restart cuts the rest)."""
+        if not self._log_lines:
+            return
+        data = "".join(self._log_lines).encode("utf-8")
+        with open(self._log_path, "ab") as fh:
+            fh.write(data)
+            self._log_bytes = fh.tell()
+        self._log_lines.clear()
 
     def committed(self, ok: bool) -> None:
         """The group commit after `sync(fsync=False)` succeeded (or failed)."""
@@ -473,7 +544,7 @@ class Run:
                 written.set()
             return
         if not final:
-            self.store.flush(written)
+            self.store.flush(written, last=self.final_since is not None)
             return
         if not self.store.compacted:
             self.store.compact()
@@ -492,5 +563,4 @@ class Run:
             self.store.wait()
             self.store.close()
             self.store = None
-        self.write_info(force=True)
-        self._log.close()
+        self.write_info()

@@ -28,7 +28,7 @@ from expman._errors import ProtocolError
 from expman._storage.layout import HOSTS_DIR
 from expman._wire.limits import check_envelope, check_name
 
-from ._background import Background
+from ._background import Background, give_back_memory
 from ._commit import GroupCommit
 from ._auth import ZAP_DOMAIN, CurvePolicy, CurveServer, ZapHandler
 from ._hardware import HardwareMonitor
@@ -52,9 +52,18 @@ RECV_HWM = 10000  # frames ZeroMQ takes in per sender ahead of the loop: a frame
 # process at once, so a kill -9 of the rank right after cannot lose it (tests/rank/test_kill_drain.py)
 RECV_BATCH_BYTES = 8 * 1024 * 1024  # bounds a turn's memory (artifact chunks are up to 1 MiB) and its time:
 # a frame of 16,384 new keys takes ~5 ms to take in, and every ack of the turn waits for the last
-FLUSH_AGE_S = 5.0  # a run's rows become a Parquet part once the oldest waited this long (live readers tail the WAL)
-FLUSH_ROWS = 262_144  # ... or once this many wait
-FLUSH_FRAMES = 1024  # ... or once this many frames wait (each holds a small table in memory)
+# A run's rows become a Parquet part once the oldest waited FLUSH_AGE_S (live readers tail the
+# WAL; a run of a few minutes makes one part, at its finish, and no merge), or once FLUSH_ROWS
+# or FLUSH_FRAMES wait, or, largest runs first, while all runs' waiting rows pass PENDING_ROWS.
+# In a bucket readers see only parts: there the age is FLUSH_AGE_BUCKET_S.
+FLUSH_AGE_S = 120.0
+FLUSH_AGE_BUCKET_S = 5.0
+FLUSH_ROWS = 262_144
+FLUSH_FRAMES = 65_536  # committed small frames are packed (~24 bytes each, collector/_metrics_store.py)
+PENDING_ROWS = 4_000_000  # ~100 MB of packed rows across all runs
+# After this much input, a sweep with nothing waiting returns freed memory to the OS: a burst
+# (a thousand runs' hellos at once) leaves ZeroMQ's I/O thread's malloc arena at its peak.
+TRIM_AFTER_BYTES = 4 << 20
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
@@ -72,6 +81,21 @@ SWITCH_INTERVAL_S = 0.0005
 STOP_MERGES_AFTER_S = 4.0  # at exit, merges still running after this give up (parts are written whatever):
 # a local collector is killed 10 s after SIGTERM (expman/_rank/local_collector.py)
 _DELIVERY_KINDS = frozenset({proto.HELLO, proto.PARAMS, proto.LOG, proto.FINISH, proto.CODE})  # recorded per run
+
+
+def over_budget(waiting: dict[str, int], budget: int) -> list[str]:
+    """The runs whose waiting rows become parts now: none while all of them stay within
+    `budget`, else the largest first until half of it is left (so this is not every sweep)."""
+    total = sum(waiting.values())
+    if total <= budget:
+        return []
+    chosen = []
+    for uid in sorted(waiting, key=waiting.__getitem__, reverse=True):
+        if total <= budget // 2:
+            break
+        chosen.append(uid)
+        total -= waiting[uid]
+    return chosen
 
 
 class _Written(threading.Event):
@@ -104,9 +128,11 @@ class Collector:
         curve: CurveServer | None = None,
         forward_keys: ClientKeys | None = None,
         forget_after: float = FORGET_FINISHED_AFTER_S,
+        part_age: float | None = None,
     ) -> None:
         self.root = root
         self.forget_after = forget_after
+        self.part_age = part_age  # None: FLUSH_AGE_S, or FLUSH_AGE_BUCKET_S with a bucket root
         # A bucket root (attach_mirror): runs closed here whose staging folder goes once they are
         # all in the bucket (run id -> folder), and those already gone (run id -> bucket location).
         self.mirror: BucketMirror | None = None
@@ -168,6 +194,7 @@ class Collector:
         self._held: dict[tuple[str, int], tuple[threading.Event, bytes, dict[str, Any] | None]] = {}
         self._last_turn = 0.0
         self._last_turn_bytes = 0
+        self._bytes_since_trim = 0
 
     def attach_mirror(self, mirror: BucketMirror) -> None:
         """A bucket root: runs this collector closes leave the staging folder once all of them
@@ -299,6 +326,7 @@ class Collector:
         turn = Turn()
         messages = self._receive()
         self._last_turn_bytes = sum(len(parts[-1]) for parts in messages)
+        self._bytes_since_trim += self._last_turn_bytes
         for parts in messages:
             try:
                 self._take(parts, turn)
@@ -516,7 +544,8 @@ class Collector:
         elif kind == proto.FINISH:
             # The rank's points are made durable (WAL) before the ack; their part is
             # written, and the run's parts merged into one, in the background.
-            run.sync()
+            if run.store is not None:
+                run.store.sync()
             run.finish_rank(frame)
             written = _Written(self._wake)
             run.flush_metrics(written=written)
@@ -557,6 +586,7 @@ class Collector:
         parent = self.runs.get(parent_uid)
         if parent is not None:
             parent.add_child(child_uid)
+            self._touched.add(parent)  # its run.yaml goes with the next tick's commit
             return
         add_child_on_disk(self.root, parent_uid, child_uid)
 
@@ -596,13 +626,23 @@ class Collector:
         # Frames still waiting (a loop behind its load) may hold the heartbeats a silent
         # rank sent: nobody is judged silent until they are read.
         backlog = bool(self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        due: set[Run] = set()  # runs whose run.yaml is to be written: all in one commit
         for uid, run in visit:
             try:
                 self._periodic_run(uid, run, now, parent_gone, vanished, sweep, backlog)
+                if uid in self.runs and run.info_due(now):
+                    due.add(run)
             except OSError as exc:  # a full disk: the rows stay in the WAL and memory; try again later
                 self.write_failures.failed(exc, uid)
             except Exception:
                 self._internal_error(f"in the periodic work of run {uid}")
+        for run, exc in self.commit.sync(due):
+            self.write_failures.failed(exc, str(run.dir))
+        if sweep:
+            self._flush_largest(now)
+            if self._bytes_since_trim >= TRIM_AFTER_BYTES and not backlog:
+                self._bytes_since_trim = 0
+                give_back_memory()
         try:
             if sweep and self._releasing:
                 self._release_uploaded()
@@ -610,14 +650,23 @@ class Collector:
         except Exception:
             self._internal_error("in the periodic work")
 
+    def _flush_largest(self, now: float) -> None:
+        """While the rows waiting in all runs pass PENDING_ROWS, the largest become parts."""
+        waiting = {uid: run.store.pending_rows for uid, run in self.runs.items() if run.store is not None}
+        for uid in over_budget(waiting, PENDING_ROWS):
+            run = self.runs[uid]
+            run.flushed_at = now
+            run.flush_metrics(final=run.final_since is not None)
+
     def _periodic_run(self, uid: str, run: Run, now: float, parent_gone: bool, vanished: set[tuple[str, int]],
                       sweep: bool, backlog: bool) -> None:
         store = run.store
+        age = self.part_age or (FLUSH_AGE_BUCKET_S if self.mirror is not None else FLUSH_AGE_S)
         if store is not None and store.pending_rows and (
             store.pending_rows >= FLUSH_ROWS or store.pending_frames >= FLUSH_FRAMES
-            or (now - store.pending_since >= FLUSH_AGE_S and now - run.flushed_at >= FLUSH_AGE_S)
+            or (now - store.pending_since >= age and now - run.flushed_at >= age)
         ):
-            run.flushed_at = now  # first: a failing write (full disk) is retried after FLUSH_AGE_S, not every tick
+            run.flushed_at = now  # first: a failing write (full disk) is retried after the age, not every tick
             run.flush_metrics(final=run.final_since is not None)
         elif store is not None and run.final_since is not None:
             run.flush_metrics(final=True)  # late frames after the end: fold them in
@@ -636,7 +685,6 @@ class Collector:
         if run.owner and run.final_since is None and now - run.merged_at >= 1.0 and (run.dir / HOSTS_DIR).exists():
             run.merged_at = now
             run.merge_remote()  # other hosts' collectors share this run folder
-        run.write_info()
         if run.final_since is not None and now - run.final_since > self.forget_after:
             self.artifacts.close_run(uid, final=True)
             run.save_delivery(self.senders.snapshot(run.senders))

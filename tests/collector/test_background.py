@@ -17,6 +17,7 @@ from expman._storage.layout import list_parts
 from conftest import start_collector
 
 WIDE_KEYS = 40_000
+FRESH_PARTS = ("--part-age", "0.5")  # a part while the run is live (by default a short run has one, at its end)
 
 
 def log_wide(exp: expman.Experiment, keys: range) -> None:
@@ -61,7 +62,7 @@ def test_kill_9_while_parts_are_written_or_merged_loses_and_doubles_nothing(root
     """The collector is SIGKILLed while a part is being written or merged in the background
     (a `.tmp` part is there); the next collector recovers what the WAL holds, drops what a
     wider part covers, and every point is stored exactly once."""
-    c = start_collector(root, short_dir)
+    c = start_collector(root, short_dir, None, *FRESH_PARTS)
     endpoint = c.endpoint
     exp = expman.start_experiment("e", "killed", root=root, collector=endpoint, finish_timeout=120)
     kills = 0
@@ -76,7 +77,7 @@ def test_kill_9_while_parts_are_written_or_merged_loses_and_doubles_nothing(root
                 os.kill(c.proc.pid, signal.SIGKILL)
                 c.proc.wait()
                 kills += 1
-                c = start_collector(root, short_dir, endpoint)
+                c = start_collector(root, short_dir, endpoint, *FRESH_PARTS)
         assert kills >= 1, "no part was ever seen being written"
         assert exp.finish() is True
         assert c.stop() == 0  # a clean stop waits for the background

@@ -8,8 +8,9 @@ points already held are reused and only the key's rows past them are read (throu
 part's key index, only their row groups). Parts and the write-ahead records not yet in a
 part come from expman/_reader/live.py, which decodes each record once.
 
-Merged parts carry a chart summary in their footer (expman/_storage/summary.py): with x = step,
-such a part is drawn from its summary without reading its points, unless the chart asks
+Merged parts (and a run's only part) carry a chart summary in their footer
+(expman/_storage/summary.py): with x = step, such a part is drawn from its summary
+without reading its points, unless the chart asks
 for finer buckets than the summary has. That is what opens a 10 M-point run in well
 under a second. Only the columns a chart needs are read (value, step, rank; time when x
 is time). Everything here runs on worker threads; nothing here knows about the UI.
@@ -331,8 +332,9 @@ class MetricsSource:
         return self._summaries[name]
 
     def _usable_summaries(self) -> dict[str, _summary.Summary]:
-        """Parts drawn from their summaries (x = step): merged parts that carry one."""
-        found = {p.path.name: self._summary(p) for p in self._parts if p.level > 0}
+        """Parts drawn from their summaries (x = step): those that carry one (merged parts, and
+        a run's last part when it is its only one: collector/_metrics_store.py)."""
+        found = {p.path.name: self._summary(p) for p in self._parts}
         return {name: s for name, s in found.items() if s is not None}
 
     def _aggregate(self, name: str, key: str, chunk: Chunk, xkind: str, width: float) -> Buckets:
