@@ -61,9 +61,10 @@ FLUSH_AGE_BUCKET_S = 5.0
 FLUSH_ROWS = 262_144
 FLUSH_FRAMES = 65_536  # committed small frames are packed (~24 bytes each, collector/_metrics_store.py)
 PENDING_ROWS = 4_000_000  # ~100 MB of packed rows across all runs
-# After this much input, a sweep with nothing waiting returns freed memory to the OS: a burst
-# (a thousand runs' hellos at once) leaves ZeroMQ's I/O thread's malloc arena at its peak.
-TRIM_AFTER_BYTES = 4 << 20
+# Freed memory goes back to the OS (malloc_trim: ~10-40 ms) after this much input, at a sweep
+# with nothing waiting, and at the first sweep after new runs stop coming: a burst (a thousand
+# runs' hellos at once) leaves ZeroMQ's I/O thread's malloc arena at its peak.
+TRIM_AFTER_BYTES = 16 << 20
 TICK_S = 0.1  # runs touched since the last tick are looked at this often
 SWEEP_S = 1.0  # every run (ages, heartbeats, run.yaml, forgetting) this often
 FORGET_FINISHED_AFTER_S = 600.0  # a finished run stays open this long for late frames, then is closed
@@ -195,6 +196,8 @@ class Collector:
         self._last_turn = 0.0
         self._last_turn_bytes = 0
         self._bytes_since_trim = 0
+        self._new_runs = 0  # since the last trim
+        self._new_runs_seen = 0  # ... as the last sweep saw them
 
     def attach_mirror(self, mirror: BucketMirror) -> None:
         """A bucket root: runs this collector closes leave the staging folder once all of them
@@ -563,6 +566,7 @@ class Collector:
                 raise self._uploaded_refusal(frame.run)
             self._releasing.pop(frame.run, None)  # closed, still staged: reopened (released when closed again)
             run = self.runs[frame.run] = Run.from_hello(self.root, frame, self.name, self.background)
+            self._new_runs += 1
             if self.mirror is not None:  # a bucket root: collector/_bucket.py uploads the hosts file
                 run.shares_hosts = True
                 run.touch(force=True)
@@ -640,9 +644,11 @@ class Collector:
             self.write_failures.failed(exc, str(run.dir))
         if sweep:
             self._flush_largest(now)
-            if self._bytes_since_trim >= TRIM_AFTER_BYTES and not backlog:
-                self._bytes_since_trim = 0
+            quiet = self._new_runs == self._new_runs_seen  # no new run since the last sweep
+            if (self._bytes_since_trim >= TRIM_AFTER_BYTES and not backlog) or (quiet and self._new_runs):
+                self._bytes_since_trim = self._new_runs = 0
                 give_back_memory()
+            self._new_runs_seen = self._new_runs
         try:
             if sweep and self._releasing:
                 self._release_uploaded()
