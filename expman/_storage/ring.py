@@ -28,6 +28,17 @@ current lap (`slot`, below `stop`; `put` starts the next lap), so point n is
 point in the run's Python list instead and closes the ring (`stop` -1) until the sender
 has framed that list, which keeps the points in order (expman/_rank/sender.py).
 
+Memory is taken as it is needed, not at start: the file is sparse, and the writer maps
+writable (MADV_POPULATE_WRITE) the header page, the first `FIRST_SLOTS` slots of each
+column, and the table's and names' pages as they fill; the sender thread, when it drains
+the run, maps each column ahead of the hot path up to `AHEAD_SLOTS` past it (and the rank
+thread does when it catches up with what is mapped), until the first lap has covered the
+ring. The hot path writes only below `ready` (`stop` never exceeds it), so it never takes a
+page fault, and a full filesystem is an error of the advice, never a SIGBUS. The header's
+`ready` tells the collector where the first lap's mapped slots end (beyond it the key ids
+read 0, not -1). Kernels without the advice (before 5.14) get the whole file reserved and
+its key ids cleared at start, as before.
+
 The live process holds a POSIX record lock (`lockf`) on the file for its whole life: the
 kernel drops it when the process dies, kill -9 included, and a forked child does not
 inherit it, so "the lock is free" means "the writer is gone". The file is made under a
@@ -45,6 +56,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +65,7 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("expman")
 
 MAGIC = b"EXPRING2"
-VERSION = 2
+VERSION = 3  # 3: the header's `ready` (the first lap's mapped slots)
 RING_DIR_ENV = "EXPMAN_RING_DIR"
 RING_POINTS_ENV = "EXPMAN_RING_POINTS"  # slots per run (rounded up to a power of two); 0 turns the ring off
 DEFAULT_POINTS = 1 << 18  # 7.25 MiB of columns per run
@@ -61,12 +73,15 @@ TABLE_ENTRIES = 8192
 NAMES_BYTES = 1 << 20
 HEADER_BYTES = 4096
 SLOT_BYTES = 8 + 8 + 8 + 4 + 1  # value, step, time, key id, flags
+FIRST_SLOTS = 1024  # mapped at start: an idle run holds ~45 KiB (header, names and table pages, these)
+AHEAD_SLOTS = 8192  # the sender keeps the mapped slots this far ahead of the hot path
+SLOT_ALIGN = 512  # `ready` moves in these: a page of the 8-byte columns
 
 HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # the flags of a recovered point (Recovered.frames)
 NO_STEP, TIMED = 1, 2  # a slot's flags column: 0 for the hot path's points (a step, no time)
 _STATIC = struct.Struct("<8sIIQII128s128s256sQ")  # magic, version, slot bytes, capacity, table, names, sender, run, host, pid
 _RANK = struct.Struct("<q")
-_COUNTERS = struct.Struct("<QQdq")  # frames in the table, name bytes used, updated at, settled
+_COUNTERS = struct.Struct("<QQdqq")  # frames in the table, name bytes used, updated at, settled, ready
 _COUNTERS_AT = 1024
 _RANK_AT = 1016
 _ENTRY = struct.Struct("<qqd")  # frame seq (-1: dropped), end point number, sent_at
@@ -186,15 +201,20 @@ class _Layout:
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 
 
-def _map_writable(mm: mmap.mmap) -> None:
-    """Fault every page of the columns in, writable, now: a shared mapping starts with
-    no page mapped for writing (MAP_POPULATE maps them read-only), so the first lap's
-    first write to each page took a ~10 µs fault, one log_metric call in a hundred.
-    Older kernels refuse the advice: their faults stay."""
+def _map_writable(mm: mmap.mmap, start: int, stop: int) -> bool:
+    """Fault the pages of [start, stop) in, writable, now (rounded out to whole pages): a
+    shared mapping starts with no page mapped for writing, so a first write to each page
+    takes a ~10 µs fault, and allocates it (on a full filesystem: SIGBUS). False when the
+    kernel refuses the advice or cannot allocate the pages."""
+    start -= start % mmap.PAGESIZE
+    stop = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+    if stop <= start:
+        return True
     try:
-        mm.madvise(_MADV_POPULATE_WRITE)
+        mm.madvise(_MADV_POPULATE_WRITE, start, stop - start)
     except (OSError, ValueError):
-        pass
+        return False
+    return True
 
 
 class NoRing:
@@ -220,7 +240,8 @@ class PointRing:
     calls the rest."""
 
     __slots__ = ("slot", "stop", "base", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity",
-                 "settled", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used")
+                 "settled", "ready", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used",
+                 "_table_mapped", "_names_mapped", "_growing", "_short")
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
         self.path = path
@@ -228,13 +249,14 @@ class PointRing:
         self.mask = capacity - 1
         self.base = 0  # the number of this lap's slot 0
         self.slot = 0  # the next point's slot in this lap: it is point base + slot
-        self.stop = capacity  # the hot path writes a slot only below this (-1: closed)
+        self.stop = 0  # the hot path writes a slot only below this (-1: closed); never above `ready`
         self.settled = 0  # every point below this is stored, spooled or dropped: its slot is free
+        self.ready = 0  # the first lap's slots mapped writable, key ids cleared (all of them after it)
         self._fd = fd
         self._layout = lay = _Layout(capacity)
         self._head = mmap.mmap(fd, lay.values)
         self._mm = mmap.mmap(fd, lay.size - lay.values, offset=lay.values)
-        _map_writable(self._mm)
+        self._growing = threading.Lock()  # one of the sender and the rank thread maps more at a time
         view = memoryview(self._mm)
         at = lambda offset: offset - lay.values  # noqa: E731 - column offsets within the mapping
         self.values = view[at(lay.values) : at(lay.steps)].cast("d")
@@ -242,9 +264,47 @@ class PointRing:
         self.times = view[at(lay.times) : at(lay.keys)].cast("d")
         self.keys = view[at(lay.keys) : at(lay.flags)].cast("i")
         self.flags = view[at(lay.flags) :]
-        self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
         self._frames = 0
         self._names_used = 0
+        self._table_mapped, self._names_mapped = lay.table, lay.names  # mapped writable below these
+        self._short = False  # no room to map more slots was logged
+        if _map_writable(self._head, 0, HEADER_BYTES):
+            if not self.grow(FIRST_SLOTS):
+                raise OSError("no room for the ring's first slots")
+        else:  # no MADV_POPULATE_WRITE: all of it now, so a full filesystem is an error here, never a SIGBUS later
+            os.posix_fallocate(fd, 0, lay.size)
+            self._table_mapped, self._names_mapped = lay.names, lay.values
+            self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
+            self.ready = self.stop = capacity
+
+    def grow(self, upto: int, wait: bool = True) -> bool:
+        """Map the first lap's slots writable up to `upto` (rounded up to SLOT_ALIGN),
+        clear their key ids, say so in the header, then let the hot path write them. False
+        when nothing was added (no room, or with `wait` False another thread is at it)."""
+        lo = self.ready
+        hi = min(-(-upto // SLOT_ALIGN) * SLOT_ALIGN, self.capacity)
+        if hi <= lo or lo < 0 or not self._growing.acquire(wait):
+            return False
+        try:
+            lo = self.ready
+            if hi <= lo or lo < 0:
+                return False
+            lay = self._layout
+            for column, width in ((lay.values, 8), (lay.steps, 8), (lay.times, 8), (lay.keys, 4), (lay.flags, 1)):
+                if not _map_writable(self._mm, column - lay.values + lo * width, column - lay.values + hi * width):
+                    if not self._short:
+                        self._short = True
+                        log.warning("expman: ring %s: no room to map more slots; later points wait in memory",
+                                    self.path)
+                    return False
+            self.keys[lo:hi] = memoryview(_EMPTY_KEY * (hi - lo)).cast("i")
+            self.ready = hi
+            self._counters()  # before the hot path may write there: the collector reads up to `ready`
+            if self.stop == lo:  # open, and bounded by what was mapped (no call since the read: no switch)
+                self.stop = hi
+            return True
+        finally:
+            self._growing.release()
 
     @classmethod
     def create(cls, sender: str, run: str, rank: int, host: str) -> PointRing | None:
@@ -269,7 +329,7 @@ class PointRing:
         fd = -1
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.posix_fallocate(fd, 0, size)  # all of it now: a full tmpfs is an error here, never a SIGBUS later
+            os.ftruncate(fd, size)  # sparse: pages are allocated as they are mapped (PointRing.grow)
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             ring = cls(path, fd, capacity)
             _STATIC.pack_into(ring._head, 0, MAGIC, VERSION, SLOT_BYTES, capacity, TABLE_ENTRIES, NAMES_BYTES,
@@ -306,7 +366,7 @@ class PointRing:
             self.base += self.capacity
             i = self.slot = 0
             self.stop = self.settled + self.capacity - self.base
-        if i >= self.stop:
+        if i >= self.stop and not (i == self.stop == self.ready and self.grow(i + AHEAD_SLOTS, wait=False)):
             return False
         self.flags[i] = flags
         self.times[i] = 0.0 if when is None else when
@@ -329,6 +389,8 @@ class PointRing:
         if end > NAMES_BYTES:
             return
         at = self._layout.names + self._names_used
+        if not self._writable(at + _NAME.size + len(data), names=True):
+            return
         self._head[at + _NAME.size : at + _NAME.size + len(data)] = data
         _NAME.pack_into(self._head, at, kid, len(data))
         self._names_used = end
@@ -365,6 +427,11 @@ class PointRing:
         """The sender made a metrics frame (seq; -1 when it was dropped) of the points up
         to `end`: the collector recovers a frame's points only if it never stored that seq."""
         k = self._frames
+        if self.ready < 0 or not self._writable(self._layout.table + (min(k, TABLE_ENTRIES - 1) + 1) * _ENTRY.size,
+                                                names=False):
+            self.ready = self.stop = -1  # no room to note the frame: the ring keeps no more points for recovery
+            self.settle(end)
+            return
         _ENTRY.pack_into(self._head, self._layout.table + (k % TABLE_ENTRIES) * _ENTRY.size, seq, end, sent_at)
         self._frames = k + 1
         self._counters()
@@ -383,8 +450,25 @@ class PointRing:
         self.settled = upto
         self._counters()
 
+    def _writable(self, stop: int, names: bool) -> bool:
+        """Map the table's (sender thread) or the names' (the intern lock's holder) pages
+        writable up to offset `stop`; each area has its own pages and its own mark. False
+        when there is no room."""
+        mapped = self._names_mapped if names else self._table_mapped
+        if stop <= mapped:
+            return True
+        if not _map_writable(self._head, mapped, stop):
+            return False
+        mapped = -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE
+        if names:
+            self._names_mapped = mapped
+        else:
+            self._table_mapped = mapped
+        return True
+
     def _counters(self) -> None:
-        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled)
+        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled,
+                            self.ready)
 
     def remove(self) -> None:
         """Delete the file: its points are stored, or in the spool. The mapping stays valid
@@ -467,11 +551,11 @@ def read_ring(path: Path, stored: Callable[[str, int], bool]) -> Recovered | Non
     lay = _Layout(capacity)
     if len(data) < lay.size:
         return None
-    frames_made, names_used, touched, settled = _COUNTERS.unpack_from(data, _COUNTERS_AT)
+    frames_made, names_used, touched, settled, ready = _COUNTERS.unpack_from(data, _COUNTERS_AT)
     out = Recovered(sender.rstrip(b"\0").decode(errors="replace"), run.rstrip(b"\0").decode(errors="replace"),
                     _RANK.unpack_from(data, _RANK_AT)[0], host.rstrip(b"\0").decode(errors="replace"))
     out.names = dict(_names(data, lay.names, min(names_used, NAMES_BYTES)))
-    slots = _Slots(data, lay, settled)
+    slots = _Slots(data, lay, settled, ready)
     out.end = slots.end()
     entries = [_ENTRY.unpack_from(data, lay.table + (k % TABLE_ENTRIES) * _ENTRY.size)
                for k in range(max(0, frames_made - TABLE_ENTRIES), frames_made)]
@@ -499,15 +583,16 @@ def _names(data: bytes, at: int, used: int) -> Iterator[tuple[int, str]]:
 class _Slots:
     """The ring's columns, read point by point where needed (a collector reads only the
     points it lacks, not all of a ring, while other runs wait for their acks). Point n
-    is live in slot n % capacity when settled <= n < settled + capacity and the slot's
-    key id is set: the writer never wrote past a lap beyond `settled`, and cleared every
-    slot below it."""
+    is live in slot n % capacity when settled <= n < settled + capacity, n is below
+    `ready` while the first lap is not all mapped (-1: the ring gave up), and the slot's
+    key id is set: the writer never wrote past a lap beyond `settled`, nor past `ready`,
+    and cleared every slot below it."""
 
-    def __init__(self, data: bytes, lay: _Layout, settled: int) -> None:
+    def __init__(self, data: bytes, lay: _Layout, settled: int, ready: int) -> None:
         view = memoryview(data)
         self._mask = lay.capacity - 1
         self.settled = settled
-        self._capacity = lay.capacity
+        self._limit = settled + lay.capacity if ready >= lay.capacity else min(settled + lay.capacity, ready)
         self._values = view[lay.values : lay.steps].cast("d")
         self._steps = view[lay.steps : lay.times].cast("q")
         self._times = view[lay.times : lay.keys].cast("d")
@@ -516,7 +601,7 @@ class _Slots:
 
     def end(self) -> int:
         """One past the newest point (`settled` when none is live)."""
-        for n in range(self.settled + self._capacity - 1, self.settled - 1, -1):
+        for n in range(self._limit - 1, self.settled - 1, -1):
             if self._keys[n & self._mask] >= 0:
                 return n + 1
         return self.settled
@@ -524,7 +609,7 @@ class _Slots:
     def get(self, n: int) -> tuple[int, int, float, int, float] | None:
         """Point n as (key id, recovered flags, value, step, time), or None where its slot
         holds none (settled, or a write the kill cut short)."""
-        if not self.settled <= n < self.settled + self._capacity:
+        if not self.settled <= n < self._limit:
             return None
         i = n & self._mask
         kid = self._keys[i]
