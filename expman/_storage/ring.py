@@ -73,8 +73,8 @@ TABLE_ENTRIES = 8192
 NAMES_BYTES = 1 << 20
 HEADER_BYTES = 4096
 SLOT_BYTES = 8 + 8 + 8 + 4 + 1  # value, step, time, key id, flags
-FIRST_SLOTS = 1024  # mapped at start: an idle run holds ~45 KiB (header, names and table pages, these)
-AHEAD_SLOTS = 8192  # the sender keeps the mapped slots this far ahead of the hot path
+FIRST_SLOTS = 1024  # mapped at start (an idle run holds ~40 KiB), and by the rank thread when it catches up
+AHEAD_SLOTS = 1 << 16  # the most the sender maps ahead of the hot path (a few of its drains at the run's pace)
 SLOT_ALIGN = 512  # `ready` moves in these: a page of the 8-byte columns
 
 HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # the flags of a recovered point (Recovered.frames)
@@ -198,23 +198,28 @@ class _Layout:
         return self.flags + self.capacity
 
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_madvise: Any = None  # libc's, through ctypes (loaded at the first ring): it lets go of the GIL, mmap.madvise does not
 
 
 def _map_writable(mm: mmap.mmap, start: int, stop: int) -> bool:
     """Fault the pages of [start, stop) in, writable, now (rounded out to whole pages): a
     shared mapping starts with no page mapped for writing, so a first write to each page
-    takes a ~10 µs fault, and allocates it (on a full filesystem: SIGBUS). False when the
-    kernel refuses the advice or cannot allocate the pages."""
+    takes a ~10 µs fault, and allocates it (on a full filesystem: SIGBUS). The kernel's
+    work (~2.5 µs a page) runs without the GIL: the training thread runs meanwhile. False
+    when the kernel refuses the advice or cannot allocate the pages."""
+    global _madvise
     start -= start % mmap.PAGESIZE
     stop = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
     if stop <= start:
         return True
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE, start, stop - start)
-    except (OSError, ValueError):
-        return False
-    return True
+    import ctypes
+
+    if _madvise is None:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _madvise.restype = ctypes.c_int
+    return _madvise(ctypes.addressof(ctypes.c_char.from_buffer(mm)) + start, stop - start, _MADV_POPULATE_WRITE) == 0
 
 
 class NoRing:
@@ -366,7 +371,7 @@ class PointRing:
             self.base += self.capacity
             i = self.slot = 0
             self.stop = self.settled + self.capacity - self.base
-        if i >= self.stop and not (i == self.stop == self.ready and self.grow(i + AHEAD_SLOTS, wait=False)):
+        if i >= self.stop and not (i == self.stop == self.ready and self.grow(i + FIRST_SLOTS, wait=False)):
             return False
         self.flags[i] = flags
         self.times[i] = 0.0 if when is None else when
