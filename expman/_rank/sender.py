@@ -192,6 +192,8 @@ class Sender:
         with self._lock:
             self._experiments.append(run)
             self._counters[id(run)] = _Counters()
+        if run.ring is not None:
+            run.ring.wake = self.wake  # the hot path caught up with the ring's mapped slots: map more
         self.wake()
 
     def unregister(self, run: RunChannel) -> None:

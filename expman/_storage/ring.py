@@ -76,6 +76,7 @@ SLOT_BYTES = 8 + 8 + 8 + 4 + 1  # value, step, time, key id, flags
 FIRST_SLOTS = 1024  # mapped at start (an idle run holds ~40 KiB), and by the rank thread when it catches up
 AHEAD_SLOTS = 1 << 16  # the most the sender maps ahead of the hot path (a few of its drains at the run's pace)
 SLOT_ALIGN = 512  # `ready` moves in these: a page of the 8-byte columns
+GROW_SLOTS = 16384  # the most mapped under the lock at once (~300 µs: what the rank thread may wait)
 
 HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # the flags of a recovered point (Recovered.frames)
 NO_STEP, TIMED = 1, 2  # a slot's flags column: 0 for the hot path's points (a step, no time)
@@ -202,16 +203,24 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _madvise: Any = None  # libc's, through ctypes (loaded at the first ring): it lets go of the GIL, mmap.madvise does not
 
 
-def _map_writable(mm: mmap.mmap, start: int, stop: int) -> bool:
+def _map_writable(mm: mmap.mmap, start: int, stop: int, hold_gil: bool = False) -> bool:
     """Fault the pages of [start, stop) in, writable, now (rounded out to whole pages): a
     shared mapping starts with no page mapped for writing, so a first write to each page
     takes a ~10 µs fault, and allocates it (on a full filesystem: SIGBUS). The kernel's
-    work (~2.5 µs a page) runs without the GIL: the training thread runs meanwhile. False
-    when the kernel refuses the advice or cannot allocate the pages."""
+    work (~2.5 µs a page) runs without the GIL, so the training thread runs meanwhile,
+    unless `hold_gil` (the training thread itself: letting go would hand the GIL to the
+    sender for up to a switch interval). False when the kernel refuses the advice or
+    cannot allocate the pages."""
     global _madvise
     start -= start % mmap.PAGESIZE
     stop = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
     if stop <= start:
+        return True
+    if hold_gil:
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE, start, stop - start)
+        except (OSError, ValueError):
+            return False
         return True
     import ctypes
 
@@ -246,7 +255,7 @@ class PointRing:
 
     __slots__ = ("slot", "stop", "base", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity",
                  "settled", "ready", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used",
-                 "_table_mapped", "_names_mapped", "_growing", "_short")
+                 "_table_mapped", "_names_mapped", "_growing", "_short", "wake")
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
         self.path = path
@@ -273,6 +282,7 @@ class PointRing:
         self._names_used = 0
         self._table_mapped, self._names_mapped = lay.table, lay.names  # mapped writable below these
         self._short = False  # no room to map more slots was logged
+        self.wake: Callable[[], None] | None = None  # calls the sender when the hot path catches up (it maps more)
         if _map_writable(self._head, 0, HEADER_BYTES):
             if not self.grow(FIRST_SLOTS):
                 raise OSError("no room for the ring's first slots")
@@ -282,34 +292,33 @@ class PointRing:
             self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
             self.ready = self.stop = capacity
 
-    def grow(self, upto: int, wait: bool = True) -> bool:
-        """Map the first lap's slots writable up to `upto` (rounded up to SLOT_ALIGN),
-        clear their key ids, say so in the header, then let the hot path write them. False
-        when nothing was added (no room, or with `wait` False another thread is at it)."""
-        lo = self.ready
-        hi = min(-(-upto // SLOT_ALIGN) * SLOT_ALIGN, self.capacity)
-        if hi <= lo or lo < 0 or not self._growing.acquire(wait):
-            return False
-        try:
+    def grow(self, upto: int, rank_thread: bool = False) -> bool:
+        """Map the first lap's slots writable up to `upto` (rounded up to SLOT_ALIGN), at
+        most GROW_SLOTS at a time under the lock (the rank thread may wait on it: a point
+        must not go to the list, where a kill would lose it), clear their key ids, say so
+        in the header, then let the hot path write them. False when there is no room."""
+        while True:
             lo = self.ready
+            hi = min(-(-upto // SLOT_ALIGN) * SLOT_ALIGN, self.capacity, lo + GROW_SLOTS)
             if hi <= lo or lo < 0:
-                return False
-            lay = self._layout
-            for column, width in ((lay.values, 8), (lay.steps, 8), (lay.times, 8), (lay.keys, 4), (lay.flags, 1)):
-                if not _map_writable(self._mm, column - lay.values + lo * width, column - lay.values + hi * width):
-                    if not self._short:
-                        self._short = True
-                        log.warning("expman: ring %s: no room to map more slots; later points wait in memory",
-                                    self.path)
-                    return False
-            self.keys[lo:hi] = memoryview(_EMPTY_KEY * (hi - lo)).cast("i")
-            self.ready = hi
-            self._counters()  # before the hot path may write there: the collector reads up to `ready`
-            if self.stop == lo:  # open, and bounded by what was mapped (no call since the read: no switch)
-                self.stop = hi
-            return True
-        finally:
-            self._growing.release()
+                return lo >= 0
+            with self._growing:
+                if self.ready != lo:  # another thread mapped these meanwhile
+                    continue
+                lay = self._layout
+                for column, width in ((lay.values, 8), (lay.steps, 8), (lay.times, 8), (lay.keys, 4), (lay.flags, 1)):
+                    if not _map_writable(self._mm, column - lay.values + lo * width,
+                                         column - lay.values + hi * width, rank_thread):
+                        if not self._short:
+                            self._short = True
+                            log.warning("expman: ring %s: no room to map more slots; later points wait in memory",
+                                        self.path)
+                        return False
+                self.keys[lo:hi] = memoryview(_EMPTY_KEY * (hi - lo)).cast("i")
+                self._counters(hi)  # before the hot path may write there: the collector reads up to `ready`
+                self.ready = hi
+                if self.stop == lo:  # open, and bounded by what was mapped (no call since the read: no switch)
+                    self.stop = hi
 
     @classmethod
     def create(cls, sender: str, run: str, rank: int, host: str) -> PointRing | None:
@@ -366,13 +375,19 @@ class PointRing:
             flags, step = NO_STEP, 0
         if when is not None:
             flags |= TIMED
-        i = self.slot  # from here to the count's bump no call: no other thread can take the slot (experiment.py)
+        i = self.slot  # from here to the count's bump no call (but to map more: then read again): no other
+        # thread can take the slot (experiment.py)
         if i == self.capacity and self.stop >= 0 and self.settled > self.base:  # the lap is over: the next one
             self.base += self.capacity
             i = self.slot = 0
             self.stop = self.settled + self.capacity - self.base
-        if i >= self.stop and not (i == self.stop == self.ready and self.grow(i + FIRST_SLOTS, wait=False)):
-            return False
+        if i >= self.stop:
+            if not i == self.stop == self.ready < self.capacity:
+                return False
+            self._catch_up(i)
+            i = self.slot  # another thread may have written while this one mapped (calls: thread switches)
+            if i >= self.stop:
+                return False
         self.flags[i] = flags
         self.times[i] = 0.0 if when is None else when
         self.values[i] = value
@@ -380,6 +395,13 @@ class PointRing:
         self.keys[i] = kid
         self.slot = i + 1
         return True
+
+    def _catch_up(self, i: int) -> None:
+        """The hot path reached the mapped slots before the sender mapped more (it slept
+        through a burst, or is mapping them now): map a few here and wake it to map far ahead."""
+        self.grow(i + FIRST_SLOTS, rank_thread=True)
+        if self.wake is not None:
+            self.wake()
 
     @property
     def n(self) -> int:
@@ -471,9 +493,9 @@ class PointRing:
             self._table_mapped = mapped
         return True
 
-    def _counters(self) -> None:
+    def _counters(self, ready: int | None = None) -> None:
         _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled,
-                            self.ready)
+                            self.ready if ready is None else ready)
 
     def remove(self) -> None:
         """Delete the file: its points are stored, or in the spool. The mapping stays valid
