@@ -106,10 +106,11 @@ def ring_dirs() -> list[Path]:
 
 
 def _roomy(folder: Path, size: int, last: bool) -> bool:
-    """Whether a ring of `size` bytes may go to `folder`: the last one always (its
-    `posix_fallocate` says whether it fits); a memory folder only while it, and the
-    machine's memory, keep SHM_SPARE_BYTES free beside it (a tmpfs as large as the RAM
-    would otherwise let many runs' rings take the memory training needs)."""
+    """Whether a ring of `size` bytes may go to `folder`: the last one always (mapping its
+    first slots says whether they fit; later ones that do not take the list); a memory
+    folder only while it, and the machine's memory, keep SHM_SPARE_BYTES free beside a
+    full ring (a tmpfs as large as the RAM would otherwise let many runs' rings take the
+    memory training needs)."""
     if last:
         return True
     try:
