@@ -259,10 +259,12 @@ def test_a_ring_leaves_shared_memory_when_the_machine_is_short_of_memory(tmp_pat
     ring.remove()
 
 
-def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("slots", ["1024", "131072"])  # laps and fills; or mapped as the threads reach its end
+def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         slots: str) -> None:
     import threading
 
-    monkeypatch.setenv("EXPMAN_RING_POINTS", "1024")  # laps and fills: the list and the ring both in play
+    monkeypatch.setenv("EXPMAN_RING_POINTS", slots)
     per_thread = 20_000
     with expman.start_experiment("e", "threads", root=root) as exp:
         def log(key: str) -> None:
