@@ -121,7 +121,8 @@ class RunChannel:
         if ring is not None and self.finish_request is None and not self.points and not self.held \
                 and not self.device_batches:
             room = ring.settled + ring.capacity - ring.base  # no call since the checks: no append between
-            ring.stop = ring.capacity if room > ring.capacity else room
+            room = ring.capacity if room > ring.capacity else room
+            ring.stop = ring.ready if ring.ready < room else room  # the first lap: only what is mapped
 
     def forget_ring(self) -> None:
         """Delete the run's ring once nothing in it needs recovery: every point stored

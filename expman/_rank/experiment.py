@@ -139,7 +139,7 @@ class Experiment:
             ring.keys[i] = kid
             ring.slot = i + 1
             return
-        if i == ring.capacity and ring.stop >= 0 and ring.put(kid, value, step, None):  # put() starts the next lap
+        if i == ring.stop and ring.put(kid, value, step, None):  # put() starts the next lap, or maps more
             return
         self._buf.extend((kid, value, step, None))
         ring.stop = -1  # closed until the sender has framed the list (no-op without a ring)

@@ -43,6 +43,7 @@ from expman._wire.curve_keys import client_keys
 from expman._wire.delivery import RESEND_AFTER_S, SEND_WINDOW_S, Entry, Outbox, SendWindow
 from expman._rank.overflow import Overflow
 from expman._rank.spool import max_spool_bytes as spool_budget
+from expman._storage.ring import AHEAD_SLOTS, FIRST_SLOTS
 
 
 log = logging.getLogger("expman")
@@ -191,6 +192,8 @@ class Sender:
         with self._lock:
             self._experiments.append(run)
             self._counters[id(run)] = _Counters()
+        if run.ring is not None:
+            run.ring.wake = self.wake  # the hot path caught up with the ring's mapped slots: map more
         self.wake()
 
     def unregister(self, run: RunChannel) -> None:
@@ -375,6 +378,12 @@ class Sender:
         request = run.finish_request
         artifacts_idle = run.artifacts.open_jobs == 0  # read first: the pump queues its frames before it says done
         ring = run.ring
+        if ring is not None and 0 <= ring.ready < ring.capacity:
+            # The hot path's next pages, mapped here rather than faulted there: a few drains' worth
+            # of the run's pace ahead of it, so an idle or slow run holds little.
+            ahead = min(max(FIRST_SLOTS, 4 * run.unframed()), AHEAD_SLOTS)
+            if ring.n + ahead // 2 > ring.ready:
+                ring.grow(ring.n + ahead)
         if ring is not None and ring.n - ring.settled > ring.capacity // 2:
             # Acks lag (a busy collector): free the slots of frames handed to ZeroMQ a while ago
             # rather than let the ring fill and the newest points wait in the list.

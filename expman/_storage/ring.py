@@ -28,6 +28,17 @@ current lap (`slot`, below `stop`; `put` starts the next lap), so point n is
 point in the run's Python list instead and closes the ring (`stop` -1) until the sender
 has framed that list, which keeps the points in order (expman/_rank/sender.py).
 
+Memory is taken as it is needed, not at start: the file is sparse, and the writer maps
+writable (MADV_POPULATE_WRITE) the header page, the first `FIRST_SLOTS` slots of each
+column, and the table's and names' pages as they fill; the sender thread, when it drains
+the run, maps each column ahead of the hot path up to `AHEAD_SLOTS` past it (and the rank
+thread does when it catches up with what is mapped), until the first lap has covered the
+ring. The hot path writes only below `ready` (`stop` never exceeds it), so it never takes a
+page fault, and a full filesystem is an error of the advice, never a SIGBUS. The header's
+`ready` tells the collector where the first lap's mapped slots end (beyond it the key ids
+read 0, not -1). Kernels without the advice (before 5.14) get the whole file reserved and
+its key ids cleared at start, as before.
+
 The live process holds a POSIX record lock (`lockf`) on the file for its whole life: the
 kernel drops it when the process dies, kill -9 included, and a forked child does not
 inherit it, so "the lock is free" means "the writer is gone". The file is made under a
@@ -45,6 +56,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +65,7 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("expman")
 
 MAGIC = b"EXPRING2"
-VERSION = 2
+VERSION = 3  # 3: the header's `ready` (the first lap's mapped slots)
 RING_DIR_ENV = "EXPMAN_RING_DIR"
 RING_POINTS_ENV = "EXPMAN_RING_POINTS"  # slots per run (rounded up to a power of two); 0 turns the ring off
 DEFAULT_POINTS = 1 << 18  # 7.25 MiB of columns per run
@@ -61,12 +73,16 @@ TABLE_ENTRIES = 8192
 NAMES_BYTES = 1 << 20
 HEADER_BYTES = 4096
 SLOT_BYTES = 8 + 8 + 8 + 4 + 1  # value, step, time, key id, flags
+FIRST_SLOTS = 1024  # mapped at start (an idle run holds ~40 KiB), and by the rank thread when it catches up
+AHEAD_SLOTS = 1 << 16  # the most the sender maps ahead of the hot path (a few of its drains at the run's pace)
+SLOT_ALIGN = 512  # `ready` moves in these: a page of the 8-byte columns
+GROW_SLOTS = 16384  # the most mapped under the lock at once (~300 µs: what the rank thread may wait)
 
 HAS_STEP, HAS_TIME, NO_VALUE, WRITTEN = 1, 2, 4, 8  # the flags of a recovered point (Recovered.frames)
 NO_STEP, TIMED = 1, 2  # a slot's flags column: 0 for the hot path's points (a step, no time)
 _STATIC = struct.Struct("<8sIIQII128s128s256sQ")  # magic, version, slot bytes, capacity, table, names, sender, run, host, pid
 _RANK = struct.Struct("<q")
-_COUNTERS = struct.Struct("<QQdq")  # frames in the table, name bytes used, updated at, settled
+_COUNTERS = struct.Struct("<QQdqq")  # frames in the table, name bytes used, updated at, settled, ready
 _COUNTERS_AT = 1024
 _RANK_AT = 1016
 _ENTRY = struct.Struct("<qqd")  # frame seq (-1: dropped), end point number, sent_at
@@ -90,10 +106,11 @@ def ring_dirs() -> list[Path]:
 
 
 def _roomy(folder: Path, size: int, last: bool) -> bool:
-    """Whether a ring of `size` bytes may go to `folder`: the last one always (its
-    `posix_fallocate` says whether it fits); a memory folder only while it, and the
-    machine's memory, keep SHM_SPARE_BYTES free beside it (a tmpfs as large as the RAM
-    would otherwise let many runs' rings take the memory training needs)."""
+    """Whether a ring of `size` bytes may go to `folder`: the last one always (mapping its
+    first slots says whether they fit; later ones that do not take the list); a memory
+    folder only while it, and the machine's memory, keep SHM_SPARE_BYTES free beside a
+    full ring (a tmpfs as large as the RAM would otherwise let many runs' rings take the
+    memory training needs)."""
     if last:
         return True
     try:
@@ -183,18 +200,36 @@ class _Layout:
         return self.flags + self.capacity
 
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_madvise: Any = None  # libc's, through ctypes (loaded at the first ring): it lets go of the GIL, mmap.madvise does not
 
 
-def _map_writable(mm: mmap.mmap) -> None:
-    """Fault every page of the columns in, writable, now: a shared mapping starts with
-    no page mapped for writing (MAP_POPULATE maps them read-only), so the first lap's
-    first write to each page took a ~10 µs fault, one log_metric call in a hundred.
-    Older kernels refuse the advice: their faults stay."""
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError):
-        pass
+def _map_writable(mm: mmap.mmap, start: int, stop: int, hold_gil: bool = False) -> bool:
+    """Fault the pages of [start, stop) in, writable, now (rounded out to whole pages): a
+    shared mapping starts with no page mapped for writing, so a first write to each page
+    takes a ~10 µs fault, and allocates it (on a full filesystem: SIGBUS). The kernel's
+    work (~2.5 µs a page) runs without the GIL, so the training thread runs meanwhile,
+    unless `hold_gil` (the training thread itself: letting go would hand the GIL to the
+    sender for up to a switch interval). False when the kernel refuses the advice or
+    cannot allocate the pages."""
+    global _madvise
+    start -= start % mmap.PAGESIZE
+    stop = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+    if stop <= start:
+        return True
+    if hold_gil:
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE, start, stop - start)
+        except (OSError, ValueError):
+            return False
+        return True
+    import ctypes
+
+    if _madvise is None:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _madvise.restype = ctypes.c_int
+    return _madvise(ctypes.addressof(ctypes.c_char.from_buffer(mm)) + start, stop - start, _MADV_POPULATE_WRITE) == 0
 
 
 class NoRing:
@@ -220,7 +255,8 @@ class PointRing:
     calls the rest."""
 
     __slots__ = ("slot", "stop", "base", "mask", "values", "steps", "keys", "times", "flags", "path", "capacity",
-                 "settled", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used")
+                 "settled", "ready", "_fd", "_layout", "_head", "_mm", "_frames", "_names_used",
+                 "_table_mapped", "_names_mapped", "_growing", "_short", "wake")
 
     def __init__(self, path: Path, fd: int, capacity: int) -> None:
         self.path = path
@@ -228,13 +264,14 @@ class PointRing:
         self.mask = capacity - 1
         self.base = 0  # the number of this lap's slot 0
         self.slot = 0  # the next point's slot in this lap: it is point base + slot
-        self.stop = capacity  # the hot path writes a slot only below this (-1: closed)
+        self.stop = 0  # the hot path writes a slot only below this (-1: closed); never above `ready`
         self.settled = 0  # every point below this is stored, spooled or dropped: its slot is free
+        self.ready = 0  # the first lap's slots mapped writable, key ids cleared (all of them after it)
         self._fd = fd
         self._layout = lay = _Layout(capacity)
         self._head = mmap.mmap(fd, lay.values)
         self._mm = mmap.mmap(fd, lay.size - lay.values, offset=lay.values)
-        _map_writable(self._mm)
+        self._growing = threading.Lock()  # one of the sender and the rank thread maps more at a time
         view = memoryview(self._mm)
         at = lambda offset: offset - lay.values  # noqa: E731 - column offsets within the mapping
         self.values = view[at(lay.values) : at(lay.steps)].cast("d")
@@ -242,9 +279,47 @@ class PointRing:
         self.times = view[at(lay.times) : at(lay.keys)].cast("d")
         self.keys = view[at(lay.keys) : at(lay.flags)].cast("i")
         self.flags = view[at(lay.flags) :]
-        self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
         self._frames = 0
         self._names_used = 0
+        self._table_mapped, self._names_mapped = lay.table, lay.names  # mapped writable below these
+        self._short = False  # no room to map more slots was logged
+        self.wake: Callable[[], None] | None = None  # calls the sender when the hot path catches up (it maps more)
+        if _map_writable(self._head, 0, HEADER_BYTES):
+            if not self.grow(FIRST_SLOTS):
+                raise OSError("no room for the ring's first slots")
+        else:  # no MADV_POPULATE_WRITE: all of it now, so a full filesystem is an error here, never a SIGBUS later
+            os.posix_fallocate(fd, 0, lay.size)
+            self._table_mapped, self._names_mapped = lay.names, lay.values
+            self.keys[:] = memoryview(_EMPTY_KEY * capacity).cast("i")
+            self.ready = self.stop = capacity
+
+    def grow(self, upto: int, rank_thread: bool = False) -> bool:
+        """Map the first lap's slots writable up to `upto` (rounded up to SLOT_ALIGN), at
+        most GROW_SLOTS at a time under the lock (the rank thread may wait on it: a point
+        must not go to the list, where a kill would lose it), clear their key ids, say so
+        in the header, then let the hot path write them. False when there is no room."""
+        while True:
+            lo = self.ready
+            hi = min(-(-upto // SLOT_ALIGN) * SLOT_ALIGN, self.capacity, lo + GROW_SLOTS)
+            if hi <= lo or lo < 0:
+                return lo >= 0
+            with self._growing:
+                if self.ready != lo:  # another thread mapped these meanwhile
+                    continue
+                lay = self._layout
+                for column, width in ((lay.values, 8), (lay.steps, 8), (lay.times, 8), (lay.keys, 4), (lay.flags, 1)):
+                    if not _map_writable(self._mm, column - lay.values + lo * width,
+                                         column - lay.values + hi * width, rank_thread):
+                        if not self._short:
+                            self._short = True
+                            log.warning("expman: ring %s: no room to map more slots; later points wait in memory",
+                                        self.path)
+                        return False
+                self.keys[lo:hi] = memoryview(_EMPTY_KEY * (hi - lo)).cast("i")
+                self._counters(hi)  # before the hot path may write there: the collector reads up to `ready`
+                self.ready = hi
+                if self.stop == lo:  # open, and bounded by what was mapped (no call since the read: no switch)
+                    self.stop = hi
 
     @classmethod
     def create(cls, sender: str, run: str, rank: int, host: str) -> PointRing | None:
@@ -269,7 +344,7 @@ class PointRing:
         fd = -1
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.posix_fallocate(fd, 0, size)  # all of it now: a full tmpfs is an error here, never a SIGBUS later
+            os.ftruncate(fd, size)  # sparse: pages are allocated as they are mapped (PointRing.grow)
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             ring = cls(path, fd, capacity)
             _STATIC.pack_into(ring._head, 0, MAGIC, VERSION, SLOT_BYTES, capacity, TABLE_ENTRIES, NAMES_BYTES,
@@ -301,13 +376,19 @@ class PointRing:
             flags, step = NO_STEP, 0
         if when is not None:
             flags |= TIMED
-        i = self.slot  # from here to the count's bump no call: no other thread can take the slot (experiment.py)
+        i = self.slot  # from here to the count's bump no call (but to map more: then read again): no other
+        # thread can take the slot (experiment.py)
         if i == self.capacity and self.stop >= 0 and self.settled > self.base:  # the lap is over: the next one
             self.base += self.capacity
             i = self.slot = 0
             self.stop = self.settled + self.capacity - self.base
         if i >= self.stop:
-            return False
+            if not i == self.stop == self.ready < self.capacity:
+                return False
+            self._catch_up(i)
+            i = self.slot  # another thread may have written while this one mapped (calls: thread switches)
+            if i >= self.stop:
+                return False
         self.flags[i] = flags
         self.times[i] = 0.0 if when is None else when
         self.values[i] = value
@@ -315,6 +396,13 @@ class PointRing:
         self.keys[i] = kid
         self.slot = i + 1
         return True
+
+    def _catch_up(self, i: int) -> None:
+        """The hot path reached the mapped slots before the sender mapped more (it slept
+        through a burst, or is mapping them now): map a few here and wake it to map far ahead."""
+        self.grow(i + FIRST_SLOTS, rank_thread=True)
+        if self.wake is not None:
+            self.wake()
 
     @property
     def n(self) -> int:
@@ -329,6 +417,8 @@ class PointRing:
         if end > NAMES_BYTES:
             return
         at = self._layout.names + self._names_used
+        if not self._writable(at + _NAME.size + len(data), names=True):
+            return
         self._head[at + _NAME.size : at + _NAME.size + len(data)] = data
         _NAME.pack_into(self._head, at, kid, len(data))
         self._names_used = end
@@ -365,6 +455,11 @@ class PointRing:
         """The sender made a metrics frame (seq; -1 when it was dropped) of the points up
         to `end`: the collector recovers a frame's points only if it never stored that seq."""
         k = self._frames
+        if self.ready < 0 or not self._writable(self._layout.table + (min(k, TABLE_ENTRIES - 1) + 1) * _ENTRY.size,
+                                                names=False):
+            self.ready = self.stop = -1  # no room to note the frame: the ring keeps no more points for recovery
+            self.settle(end)
+            return
         _ENTRY.pack_into(self._head, self._layout.table + (k % TABLE_ENTRIES) * _ENTRY.size, seq, end, sent_at)
         self._frames = k + 1
         self._counters()
@@ -383,8 +478,25 @@ class PointRing:
         self.settled = upto
         self._counters()
 
-    def _counters(self) -> None:
-        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled)
+    def _writable(self, stop: int, names: bool) -> bool:
+        """Map the table's (sender thread) or the names' (the intern lock's holder) pages
+        writable up to offset `stop`; each area has its own pages and its own mark. False
+        when there is no room."""
+        mapped = self._names_mapped if names else self._table_mapped
+        if stop <= mapped:
+            return True
+        if not _map_writable(self._head, mapped, stop):
+            return False
+        mapped = -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE
+        if names:
+            self._names_mapped = mapped
+        else:
+            self._table_mapped = mapped
+        return True
+
+    def _counters(self, ready: int | None = None) -> None:
+        _COUNTERS.pack_into(self._head, _COUNTERS_AT, self._frames, self._names_used, time.time(), self.settled,
+                            self.ready if ready is None else ready)
 
     def remove(self) -> None:
         """Delete the file: its points are stored, or in the spool. The mapping stays valid
@@ -467,11 +579,11 @@ def read_ring(path: Path, stored: Callable[[str, int], bool]) -> Recovered | Non
     lay = _Layout(capacity)
     if len(data) < lay.size:
         return None
-    frames_made, names_used, touched, settled = _COUNTERS.unpack_from(data, _COUNTERS_AT)
+    frames_made, names_used, touched, settled, ready = _COUNTERS.unpack_from(data, _COUNTERS_AT)
     out = Recovered(sender.rstrip(b"\0").decode(errors="replace"), run.rstrip(b"\0").decode(errors="replace"),
                     _RANK.unpack_from(data, _RANK_AT)[0], host.rstrip(b"\0").decode(errors="replace"))
     out.names = dict(_names(data, lay.names, min(names_used, NAMES_BYTES)))
-    slots = _Slots(data, lay, settled)
+    slots = _Slots(data, lay, settled, ready)
     out.end = slots.end()
     entries = [_ENTRY.unpack_from(data, lay.table + (k % TABLE_ENTRIES) * _ENTRY.size)
                for k in range(max(0, frames_made - TABLE_ENTRIES), frames_made)]
@@ -499,15 +611,16 @@ def _names(data: bytes, at: int, used: int) -> Iterator[tuple[int, str]]:
 class _Slots:
     """The ring's columns, read point by point where needed (a collector reads only the
     points it lacks, not all of a ring, while other runs wait for their acks). Point n
-    is live in slot n % capacity when settled <= n < settled + capacity and the slot's
-    key id is set: the writer never wrote past a lap beyond `settled`, and cleared every
-    slot below it."""
+    is live in slot n % capacity when settled <= n < settled + capacity, n is below
+    `ready` while the first lap is not all mapped (-1: the ring gave up), and the slot's
+    key id is set: the writer never wrote past a lap beyond `settled`, nor past `ready`,
+    and cleared every slot below it."""
 
-    def __init__(self, data: bytes, lay: _Layout, settled: int) -> None:
+    def __init__(self, data: bytes, lay: _Layout, settled: int, ready: int) -> None:
         view = memoryview(data)
         self._mask = lay.capacity - 1
         self.settled = settled
-        self._capacity = lay.capacity
+        self._limit = settled + lay.capacity if ready >= lay.capacity else min(settled + lay.capacity, ready)
         self._values = view[lay.values : lay.steps].cast("d")
         self._steps = view[lay.steps : lay.times].cast("q")
         self._times = view[lay.times : lay.keys].cast("d")
@@ -516,7 +629,7 @@ class _Slots:
 
     def end(self) -> int:
         """One past the newest point (`settled` when none is live)."""
-        for n in range(self.settled + self._capacity - 1, self.settled - 1, -1):
+        for n in range(self._limit - 1, self.settled - 1, -1):
             if self._keys[n & self._mask] >= 0:
                 return n + 1
         return self.settled
@@ -524,7 +637,7 @@ class _Slots:
     def get(self, n: int) -> tuple[int, int, float, int, float] | None:
         """Point n as (key id, recovered flags, value, step, time), or None where its slot
         holds none (settled, or a write the kill cut short)."""
-        if not self.settled <= n < self.settled + self._capacity:
+        if not self.settled <= n < self._limit:
             return None
         i = n & self._mask
         kid = self._keys[i]

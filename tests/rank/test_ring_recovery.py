@@ -21,7 +21,7 @@ import yaml
 
 import expman
 from _helpers import process_gone, wait_for
-from expman._storage.ring import HAS_STEP, HAS_TIME, WRITTEN, PointRing, read_ring
+from expman._storage.ring import DEFAULT_POINTS, HAS_STEP, HAS_TIME, SLOT_BYTES, WRITTEN, PointRing, read_ring
 from conftest import start_collector
 
 N = 20_000
@@ -259,10 +259,12 @@ def test_a_ring_leaves_shared_memory_when_the_machine_is_short_of_memory(tmp_pat
     ring.remove()
 
 
-def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("slots", ["1024", "131072"])  # laps and fills; or mapped as the threads reach its end
+def test_threads_logging_into_one_run_never_share_a_slot(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         slots: str) -> None:
     import threading
 
-    monkeypatch.setenv("EXPMAN_RING_POINTS", "1024")  # laps and fills: the list and the ring both in play
+    monkeypatch.setenv("EXPMAN_RING_POINTS", slots)
     per_thread = 20_000
     with expman.start_experiment("e", "threads", root=root) as exp:
         def log(key: str) -> None:
@@ -309,3 +311,69 @@ def test_a_ring_whose_acks_lag_frees_the_slots_of_frames_long_sent(root: Path, s
         assert sorted(steps) == list(range(5000))
     finally:
         assert collector.stop() == 0, collector.log()
+
+
+# --- memory: a ring holds what it was written, not its capacity ------------------------------
+
+def _held(ring: PointRing) -> int:
+    return os.stat(ring.path).st_blocks * 512
+
+
+def test_a_new_ring_holds_a_few_pages_and_grows_as_points_are_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, DEFAULT_POINTS)
+    try:
+        idle = _held(ring)
+        assert idle < 128 << 10, f"a new ring holds {idle} bytes"  # not the 8.4 MiB the whole file would
+        _write(ring, 0, 20_000)  # no sender here: put maps more each time the writer reaches the end
+        assert ring.ready >= 20_000 and _held(ring) >= 20_000 * SLOT_BYTES
+        assert _held(ring) < idle + 20_000 * SLOT_BYTES + (256 << 10)
+        assert ring.grow(ring.capacity) and ring.stop == ring.ready == ring.capacity  # as the sender maps ahead
+        assert _held(ring) >= ring.capacity * SLOT_BYTES
+    finally:
+        ring.remove()
+
+
+def test_slots_past_the_mapped_ones_are_never_read_as_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = _ring(monkeypatch, 1 << 14)
+    try:
+        assert ring.ready < ring.capacity  # the rest reads as zeros: key id 0, "loss", were it read
+        _write(ring, 0, 10)
+        found = read_ring(ring.path, lambda sender, seq: False)
+        assert found.end == 10 and [p[3] for p in found.frames[0][2]] == list(range(10)) and found.lost == 0
+        end = ring.ready + 5
+        _write(ring, 10, end)
+        found = read_ring(ring.path, lambda sender, seq: False)
+        assert found.end == end and [p[3] for p in found.frames[0][2]] == list(range(end)) and found.lost == 0
+    finally:
+        ring.remove()
+
+
+def test_a_ring_that_cannot_map_more_keeps_what_it_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    ring = _ring(monkeypatch, 1 << 14)
+    try:
+        _write(ring, 0, ring.ready)
+        monkeypatch.setattr(ring_module, "_map_writable", lambda *args: False)  # a full filesystem
+        assert not ring.put(0, 1.0, 5, None) and ring.n == ring.ready  # the caller keeps the point in its list
+        ring.framed(1, 100, 0.0)  # the table's first page is not mapped yet: the ring stops keeping points
+        assert ring.stop == ring.ready == -1 and ring.settled == 100
+        found = read_ring(ring.path, lambda sender, seq: False)
+        assert found.frames == [] and found.lost == 0
+    finally:
+        ring.remove()
+
+
+def test_without_the_kernels_advice_the_whole_ring_is_reserved_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expman._storage import ring as ring_module
+
+    monkeypatch.setattr(ring_module, "_map_writable", lambda *args: False)  # Linux before 5.14
+    ring = _ring(monkeypatch, 1 << 14)
+    try:
+        assert ring.ready == ring.stop == ring.capacity and _held(ring) >= ring.capacity * SLOT_BYTES
+        _write(ring, 0, 5000)
+        ring.framed(1, 4000, 0.0)
+        found = read_ring(ring.path, lambda sender, seq: False)
+        assert [(seq, len(points)) for seq, _t, points in found.frames] == [(1, 4000), (None, 1000)]
+    finally:
+        ring.remove()
