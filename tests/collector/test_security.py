@@ -79,7 +79,10 @@ def test_curve_collector_accepts_only_allowed_clients(root, short_dir, keys, tmp
         plain.connect(c.endpoint)
         hello = proto.encode_frame(proto.HELLO, run="feedf00d", host="h", rank=0, sender="x" * 32, seq=0, sent_at=1.0,
                                    body={"experiment": "sec", "name": "plain", "world_size": 1})
-        plain.send(hello)
+        try:
+            plain.send(hello, zmq.NOBLOCK)  # queued unless the failed handshake already took the pipe away
+        except zmq.Again:
+            pass  # a DEALER with no pipe would block here for good
         assert plain.poll(1000) == 0  # no ack
         plain.close(0)
         assert runs_in(root) == []
