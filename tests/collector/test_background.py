@@ -134,7 +134,7 @@ def test_merges_run_at_a_lower_cpu_priority_than_part_writes():
 
 
 def test_the_collector_allocates_arrow_memory_from_the_c_heap():
-    """Its freed pages go back to the OS after each background job (malloc_trim); an explicit
+    """Its freed pages go back to the OS after background jobs (malloc_trim); an explicit
     ARROW_DEFAULT_MEMORY_POOL still wins."""
     import os
     import subprocess
