@@ -41,7 +41,10 @@ def test_expman_tui_in_tmux(tmp_path, session):
     def screen() -> str:
         return tmux("capture-pane", "-p", "-t", session)
 
-    wait_for(lambda: "baseline-aaaa0001" in screen(), 60, "the runs list in tmux")
+    try:
+        wait_for(lambda: "baseline-aaaa0001" in screen(), 60, "the runs list in tmux")
+    except AssertionError as exc:  # say what the terminal showed instead
+        raise AssertionError(f"{exc}; the pane showed:\n{screen()}") from None
     assert "wide-aaaa0002" in screen() and "running" in screen()
     tmux("send-keys", "-t", session, "Down", "Enter")
     wait_for(lambda: "1 Charts" in screen() and "last" in screen(), 60, "the run screen with a chart")
