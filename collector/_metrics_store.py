@@ -173,13 +173,6 @@ class _Packed:
         self._names: list[str] | None = None  # the last frame's keys, and its ids' mapping (None: as they are)
         self._mapping: np.ndarray | None = None
 
-    @classmethod
-    def of(cls, items: list[_Small]) -> _Packed:
-        packed = cls()
-        for item in items:
-            packed.add(item)
-        return packed
-
     def add(self, item: _Small) -> None:
         if item.names != self._names:
             mapping = [self.codes.setdefault(name, len(self.codes)) for name in item.names]
@@ -243,11 +236,6 @@ class _Packed:
         ], schema=_SCHEMA)
 
 
-def _small_table(items: list[_Small]) -> pa.Table:
-    """One table for many small frames, built with numpy."""
-    return _Packed.of(items).table()
-
-
 def _keyed_rows(items: list[_Small | _Packed]) -> KeyedRows:
     """Small frames' rows in key order (a stable order: each key keeps its arrival order),
     made a row group at a time from their packed columns. The order comes from ranking the
@@ -303,19 +291,17 @@ def _keyed_rows(items: list[_Small | _Packed]) -> KeyedRows:
 def _pending_table(items: list[_Small | _Packed | pa.Table]) -> pa.Table:
     """The rows of pending frames in arrival order (runs of small frames built together)."""
     tables: list[pa.Table] = []
-    run: list[_Small] = []
+    run: list[_Small | _Packed] = []
     for item in items:
-        if isinstance(item, _Packed):
-            item = item.table()
-        if isinstance(item, _Small):
+        if not isinstance(item, pa.Table):
             run.append(item)
             continue
         if run:
-            tables.append(_small_table(run))
+            tables.append(_Packed.joined(run).table())
             run = []
         tables.append(item)
     if run:
-        tables.append(_small_table(run))
+        tables.append(_Packed.joined(run).table())
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
