@@ -211,8 +211,9 @@ def run_case(n: int, per: int, points: int, rate: float, profile: str | None = N
     }
 
 
-def ack_wait_case(seconds: float = 22.0) -> dict:
-    """CPU of a rank waiting in finish() for acks from a stopped (SIGSTOP) collector."""
+def ack_wait_case(seconds: float = 22.0, collector: str = "stopped") -> dict:
+    """CPU of a rank waiting in finish() for acks from a stopped (SIGSTOP) or a dead
+    (SIGKILL: ZeroMQ retries the connection) collector."""
     work = make_tmpdir("ack-wait")
     coll = Collector(work, None).start()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXPMAN_")}, "EXPMAN_COLLECTOR": coll.endpoint,
@@ -221,7 +222,11 @@ def ack_wait_case(seconds: float = 22.0) -> dict:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        coll.sigstop()
+        if collector == "stopped":
+            coll.sigstop()
+        else:
+            coll.proc.kill()
+            coll.proc.wait()
         proc.stdin.write("go\n")
         proc.stdin.flush()
         out = json.loads(proc.stdout.readline())
@@ -231,7 +236,8 @@ def ack_wait_case(seconds: float = 22.0) -> dict:
             proc.kill()
         coll.close()
         rmtree_quiet(work)
-    return {"ack_wait_s": round(out["waited_s"], 1), "ack_wait_core_pct": round(100 * out["cpu_s"] / out["waited_s"], 3)}
+    return {"collector": collector, "ack_wait_s": round(out["waited_s"], 1),
+            "ack_wait_core_pct": round(100 * out["cpu_s"] / out["waited_s"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results, ok = [], True
     if args.ack_wait:
-        print(json.dumps(ack_wait_case()), flush=True)
+        for collector in ("stopped", "dead"):
+            print(json.dumps(ack_wait_case(collector=collector)), flush=True)
     for n in args.runs:
         r = run_case(n, args.per_process, args.points, args.rate, args.profile)
         rmtree_quiet(r.pop("_work"))

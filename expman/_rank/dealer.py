@@ -29,7 +29,7 @@ def connect(ctx: zmq.Context, endpoint: str, curve: ClientKeys | None = None) ->
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails and we keep the frame
     dealer.setsockopt(zmq.RECONNECT_IVL, 20)
-    dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 250)  # a restarted collector is found within 0.25 s
+    dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a restarted collector is found within 1 s; each try wakes ZeroMQ's thread
     dealer.setsockopt(zmq.SNDHWM, 1000)
     if curve is not None:
         curve.apply(dealer, endpoint)  # tcp only

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from expman._rank.channel import RunChannel
 from expman._rank.dealer import connect, read_acks, send_due
@@ -53,7 +54,7 @@ SWITCH_INTERVAL_S = 0.0005
 YIELD_S = 0.00005  # between two frames of one drain the sender sleeps this long: the training thread runs
 RING_SENT_GRACE_S = 0.05  # a ring more than half full frees the slots of frames handed to ZeroMQ this long ago
 IDLE_POLL_MAX_S = 0.050  # an idle sender backs off from flush_interval to this (half a send window)
-ACK_WAIT_POLL_MAX_S = 2.0  # ... and to this once every run sent its finish and only acks are awaited (a wake-up costs ~2.5 ms of CPU on a cold core)
+ACK_WAIT_POLL_MAX_S = 30.0  # once only acks are awaited, it wakes for them, for a new connection, or after this long
 MAX_POINTS_PER_FRAME = 16384  # its longest C call (one struct.pack) ~180 µs: the GIL switches between them
 MAX_CONSOLE_LINES_PER_FRAME = 4096
 MAX_PENDING_BYTES = 256 * 1024 * 1024
@@ -165,6 +166,7 @@ class Sender:
         self._drop_logged_at = -DROP_LOG_EVERY_S
         self._exiting = False
         self._busy = False  # this tick drained points
+        self._lost_connection = False  # a connection went down since the last one was made (sender thread)
         self.heard_from_collector = False  # any ack at all: a CURVE refusal or a wrong endpoint never gives one
         self._next_seq = 0
         self._wake_addr = f"inproc://expman-sender-{self.sender_id}"
@@ -252,14 +254,19 @@ class Sender:
         wake.bind(self._wake_addr)
         self._wake_ready.set()
         self._dealer = dealer = connect(self._ctx, self.endpoint, self._curve)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         next_resend_check = time.monotonic() + RESEND_AFTER_S
         timeout = self.flush_interval
         next_tick = time.monotonic()
         try:
             while True:
+                # Frames the socket refused (no connection yet, or its queue is full) go when it
+                # can take them: ZeroMQ says so (POLLOUT), the loop need not try every tick.
+                poller.modify(dealer, zmq.POLLIN | zmq.POLLOUT if self._outbox.has_due else zmq.POLLIN)
                 # whole ms, rounded up: pyzmq truncates, and a 0 ms poll until the tick would spin
                 events = dict(poller.poll(math.ceil(max(next_tick - time.monotonic(), 0.0) * 1000)))
                 woken = wake in events
@@ -269,9 +276,13 @@ class Sender:
                         msgs.append(wake.recv())
                     if b"stop" in msgs:
                         break
-                if dealer in events:
+                if monitor in events:
+                    self._connection_events(monitor)
+                if events.get(dealer, 0) & zmq.POLLIN:
                     self._read_acks(dealer)
                     self._window.follow(self._outbox.ack_latency)
+                    if next_tick - time.monotonic() > IDLE_POLL_MAX_S:  # a long wait: acks may make a resend due
+                        next_tick = min(next_tick, time.monotonic() + self._acks_only_timeout(time.monotonic()))
                 now = time.monotonic()
                 if not woken and now < next_tick:  # only acks: the runs are drained on the tick's pace
                     if self._overflow:
@@ -293,12 +304,12 @@ class Sender:
                     self._overflow.load_into(self._outbox, self.max_pending_bytes)
                 self._send_pending(dealer)
                 # Wake every flush_interval while points flow; back off when idle (it costs CPU).
-                # Every run finished and only acks awaited (finish() waiting on a slow collector):
-                # no new data can come but by a wake-up, so back off further; an ack or a
-                # wake-up (a new run, a stop) still ends the poll at once.
-                acks_only = bool(self._outbox) and all(run.finish_sent for run in self.active())
-                timeout = self.flush_interval if self._busy or self._outbox.has_due else min(
-                    timeout * 2, ACK_WAIT_POLL_MAX_S if acks_only else IDLE_POLL_MAX_S)
+                if self._busy:
+                    timeout = self.flush_interval
+                elif self._outbox and all(run.finish_sent for run in self.active()):
+                    timeout = self._acks_only_timeout(now)
+                else:
+                    timeout = min(timeout * 2, IDLE_POLL_MAX_S)
                 if self._held_since:  # be back when the first held points are due
                     timeout = max(min(timeout, self._window.ends(min(self._held_since.values())) - now),
                                   self.flush_interval)
@@ -315,8 +326,38 @@ class Sender:
                     run.forget_ring()  # what it held is in the spool now
             except Exception:
                 log.exception("expman: could not write the unacknowledged frames to the spool; they are lost")
+            dealer.disable_monitor()
+            monitor.close(0)
             dealer.close(0)
             wake.close(0)
+
+    def _acks_only_timeout(self, now: float) -> float:
+        """Every run sent its finish and only acks are awaited (finish() waiting on a slow
+        or stopped collector). Nothing new can come but what ends the poll at once: an
+        ack, a wake-up (a new run, a stop), a new connection (`_connection_events`), the
+        socket taking refused frames. So sleep until a frame the collector skipped is due
+        again: a wake-up costs ~3-30 ms of CPU on a VM's cold core, however little it does
+        (docs/architecture.md "Scaling"), and a waiting rank must cost next to nothing."""
+        resend_at = self._outbox.next_skipped_resend_at()
+        if resend_at is None:
+            return ACK_WAIT_POLL_MAX_S
+        # a resend round's width past it, so frames due together go together
+        return min(max(resend_at + RESEND_AFTER_S / 2 - now, self.flush_interval), ACK_WAIT_POLL_MAX_S)
+
+    def _connection_events(self, monitor: zmq.Socket) -> None:
+        """The dealer's connection went down or came up (ZeroMQ's socket monitor). What the
+        old connection still queued is lost with it, so once a new one is made every
+        unacknowledged frame goes again (the collector drops duplicates); a local
+        collector that went away is started again."""
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._lost_connection = True
+                if self._on_idle_check is not None:
+                    self._on_idle_check()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost_connection:
+                self._lost_connection = False
+                self._count_resends(self._outbox.resend_all())
 
     def _enqueue(self, run: RunChannel, kind: str, body: dict[str, Any], points: int = 0, token: Any = None,
                  ring_end: int = -1) -> None:
@@ -544,7 +585,10 @@ class Sender:
                     entry.tag.sent_at = now
 
     def _expire(self, now: float) -> None:
-        for entry in self._outbox.expire(now):
+        self._count_resends(self._outbox.expire(now))
+
+    def _count_resends(self, entries: list[Entry]) -> None:
+        for entry in entries:
             if entry.tag.kind == proto.METRICS:
                 self._counters[id(entry.tag.run)].sent -= entry.tag.points  # counted again when resent
 
@@ -591,6 +635,8 @@ class Sender:
             if run.uid in run_ids and not any(p.tag.run is run and p.tag.kind == proto.HELLO
                                               for p in self._outbox.entries.values()):
                 self._enqueue(run, proto.HELLO, {**run.hello, "reopen": True})
+                # the frames it refused go again, behind the hello on the same connection
+                self._count_resends(self._outbox.resend_where(lambda entry: entry.tag.run is run))
 
     def _check_finished(self, run: RunChannel) -> None:
         c = self._counters[id(run)]

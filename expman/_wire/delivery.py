@@ -149,16 +149,33 @@ class Outbox:
             self.resend_now(entry)
         return stale
 
+    def next_skipped_resend_at(self) -> float | None:
+        """When `expire` will next find a frame the collector skipped (it acknowledged one
+        sent later); None if there is none. Frames merely unanswered by a silent collector
+        are not counted: a waiting sender learns of a lost connection from ZeroMQ
+        (`resend_all`), and a stopped collector reads what is queued once it runs again."""
+        base = self.resend_after
+        return min((entry.sent_at + base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS)
+                    for entry in self.entries.values()
+                    if entry.sent_at is not None and entry.sent_order < self._acked_order), default=None)
+
+    def resend_all(self) -> list[Entry]:
+        """Mark every frame sent and not acknowledged as due again (its connection was lost,
+        and with it whatever ZeroMQ still queued); return them."""
+        return self.resend_where(lambda entry: True)
+
     def resend_now(self, entry: Entry) -> None:
         """Send `entry` again at the next `due()` (say, the collector forgot its run)."""
         entry.sent_at = None
         entry.resends += 1
         self._unsent.append(entry.seq)
 
-    def resend_where(self, wanted: Callable[[Entry], bool]) -> None:
-        for entry in self.entries.values():
-            if entry.sent_at is not None and wanted(entry):
-                self.resend_now(entry)
+    def resend_where(self, wanted: Callable[[Entry], bool]) -> list[Entry]:
+        """Mark the frames sent, not acknowledged and `wanted` as due again; return them."""
+        entries = [entry for entry in self.entries.values() if entry.sent_at is not None and wanted(entry)]
+        for entry in entries:
+            self.resend_now(entry)
+        return entries
 
     def acked(self, seq: int, now: float) -> Entry | None:
         """Forget an acknowledged entry and return it; None for an ack of nothing we hold."""

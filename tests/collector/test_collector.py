@@ -136,6 +136,37 @@ def test_kill_9_collector_keeps_acknowledged_data_readable_and_restart_recovers(
         assert c2.stop() == 0
 
 
+def test_frames_lost_with_a_dead_collector_go_again_to_its_successor(root, short_dir):
+    """finish() waits on a stopped collector, which then dies with the frames still queued
+    to it. A waiting sender does not resend on a timer (it would wake for nothing while a
+    collector is merely slow); it learns of the new connection from ZeroMQ and sends again
+    everything unacknowledged, so finish() returns True well within its timeout."""
+    import threading
+
+    c = start_collector(root, short_dir)
+    exp = expman.start_experiment("e", "lost-queue", root=root, collector=c.endpoint)
+    exp.log_metric("loss", 0.0, step=0)
+    wait_for(lambda: exp.stats()["acked"] == 1, 10, "the first point's ack")
+    os.kill(c.proc.pid, signal.SIGSTOP)
+    for step in range(1, 3000):
+        exp.log_metric("loss", float(step), step=step)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=25)))
+    waiter.start()
+    wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == 3000, 10, "every frame handed to ZeroMQ")
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait()
+    c2 = start_collector(root, short_dir, c.endpoint)
+    try:
+        waiter.join(60)
+        assert result == [True]
+        run = expman.open_run(exp.run_dir)
+        assert sorted(run.metrics()["step"].to_pylist()) == list(range(3000)), "no point lost, none duplicated"
+        assert run.status == "finished"
+    finally:
+        assert c2.stop() == 0
+
+
 def test_heartbeat_timeout_marks_a_vanished_rank_crashed(root, short_dir, run_script):
     c = start_collector(root, short_dir, None, "--heartbeat-timeout", "1")
     try:

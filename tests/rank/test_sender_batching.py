@@ -133,3 +133,29 @@ def test_a_frame_skipped_by_the_collector_is_resent():
     box = _outbox_with_three_sent()
     box.acked(2, now=0.5)  # a later frame answered: seq 1 was skipped (one connection keeps order)
     assert [e.seq for e in box.expire(now=1.2)] == [0, 1]
+
+
+def test_a_waiting_sender_is_woken_only_for_skipped_frames():
+    """What a sender waiting for acks sleeps until: frames merely unanswered by a silent
+    collector never set an alarm (a lost connection is ZeroMQ's to report); a frame the
+    collector skipped does, at the time `expire` resends it."""
+    box = _outbox_with_three_sent()
+    assert box.next_skipped_resend_at() is None, "silence alone: nothing to wake for"
+    box.acked(2, now=0.5)
+    assert box.next_skipped_resend_at() == 1.0
+    assert [e.seq for e in box.expire(now=1.01)] == [0, 1]
+    for entry in box.due():
+        box.sent(entry, now=1.01)
+    assert box.next_skipped_resend_at() is None, "resent after the last ack: nothing known skipped"
+
+
+def test_a_new_connection_sends_every_unacknowledged_frame_again():
+    box = _outbox_with_three_sent()
+    box.acked(1, now=0.1)
+    box.add(Entry(3, b"x", 1))  # not sent yet: it goes anyway, once
+    assert [e.seq for e in box.resend_all()] == [0, 2]
+    sent = []
+    for entry in box.due():
+        sent.append(entry.seq)
+        box.sent(entry, now=0.2)
+    assert sent == [3, 0, 2]
