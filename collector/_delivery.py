@@ -53,6 +53,21 @@ class SeqWindow:
         bisect.insort(self.ranges, [lo, hi])
         self._normalize()
 
+    def add_many(self, seqs: list[int]) -> None:
+        """Many seqs at once: each run of consecutive ones becomes one range, then one merge."""
+        if not seqs:
+            return
+        seqs = sorted(seqs)
+        start = prev = seqs[0]
+        for seq in seqs[1:]:
+            if seq > prev + 1:
+                self.ranges.append([start, prev])
+                start = seq
+            prev = seq
+        self.ranges.append([start, prev])
+        self.ranges.sort()
+        self._normalize()
+
     def seed(self, floor: int, ranges: list[list[int]]) -> None:
         """Take in what a previous collector recorded (its own file: trusted)."""
         self.floor = max(self.floor, floor)
@@ -118,15 +133,20 @@ class Senders:
         for sender, (floor, ranges) in delivered.items():
             self.windows[sender].seed(floor, ranges)
 
-    def snapshot(self, senders: set[str], extra: list[tuple[str, int]] = ()) -> Windows:  # type: ignore[assignment]
-        """These senders' windows, with `extra` (sender, seq) pairs as if marked."""
+    def snapshot(self, senders: set[str], extra: dict[str, list[int]] | None = None,
+                 made: Windows | None = None) -> Windows:
+        """These senders' windows, with the seqs in `extra` (sender -> seqs) as if marked.
+        `made`: windows already made this turn with the same `extra`, reused and added to
+        (many runs share a sender: each sender's window is made once a turn, not once a run)."""
+        made = {} if made is None else made
         out: Windows = {}
         for sender in senders:
-            window = self.windows[sender].copy()
-            for who, seq in extra:
-                if who == sender:
-                    window.add(seq)
-            out[sender] = (window.floor, window.ranges)
+            if sender not in made:
+                window = self.windows[sender].copy()
+                if extra and sender in extra:
+                    window.add_many(extra[sender])
+                made[sender] = (window.floor, window.ranges)
+            out[sender] = made[sender]
         return out
 
 

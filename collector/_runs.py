@@ -493,13 +493,8 @@ class Run:
             "finished": {str(r): v for r, v in self.finished_by.items()},
             "log_bytes": self._log_bytes,
         }
-        tmp = self._delivery_path.with_name(f".{self._delivery_path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(record, separators=(",", ":")))
-        except FileNotFoundError:  # the first record
-            tmp.parent.mkdir(exist_ok=True)
-            tmp.write_text(json.dumps(record, separators=(",", ":")))
-        os.replace(tmp, self._delivery_path)  # a kill leaves the old record or the new one
+        # a kill leaves the old record or the new one; the turn's commit makes it durable
+        write_text_atomic(self._delivery_path, json.dumps(record, separators=(",", ":")), fsync=False)
         self.delivered = windows
         self.delivery_dirty = False
 

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,7 +37,7 @@ from ._rank_watch import OpenConnections, ProcessWatch
 from ._relay import Relay
 from ._ring_drain import RingDrain
 from ._write_failures import WriteFailures
-from ._delivery import Applied, Senders, SeqWindow, Turn  # noqa: F401  (SeqWindow: tests import it here)
+from ._delivery import Applied, Senders, SeqWindow, Turn, Windows  # noqa: F401  (SeqWindow: tests import it here)
 from ._runs import Run, add_child_on_disk
 
 if TYPE_CHECKING:
@@ -495,10 +495,14 @@ class Collector:
         """Each run that applied params, log lines, hello or finish records so (with this
         turn's seqs) before the acks go out; returns the runs whose record failed."""
         failed = set()
+        seqs: dict[str, list[int]] = defaultdict(list)
+        for a in durable:
+            seqs[a.sender].append(a.seq)
+        made: Windows = {}
         for run in runs:
             if run.delivery_dirty:
                 try:
-                    run.save_delivery(self.senders.snapshot(run.senders, [(a.sender, a.seq) for a in durable]))
+                    run.save_delivery(self.senders.snapshot(run.senders, seqs, made))
                 except OSError as exc:
                     failed.add(run)
                     self.write_failures.failed(exc, str(run.dir))

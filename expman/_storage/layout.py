@@ -7,11 +7,11 @@ describes it. pyarrow is imported lazily so `import expman` stays light on ranks
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -106,19 +106,28 @@ def write_yaml_atomic(path: Path, data: dict[str, Any], fsync: bool = True) -> N
 
 def write_text_atomic(path: Path, text: str, fsync: bool = True) -> None:
     """`text` into a temp file beside `path`, renamed over it. `fsync=False` leaves the
-    data to a commit that follows (the collector's group commit syncs the filesystem)."""
+    data to a commit that follows (the collector's group commit syncs the filesystem).
+    The temp file is made with mode 0666 less the umask, like any new file; its name is
+    this process's own (pid and a counter), so no name is drawn and none is tried twice."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{next(_TEMP_IDS)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd = os.open(tmp, flags, 0o666)
     except FileNotFoundError:  # the folder first (not every time: a collector rewrites files often)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:  # left by a dead process that had our pid
+        tmp.unlink()
+        fd = os.open(tmp, flags, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode any new file gets
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        try:
+            data = memoryview(text.encode("utf-8"))
+            while data:
+                data = data[os.write(fd, data):]
             if fsync:
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -128,16 +137,7 @@ def write_text_atomic(path: Path, text: str, fsync: bool = True) -> None:
         raise
 
 
-def current_umask() -> int:
-    """The process's umask, read without changing it (Linux: /proc); 0o022 elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
+_TEMP_IDS = itertools.count()
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

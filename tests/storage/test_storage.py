@@ -134,6 +134,25 @@ def test_sequence_window_drops_duplicates_and_stays_small():
     assert fresh.ranges == [] and fresh.floor == 1100
 
 
+def test_a_turns_seqs_marked_at_once_are_the_same_as_one_by_one():
+    """The delivery record marks a turn's seqs in one go (collector/_delivery.py)."""
+    import random
+
+    from expman.collector._server import SeqWindow
+
+    rng = random.Random(7)
+    for _ in range(200):
+        one, many = SeqWindow(), SeqWindow()
+        for w in (one, many):
+            w.raise_floor(3)
+            w.add_range(10, 12)
+        seqs = rng.sample(range(40), rng.randint(1, 30))
+        for seq in seqs:
+            one.add(seq)
+        many.add_many(seqs)
+        assert (many.floor, many.ranges) == (one.floor, one.ranges), seqs
+
+
 def test_a_restarted_store_knows_every_frame_it_holds(tmp_path):
     """Parts record which frames they hold, so a collector restarted after a WAL segment was
     folded into a part still recognises a resend of one of those frames."""
