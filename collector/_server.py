@@ -419,9 +419,11 @@ class Collector:
             self.write_failures.failed(exc, frame.run)
             if frame.run in self.runs:
                 turn.failed.add(self.runs[frame.run])
+            turn.this_turn.discard((frame.sender, frame.seq))  # not taken: a copy later in the turn may be
             return
         except Deferred:  # an artifact chunk ahead of the one it follows: wait for the resend
             self.counters["deferred"] += 1
+            turn.this_turn.discard((frame.sender, frame.seq))
             return
         except Exception as exc:
             if isinstance(exc, ProtocolError):
@@ -438,6 +440,8 @@ class Collector:
         if run is None:  # no hello for this run yet: not persisted, not acked; ask for a hello
             if frame.kind != proto.HEARTBEAT or frame.seq is not None:  # a rank's heartbeats carry no seq
                 turn.unknown[identity].add(frame.run)
+            # not taken: a copy sent behind the run's hello, later in this turn, is (not a duplicate)
+            turn.this_turn.discard((frame.sender, frame.seq))
             return
         turn.touched.add(run)
         if frame.seq is not None:

@@ -335,10 +335,13 @@ class Sender:
         """Every run sent its finish and only acks are awaited (finish() waiting on a slow
         or stopped collector). Nothing new can come but what ends the poll at once: an
         ack, a wake-up (a new run, a stop), a new connection (`_connection_events`), the
-        socket taking refused frames. So sleep until a frame the collector skipped is due
-        again: a wake-up costs ~3-30 ms of CPU on a VM's cold core, however little it does
+        socket taking refused frames. So sleep until a frame the collector left unanswered
+        is due again (`Outbox.next_resend_at`; a local collector gone: the next resend
+        round, which starts it again): a wake-up costs ~3-30 ms of CPU on a VM's cold core, however little it does
         (docs/architecture.md "Scaling"), and a waiting rank must cost next to nothing."""
-        resend_at = self._outbox.next_skipped_resend_at()
+        if self._lost_connection and self._on_idle_check is not None:
+            return RESEND_AFTER_S / 2  # a local collector died: the resend rounds start it again
+        resend_at = self._outbox.next_resend_at()
         if resend_at is None:
             return ACK_WAIT_POLL_MAX_S
         # a resend round's width past it, so frames due together go together
@@ -348,12 +351,12 @@ class Sender:
         """The dealer's connection went down or came up (ZeroMQ's socket monitor). What the
         old connection still queued is lost with it, so once a new one is made every
         unacknowledged frame goes again (the collector drops duplicates); a local
-        collector that went away is started again."""
+        collector that went away while frames wait for it is started again."""
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._lost_connection = True
-                if self._on_idle_check is not None:
+                if self._outbox and self._on_idle_check is not None:  # not when an idle one exits
                     self._on_idle_check()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost_connection:
                 self._lost_connection = False
@@ -630,13 +633,20 @@ class Sender:
         self._check_finished(frame.run)
 
     def _hello_again(self, run_ids: set[str]) -> None:
-        """The collector does not know these runs (it restarted): introduce them again."""
+        """The collector does not know these runs (it restarted): introduce them again, and
+        send again, behind the hello on the same connection, the run's frames that went out
+        before it (the collector refused those; frames sent after the hello are taken)."""
         for run in self.active():
-            if run.uid in run_ids and not any(p.tag.run is run and p.tag.kind == proto.HELLO
-                                              for p in self._outbox.entries.values()):
+            if run.uid not in run_ids:
+                continue
+            hello = next((p for p in self._outbox.entries.values() if p.tag.run is run and p.tag.kind == proto.HELLO),
+                         None)
+            if hello is None:
                 self._enqueue(run, proto.HELLO, {**run.hello, "reopen": True})
-                # the frames it refused go again, behind the hello on the same connection
-                self._count_resends(self._outbox.resend_where(lambda entry: entry.tag.run is run))
+            before = hello.sent_order if hello is not None and hello.sent_at is not None else None
+            self._count_resends(self._outbox.resend_where(
+                lambda entry: entry.tag.run is run and entry.tag.kind != proto.HELLO
+                and (before is None or entry.sent_order < before)))
 
     def _check_finished(self, run: RunChannel) -> None:
         c = self._counters[id(run)]

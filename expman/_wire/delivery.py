@@ -41,6 +41,7 @@ class Entry:
     sent_at: float | None = None  # None: not sent yet, or due again
     first_sent_at: float | None = None
     resends: int = 0
+    timeouts: int = 0  # resends because no ack came in time: each doubles the next wait
     sent_order: int = -1  # the Outbox's count of sends when this one last went out
 
 
@@ -143,21 +144,32 @@ class Outbox:
         stale = []
         for entry in self.entries.values():
             if (entry.sent_at is not None and (silent or entry.sent_order < skipped_below)
-                    and now - entry.sent_at > base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS)):
+                    and now - entry.sent_at > base * 2 ** min(entry.timeouts, MAX_BACKOFF_DOUBLINGS)):
                 stale.append(entry)
         for entry in stale:
+            entry.timeouts += 1
             self.resend_now(entry)
         return stale
 
-    def next_skipped_resend_at(self) -> float | None:
-        """When `expire` will next find a frame the collector skipped (it acknowledged one
-        sent later); None if there is none. Frames merely unanswered by a silent collector
-        are not counted: a waiting sender learns of a lost connection from ZeroMQ
-        (`resend_all`), and a stopped collector reads what is queued once it runs again."""
+    def next_resend_at(self) -> float | None:
+        """When `expire` will next find a frame to send again that the collector, while it
+        answered others, left unanswered: one it skipped (it acknowledged a frame sent
+        later), or one sent before its last answer, once it has been silent for a resend
+        wait since. None if there is none. Frames sent into a silence are not counted: a
+        stopped collector reads what is queued once it runs again, and a lost connection is
+        ZeroMQ's to report (`resend_all`), so a sender waiting only for acks need not wake."""
         base = self.resend_after
-        return min((entry.sent_at + base * 2 ** min(entry.resends, MAX_BACKOFF_DOUBLINGS)
-                    for entry in self.entries.values()
-                    if entry.sent_at is not None and entry.sent_order < self._acked_order), default=None)
+        last_ack = self._last_ack_at
+        times = []
+        for entry in self.entries.values():
+            if entry.sent_at is None:
+                continue
+            due = entry.sent_at + base * 2 ** min(entry.timeouts, MAX_BACKOFF_DOUBLINGS)
+            if entry.sent_order < self._acked_order:
+                times.append(due)
+            elif last_ack is not None and entry.sent_at < last_ack:
+                times.append(max(due, last_ack + base))
+        return min(times, default=None)
 
     def resend_all(self) -> list[Entry]:
         """Mark every frame sent and not acknowledged as due again (its connection was lost,
@@ -165,7 +177,9 @@ class Outbox:
         return self.resend_where(lambda entry: True)
 
     def resend_now(self, entry: Entry) -> None:
-        """Send `entry` again at the next `due()` (say, the collector forgot its run)."""
+        """Send `entry` again at the next `due()` (say, the collector forgot its run). Only
+        a resend for want of an ack (`expire`) lengthens the frame's next wait: one for a
+        known cause (a new connection, a restarted collector) is no sign of a slow one."""
         entry.sent_at = None
         entry.resends += 1
         self._unsent.append(entry.seq)

@@ -97,6 +97,43 @@ def test_bad_frames_are_rejected_counted_and_the_collector_keeps_serving(root, c
     sock.close()
 
 
+def test_a_frame_refused_for_an_unknown_run_is_taken_when_sent_again_behind_its_hello(root, collector):
+    """A restarted collector refuses a run's frames until the run's hello comes again; the
+    sender then sends the hello and, behind it, the refused frames. All three can land in
+    one turn of the collector's loop (it was stopped while they came): the copy behind the
+    hello is taken and acknowledged, not dropped as a duplicate of the refused one."""
+    with expman.start_experiment("e", "template", root=root, collector=collector.endpoint) as exp:
+        hello = dict(exp._channel.hello)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(collector.endpoint)
+
+    def frame(kind: str, seq: int, body: dict) -> bytes:
+        return proto.encode_frame(kind, run="reintroduced", host="h", rank=0, sender="s-turn", seq=seq,
+                                  sent_at=time.time(), body=body)
+
+    os.kill(collector.proc.pid, signal.SIGSTOP)
+    try:
+        sock.send(frame("params", 1, {"params": {"lr": 0.1}}))
+        sock.send(frame("hello", 2, {**hello, "name": "reintroduced", "dir": "reintroduced"}))
+        sock.send(frame("params", 1, {"params": {"lr": 0.1}}))
+    finally:
+        os.kill(collector.proc.pid, signal.SIGCONT)
+    acked: set[int] = set()
+    unknown: list[str] = []
+    deadline = time.monotonic() + 30
+    while acked != {1, 2} and time.monotonic() < deadline:
+        if sock.poll(500):
+            ack = proto.decode_ack(sock.recv())
+            acked.update(ack.seqs)
+            unknown.extend(ack.unknown_runs)
+    sock.close()
+    assert acked == {1, 2}, f"acked {sorted(acked)}, unknown runs {unknown}"
+    run = expman.open_run(root / "e" / "reintroduced")
+    assert run.params == {"lr": 0.1}
+
+
 def test_sigterm_flushes_and_exits_cleanly(root, short_dir):
     c = start_collector(root, short_dir)
     exp = expman.start_experiment("e", "sigterm", root=root, collector=c.endpoint)

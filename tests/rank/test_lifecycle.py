@@ -106,7 +106,39 @@ def test_local_collector_exits_when_idle_and_comes_back_on_demand(root, monkeypa
     local = _api._local_collectors[(root, None)]
     wait_for(lambda: local._proc.poll() is not None, 10, "the idle local collector to exit")
     assert local._proc.returncode == 0
+    exited = local._proc
+    time.sleep(1.0)  # the sender saw the connection drop: with nothing to deliver it must not restart one
+    assert local._proc is exited, "an idle exit is not a crash: no collector is started for nothing"
     with expman.start_experiment("e", "second", root=root) as again:
         again.log_metric("x", 2.0)
     assert expman.open_run(again.run_dir).metrics()["value"].to_pylist() == [2.0]
     assert expman.open_run(exp.run_dir).status == "finished"
+
+
+def test_a_local_collector_killed_while_finish_waits_is_started_again(root):
+    """finish() waits on the private collector, which dies with the frames queued to it:
+    the rank starts a new one and delivers them (no point lost, none twice)."""
+    import threading
+
+    from expman._rank import start as _api
+
+    exp = expman.start_experiment("e", "killed", root=root)
+    exp.log_metric("loss", 0.0, step=0)
+    wait_for(lambda: exp.stats()["acked"] == 1, 30, "the first point's ack")
+    local = _api._local_collectors[(root, None)]
+    first = local._proc
+    os.kill(first.pid, signal.SIGSTOP)
+    for step in range(1, 2000):
+        exp.log_metric("loss", float(step), step=step)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=20)))
+    waiter.start()
+    wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == 2000, 10, "every frame handed to ZeroMQ")
+    os.kill(first.pid, signal.SIGKILL)
+    waiter.join(120)
+    assert result == [True]
+    assert local._proc is not first
+    run = expman.open_run(exp.run_dir)
+    assert sorted(run.metrics()["step"].to_pylist()) == list(range(2000))
+    assert run.status == "finished"
+

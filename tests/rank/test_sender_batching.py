@@ -135,18 +135,23 @@ def test_a_frame_skipped_by_the_collector_is_resent():
     assert [e.seq for e in box.expire(now=1.2)] == [0, 1]
 
 
-def test_a_waiting_sender_is_woken_only_for_skipped_frames():
-    """What a sender waiting for acks sleeps until: frames merely unanswered by a silent
-    collector never set an alarm (a lost connection is ZeroMQ's to report); a frame the
-    collector skipped does, at the time `expire` resends it."""
+def test_a_waiting_sender_is_woken_only_for_frames_left_unanswered():
+    """What a sender waiting for acks sleeps until: frames sent into a silence (a stopped
+    collector) never set an alarm; a frame the collector skipped does, at the time `expire`
+    resends it, and so does one it left unanswered while it answered others."""
     box = _outbox_with_three_sent()
-    assert box.next_skipped_resend_at() is None, "silence alone: nothing to wake for"
-    box.acked(2, now=0.5)
-    assert box.next_skipped_resend_at() == 1.0
+    assert box.next_resend_at() is None, "silence alone: nothing to wake for"
+    box.acked(2, now=0.5)  # seqs 0 and 1 were skipped: sent before 2, which is acknowledged
+    assert box.next_resend_at() == 1.0
     assert [e.seq for e in box.expire(now=1.01)] == [0, 1]
     for entry in box.due():
         box.sent(entry, now=1.01)
-    assert box.next_skipped_resend_at() is None, "resent after the last ack: nothing known skipped"
+    assert box.next_resend_at() is None, "resent after the last ack: sent into a silence"
+
+    box = _outbox_with_three_sent()
+    box.acked(0, now=0.5)  # answers come, then stop: 1 and 2 were sent before the last one
+    assert box.next_resend_at() == 1.5, "once the collector has been silent for a resend wait"
+    assert [e.seq for e in box.expire(now=1.51)] == [1, 2]
 
 
 def test_a_new_connection_sends_every_unacknowledged_frame_again():
