@@ -337,8 +337,9 @@ class Sender:
         ack, a wake-up (a new run, a stop), a new connection (`_connection_events`), the
         socket taking refused frames. So sleep until a frame the collector left unanswered
         is due again (`Outbox.next_resend_at`; a local collector gone: the next resend
-        round, which starts it again): a wake-up costs ~3-30 ms of CPU on a VM's cold core, however little it does
-        (docs/architecture.md "Scaling"), and a waiting rank must cost next to nothing."""
+        round, which starts it again). A wake-up costs ~3-30 ms of CPU on a VM's cold
+        core, however little it does (docs/architecture.md "Scaling"), and a waiting rank
+        must cost next to nothing."""
         if self._lost_connection and self._on_idle_check is not None:
             return RESEND_AFTER_S / 2  # a local collector died: the resend rounds start it again
         resend_at = self._outbox.next_resend_at()

@@ -213,7 +213,7 @@ async def test_a_live_run_s_new_images_follow_on_the_latest_step(tmp_path):
             await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.polls, what="the run screen")
             await pilot.press("7")
             panel = (await until(pilot, lambda: list(app.screen.query(MediaPanel)), what="the media panel"))[0]
-            await until(pilot, lambda: panel.shown == ("samples", 0, 0), what="the first image")
+            await until(pilot, lambda: panel.shown == ("samples", 0, 0), timeout=30, what="the first image")
             exp.log_image("samples", expected_pixels(0, 1), step=1)
             await until(pilot, lambda: panel.shown == ("samples", 1, 0), timeout=30, what="the new step")
             await pilot.press("left")  # looking back: a new step does not pull the view away
