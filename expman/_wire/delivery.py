@@ -8,7 +8,10 @@ only wasteful: a frame is sent again only once it has waited well past the usual
 latency, and each resend of it doubles its wait; and only when it looks lost, not merely
 queued: the collector acknowledged a frame sent after it (one connection delivers in
 order, so this one was skipped), or it has acknowledged nothing for as long (it is gone
-or restarted). A collector that is alive but behind is never buried in duplicates.
+or restarted). A collector that is alive but behind is never buried in duplicates. The
+owner also sends everything unacknowledged again when it learns of a cause (`resend_all`:
+a new connection; `resend_where`: a restarted collector asked for a run's hello), and a
+sender that only waits for acks sleeps until `next_resend_at`.
 
 `SendWindow` is the rule for when a run's logged points become a frame at all: the
 collector pays per frame (~35-65 µs) far more than per point (~3 µs), so a slow run's
