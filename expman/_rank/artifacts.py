@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from expman._wire import frames as proto
 from expman._errors import ArtifactError
 from expman._rank.channel import RunChannel
+from expman._rank.code_capture import collect  # not in the pump thread: see _capture
 from expman._rank.spool import SpillFile
 
 if TYPE_CHECKING:
@@ -416,8 +417,9 @@ class ArtifactPump:
 
     # --- code capture -------------------------------------------------------------------------
     def _capture(self, job: _CodeJob) -> None:
-        from expman._rank.code_capture import collect
-
+        # `collect` is imported with this module, never here: an import in this thread holds
+        # the module's import lock, and a process forked meanwhile inherits it held by a
+        # thread it does not have, so its own pump's first code capture waited forever.
         run = job.run
         capture = collect(job.code_dir, exclude=[run.root])
         for name, path in capture.files:
