@@ -42,7 +42,11 @@ def test_uncaught_exception_marks_failed(root, run_script):
 
 def test_sigterm_marks_killed(root, tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(PRELUDE.format(root=str(root)) + "print('ready', flush=True)\ntime.sleep(60)\n")
+    # Short sleeps, as a training loop runs bytecode: the kernel may hand the SIGTERM to a
+    # helper thread, and Python runs the handler on the main thread at its next bytecode,
+    # which one long time.sleep() would put off until it ends.
+    script.write_text(PRELUDE.format(root=str(root)) + "print('ready', flush=True)\n"
+                      "for _ in range(600):\n    time.sleep(0.1)\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = proc.stdout.readline().strip()
     assert proc.stdout.readline().strip() == "ready"
