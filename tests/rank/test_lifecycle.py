@@ -135,11 +135,13 @@ def test_a_local_collector_killed_while_finish_waits_is_started_again(root):
     for step in range(1, 2000):
         exp.log_metric("loss", float(step), step=step)
     result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=20)))
+    # 90 s: on a loaded machine the last frames can wait for the 30 s fallback resend
+    # (docs/architecture.md "Delivery"), which this bounds as a hang, not as a speed
+    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=90)))
     waiter.start()
     wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == 2000, 10, "every frame handed to ZeroMQ")
     os.kill(first.pid, signal.SIGKILL)
-    waiter.join(120)
+    waiter.join(180)
     assert result == [True]
     assert local._proc is not first
     run = expman.open_run(exp.run_dir)
