@@ -51,3 +51,22 @@ async def until(pilot: Any, condition: Callable[[], object], timeout: float = 10
     while not (result := _check(condition, deadline, timeout, what)):
         await pilot.pause(0.05)
     return result
+
+
+def finish_behind_a_stopped_collector(exp: Any, pid: int, points: int, timeout: float) -> tuple[Any, list[bool]]:
+    """SIGSTOP the collector `pid`, log steps 1..points-1 (step 0 already acknowledged),
+    call finish(timeout) on a thread, and return (that thread, its result list) once every
+    frame, the finish included, has been handed to ZeroMQ: queued to a collector that
+    cannot read it."""
+    import os
+    import signal
+    import threading
+
+    os.kill(pid, signal.SIGSTOP)
+    for step in range(1, points):
+        exp.log_metric("loss", float(step), step=step)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=timeout)))
+    waiter.start()
+    wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == points, 10, "every frame handed to ZeroMQ")
+    return waiter, result

@@ -281,8 +281,9 @@ class Sender:
                 if events.get(dealer, 0) & zmq.POLLIN:
                     self._read_acks(dealer)
                     self._window.follow(self._outbox.ack_latency)
-                    if next_tick - time.monotonic() > IDLE_POLL_MAX_S:  # a long wait: acks may make a resend due
-                        next_tick = min(next_tick, time.monotonic() + self._acks_only_timeout(time.monotonic()))
+                    at = time.monotonic()
+                    if next_tick - at > IDLE_POLL_MAX_S:  # a long wait: acks may make a resend due
+                        next_tick = min(next_tick, at + self._acks_only_timeout(at))
                 now = time.monotonic()
                 if not woken and now < next_tick:  # only acks: the runs are drained on the tick's pace
                     if self._overflow:

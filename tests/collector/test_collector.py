@@ -11,7 +11,7 @@ import zmq
 
 import expman
 from expman._wire import frames as proto
-from _helpers import wait_for
+from _helpers import finish_behind_a_stopped_collector, wait_for
 from conftest import start_collector
 
 
@@ -178,19 +178,11 @@ def test_frames_lost_with_a_dead_collector_go_again_to_its_successor(root, short
     to it. A waiting sender does not resend on a timer (it would wake for nothing while a
     collector is merely slow); it learns of the new connection from ZeroMQ and sends again
     everything unacknowledged, so finish() returns True well within its timeout."""
-    import threading
-
     c = start_collector(root, short_dir)
     exp = expman.start_experiment("e", "lost-queue", root=root, collector=c.endpoint)
     exp.log_metric("loss", 0.0, step=0)
     wait_for(lambda: exp.stats()["acked"] == 1, 10, "the first point's ack")
-    os.kill(c.proc.pid, signal.SIGSTOP)
-    for step in range(1, 3000):
-        exp.log_metric("loss", float(step), step=step)
-    result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=25)))
-    waiter.start()
-    wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == 3000, 10, "every frame handed to ZeroMQ")
+    waiter, result = finish_behind_a_stopped_collector(exp, c.proc.pid, 3000, timeout=25)
     os.kill(c.proc.pid, signal.SIGKILL)
     c.proc.wait()
     c2 = start_collector(root, short_dir, c.endpoint)

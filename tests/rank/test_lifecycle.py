@@ -9,7 +9,7 @@ import sys
 import time
 
 import expman
-from _helpers import wait_for
+from _helpers import finish_behind_a_stopped_collector, wait_for
 
 PRELUDE = """
 import expman, sys, time
@@ -122,8 +122,6 @@ def test_local_collector_exits_when_idle_and_comes_back_on_demand(root, monkeypa
 def test_a_local_collector_killed_while_finish_waits_is_started_again(root):
     """finish() waits on the private collector, which dies with the frames queued to it:
     the rank starts a new one and delivers them (no point lost, none twice)."""
-    import threading
-
     from expman._rank import start as _api
 
     exp = expman.start_experiment("e", "killed", root=root)
@@ -131,15 +129,9 @@ def test_a_local_collector_killed_while_finish_waits_is_started_again(root):
     wait_for(lambda: exp.stats()["acked"] == 1, 30, "the first point's ack")
     local = _api._local_collectors[(root, None)]
     first = local._proc
-    os.kill(first.pid, signal.SIGSTOP)
-    for step in range(1, 2000):
-        exp.log_metric("loss", float(step), step=step)
-    result: list[bool] = []
     # 90 s: on a loaded machine the last frames can wait for the 30 s fallback resend
     # (docs/architecture.md "Delivery"), which this bounds as a hang, not as a speed
-    waiter = threading.Thread(target=lambda: result.append(exp.finish(timeout=90)))
-    waiter.start()
-    wait_for(lambda: exp._channel.finish_sent and exp.stats()["sent"] == 2000, 10, "every frame handed to ZeroMQ")
+    waiter, result = finish_behind_a_stopped_collector(exp, first.pid, 2000, timeout=90)
     os.kill(first.pid, signal.SIGKILL)
     waiter.join(180)
     assert result == [True]
